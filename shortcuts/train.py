@@ -1,0 +1,123 @@
+"""Training jump banks: one jump per exit level (N-NJTC), or one jump on all levels (joint)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from shortcuts.heads import HeadContext, jump_logits
+from shortcuts.jump import ALL, LowRankJumps, mse
+
+
+class Objective(Protocol):
+    """What a jump is trained against: ``target`` runs once per batch, ``loss`` per level slice."""
+
+    def target(self, final: Tensor) -> Tensor: ...
+
+    def loss(self, jumps: LowRankJumps, x: Tensor, target: Tensor, sl: slice) -> Tensor: ...
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    level_chunk: int = 4  # KL: levels per backward pass, to bound the (levels, batch, V) logits
+
+    def __post_init__(self) -> None:
+        if self.epochs <= 0 or self.batch_size <= 0 or self.lr <= 0:
+            raise ValueError(f"epochs, batch_size and lr must be positive; got {self}")
+
+
+class MSEToFinal:
+    """N-NJTC's objective: mean squared error to the final state (mean over batch and d)."""
+
+    def target(self, final: Tensor) -> Tensor:
+        return final
+
+    def loss(self, jumps: LowRankJumps, x: Tensor, target: Tensor, sl: slice = ALL) -> Tensor:
+        return mse(jumps(x, sl), target)
+
+
+@dataclass
+class KLToModel:
+    """KL(p_model || p_jump) of the next-token distributions, mean over the batch."""
+
+    ctx: HeadContext
+
+    def target(self, final: Tensor) -> Tensor:
+        return F.log_softmax(self.ctx.full(final), dim=-1)  # (B, V)
+
+    def loss(self, jumps: LowRankJumps, x: Tensor, target: Tensor, sl: slice = ALL) -> Tensor:
+        logp = F.log_softmax(jump_logits(jumps, x, self.ctx, sl=sl), dim=-1)  # (n, B, V)
+        kl = F.kl_div(logp, target.expand_as(logp), log_target=True, reduction="none")
+        return kl.sum(-1).mean(-1).sum()
+
+
+def _step(jumps: LowRankJumps, objective: Objective, x: Tensor, final: Tensor, chunk: int | None) -> float:
+    """Forward and backward one batch; with ``chunk``, levels go through in slices (same gradient,
+    less memory: KL's logits are (levels, batch, V))."""
+    with torch.no_grad():
+        target = objective.target(final)
+    chunk = chunk or x.shape[0]
+    total = 0.0
+    for start in range(0, x.shape[0], chunk):
+        sl = slice(start, min(start + chunk, x.shape[0])) if jumps.n > 1 else ALL
+        loss = objective.loss(jumps, x[start : start + chunk], target, sl)
+        loss.backward()
+        total += loss.item()
+    return total
+
+
+@torch.no_grad()
+def init_from_data(jumps: LowRankJumps, inputs: Tensor, final: Tensor, sample: int = 2048) -> float:
+    """Data-dependent start: a pure jump's bias begins at the mean final state. Returns the scale
+    of what B·z + b must still explain (RMS of final - mean, or of final - h for a residual jump),
+    which sets the step size of B and b, so training does not depend on the model's units."""
+    idx = torch.arange(min(sample, final.shape[0]))
+    if jumps.is_pure:
+        mean = final.mean(0)
+        jumps.bias.copy_(mean.expand_as(jumps.bias))
+        return float((final[idx] - mean).square().mean().sqrt())
+    return float((final[idx] - inputs[:, idx]).square().mean().sqrt())
+
+
+def train_bank(jumps: LowRankJumps, inputs: Tensor, final: Tensor, objective: Objective, cfg: TrainConfig,
+               desc: str = "train", chunk: int | None = None) -> list[float]:
+    """Train ``jumps`` on inputs (n, N, d) -> final (N, d). Returns the mean loss per epoch.
+
+    ``n`` equals the bank size (one jump per level) or the bank has one jump and the levels are
+    pooled (the joint jump): then each batch is all levels of a slice of samples."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    out_scale = init_from_data(jumps, inputs, final)
+    head = [jumps.lora_B, jumps.bias]
+    rest = [p for p in jumps.parameters() if all(p is not q for q in head)]
+    opt = torch.optim.AdamW([{"params": rest}, {"params": head, "lr": cfg.lr * max(out_scale, 1e-3)}],
+                            lr=cfg.lr, weight_decay=cfg.weight_decay)
+    joint = jumps.n == 1 and inputs.shape[0] > 1
+    n_samples, history = inputs.shape[1], []
+    jumps.train()
+    for _ in (bar := tqdm(range(cfg.epochs), desc=desc, unit="epoch")):
+        order, total, steps = torch.randperm(n_samples, generator=gen), 0.0, 0
+        for start in range(0, n_samples, cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            if len(idx) < 2:
+                continue  # BatchNorm needs two samples
+            x, y = inputs[:, idx], final[idx]
+            if joint:
+                x, y = x.reshape(1, -1, x.shape[-1]), y.repeat(inputs.shape[0], 1)
+            opt.zero_grad(set_to_none=True)
+            total += _step(jumps, objective, x, y, None if joint else chunk)
+            opt.step()
+            steps += 1
+        history.append(total / max(steps, 1))
+        bar.set_postfix(loss=f"{history[-1]:.4g}")
+    jumps.eval()
+    return history

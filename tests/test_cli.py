@@ -1,0 +1,86 @@
+"""The ``onejump`` command on a tiny saved model: a whole fit, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shortcuts.artifact import JumpArtifact
+from shortcuts.cli import main
+
+TINY_FIT = ["--n-train", "120", "--n-test", "30", "--rank", "4", "--epochs", "3", "--kl-epochs", "1",
+            "--batch-size", "32", "--no-plots"]
+
+
+def test_help_is_fast_and_light() -> None:
+    code = "import sys, shortcuts.cli; shortcuts.cli.build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"  # no torch at import or for --help
+
+
+def test_fit_end_to_end_on_a_tiny_model(tiny_folder: Path, word_corpus: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "fit"
+    code = main(["fit", "--model", str(tiny_folder), "--corpus", str(word_corpus), "--eval-corpus",
+                 str(word_corpus), "--out-dir", str(out), "--cache", str(tmp_path / "cache"), *TINY_FIT])
+    assert code == 0
+    assert "OJFA" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert results["levels"] == [1, 2, 3]
+    assert set(results["ojfa"]) == {"pure-mse", "residual-mse", "pure-kl"}
+    assert {"identity", "ojfa:pure-mse", "all-level:pure-mse", "first:pure-mse", "middle:pure-mse",
+            "last:pure-mse", "joint:pure-mse"} <= set(results["methods"])
+    assert results["parameters"]["reduction"] == 3
+    for v in results["ojfa"]:
+        art = JumpArtifact.load(out / f"jump-{v}.safetensors")
+        assert art.config.variant == v
+        assert art.trained_level == results["ojfa"][v]["chosen_level"]
+    default = JumpArtifact.load(out / "jump.safetensors")
+    assert default.config.variant == results["default_variant"]
+    assert "| level |" in (out / "summary.md").read_text()
+
+    code = main(["evaluate", "--model", str(tiny_folder), "--jump", str(out / "jump-pure-mse.safetensors"),
+                 "--corpus", str(word_corpus), "--n", "20", "--out-dir", str(tmp_path / "ev"), "--cache", ""])
+    assert code == 0
+    assert (tmp_path / "ev" / "evaluation.png").stat().st_size > 1000
+    assert main(["inspect", str(out / "jump.safetensors")]) == 0
+    assert '"trained_level"' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--corpus", "MISSING.jsonl"], "corpus not found"),
+        (["--corpus", "EMPTY"], "corpus is empty"),
+        (["--rank", "32"], "rank must satisfy"),
+        (["--variants", "pure-mse", "wobbly-mse"], "unknown variant"),
+        (["--n-train", "5000"], "only 200"),
+    ],
+)
+def test_fit_refuses_bad_input(args: list[str], message: str, tiny_folder: Path, word_corpus: Path,
+                               tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty.txt").write_text("")
+    args = [str(tmp_path / "empty.txt") if a == "EMPTY" else str(tmp_path / a) if a.endswith(".jsonl") else a
+            for a in args]
+    base = ["fit", "--model", str(tiny_folder), "--corpus", str(word_corpus), "--eval-corpus", str(word_corpus),
+            "--out-dir", str(tmp_path / "o"), *TINY_FIT]
+    assert main(base + args) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_evaluate_refuses_a_mismatched_or_corrupt_artifact(tiny_folder: Path, word_corpus: Path, tmp_path: Path,
+                                                           make_tiny, capsys: pytest.CaptureFixture[str]) -> None:
+    from test_adapter import _artifact
+
+    wrong = _artifact(make_tiny("llama", seed=7)).save(tmp_path / "wrong.safetensors")
+    assert main(["evaluate", "--model", str(tiny_folder), "--jump", str(wrong), "--corpus", str(word_corpus)]) == 2
+    assert "weights differ" in capsys.readouterr().err
+    (tmp_path / "bad.safetensors").write_bytes(b"garbage")
+    assert main(["inspect", str(tmp_path / "bad.safetensors")]) == 2
+    assert "cannot read" in capsys.readouterr().err
