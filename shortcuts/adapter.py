@@ -76,6 +76,8 @@ def _get(root: nn.Module, path: str) -> Any:
 def _split_spec(spec: str | Path) -> tuple[str, dict[str, str]]:
     """A hub id or folder loads as is; a path to a ``.gguf`` file loads with ``gguf_file=``."""
     path = Path(spec)
+    if (path.is_absolute() or str(spec).startswith(".")) and not path.exists():
+        raise FileNotFoundError(f"model path not found: {path}")
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")

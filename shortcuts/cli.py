@@ -70,7 +70,7 @@ def _fit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--corpus", default=str(wiki_split("train")), help="training sentences (.jsonl or .txt)")
     p.add_argument("--eval-corpus", default=str(wiki_split("test")), help="held-out sentences")
     p.add_argument("--out-dir", default="runs/fit", help="artifacts, results.json, summary.md, plots")
-    for name in ("n_train", "n_test", "rank", "epochs", "kl_epochs", "batch_size", "seed", "max_tokens",
+    for name in ("n_train", "n_test", "rank", "epochs", "kl_epochs", "kl_samples", "batch_size", "seed", "max_tokens",
                  "collect_batch"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=d[name].default)
     p.add_argument("--lr", type=float, default=d["lr"].default)
@@ -113,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         return handler(args)
-    except (OnejumpError, ValueError, FileNotFoundError) as e:
+    except (OnejumpError, ValueError, OSError) as e:  # OSError: a model folder or hub id that is not there
         print(f"onejump {args.command}: error: {e}", file=sys.stderr)
         return 2
 

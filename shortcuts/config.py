@@ -21,7 +21,8 @@ class FitConfig:
     rank: int = 32
     variants: tuple[str, ...] = ("pure-mse", "residual-mse", "pure-kl")
     epochs: int = 20
-    kl_epochs: int = 4
+    kl_epochs: int = 2
+    kl_samples: int = 3000  # KL variants fine-tune the MSE jumps on at most this many samples
     batch_size: int = 256
     lr: float = 1e-3
     seed: int = 0

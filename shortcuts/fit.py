@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,8 +18,6 @@ from shortcuts.evaluate import LevelScores, Method, choose, evaluate_method, mod
 from shortcuts.heads import HeadContext
 from shortcuts.jump import JumpConfig, LowRankJumps
 from shortcuts.train import KLToModel, MSEToFinal, TrainConfig, train_bank
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,14 +47,22 @@ def _collect(lm: CausalLM, cfg: FitConfig, train: list[str], test: list[str]) ->
     return fit_states, val_states, test_states
 
 
-def _train_variant(variant: str, fit: StateSet, val: StateSet, ctx: HeadContext, cfg: FitConfig) -> Trained:
+def _train_variant(variant: str, fit: StateSet, val: StateSet, ctx: HeadContext, cfg: FitConfig,
+                   warm: dict[str, Trained]) -> Trained:
+    """Train one jump per level. KL variants start from the same form's MSE jumps when those
+    exist (KL is a pass over the vocabulary per sample; MSE gets it most of the way for free)
+    and see at most ``cfg.kl_samples`` samples."""
     jc = JumpConfig.from_variant(variant, fit.levels.shape[-1], cfg.rank)
     torch.manual_seed(cfg.seed)
     bank = LowRankJumps(jc, n=fit.num_levels)
     kl = jc.objective == "kl"
+    if kl:
+        fit = fit.split(min(len(fit), cfg.kl_samples))[0]
+        if (start := warm.get(f"{jc.form}-mse")) is not None:
+            bank.load_state_dict(start.bank.state_dict())
     tc = TrainConfig(epochs=cfg.kl_epochs if kl else cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
     loss = train_bank(bank, fit.by_level(), fit.final, KLToModel(ctx) if kl else MSEToFinal(), tc,
-                      desc=f"train {variant}", chunk=tc.level_chunk if kl else None)
+                      desc=f"train {variant}", chunk=tc.level_chunk if kl else None, data_init=not kl)
     scores = ojfa_scores(bank, val.by_level(), val.final)
     return Trained(bank, scores, choose(scores), loss)
 
@@ -108,7 +113,10 @@ def run_fit(cfg: FitConfig) -> dict[str, Any]:
     ctx = HeadContext.from_model(lm).to("cpu")  # the states live on the CPU
     fit, val, test = _collect(lm, cfg, train_texts, test_texts)
     t_collect = time.perf_counter() - t0
-    trained = {v: _train_variant(v, fit, val, ctx, cfg) for v in cfg.variants}
+    trained: dict[str, Trained] = {}
+    for v in sorted(cfg.variants, key=lambda v: v.endswith("kl")):  # MSE first: KL warm-starts from it
+        trained[v] = _train_variant(v, fit, val, ctx, cfg, trained)
+    trained = {v: trained[v] for v in cfg.variants}
     joint = _train_joint(fit, cfg)
     t_train = time.perf_counter() - t0 - t_collect
     target = model_top1(test.final, ctx)

@@ -90,12 +90,20 @@ class LowRankHead:
         s2 = (quad + self.g0[:, None]) / self.hidden_size
         return torch.rsqrt(s2.clamp_min(0) + self.eps).unsqueeze(-1)
 
+    def augmented(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """The head as one matrix product: logits (before soft-capping) = z_aug @ M_aug^T, with
+        z_aug = [z·inv, inv, 1] and M_aug = [M, m0, W_U·β]. (n, B, r+2) and (n, V, r+2)."""
+        inv = self.inv_scale(z)
+        ones = torch.ones_like(inv)
+        shift = self.shift if self.shift is not None else torch.zeros_like(self.m0[0])
+        z_aug = torch.cat([z * inv, inv, ones], dim=-1)
+        M_aug = torch.cat([self.M, self.m0.unsqueeze(-1), shift.expand_as(self.m0).unsqueeze(-1)], dim=-1)
+        return z_aug, M_aug
+
     def __call__(self, z: Tensor) -> Tensor:
         """Logits from z = A·BN(h). (n, B, r) -> (n, B, V)."""
-        logits = (z @ self.M.transpose(1, 2) + self.m0.unsqueeze(1)) * self.inv_scale(z)
-        if self.shift is not None:
-            logits = logits + self.shift
-        return soft_cap(logits, self.softcap)
+        z_aug, M_aug = self.augmented(z)
+        return soft_cap(z_aug @ M_aug.transpose(1, 2), self.softcap)
 
 
 def jump_logits(jumps: LowRankJumps, x: Tensor, ctx: HeadContext, fused: LowRankHead | None = None,

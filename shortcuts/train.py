@@ -48,7 +48,11 @@ class MSEToFinal:
 
 @dataclass
 class KLToModel:
-    """KL(p_model || p_jump) of the next-token distributions, mean over the batch."""
+    """KL(p_model || p_jump) of the next-token distributions, mean over the batch.
+
+    For pure jumps without soft-capping the logits are linear in z_aug (see LowRankHead), so
+    KL = sum p log p + logsumexp(l) - (p @ M_aug)·z_aug: one pass over the vocabulary instead of
+    log-softmax, KL and their gradients, each a pass over (levels, batch, V)."""
 
     ctx: HeadContext
 
@@ -56,6 +60,13 @@ class KLToModel:
         return F.log_softmax(self.ctx.full(final), dim=-1)  # (B, V)
 
     def loss(self, jumps: LowRankJumps, x: Tensor, target: Tensor, sl: slice = ALL) -> Tensor:
+        if jumps.is_pure and not self.ctx.softcap:
+            z_aug, M_aug = self.ctx.low_rank(jumps.lora_B[sl], jumps.bias[sl]).augmented(jumps.project(x, sl))
+            p = target.exp()
+            neg_entropy = (p * target).sum(-1)  # (B,)
+            expected = ((p @ M_aug) * z_aug).sum(-1)  # (n, B): E_p[logit]
+            lse = torch.logsumexp(z_aug @ M_aug.transpose(1, 2), dim=-1)  # (n, B)
+            return (neg_entropy + lse - expected).mean(-1).sum()
         logp = F.log_softmax(jump_logits(jumps, x, self.ctx, sl=sl), dim=-1)  # (n, B, V)
         kl = F.kl_div(logp, target.expand_as(logp), log_target=True, reduction="none")
         return kl.sum(-1).mean(-1).sum()
@@ -77,26 +88,30 @@ def _step(jumps: LowRankJumps, objective: Objective, x: Tensor, final: Tensor, c
 
 
 @torch.no_grad()
-def init_from_data(jumps: LowRankJumps, inputs: Tensor, final: Tensor, sample: int = 2048) -> float:
+def init_from_data(jumps: LowRankJumps, inputs: Tensor, final: Tensor, sample: int = 2048,
+                   set_bias: bool = True) -> float:
     """Data-dependent start: a pure jump's bias begins at the mean final state. Returns the scale
     of what B·z + b must still explain (RMS of final - mean, or of final - h for a residual jump),
     which sets the step size of B and b, so training does not depend on the model's units."""
     idx = torch.arange(min(sample, final.shape[0]))
     if jumps.is_pure:
         mean = final.mean(0)
-        jumps.bias.copy_(mean.expand_as(jumps.bias))
+        if set_bias:
+            jumps.bias.copy_(mean.expand_as(jumps.bias))
         return float((final[idx] - mean).square().mean().sqrt())
     return float((final[idx] - inputs[:, idx]).square().mean().sqrt())
 
 
 def train_bank(jumps: LowRankJumps, inputs: Tensor, final: Tensor, objective: Objective, cfg: TrainConfig,
-               desc: str = "train", chunk: int | None = None) -> list[float]:
+               desc: str = "train", chunk: int | None = None, data_init: bool = True) -> list[float]:
     """Train ``jumps`` on inputs (n, N, d) -> final (N, d). Returns the mean loss per epoch.
 
     ``n`` equals the bank size (one jump per level) or the bank has one jump and the levels are
     pooled (the joint jump): then each batch is all levels of a slice of samples."""
+    if jumps.n not in (1, inputs.shape[0]):
+        raise ValueError(f"a bank of {jumps.n} jumps cannot train on {inputs.shape[0]} levels")
     gen = torch.Generator().manual_seed(cfg.seed)
-    out_scale = init_from_data(jumps, inputs, final)
+    out_scale = init_from_data(jumps, inputs, final, set_bias=data_init)
     head = [jumps.lora_B, jumps.bias]
     rest = [p for p in jumps.parameters() if all(p is not q for q in head)]
     opt = torch.optim.AdamW([{"params": rest}, {"params": head, "lr": cfg.lr * max(out_scale, 1e-3)}],

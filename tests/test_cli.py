@@ -84,3 +84,18 @@ def test_evaluate_refuses_a_mismatched_or_corrupt_artifact(tiny_folder: Path, wo
     (tmp_path / "bad.safetensors").write_bytes(b"garbage")
     assert main(["inspect", str(tmp_path / "bad.safetensors")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_fit_refuses_unknown_architecture_and_missing_model(tmp_path: Path, word_corpus: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from transformers import AutoConfig
+
+    AutoConfig.for_model("opt", hidden_size=16, num_hidden_layers=2, ffn_dim=32, num_attention_heads=2,
+                         word_embed_proj_dim=16, vocab_size=50).save_pretrained(tmp_path / "opt")
+    base = ["fit", "--corpus", str(word_corpus), "--eval-corpus", str(word_corpus), *TINY_FIT]
+    assert main([*base, "--model", str(tmp_path / "opt")]) == 2
+    assert "'opt' is not supported" in capsys.readouterr().err
+    assert main([*base, "--model", str(tmp_path / "no-such-model")]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-model" in err
+    assert "Traceback" not in err

@@ -169,3 +169,20 @@ def test_kl_training_lowers_kl() -> None:
     train_bank(bank, h, final, objective, TrainConfig(epochs=30, batch_size=128, lr=1e-2))
     after = objective.loss(bank, h, objective.target(final)).item()
     assert after < 0.3 * before
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_fast_kl_equals_plain_kl(kind: str) -> None:
+    """The one-pass KL of a pure jump equals log-softmax + kl_div on the full logits."""
+    g = torch.Generator().manual_seed(3)
+    norm = NormSpec(kind, 1 + torch.rand(D, generator=g), torch.randn(D, generator=g) if kind == "layer" else None,
+                    1e-5)
+    ctx = HeadContext(norm, torch.randn(40, D, generator=g))
+    bank = randomized(LowRankJumps(JumpConfig(D, R, objective="kl"), n=3), seed=4)
+    x, final = torch.randn(3, 8, D, generator=g), torch.randn(8, D, generator=g)
+    objective = KLToModel(ctx)
+    target = objective.target(final)
+    fast = objective.loss(bank, x, target)
+    logp = torch.log_softmax(ctx.full(bank(x)), -1)
+    plain = torch.nn.functional.kl_div(logp, target.expand_as(logp), log_target=True, reduction="none")
+    assert fast.item() == pytest.approx(plain.sum(-1).mean(-1).sum().item(), rel=1e-4)
