@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from shortcuts.adapter import CausalLM
 from shortcuts.artifact import JumpArtifact
@@ -120,7 +121,9 @@ def run_fit(cfg: FitConfig) -> dict[str, Any]:
     joint = _train_joint(fit, cfg)
     t_train = time.perf_counter() - t0 - t_collect
     target = model_top1(test.final, ctx)
-    scores = {name: evaluate_method(m, test.by_level(), target, ctx) for name, m in _methods(trained, joint).items()}
+    methods = _methods(trained, joint)
+    scores = {name: evaluate_method(m, test.by_level(), target, ctx)
+              for name, m in tqdm(methods.items(), desc="evaluate", unit="method")}
     val_precision = _default_variant(trained, val, ctx)
     default = cfg.default_variant or max(val_precision, key=val_precision.__getitem__)
     results = _results(cfg, lm, trained, scores, val_precision, default, len(fit), len(val), len(test))
