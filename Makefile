@@ -1,11 +1,11 @@
-# onejump: make setup | assets | fit | test | lint
+# onejump: make serve | test | setup | assets | fit | lint
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 # torch 2.13.0 (CPU) lies on disk on these machines; elsewhere pip fetches it from PyPI.
 WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: setup assets fit test test-fast lint run
+.PHONY: setup assets serve fit test test-fast lint bench
 
 setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -17,10 +17,14 @@ $(VENV)/.installed: pyproject.toml
 assets: setup
 	$(VENV)/bin/onejump assets
 
+serve: assets
+	$(PY) -m service
+
 fit: assets
 	$(VENV)/bin/onejump fit --out-dir runs/smollm2
 
-run: fit
+bench: assets
+	$(PY) -m shortcuts.engine.bench
 
 test: setup
 	$(PY) -m pytest
@@ -29,4 +33,4 @@ test-fast: setup
 	$(PY) -m pytest -m "not real"
 
 lint: setup
-	$(VENV)/bin/ruff check shortcuts service loadtest tests
+	$(VENV)/bin/ruff check shortcuts service tests

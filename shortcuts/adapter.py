@@ -131,15 +131,24 @@ class CausalLM:
         self.lm_head: nn.Module = model.get_output_embeddings()
         self.softcap: float | None = getattr(self.config, "final_logit_softcapping", None)
 
+    @staticmethod
+    def load_config(spec: str | Path) -> Any:
+        """The model's configuration alone (no weights); refuses unknown architectures."""
+        from transformers import AutoConfig
+
+        source, extra = _split_spec(spec)
+        config = AutoConfig.from_pretrained(source, **extra)
+        arch_spec(getattr(config, "model_type", "?"))
+        return config
+
     @classmethod
     def load(cls, spec: str | Path, dtype: str = "float32", device: str = "cpu",
              quantization: Quantization = "none") -> CausalLM:
         """Load a hub id, a local folder or a ``.gguf`` file; refuse unknown architectures early."""
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        cls.load_config(spec)  # fail before loading any weights
         source, extra = _split_spec(spec)
-        config = AutoConfig.from_pretrained(source, **extra)
-        arch_spec(getattr(config, "model_type", "?"))  # fail before loading any weights
         device = resolve_device(device)
         kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), **extra, **_gguf_dense(extra),
                                   **_quantization_config(quantization, device)}

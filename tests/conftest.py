@@ -3,7 +3,7 @@ real (word-level) tokenizer; and the real SmolLM2 from the asset cache."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,8 +14,10 @@ from shortcuts.adapter import CausalLM
 WORDS = (
     "the", "a", "of", "and", "to", "in", "is", "was", "on", "for", "with", "by", "at", "from", "as", "his",
     "her", "city", "river", "king", "music", "film", "war", "first", "new", "old", "great", "small", "large",
-    "north", "south", "east", "west", "year", "years", "people", "world", "state", "time",
-)
+    "north", "south", "east", "west", "year", "years", "people", "world", "state", "time", "road", "sea",
+    "island", "church", "school", "army", "band", "song", "book", "game", "team", "house", "language", "art",
+    "law", "power", "water", "land", "gold", "iron", "stone",
+)  # 60 words + 4 special tokens: every id of the tiny models' 64-token vocabulary decodes to text
 ARCHS = ("llama", "qwen2", "gemma3_text", "gpt2")
 
 
@@ -29,8 +31,10 @@ def word_tokenizer(add_bos: bool = False):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     if add_bos:
         tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<bos>",
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<bos>",
                                    eos_token="<eos>")
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    return fast
 
 
 def tiny_config(arch: str, layers: int = 4):
@@ -56,6 +60,16 @@ def build_tiny(arch: str, seed: int = 0, layers: int = 4) -> CausalLM:
             if "norm" in name or "ln_" in name:
                 p.add_(0.3 * torch.randn_like(p))
     return CausalLM(model, word_tokenizer(add_bos=arch == "gemma3_text"), name=f"tiny-{arch}-{seed}")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Decoding is latency-bound and tiny models gain nothing from threads; on a busy 2-core machine
+    (CI, a fit in the background) two OpenMP threads run these tests up to 100x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(params=ARCHS)

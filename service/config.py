@@ -1,0 +1,65 @@
+"""The one place the service reads its configuration: ``ONEJUMP_*`` environment variables and CLI flags."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = ".cache/onejump/models/smollm2-135m-instruct"
+DEFAULT_JUMP = "docs/results/smollm2-135m/jump.safetensors"
+
+
+class Settings(BaseSettings):
+    """Invalid values stop start-up with a message naming the variable."""
+
+    model_config = SettingsConfigDict(env_prefix="ONEJUMP_", extra="forbid")
+
+    model: str = Field(DEFAULT_MODEL, description="hub id, local folder or .gguf file")
+    jump: str | None = Field(DEFAULT_JUMP, description="jump artifact (.safetensors); empty: identity exit head")
+    served_model_name: str | None = Field(None, description="name in /v1/models (default: the model's folder name)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on CUDA")
+    quantization: Literal["none", "8bit", "4bit"] = "none"
+    exit_mode: Literal["off", "approximate", "exact"] = "approximate"
+    exit_gate: Literal["confidence", "entropy", "patience"] = "confidence"
+    exit_threshold: float | None = Field(None, description="default: the artifact's calibrated value, else 0.9")
+    exit_min_layer: int = Field(1, ge=1)
+    default_max_tokens: int = Field(16, ge=1, description="max_tokens when a request names none (OpenAI: 16)")
+    default_temperature: float = Field(0.0, ge=0.0, description="0 = greedy")
+    max_prompt_tokens: int = Field(2048, ge=1)
+    max_new_tokens: int = Field(512, ge=1)
+    queue_size: int = Field(16, ge=1, description="requests waiting beyond this get 429")
+    request_timeout_s: float = Field(120.0, gt=0, description="a request still queued after this gets 504")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: SecretStr | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.quantization != "none" and self.device == "cpu":
+            raise ValueError(f"quantization={self.quantization!r} needs CUDA (bitsandbytes); device is 'cpu'")
+        if self.exit_threshold is not None and self.exit_gate == "confidence" and not 0 <= self.exit_threshold <= 1:
+            raise ValueError(f"exit_threshold={self.exit_threshold} must be in [0, 1] for the confidence gate")
+        if self.default_max_tokens > self.max_new_tokens:
+            raise ValueError(f"default_max_tokens={self.default_max_tokens} exceeds {self.max_new_tokens=}")
+        return self
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model.rstrip("/").split("/")[-1]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Settings:
+    """CLI flags (``--exit-threshold 0.8``) override ``ONEJUMP_*`` variables, which override defaults."""
+    parser = argparse.ArgumentParser(prog="python -m service",
+                                     description="onejump: an OpenAI-compatible early-exit server")
+    for name, field in Settings.model_fields.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None,
+                            help=f"{field.description or ''} (env ONEJUMP_{name.upper()}, default {field.default!r})")
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    return Settings(**given)

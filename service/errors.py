@@ -1,0 +1,74 @@
+"""Typed errors, each with its HTTP status; one handler turns them into OpenAI-style bodies."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from service.protocol import ErrorBody, ErrorResponse
+
+log = logging.getLogger("onejump.service")
+
+
+class ServiceError(Exception):
+    status = 500
+    kind = "internal_error"
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.message, self.param = message, param
+
+
+class BadRequestError(ServiceError):
+    status, kind = 400, "invalid_request_error"
+
+
+class UnauthorizedError(ServiceError):
+    status, kind = 401, "authentication_error"
+
+
+class OverloadedError(ServiceError):
+    status, kind = 429, "rate_limit_error"
+
+
+class NotReadyError(ServiceError):
+    status, kind = 503, "service_unavailable"
+
+
+class QueueTimeoutError(ServiceError):
+    status, kind = 504, "timeout"
+
+
+def error_response(status: int, kind: str, message: str, param: str | None = None) -> JSONResponse:
+    body = ErrorResponse(error=ErrorBody(message=message, type=kind, param=param, code=status))
+    return JSONResponse(body.model_dump(), status_code=status)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    first = exc.errors()[0] if exc.errors() else {}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+        return "request body is not valid JSON", None
+    return f"{param or 'body'}: {first.get('msg', 'invalid value')}", param
+
+
+def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        if exc.status >= 500:
+            log.warning("%s: %s", exc.kind, exc.message)
+        return error_response(exc.status, exc.kind, exc.message, exc.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return error_response(400, "invalid_request_error", message, param)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return error_response(500, "internal_error", "internal server error; see the server log")

@@ -1,0 +1,89 @@
+"""Prometheus metrics, in two steps as vLLM does: the engine fills ``RequestStats``, and
+``Metrics.record`` turns one finished request into metric updates. Names follow vLLM's, with
+the ``onejump_`` namespace, units in the names, explicit buckets and a ``model_name`` label."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+                   20.0, 40.0, 80.0)
+QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 1.0)
+
+
+@dataclass
+class RequestStats:
+    """What one request did; filled by the engine, read once by ``Metrics.record``."""
+
+    arrival: float
+    started: float | None = None  # left the queue
+    first_token: float | None = None
+    finished: float | None = None
+    token_times: list[float] = field(default_factory=list)
+    prompt_tokens: int = 0
+    exit_layers: list[int] = field(default_factory=list)
+    confidences: list[float] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)  # early | full | verified, per generated token
+    layers_computed: int = 0
+    layers_skipped: int = 0
+    finish_reason: str | None = None  # stop | length | abort
+    failure: str | None = None  # timeout | cancelled | error | ...
+
+
+class Metrics:
+    def __init__(self, model_name: str, num_layers: int, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        self.model_name = model_name
+        m, reg, lbl = "onejump_", self.registry, ["model_name"]
+        self.ttft = Histogram(m + "time_to_first_token_seconds", "Time to first token", lbl, registry=reg,
+                              buckets=LATENCY_BUCKETS)
+        self.itl = Histogram(m + "inter_token_latency_seconds", "Time between generated tokens", lbl, registry=reg,
+                             buckets=LATENCY_BUCKETS)
+        self.e2e = Histogram(m + "e2e_request_latency_seconds", "Arrival to last token", lbl, registry=reg,
+                             buckets=LATENCY_BUCKETS)
+        self.queue = Histogram(m + "request_queue_time_seconds", "Time waiting in the queue", lbl, registry=reg,
+                               buckets=QUEUE_BUCKETS)
+        self.prompt_tokens = Counter(m + "prompt_tokens", "Prompt tokens processed", lbl, registry=reg)
+        self.generation_tokens = Counter(m + "generation_tokens", "Tokens generated", lbl, registry=reg)
+        self.success = Counter(m + "request_success", "Finished requests", [*lbl, "finished_reason"], registry=reg)
+        self.failure = Counter(m + "request_failure", "Failed requests", [*lbl, "reason"], registry=reg)
+        self.running = Gauge(m + "num_requests_running", "Requests being decoded", lbl, registry=reg)
+        self.waiting = Gauge(m + "num_requests_waiting", "Requests in the queue", lbl, registry=reg)
+        self.exit_layer = Histogram(m + "exit_layer", "Depth at which each generated token was decided", lbl,
+                                    registry=reg, buckets=tuple(float(i) for i in range(1, num_layers + 1)))
+        self.exit_confidence = Histogram(m + "exit_confidence", "Confidence of the head that decided each token",
+                                         lbl, registry=reg, buckets=CONFIDENCE_BUCKETS)
+        self.layers_computed = Counter(m + "layers_computed", "Decoder-layer evaluations (token x layer)", lbl,
+                                       registry=reg)
+        self.layers_skipped = Counter(m + "layers_skipped", "Decoder-layer evaluations saved by exits", lbl,
+                                      registry=reg)
+        self.tokens = Counter(m + "tokens", "Generated tokens by how they were decided", [*lbl, "exit"],
+                              registry=reg)
+        for gauge in (self.running, self.waiting):
+            gauge.labels(model_name).set(0)
+
+    def record(self, s: RequestStats) -> None:
+        name = self.model_name
+        if s.started is not None:
+            self.queue.labels(name).observe(s.started - s.arrival)
+        if s.first_token is not None:
+            self.ttft.labels(name).observe(s.first_token - s.arrival)
+        for a, b in zip(s.token_times, s.token_times[1:], strict=False):
+            self.itl.labels(name).observe(b - a)
+        self.prompt_tokens.labels(name).inc(s.prompt_tokens)
+        self.generation_tokens.labels(name).inc(len(s.exit_layers))
+        for layer, conf, kind in zip(s.exit_layers, s.confidences, s.kinds, strict=True):
+            self.exit_layer.labels(name).observe(layer)
+            self.exit_confidence.labels(name).observe(conf)
+            self.tokens.labels(name, kind).inc()
+        self.layers_computed.labels(name).inc(s.layers_computed)
+        self.layers_skipped.labels(name).inc(s.layers_skipped)
+        if s.failure is not None:
+            self.failure.labels(name, s.failure).inc()
+            return
+        if s.finished is not None:
+            self.e2e.labels(name).observe(s.finished - s.arrival)
+        self.success.labels(name, s.finish_reason or "stop").inc()

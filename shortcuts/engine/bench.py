@@ -1,0 +1,177 @@
+"""Side-by-side CPU/GPU timings of the early-exit engine on one model, in one run.
+
+    python -m shortcuts.engine.bench --jump docs/results/smollm2-135m/jump-pure-mse.safetensors
+
+Prints the cost of one decoder block, the full LM head and the fused exit head for one token,
+then tokens/s of HF ``generate``, mode off, approximate decoding and exact (self-speculative)
+decoding at a few thresholds, with the speed ratio to mode off and the fraction of the output
+that is a common prefix with mode off (1.00 = same text).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Union
+
+if TYPE_CHECKING:
+    from shortcuts.adapter import CausalLM
+    from shortcuts.engine.decoder import Generation
+    from shortcuts.jump import LowRankJumps
+
+Row = tuple[str, float, Union[list[int], "Generation"]]
+
+DEFAULT_JUMP = "docs/results/smollm2-135m/jump-pure-mse.safetensors"
+PROMPT = "The history of the city of Paris begins in the third century BC, when"
+
+
+def _median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m shortcuts.engine.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="model folder or hub id (default: the SmolLM2 asset)")
+    p.add_argument("--jump", default=DEFAULT_JUMP, help="jump artifact; if missing, the identity shortcut is used")
+    p.add_argument("--prompt", default=PROMPT)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--thresholds", default="0.6,0.8,0.9", help="comma-separated confidence thresholds")
+    p.add_argument("--min-layer", type=int, default=None, help="first exit level (default: L/3)")
+    p.add_argument("--stride", type=int, default=1, help="check the exit gate every stride-th level")
+    p.add_argument("--max-draft", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=20, help="repeats of the per-token micro-benchmarks")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu")
+    return p.parse_args(argv)
+
+
+def micro(lm: CausalLM, jump: LowRankJumps | None, repeats: int) -> dict[str, float]:
+    """Seconds for one token: a decoder block (cache of 64 positions), the full head, the exit head."""
+    import torch
+
+    from shortcuts.engine.exit_head import ExitHead
+    from shortcuts.engine.runner import LayerRunner
+
+    runner = LayerRunner(lm)
+    cache = runner.new_cache()
+    ids = torch.randint(lm.vocab_size // 4, lm.vocab_size, (1, 65), generator=torch.Generator().manual_seed(0))
+    runner.forward(ids[:, :64], cache)
+    token = runner.embed(ids[:, 64:], 64)
+    h = token.h
+
+    def one_block() -> None:
+        cache.crop(0, 64)
+        token.h = h
+        runner.layer(0, token, cache)
+
+    head = ExitHead(lm, jump)
+    state = h[0]  # (1, d)
+    with torch.inference_mode():
+        return {"block": _median_seconds(one_block, repeats),
+                "full head": _median_seconds(lambda: lm.head(state), repeats),
+                f"exit head ({head.kind})": _median_seconds(lambda: head(state, lm.num_layers // 2), repeats)}
+
+
+def decode_rows(lm: CausalLM, jump: LowRankJumps | None, args: argparse.Namespace) -> list[Row]:
+    """(name, seconds, Generation or token list) for HF generate and every engine setting."""
+    import torch
+
+    from shortcuts.engine.decoder import EarlyExitDecoder
+    from shortcuts.engine.settings import ExitSettings, GenerationSettings
+
+    ids = lm.tokenizer(args.prompt).input_ids
+    n = args.new_tokens
+    dec = EarlyExitDecoder(lm, jump)
+    min_layer = args.min_layer or max(1, lm.num_layers // 3)
+    rows: list[Row] = []
+
+    def hf() -> list[int]:
+        with torch.inference_mode():
+            out = lm.model.generate(torch.tensor([ids], device=lm.device), do_sample=False, max_new_tokens=n,
+                                    min_new_tokens=n, attention_mask=torch.ones(1, len(ids), dtype=torch.long,
+                                                                                device=lm.device))
+        return out[0, len(ids):].tolist()
+
+    def timed(name: str, fn: Callable[[], list[int] | Generation]) -> None:
+        fn()  # warm-up
+        t0 = time.perf_counter()
+        result = fn()
+        rows.append((name, time.perf_counter() - t0, result))
+
+    timed("HF generate", hf)
+    engine: list[tuple[str, ExitSettings]] = [("off", ExitSettings(mode="off"))]
+    for th in (float(t) for t in args.thresholds.split(",")):
+        for mode, policy in (("approximate", "catchup"), ("approximate", "copy"), ("exact", "catchup")):
+            name = f"{mode}{'-copy' if policy == 'copy' else ''} t={th}"
+            engine.append((name, ExitSettings(mode=mode, threshold=th, min_layer=min_layer, kv_policy=policy,
+                                              stride=args.stride, max_draft=args.max_draft)))
+    for name, exit_settings in engine:
+        s = GenerationSettings(max_new_tokens=n, stop_token_ids=(), exit=exit_settings)
+        timed(name, lambda s=s: dec.generate(ids, s))
+    return rows
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def report(lm: CausalLM, micro_times: dict[str, float], rows: list[Row]) -> str:
+    L = lm.num_layers
+    lines = [f"model {lm.name}: L={L}, d={lm.hidden_size}, V={lm.vocab_size}", "", "per token:"]
+    block = micro_times["block"]
+    for name, t in micro_times.items():
+        lines.append(f"  {name:<22} {t * 1e3:8.3f} ms  ({t / block:5.2f} blocks)")
+    lines.append(f"  {'all blocks':<22} {block * L * 1e3:8.3f} ms")
+    off_time, off = rows[1][1], rows[1][2]
+    off_tokens = off if isinstance(off, list) else off.tokens
+    lines += ["", f"{'decoding':<24} {'tok/s':>8} {'vs off':>7} {'prefix':>6} {'exit layer':>10} {'accept':>7}"]
+    for name, seconds, result in rows:
+        tokens = result if isinstance(result, list) else result.tokens
+        same = _common_prefix(tokens, off_tokens) / len(off_tokens)
+        depth = acc = "-"
+        if not isinstance(result, list):
+            depth = f"{result.mean_exit_layer:.1f}"
+            acc = f"{result.stats.acceptance_rate:.2f}" if result.stats.drafted else "-"
+        lines.append(f"{name:<24} {len(tokens) / seconds:8.1f} {off_time / seconds:7.2f} {same:6.2f} "
+                     f"{depth:>10} {acc:>7}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from shortcuts.adapter import CausalLM
+    from shortcuts.artifact import JumpArtifact
+    from shortcuts.assets import default_model_dir
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = CausalLM.load(args.model or default_model_dir(), device=args.device)
+    jump = None
+    if Path(args.jump).is_file():
+        artifact = JumpArtifact.load(args.jump)
+        artifact.check_model(lm)
+        jump = artifact.jump
+        print(f"jump: {args.jump} (rank {artifact.config.rank}, {artifact.config.variant})")
+    else:
+        print(f"jump: {args.jump} not found; exits use the identity shortcut (logit lens)")
+    print(report(lm, micro(lm, jump, args.repeats), decode_rows(lm, jump, args)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,105 @@
+"""The exit head (logits of the jump's estimate of the final state) and the exit gates.
+
+For a pure jump the head is fused: with BN folded into A (z = A_eff·h + c) and the final norm
+and unembedding folded into the r-dimensional head of ``shortcuts.heads``, a check costs
+d·r + V·r multiply-adds instead of the full head's V·d. Everything is precomputed once.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from shortcuts.adapter import CausalLM, soft_cap
+from shortcuts.engine.settings import ExitSettings
+from shortcuts.heads import HeadContext
+from shortcuts.jump import LowRankJumps
+
+HeadKind = Literal["fused", "full", "identity"]
+
+
+class ExitHead:
+    """Logits at an exit level: head(jump(h_l)). ``jump`` None is the identity shortcut
+    (the logit lens, head(h_l)). A bank of one jump serves every level; a bank of L-1 jumps
+    uses jump l-1 at level l."""
+
+    @torch.no_grad()
+    def __init__(self, lm: CausalLM, jump: LowRankJumps | None):
+        self.num_layers = lm.num_layers
+        self.ctx = HeadContext.from_model(lm).to(lm.device)
+        self.jump = None if jump is None else jump.eval().to(lm.device)
+        self.kind: HeadKind = "identity" if jump is None else "fused" if jump.is_pure else "full"
+        if jump is None:
+            return
+        if jump.config.hidden_size != lm.hidden_size:
+            raise ValueError(f"the jump is for d={jump.config.hidden_size}, the model has d={lm.hidden_size}")
+        if jump.n not in (1, lm.num_layers - 1):
+            raise ValueError(f"a jump bank must hold 1 jump or one per level ({lm.num_layers - 1}); got {jump.n}")
+        if self.kind == "fused":
+            self.A_eff, self.c = (t.float() for t in jump.folded())  # (n, r, d), (n, r)
+            self.fused = self.ctx.low_rank(jump.lora_B.detach().float(), jump.bias.detach().float())
+            self.shift = self.fused.shift if self.fused.shift is not None else torch.zeros_like(self.fused.m0[0])
+
+    def index(self, level: int) -> int:
+        """Which jump of the bank serves ``level`` (1..L-1)."""
+        if not 1 <= level < self.num_layers:
+            raise ValueError(f"{level=} must be in [1, {self.num_layers - 1}]")
+        return 0 if self.jump is None or self.jump.n == 1 else level - 1
+
+    @torch.inference_mode()
+    def __call__(self, h: Tensor, level: int) -> Tensor:
+        """Exit logits for states h (B, d) after block ``level`` -> (B, V) float32."""
+        h = h.float()
+        j = self.index(level)
+        if self.kind == "identity":
+            return self.ctx.full(h)
+        if self.kind == "full":
+            assert self.jump is not None
+            return self.ctx.full(self.jump(h.unsqueeze(0), slice(j, j + 1))[0])
+        f = self.fused
+        z = h @ self.A_eff[j].T + self.c[j]  # (B, r)
+        inv = self._inv_scale(z, j)  # (B, 1)
+        logits = inv * (z @ f.M[j].T + f.m0[j]) + self.shift  # (B, V)
+        return soft_cap(logits, f.softcap)
+
+    def _inv_scale(self, z: Tensor, j: int) -> Tensor:
+        """1 / sqrt(s² + eps) of jump j's estimate, z (B, r) -> (B, 1)."""
+        f = self.fused
+        quad = ((z @ f.G[j]) * z).sum(-1) + 2 * z @ f.g[j]  # (B,)
+        return torch.rsqrt(((quad + f.g0[j]) / f.hidden_size).clamp_min(0) + f.eps).unsqueeze(-1)
+
+
+def entropy(logits: Tensor) -> Tensor:
+    """Entropy in nats of softmax(logits) over the last axis. (..., V) -> (...)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+class ExitGate:
+    """Decides, check by check within one token's forward pass, whether the token leaves."""
+
+    def __init__(self, settings: ExitSettings):
+        self.settings = settings
+        self._last_top: int | None = None
+        self._streak = 0
+
+    def reset(self) -> None:
+        """Call before each token's forward pass (patience counts within one token)."""
+        self._last_top, self._streak = None, 0
+
+    def __call__(self, logits: Tensor) -> tuple[bool, float]:
+        """logits (V,) of the exit head -> (exit?, confidence = max softmax probability)."""
+        s = self.settings
+        probs = torch.softmax(logits.float(), dim=-1)
+        conf, top = probs.max(-1)
+        confidence = float(conf)
+        if s.gate == "confidence":
+            return s.threshold < 1.0 and confidence >= s.threshold, confidence
+        if s.gate == "entropy":
+            return float(entropy(logits)) <= s.threshold, confidence
+        top_id = int(top)
+        self._streak = self._streak + 1 if top_id == self._last_top else 1
+        self._last_top = top_id
+        return self._streak >= s.patience, confidence

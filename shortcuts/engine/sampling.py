@@ -1,0 +1,58 @@
+"""Picking tokens: greedy, temperature + top-p sampling, and the speculative accept/reject rule."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    """A CPU torch.Generator (draws are made on the CPU whatever the model's device, so a seed
+    gives the same tokens everywhere): seeded, or from OS entropy when seed is None."""
+    gen = torch.Generator()
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen
+
+
+def distribution(logits: Tensor, temperature: float, top_p: float = 1.0) -> Tensor:
+    """The sampling distribution: softmax(logits / T) cut to the smallest set with mass >= top_p
+    (the most likely token is always kept) and renormalised. (V,) -> (V,) float32.
+    temperature 0 gives the one-hot of the argmax."""
+    logits = logits.float()
+    if temperature == 0:
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p >= 1.0:
+        return probs
+    sorted_p, order = probs.sort(descending=True)
+    outside = sorted_p.cumsum(-1) - sorted_p >= top_p  # mass before a token already reaches top_p
+    sorted_p = sorted_p.masked_fill(outside, 0.0)
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_p / sorted_p.sum())
+
+
+def sample(probs: Tensor, generator: torch.Generator) -> int:
+    """One token id drawn from probs (V,), on the CPU generator's device."""
+    return int(torch.multinomial(probs.float().cpu(), 1, generator=generator))
+
+
+def pick(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    """Greedy (temperature 0) or sampled token from logits (V,)."""
+    if temperature == 0:
+        return int(logits.argmax())
+    return sample(distribution(logits, temperature, top_p), generator)
+
+
+def speculative_accept(p: Tensor, q: Tensor, token: int, generator: torch.Generator) -> int | None:
+    """Leviathan et al.'s rule for a token drawn from the draft distribution q (V,) when the target
+    is p (V,): keep it with probability min(1, p/q); return None if kept, else a replacement
+    drawn from normalise(max(p - q, 0)). The result is distributed exactly as p."""
+    p, q = p.float().cpu(), q.float().cpu()
+    ratio = float(p[token]) / max(float(q[token]), 1e-30)
+    if ratio >= 1.0 or float(torch.rand((), generator=generator)) < ratio:
+        return None
+    residual = (p - q).clamp_min(0.0)
+    total = float(residual.sum())
+    return sample(residual / total if total > 0 else p, generator)

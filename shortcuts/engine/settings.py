@@ -1,0 +1,117 @@
+"""Settings of the early-exit decoder: plain dataclasses, validated on construction, no torch."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+Mode = Literal["off", "approximate", "exact"]
+Gate = Literal["confidence", "entropy", "patience"]
+KVPolicy = Literal["catchup", "copy"]
+
+MODES = ("off", "approximate", "exact")
+GATES = ("confidence", "entropy", "patience")
+KV_POLICIES = ("catchup", "copy")
+
+
+def _check_int(name: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}={value!r} must be an integer >= {low}")
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} must be one of {', '.join(choices)}")
+
+
+@dataclass(frozen=True)
+class ExitSettings:
+    """When a token may leave the forward pass early, and what happens to the layers it skips.
+
+    mode: "off" runs every block (plain decoding); "approximate" takes the jump's prediction when
+        the gate fires; "exact" drafts with early exits and verifies the drafts with the full
+        model (self-speculative decoding: same output as "off" under greedy decoding, and the
+        same distribution under sampling).
+    gate: "confidence" exits when the exit head's softmax max-probability >= threshold (a
+        threshold of 1.0 never exits); "entropy" when its entropy (nats) <= threshold;
+        "patience" when the exit head's top-1 token is the same for ``patience`` checks in a row.
+    min_layer, stride: the gate is checked after blocks min_layer, min_layer + stride, ... < L.
+    kv_policy: "catchup" keeps the exit state of a token and runs it through the layers it
+        skipped together with the next token that goes deeper (exact keys/values, delayed);
+        "copy" fills the skipped layers' keys/values at once from the exit state.
+    max_draft: in exact mode, the most drafted tokens verified by one full-depth pass.
+    """
+
+    mode: Mode = "exact"
+    gate: Gate = "confidence"
+    threshold: float = 0.9
+    patience: int = 2
+    min_layer: int = 1
+    stride: int = 1
+    kv_policy: KVPolicy = "catchup"
+    max_draft: int = 4
+
+    def __post_init__(self) -> None:
+        _check_choice("mode", self.mode, MODES)
+        _check_choice("gate", self.gate, GATES)
+        _check_choice("kv_policy", self.kv_policy, KV_POLICIES)
+        threshold = self.threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+            raise ValueError(f"{threshold=} must be a finite number")
+        if self.gate == "confidence" and not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"{threshold=} must be in [0, 1] for the confidence gate")
+        if self.gate == "entropy" and threshold < 0.0:
+            raise ValueError(f"{threshold=} must be >= 0 (nats) for the entropy gate")
+        _check_int("patience", self.patience, 1)
+        _check_int("min_layer", self.min_layer, 1)
+        _check_int("stride", self.stride, 1)
+        _check_int("max_draft", self.max_draft, 1)
+        if self.mode == "exact" and self.kv_policy != "catchup":
+            raise ValueError(f"mode='exact' needs kv_policy='catchup' (verification recomputes the skipped "
+                             f"layers exactly); got kv_policy={self.kv_policy!r}")
+
+    def check_levels(self, num_layers: int) -> list[int]:
+        """The levels (1..L-1) where the gate is checked; fails if min_layer is out of range."""
+        if not 1 <= self.min_layer <= num_layers - 1:
+            raise ValueError(f"min_layer={self.min_layer} must be in [1, {num_layers - 1}] for a model with "
+                             f"{num_layers} layers")
+        return list(range(self.min_layer, num_layers, self.stride))
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How many tokens, how to pick them, when to stop; ``exit`` says how tokens leave early.
+
+    temperature 0 is greedy decoding; otherwise tokens are sampled from softmax(logits / T)
+    restricted to the smallest top-p set, with a ``torch.Generator`` seeded by ``seed``.
+    stop_token_ids None stops at the model's EOS token(s); an empty tuple never stops early.
+    """
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] | None = None
+    exit: ExitSettings = field(default_factory=ExitSettings)
+
+    def __post_init__(self) -> None:
+        _check_int("max_new_tokens", self.max_new_tokens, 1)
+        t, p = self.temperature, self.top_p
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature={t!r} must be a finite number >= 0 (0 = greedy)")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0:
+            raise ValueError(f"top_p={p!r} must be in (0, 1]")
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0)
+        if self.stop_token_ids is not None:
+            if not isinstance(self.stop_token_ids, tuple):
+                object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+            for t_id in self.stop_token_ids:  # type: ignore[union-attr]
+                _check_int("stop_token_ids entry", t_id, 0)
+        if not isinstance(self.exit, ExitSettings):
+            raise ValueError(f"exit must be an ExitSettings; got {type(self.exit).__name__}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0

@@ -1,0 +1,228 @@
+"""The HTTP service over a real socket, on a tiny random Llama: OpenAI client, streaming, errors,
+auth, overload, disconnects and metrics."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import SecretStr, ValidationError
+from service_utils import running_server
+
+from service.config import Settings, parse_args
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def tiny_settings(folder: Path, **kw) -> Settings:
+    base = {"model": str(folder), "jump": "", "device": "cpu", "exit_mode": "off", "default_max_tokens": 8}
+    return Settings(**(base | kw))
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from conftest import build_tiny
+
+    folder = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    lm = build_tiny("llama")
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path) -> Iterator[str]:
+    with running_server(tiny_settings(tiny_model_dir, queue_size=4)) as url:
+        yield url
+
+
+def client(url: str, key: str = "none") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def metrics(url: str) -> dict[str, float]:
+    text = httpx.get(f"{url}/metrics").text
+    return {f"{s.name}{json.dumps(s.labels, sort_keys=True)}": s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    return sum(v for k, v in metrics(url).items()
+               if k.startswith(name + "{") and all(f'"{a}": "{b}"' in k for a, b in labels.items()))
+
+
+def test_completion_with_the_openai_client(server: str) -> None:
+    resp = client(server).completions.create(model="tiny-llama", prompt="the king of the", max_tokens=6,
+                                             extra_body={"early_exit": {"mode": "approximate", "threshold": 0.0}})
+    assert resp.usage.completion_tokens == 6
+    assert resp.usage.prompt_tokens == 4
+    report = resp.model_extra["early_exit"]
+    assert report["exit_layers"] == [4] + [1] * 5  # threshold 0 leaves at the first check
+    assert report["mean_exit_layer"] == pytest.approx((4 + 5) / 6)
+    assert resp.choices[0].finish_reason == "length"
+
+
+def test_chat_and_stream_agree(server: str) -> None:
+    c = client(server)
+    messages = [{"role": "user", "content": "the city of the river"}]
+    full = c.chat.completions.create(model="m", messages=messages, max_tokens=7)
+    chunks = list(c.chat.completions.create(model="m", messages=messages, max_tokens=7, stream=True))
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks)
+    assert streamed == full.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
+    plain = c.completions.create(model="m", prompt="the war", max_tokens=5)
+    pieces = c.completions.create(model="m", prompt="the war", max_tokens=5, stream=True)
+    assert "".join(p.choices[0].text for p in pieces) == plain.choices[0].text
+
+
+def test_raw_sse_frames_end_with_done(server: str) -> None:
+    with httpx.stream("POST", f"{server}/v1/completions",
+                      json={"prompt": "the north", "max_tokens": 3, "stream": True}) as r:
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert r.status_code == 200
+    assert lines[-1] == "data: [DONE]"
+    bodies = [json.loads(ln[len("data: "):]) for ln in lines[:-1]]
+    assert bodies[-1]["usage"]["completion_tokens"] == 3
+    assert len(bodies[-1]["early_exit"]["exit_layers"]) == 3
+
+
+BAD = [
+    ("/v1/completions", b"{not json", "not valid JSON"),
+    ("/v1/completions", {"prompt": "a", "max_tokens": "many"}, "max_tokens"),
+    ("/v1/completions", {"prompt": "a", "max_tokens": -3}, "max_tokens"),
+    ("/v1/completions", {"prompt": "a", "max_tokens": 10**6}, "exceeds"),
+    ("/v1/completions", {"prompt": ""}, "empty"),
+    ("/v1/completions", {"prompt": "the " * 200}, "limit is"),
+    ("/v1/completions", {"prompt": "a", "early_exit": {"threshold": 1.5}}, "threshold"),
+    ("/v1/completions", {"prompt": "a", "early_exit": {"gate": "vibes"}}, "gate"),
+    ("/v1/completions", {"prompt": "a", "early_exit": {"mode": "fast"}}, "mode"),
+    ("/v1/completions", {"prompt": "a", "early_exit": {"min_layer": 9}}, "min_layer"),
+    ("/v1/completions", {"prompt": "a", "n": 2}, "n"),
+    ("/v1/completions", {"max_tokens": 2}, "prompt"),
+    ("/v1/chat/completions", {"messages": []}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "role"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "needle"), BAD)
+def test_bad_input_gets_a_clear_400(server: str, path: str, body: object, needle: str) -> None:
+    kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(f"{server}{path}", headers={"content-type": "application/json"}, **kwargs)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert needle in err["message"]
+    assert err["type"] == "invalid_request_error"
+    ok = httpx.post(f"{server}/v1/completions", json={"prompt": "the city", "max_tokens": 2})
+    assert ok.status_code == 200  # and the server keeps serving
+
+
+def test_stop_strings(server: str) -> None:
+    extra = {"ignore_eos": True}
+    first = client(server).completions.create(model="m", prompt="the old", max_tokens=8, extra_body=extra)
+    words = first.choices[0].text.split()
+    assert words, "the tiny model generated no words"
+    stop = words[min(2, len(words) - 1)]
+    resp = client(server).completions.create(model="m", prompt="the old", max_tokens=8, stop=[stop], extra_body=extra)
+    assert stop not in resp.choices[0].text
+    assert first.choices[0].text.startswith(resp.choices[0].text)
+    assert resp.choices[0].finish_reason == "stop"
+
+
+def test_models_health_ready(server: str) -> None:
+    assert httpx.get(f"{server}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{server}/ready").status_code == 200
+    assert [m.id for m in client(server).models.list()] == ["tiny-llama"]
+
+
+def test_metrics_count_the_generated_tokens(server: str) -> None:
+    before = metric(server, "onejump_exit_layer_count")
+    gen_before = metric(server, "onejump_generation_tokens_total")
+    resp = client(server).completions.create(model="m", prompt="the world", max_tokens=5,
+                                             extra_body={"early_exit": {"mode": "approximate", "threshold": 0.0}})
+    assert resp.usage.completion_tokens == 5
+    assert metric(server, "onejump_exit_layer_count") - before == 5
+    assert metric(server, "onejump_generation_tokens_total") - gen_before == 5
+    assert metric(server, "onejump_tokens_total", exit="early") >= 4
+    assert metric(server, "onejump_layers_skipped_total") > 0
+    assert metric(server, "onejump_request_success_total", finished_reason="length") >= 1
+
+
+def test_api_key(tiny_model_dir: Path) -> None:
+    with running_server(tiny_settings(tiny_model_dir, api_key=SecretStr("s3cret"))) as url:
+        assert httpx.get(f"{url}/health").status_code == 200
+        assert httpx.get(f"{url}/metrics").status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            r = httpx.post(f"{url}/v1/completions", json={"prompt": "a"}, headers=headers)
+            assert r.status_code == 401
+            assert "API key" in r.json()["error"]["message"]
+        with pytest.raises(openai.AuthenticationError):
+            client(url, "wrong").models.list()
+        assert client(url, "s3cret").completions.create(model="m", prompt="the", max_tokens=1).usage
+
+
+def _hammer(url: str, n: int, max_tokens: int) -> list[int]:
+    codes: list[int] = []
+
+    def one() -> None:
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "the city", "max_tokens": max_tokens,
+                                                      "early_exit": {"mode": "off"}}, timeout=120)
+        codes.append(r.status_code)
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return codes
+
+
+def test_overload_gets_429_and_timeouts_504(tiny_model_dir: Path) -> None:
+    with running_server(tiny_settings(tiny_model_dir, queue_size=1, max_new_tokens=120,
+                                      default_max_tokens=8)) as url:
+        codes = _hammer(url, 12, 120)
+        assert 429 in codes
+        assert 200 in codes
+        assert set(codes) <= {200, 429}
+        assert metric(url, "onejump_request_failure_total", reason="queue_full") == codes.count(429)
+    with running_server(tiny_settings(tiny_model_dir, queue_size=8, request_timeout_s=0.05, max_new_tokens=120,
+                                      default_max_tokens=8)) as url:
+        codes = _hammer(url, 4, 120)
+        assert 504 in codes
+        assert metric(url, "onejump_request_failure_total", reason="timeout") == codes.count(504)
+
+
+def test_disconnect_cancels_generation(tiny_model_dir: Path) -> None:
+    with running_server(tiny_settings(tiny_model_dir, max_new_tokens=400)) as url:
+        with httpx.stream("POST", f"{url}/v1/completions",
+                          json={"prompt": "the", "max_tokens": 400, "stream": True}) as r:
+            next(r.iter_lines())  # the first frame, then hang up
+        deadline = time.monotonic() + 30
+        while metric(url, "onejump_request_failure_total", reason="cancelled") < 1:
+            assert time.monotonic() < deadline, "the generation was not cancelled"
+            time.sleep(0.05)
+        assert metric(url, "onejump_generation_tokens_total") < 400
+
+
+def test_settings_refuse_bad_values() -> None:
+    with pytest.raises(ValidationError, match="needs CUDA"):
+        Settings(quantization="8bit", device="cpu")
+    with pytest.raises(ValidationError, match="exit_threshold"):
+        Settings(exit_threshold=2.0)
+    with pytest.raises(ValidationError, match="queue_size"):
+        parse_args(["--queue-size", "0"])
+    assert parse_args(["--port", "9001"]).port == 9001
+
+
+def test_env_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ONEJUMP_PORT", "8123")
+    monkeypatch.setenv("ONEJUMP_EXIT_MODE", "exact")
+    s = parse_args([])
+    assert (s.port, s.exit_mode) == (8123, "exact")
+    assert parse_args(["--port", "8124"]).port == 8124  # flags win over the environment
