@@ -34,3 +34,4 @@ test-fast: setup
 
 lint: setup
 	$(VENV)/bin/ruff check shortcuts service tests
+	$(VENV)/bin/mypy service

@@ -61,21 +61,23 @@ class Serving:
         if max_tokens > s.max_new_tokens:
             raise BadRequestError(f"max_tokens={max_tokens} exceeds this server's limit of {s.max_new_tokens}",
                                   "max_tokens")
-        exits = {"mode": s.exit_mode, "gate": s.exit_gate, "threshold": self.engine.default_threshold,
+        exits: dict[str, Any] = {"mode": s.exit_mode, "gate": s.exit_gate, "threshold": self.engine.default_threshold,
                  "min_layer": s.exit_min_layer}
         if ee is not None:
             exits |= ee.model_dump(exclude_none=True)
         try:
             exit_settings = ExitSettings(**exits)
             exit_settings.check_levels(self.engine.decoder.num_layers)
+        except ValueError as e:
+            raise BadRequestError(f"early_exit: {e}", "early_exit") from e
+        try:
             return GenerationSettings(
                 max_new_tokens=max_tokens,
                 temperature=s.default_temperature if req.temperature is None else req.temperature,
                 top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, exit=exit_settings,
                 stop_token_ids=() if req.ignore_eos else None)
         except ValueError as e:
-            raise BadRequestError(f"early_exit: {e}" if "threshold" in str(e) or "layer" in str(e) else str(e),
-                                  "early_exit") from e
+            raise BadRequestError(str(e)) from e
 
     # --- running -------------------------------------------------------------------------------
     async def handle(self, req: AnyRequest, request: Request) -> Any:

@@ -120,15 +120,16 @@ class CausalLM:
     """A loaded causal LM with its tokenizer, cut into the parts early exit needs."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, name: str):
-        self.model = model.eval()
+        # HF modules are typed loosely (attribute access yields Tensor | Module): keep them Any
+        self.model: Any = model.eval()
         self.tokenizer = tokenizer
         self.name = name
         self.config = model.config
         self.spec = arch_spec(self.config.model_type)
-        self.layers: nn.ModuleList = _get(model, self.spec.layers)
-        self.norm: nn.Module = _get(model, self.spec.norm)
-        self.embed_tokens: nn.Module = _get(model, self.spec.embed)
-        self.lm_head: nn.Module = model.get_output_embeddings()
+        self.layers: Any = _get(model, self.spec.layers)  # nn.ModuleList
+        self.norm: Any = _get(model, self.spec.norm)
+        self.embed_tokens: Any = _get(model, self.spec.embed)
+        self.lm_head: Any = self.model.get_output_embeddings()
         self.softcap: float | None = getattr(self.config, "final_logit_softcapping", None)
 
     @staticmethod
