@@ -33,5 +33,5 @@ test-fast: setup
 	$(PY) -m pytest -m "not real"
 
 lint: setup
-	$(VENV)/bin/ruff check shortcuts service tests
+	$(VENV)/bin/ruff check shortcuts service loadtest tests
 	$(VENV)/bin/mypy service
