@@ -26,7 +26,7 @@ fit: assets
 bench: assets
 	$(PY) -m shortcuts.engine.bench
 
-test: setup
+test: assets
 	$(PY) -m pytest
 
 test-fast: setup
