@@ -63,47 +63,46 @@ class HeadContext:
         gamma = self.norm.weight
         M = torch.einsum("vd,ndr->nvr", self.unembedding, gamma[:, None] * lora_B)  # (n, V, r)
         m0 = (gamma * bias) @ self.unembedding.T  # (n, V)
-        shift = None if self.norm.bias is None else self.unembedding @ self.norm.bias  # (V,)
+        shift = torch.zeros_like(m0) if self.norm.bias is None else (self.unembedding @ self.norm.bias).expand_as(m0)
         G = lora_B.transpose(1, 2) @ lora_B  # (n, r, r)
         g = torch.einsum("ndr,nd->nr", lora_B, bias)  # (n, r)
         g0 = bias.square().sum(-1)  # (n,)
-        return LowRankHead(M, m0, G, g, g0, shift, self.hidden_size, self.norm.eps, self.softcap)
+        M_aug = torch.cat([M, m0.unsqueeze(-1), shift.unsqueeze(-1)], dim=-1)  # (n, V, r+2), built once
+        return LowRankHead(M_aug, G, g, g0, self.hidden_size, self.norm.eps, self.softcap)
 
 
 @dataclass(frozen=True)
 class LowRankHead:
     """Precomputed terms of the fused head for ``n`` pure jumps (see the module docstring)."""
 
-    M: Tensor  # (n, V, r)
-    m0: Tensor  # (n, V)
+    M_aug: Tensor  # (n, V, r+2): [M, m0, W_U·β]
     G: Tensor  # (n, r, r)
     g: Tensor  # (n, r)
     g0: Tensor  # (n,)
-    shift: Tensor | None  # (V,)
     hidden_size: int
     eps: float
     softcap: float | None
 
     def inv_scale(self, z: Tensor) -> Tensor:
         """1 / sqrt(s² + eps) for z (n, B, r) -> (n, B, 1)."""
-        quad = torch.einsum("nbr,nrs,nbs->nb", z, self.G, z) + 2 * torch.einsum("nbr,nr->nb", z, self.g)
+        quad = ((z @ self.G + 2 * self.g.unsqueeze(1)) * z).sum(-1)  # zᵀGz + 2gᵀz, (n, B)
         s2 = (quad + self.g0[:, None]) / self.hidden_size
         return torch.rsqrt(s2.clamp_min(0) + self.eps).unsqueeze(-1)
 
-    def augmented(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """The head as one matrix product: logits (before soft-capping) = z_aug @ M_aug^T, with
-        z_aug = [z·inv, inv, 1] and M_aug = [M, m0, W_U·β]. (n, B, r+2) and (n, V, r+2)."""
+    def augmented(self, z: Tensor) -> Tensor:
+        """z_aug = [z·inv, inv, 1], so logits (before soft-capping) = z_aug @ M_aug^T. (n, B, r+2)"""
         inv = self.inv_scale(z)
-        ones = torch.ones_like(inv)
-        shift = self.shift if self.shift is not None else torch.zeros_like(self.m0[0])
-        z_aug = torch.cat([z * inv, inv, ones], dim=-1)
-        M_aug = torch.cat([self.M, self.m0.unsqueeze(-1), shift.expand_as(self.m0).unsqueeze(-1)], dim=-1)
-        return z_aug, M_aug
+        return torch.cat([z * inv, inv, torch.ones_like(inv)], dim=-1)
 
     def __call__(self, z: Tensor) -> Tensor:
         """Logits from z = A·BN(h). (n, B, r) -> (n, B, V)."""
-        z_aug, M_aug = self.augmented(z)
-        return soft_cap(z_aug @ M_aug.transpose(1, 2), self.softcap)
+        return soft_cap(self.augmented(z) @ self.M_aug.transpose(1, 2), self.softcap)
+
+    def select(self, j: int) -> LowRankHead:
+        """The head of jump ``j`` alone (views, no copies)."""
+        sl = slice(j, j + 1)
+        return LowRankHead(self.M_aug[sl], self.G[sl], self.g[sl], self.g0[sl], self.hidden_size, self.eps,
+                           self.softcap)
 
 
 def jump_logits(jumps: LowRankJumps, x: Tensor, ctx: HeadContext, fused: LowRankHead | None = None,

@@ -61,7 +61,8 @@ class KLToModel:
 
     def loss(self, jumps: LowRankJumps, x: Tensor, target: Tensor, sl: slice = ALL) -> Tensor:
         if jumps.is_pure and not self.ctx.softcap:
-            z_aug, M_aug = self.ctx.low_rank(jumps.lora_B[sl], jumps.bias[sl]).augmented(jumps.project(x, sl))
+            head = self.ctx.low_rank(jumps.lora_B[sl], jumps.bias[sl])
+            z_aug, M_aug = head.augmented(jumps.project(x, sl)), head.M_aug
             p = target.exp()
             neg_entropy = (p * target).sum(-1)  # (B,)
             expected = ((p @ M_aug) * z_aug).sum(-1)  # (n, B): E_p[logit]

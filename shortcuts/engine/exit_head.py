@@ -40,7 +40,8 @@ class ExitHead:
         if self.kind == "fused":
             self.A_eff, self.c = (t.float() for t in jump.folded())  # (n, r, d), (n, r)
             self.fused = self.ctx.low_rank(jump.lora_B.detach().float(), jump.bias.detach().float())
-            self.shift = self.fused.shift if self.fused.shift is not None else torch.zeros_like(self.fused.m0[0])
+            r = jump.config.rank  # contiguous pieces of M_aug = [M, m0, W_U·β]: no concatenation per token
+            self.M, self.m0, self.shift = (self.fused.M_aug[..., k].contiguous() for k in (slice(0, r), r, r + 1))
 
     def index(self, level: int) -> int:
         """Which jump of the bank serves ``level`` (1..L-1)."""
@@ -58,17 +59,9 @@ class ExitHead:
         if self.kind == "full":
             assert self.jump is not None
             return self.ctx.full(self.jump(h.unsqueeze(0), slice(j, j + 1))[0])
-        f = self.fused
         z = h @ self.A_eff[j].T + self.c[j]  # (B, r)
-        inv = self._inv_scale(z, j)  # (B, 1)
-        logits = inv * (z @ f.M[j].T + f.m0[j]) + self.shift  # (B, V)
-        return soft_cap(logits, f.softcap)
-
-    def _inv_scale(self, z: Tensor, j: int) -> Tensor:
-        """1 / sqrt(s² + eps) of jump j's estimate, z (B, r) -> (B, 1)."""
-        f = self.fused
-        quad = ((z @ f.G[j]) * z).sum(-1) + 2 * z @ f.g[j]  # (B,)
-        return torch.rsqrt(((quad + f.g0[j]) / f.hidden_size).clamp_min(0) + f.eps).unsqueeze(-1)
+        inv = self.fused.select(j).inv_scale(z.unsqueeze(0))[0]  # (B, 1)
+        return soft_cap(inv * (z @ self.M[j].T + self.m0[j]) + self.shift[j], self.fused.softcap)  # (B, V)
 
 
 def entropy(logits: Tensor) -> Tensor:
