@@ -1,11 +1,11 @@
-# onejump: make serve | test | setup | assets | fit | lint
+# onejump: make serve | test | setup | assets | fit | lint | deploy-tools | dashboard
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 # torch 2.13.0 (CPU) lies on disk on these machines; elsewhere pip fetches it from PyPI.
 WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: setup assets serve fit test test-fast lint bench
+.PHONY: setup assets serve fit test test-fast lint bench loadtest deploy-tools dashboard
 
 setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -26,12 +26,28 @@ fit: assets
 bench: assets
 	$(PY) -m shortcuts.engine.bench
 
-test: assets
+test: assets deploy-tools
 	$(PY) -m pytest
 
 test-fast: setup
 	$(PY) -m pytest -m "not real"
 
 lint: setup
-	$(VENV)/bin/ruff check shortcuts service loadtest tests
+	$(VENV)/bin/ruff check shortcuts service loadtest tests deploy
 	$(VENV)/bin/mypy service
+
+# prometheus + promtool for tests/test_deploy.py (Debian's package; needs root). Does nothing when both are
+# on PATH; without root it says so and the two Prometheus tests skip, naming the missing binary.
+deploy-tools:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } || \
+	  echo "deploy-tools: could not install Debian's prometheus (not root?); tests/test_deploy.py will skip its Prometheus tests"
+
+# rewrite deploy/grafana/dashboards/onejump.json from deploy/grafana/dashboard.py
+dashboard: setup
+	$(PY) deploy/grafana/dashboard.py
+
+# load a running server over HTTP (docs/loadtest.md), e.g. make loadtest LOADTEST_ARGS="--concurrency 1,4 --requests 8"
+loadtest: setup
+	$(PY) -m loadtest $(LOADTEST_ARGS)

@@ -1,0 +1,138 @@
+"""Writes deploy/grafana/dashboards/onejump.json, the provisioned Grafana dashboard, from the metric
+names of service/metrics.py. ``python deploy/grafana/dashboard.py`` rewrites the file; ``--check`` exits 1
+when the committed file differs (tests/test_deploy.py checks that, and runs every query on Prometheus)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+OUT = Path(__file__).parent / "dashboards" / "onejump.json"
+DATASOURCE = {"type": "prometheus", "uid": "onejump-prometheus"}  # provisioning/datasources/prometheus.yml
+SEL = '{model_name=~"$model_name"}'
+Target = tuple[str, str]  # (legend, PromQL)
+
+
+def rate(metric: str) -> str:
+    return f"rate({metric}{SEL}[$__rate_interval])"
+
+
+def quantiles(histogram: str) -> list[Target]:
+    return [(f"p{round(q * 100)}", f"histogram_quantile({q}, sum by (le) ({rate(histogram + '_bucket')}))")
+            for q in (0.5, 0.95, 0.99)]
+
+
+def panel(title: str, grid: tuple[int, int, int, int], targets: list[Target], unit: str, description: str,
+          kind: str = "timeseries", stack: bool = False) -> dict[str, Any]:
+    x, y, w, h = grid
+    custom: dict[str, Any] = {"fillOpacity": 30, "stacking": {"mode": "normal", "group": "A"}} if stack else {}
+    return {
+        "type": kind, "title": title, "description": description, "datasource": DATASOURCE,
+        "gridPos": {"x": x, "y": y, "w": w, "h": h},
+        "fieldConfig": {"defaults": {"unit": unit, "custom": custom}, "overrides": []},
+        "options": {"legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
+                    "tooltip": {"mode": "multi", "sort": "none"}},
+        "targets": [{"refId": chr(ord("A") + i), "datasource": DATASOURCE, "expr": expr, "legendFormat": legend,
+                     "range": True} for i, (legend, expr) in enumerate(targets)],
+    }
+
+
+def exit_heatmap(grid: tuple[int, int, int, int]) -> dict[str, Any]:
+    p = panel("Exit layer (tokens per second at each depth)", grid,
+              [("{{le}}", f"sum by (le) ({rate('onejump_exit_layer_bucket')})")], "short",
+              "onejump_exit_layer: the decoder layer at which each generated token was decided (buckets are "
+              "layer indices; the last is full depth).", kind="heatmap")
+    p["targets"][0]["format"] = "heatmap"
+    p["options"] = {"calculate": False, "cellGap": 1, "yAxis": {"axisPlacement": "left", "decimals": 0},
+                    "rowsFrame": {"layout": "auto"}, "color": {"mode": "scheme", "scheme": "Oranges",
+                                                               "scale": "exponential", "exponent": 0.5},
+                    "tooltip": {"mode": "single", "yHistogram": True}, "legend": {"show": True}}
+    return p
+
+
+def early_exit_panels() -> list[dict[str, Any]]:
+    skipped, computed = (f"sum({rate(f'onejump_layers_{k}_total')})" for k in ("skipped", "computed"))
+    return [
+        exit_heatmap((0, 0, 12, 9)),
+        panel("Mean exit layer", (12, 0, 6, 9),
+              [("mean", f"sum({rate('onejump_exit_layer_sum')}) / sum({rate('onejump_exit_layer_count')})")],
+              "short", "Mean depth at which generated tokens were decided."),
+        panel("Layers skipped", (18, 0, 6, 9), [("skipped", f"100 * {skipped} / ({skipped} + {computed})")],
+              "percent", "Share of decoder-layer evaluations saved by exits: skipped / (skipped + computed); "
+                         "computed includes catch-up and verification."),
+        panel("Tokens by exit kind", (0, 9, 8, 8),
+              [("{{exit}}", f"sum by (exit) ({rate('onejump_tokens_total')})")], "short",
+              "early: decided by the jump head; full: full depth; verified: drafted early and accepted by "
+              "the full-depth check (exact mode).", stack=True),
+    ]
+
+
+def latency_panels() -> list[dict[str, Any]]:
+    return [
+        panel(title, (x, y, 8, 8), quantiles(metric), "s", description)
+        for title, metric, (x, y), description in (
+            ("Time to first token", "onejump_time_to_first_token_seconds", (0, 17), "Arrival to first token."),
+            ("Inter-token latency", "onejump_inter_token_latency_seconds", (8, 17), "Between generated tokens."),
+            ("End-to-end latency", "onejump_e2e_request_latency_seconds", (16, 17), "Arrival to last token."),
+            ("Queue time", "onejump_request_queue_time_seconds", (0, 25), "Waiting for the decoding worker."),
+        )
+    ]
+
+
+def traffic_panels() -> list[dict[str, Any]]:
+    return [
+        panel("Requests per second", (8, 9, 8, 8),
+              [("{{finished_reason}}", f"sum by (finished_reason) ({rate('onejump_request_success_total')})")],
+              "reqps", "Finished requests by finish reason."),
+        panel("Tokens per second", (16, 9, 8, 8),
+              [("generated", f"sum({rate('onejump_generation_tokens_total')})"),
+               ("prompt", f"sum({rate('onejump_prompt_tokens_total')})")], "short", "Generated and prompt tokens."),
+        panel("Running and waiting requests", (8, 25, 8, 8),
+              [("running", f"sum(onejump_num_requests_running{SEL})"),
+               ("waiting", f"sum(onejump_num_requests_waiting{SEL})")], "short",
+              "Being decoded, and queued (beyond ONEJUMP_QUEUE_SIZE a request gets 429)."),
+        panel("Failures by reason", (16, 25, 8, 8),
+              [("{{reason}}", f"sum by (reason) ({rate('onejump_request_failure_total')})")], "reqps",
+              "queue_full (429), timeout (504 after ONEJUMP_REQUEST_TIMEOUT_S in the queue), cancelled "
+              "(client went away), error. Invalid requests (400) never reach the engine and are not counted."),
+    ]
+
+
+def model_variable() -> dict[str, Any]:
+    query = "label_values(onejump_num_requests_running, model_name)"
+    return {"name": "model_name", "label": "model", "type": "query", "datasource": DATASOURCE, "query": query,
+            "definition": query, "refresh": 2, "includeAll": True, "multi": True, "allValue": ".*", "sort": 1,
+            "current": {"selected": True, "text": ["All"], "value": ["$__all"]}}
+
+
+def dashboard() -> dict[str, Any]:
+    panels = early_exit_panels() + traffic_panels() + latency_panels()
+    for i, p in enumerate(sorted(panels, key=lambda p: (p["gridPos"]["y"], p["gridPos"]["x"])), start=1):
+        p["id"] = i
+    return {
+        "uid": "onejump", "title": "onejump", "tags": ["onejump", "early-exit"], "timezone": "browser",
+        "editable": True, "graphTooltip": 1, "refresh": "10s", "schemaVersion": 39, "version": 1,
+        "time": {"from": "now-30m", "to": "now"}, "annotations": {"list": []},
+        "templating": {"list": [model_variable()]},
+        "panels": sorted(panels, key=lambda p: p["id"]),
+    }
+
+
+def render() -> str:
+    return json.dumps(dashboard(), indent=2) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    if "--check" in argv:
+        if OUT.read_text() != render():
+            print(f"{OUT} is stale: run python {Path(__file__).as_posix()}", file=sys.stderr)
+            return 1
+        return 0
+    OUT.write_text(render())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
