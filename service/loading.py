@@ -34,6 +34,17 @@ def preflight(settings: Settings) -> None:
                          f"d={artifact.config.hidden_size}), but {settings.model} has L={layers}, d={width}")
 
 
+def _calibrated(calibration: dict[str, Any], settings: Settings, fallback: float) -> float:
+    """The artifact's calibrated threshold (``onejump calibrate``) when it is for the configured gate."""
+    if not calibration:
+        return fallback
+    if calibration.get("gate", "confidence") != settings.exit_gate:
+        log.warning("the jump is calibrated for the %s gate, the server uses %s: default threshold %.2f",
+                    calibration.get("gate"), settings.exit_gate, fallback)
+        return fallback
+    return float(calibration["threshold"])
+
+
 def load_decoder(settings: Settings) -> tuple[Any, float]:
     """The decoder for ``settings`` and the default exit threshold (calibrated when the artifact says)."""
     from shortcuts.adapter import CausalLM, resolve_device
@@ -48,7 +59,7 @@ def load_decoder(settings: Settings) -> tuple[Any, float]:
         artifact = JumpArtifact.load(Path(settings.jump))
         artifact.check_model(lm)
         jump = artifact.jump.to(lm.device)
-        threshold = float(artifact.extra.get("calibration", {}).get("threshold", threshold))
+        threshold = _calibrated(artifact.extra.get("calibration", {}), settings, threshold)
     if settings.exit_threshold is not None:
         threshold = settings.exit_threshold
     log.info("loaded %s on %s (%d layers), jump %s, default threshold %.3f", settings.model, device,

@@ -44,6 +44,35 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from shortcuts.engine.calibrate import CalibrateConfig, run_calibrate
+
+    fields = {k: v for k, v in vars(args).items() if k not in ("command", "handler", "verbose", "cache")}
+    cal, path = run_calibrate(CalibrateConfig(**{**fields, "gates": tuple(args.gates)}))
+    print(f"{cal.gate} threshold {cal.threshold}: agreement {cal.agreement:.3f} (lower bound {cal.lower_bound:.3f} "
+          f"at {cal.confidence:.0%}, target {cal.target}), mean exit layer {cal.mean_exit_layer:.1f}, "
+          f"{cal.tokens} tokens of {cal.prompts} prompts; saved in {path}")
+    return 0
+
+
+def _calibrate_parser(sub: argparse._SubParsersAction) -> None:
+    from shortcuts.assets import wiki_split
+    from shortcuts.engine.calibrate import CalibrateConfig
+
+    d = CalibrateConfig.__dataclass_fields__
+    p = sub.add_parser("calibrate", help="store the exit threshold that reaches a target agreement in a jump")
+    _model_args(p)
+    p.add_argument("--jump", required=True, help="the jump artifact to calibrate (rewritten unless --out)")
+    p.add_argument("--out", default=None, help="write the calibrated artifact here instead")
+    p.add_argument("--corpus", default=str(wiki_split("test")), help="held-out sentences (.jsonl)")
+    for name in ("target", "confidence"):
+        p.add_argument(f"--{name}", type=float, default=d[name].default)
+    for name in ("prompts", "new_tokens", "offset", "min_layer", "stride"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=d[name].default)
+    p.add_argument("--gates", nargs="+", default=list(d["gates"].default), choices=["confidence", "entropy"])
+    p.set_defaults(handler=_calibrate)
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from shortcuts.artifact import JumpArtifact
 
@@ -101,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out-dir", default="runs/evaluate")
     p.set_defaults(handler=_evaluate)
+    _calibrate_parser(sub)
     p = sub.add_parser("inspect", help="print a jump artifact's metadata")
     p.add_argument("jump")
     p.set_defaults(handler=_inspect)

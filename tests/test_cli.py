@@ -99,3 +99,32 @@ def test_fit_refuses_unknown_architecture_and_missing_model(tmp_path: Path, word
     err = capsys.readouterr().err
     assert "no-such-model" in err
     assert "Traceback" not in err
+
+
+def test_calibrate_stores_the_threshold_the_server_then_uses(tiny_folder: Path, word_corpus: Path, tmp_path: Path,
+                                                              make_tiny, capsys: pytest.CaptureFixture[str]) -> None:
+    from test_adapter import _artifact
+
+    from service.config import Settings
+    from service.loading import load_decoder
+
+    jump = _artifact(make_tiny("llama")).save(tmp_path / "jump.safetensors")
+    out = tmp_path / "calibrated.safetensors"
+    args = ["calibrate", "--model", str(tiny_folder), "--jump", str(jump), "--corpus", str(word_corpus),
+            "--prompts", "12", "--new-tokens", "8", "--offset", "0", "--out", str(out)]
+    assert main([*args, "--target", "0.5"]) == 0
+    assert "saved in" in capsys.readouterr().out
+    cal = JumpArtifact.load(out).extra["calibration"]
+    assert cal["tokens"] == 12 * 7
+    assert cal["prompts"] == 12
+    assert cal["gate"] == "confidence"
+    assert 0.0 <= cal["threshold"] <= 1.0
+    assert cal["lower_bound"] >= 0.5
+    assert cal["agreement"] >= cal["lower_bound"]
+    assert "calibration" not in JumpArtifact.load(jump).extra  # --out leaves the input alone
+    _, threshold = load_decoder(Settings(model=str(tiny_folder), jump=str(out)))
+    assert threshold == cal["threshold"]
+    assert main([*args, "--target", "1.5"]) == 2
+    assert "target=1.5" in capsys.readouterr().err
+    assert main([*args, "--gates", "entropy", "--min-layer", "9"]) == 2
+    assert "min_layer=9" in capsys.readouterr().err

@@ -56,11 +56,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def micro(lm: CausalLM, jump: LowRankJumps | None, repeats: int) -> dict[str, float]:
-    """Seconds for one token: a decoder block (cache of 64 positions), the full head, the exit head."""
+    """Seconds for one token: a decoder block (cache of 64 positions), the copy policy's K/V fill of one
+    skipped block, the full head, the exit head."""
     import torch
 
-    from shortcuts.engine.exit_head import ExitHead
+    from shortcuts.engine.exit_head import ExitGate, ExitHead
     from shortcuts.engine.runner import LayerRunner
+    from shortcuts.engine.settings import ExitSettings
 
     runner = LayerRunner(lm)
     cache = runner.new_cache()
@@ -74,12 +76,25 @@ def micro(lm: CausalLM, jump: LowRankJumps | None, repeats: int) -> dict[str, fl
         token.h = h
         runner.layer(0, token, cache)
 
+    def one_fill() -> None:
+        cache.crop(0, 64)
+        token.h = h
+        runner.fill_kv(0, token, cache)
+
     head = ExitHead(lm, jump)
+    gate = ExitGate(ExitSettings(mode="approximate", threshold=0.9))
     state = h[0]  # (1, d)
+    level = lm.num_layers // 2
+
+    def check() -> None:
+        gate(head(state, level)[0])
+
     with torch.inference_mode():
         return {"block": _median_seconds(one_block, repeats),
+                "K/V fill (copy)": _median_seconds(one_fill, repeats),
                 "full head": _median_seconds(lambda: lm.head(state), repeats),
-                f"exit head ({head.kind})": _median_seconds(lambda: head(state, lm.num_layers // 2), repeats)}
+                f"exit head ({head.kind})": _median_seconds(lambda: head(state, level), repeats),
+                "exit check (head+gate)": _median_seconds(check, repeats)}
 
 
 def decode_rows(lm: CausalLM, jump: LowRankJumps | None, args: argparse.Namespace) -> list[Row]:

@@ -206,6 +206,26 @@ class EarlyExitDecoder:
         return Generation(run.tokens, run.trace, run.finish, run.stats), state
 
     @torch.inference_mode()
+    def follow(self, prompt_ids: list[int], continuation: list[int],
+               settings: GenerationSettings | None = None) -> list[TokenTrace]:
+        """Teacher forcing: feed ``continuation`` (e.g. the full model's own output) token by token
+        and return, for tokens 1.., what the decoder would have picked there (greedy) and at which
+        level. Measures per-token agreement under a KV policy without letting errors compound."""
+        settings = settings or GenerationSettings()
+        if settings.exit.mode == "exact":
+            raise ValueError("follow() replays modes 'off' and 'approximate'; exact mode always agrees")
+        self._check_prompt(prompt_ids + continuation[:-1])
+        run = _Run(self, len(prompt_ids), settings)
+        state, _ = self.prefill(prompt_ids)
+        check = settings.exit.mode == "approximate"
+        out: list[TokenTrace] = []
+        for token in continuation[:-1]:
+            res = self._step(run, state, token, check=check, all_logits=False)
+            kind: TokenKind = "full" if res.level == self.num_layers else "exited"
+            out.append(TokenTrace(int(res.logits.argmax()), res.level, res.confidence, kind))
+        return out
+
+    @torch.inference_mode()
     def prefill(self, prompt_ids: list[int]) -> tuple[DecodeState, Tensor]:
         """Run the prompt through every block; return the state and the last position's logits (V,)."""
         state = DecodeState(self.runner.new_cache())

@@ -38,10 +38,24 @@ class ExitHead:
         if jump.n not in (1, lm.num_layers - 1):
             raise ValueError(f"a jump bank must hold 1 jump or one per level ({lm.num_layers - 1}); got {jump.n}")
         if self.kind == "fused":
-            self.A_eff, self.c = (t.float() for t in jump.folded())  # (n, r, d), (n, r)
-            self.fused = self.ctx.low_rank(jump.lora_B.detach().float(), jump.bias.detach().float())
-            r = jump.config.rank  # contiguous pieces of M_aug = [M, m0, W_U·β]: no concatenation per token
-            self.M, self.m0, self.shift = (self.fused.M_aug[..., k].contiguous() for k in (slice(0, r), r, r + 1))
+            self._fuse(jump)
+
+    def _fuse(self, jump: LowRankJumps) -> None:
+        """Per jump j, with z1 = [z, 1] and z = A_eff·h + c: logits = inv(z1)·(z1 @ W) + shift, where
+        W = [M; m0]ᵀ (r+1, V), stored row-major so a check reads it once, and inv(z1) =
+        rsqrt(z1ᵀ·Q·z1 + eps) with Q = [[G, g], [gᵀ, g0]] / d the final norm's mean square of B·z + b."""
+        A_eff, c = (t.float() for t in jump.folded())  # (n, r, d), (n, r)
+        fused = self.ctx.low_rank(jump.lora_B.detach().float(), jump.bias.detach().float())
+        r = jump.config.rank
+        self.A_T = A_eff.transpose(1, 2).contiguous()  # (n, d, r)
+        self.c = c
+        self.W = fused.M_aug[..., : r + 1].transpose(1, 2).contiguous()  # (n, r+1, V)
+        shift = fused.M_aug[..., r + 1]  # (n, V): W_U·β, zero for RMSNorm
+        self.shift = shift.contiguous() if bool(shift.abs().max() > 0) else None
+        top = torch.cat([fused.G, fused.g.unsqueeze(-1)], dim=-1)  # (n, r, r+1)
+        bottom = torch.cat([fused.g, fused.g0.unsqueeze(-1)], dim=-1).unsqueeze(1)  # (n, 1, r+1)
+        self.Q = torch.cat([top, bottom], dim=1) / fused.hidden_size  # (n, r+1, r+1)
+        self.eps, self.softcap = fused.eps, fused.softcap
 
     def index(self, level: int) -> int:
         """Which jump of the bank serves ``level`` (1..L-1)."""
@@ -59,9 +73,13 @@ class ExitHead:
         if self.kind == "full":
             assert self.jump is not None
             return self.ctx.full(self.jump(h.unsqueeze(0), slice(j, j + 1))[0])
-        z = h @ self.A_eff[j].T + self.c[j]  # (B, r)
-        inv = self.fused.select(j).inv_scale(z.unsqueeze(0))[0]  # (B, 1)
-        return soft_cap(inv * (z @ self.M[j].T + self.m0[j]) + self.shift[j], self.fused.softcap)  # (B, V)
+        z = torch.addmm(self.c[j], h, self.A_T[j])  # (B, r)
+        z1 = torch.cat([z, torch.ones_like(z[:, :1])], dim=-1)  # (B, r+1)
+        inv = torch.rsqrt(((z1 @ self.Q[j]) * z1).sum(-1, keepdim=True).clamp_min(0) + self.eps)  # (B, 1)
+        logits = (z1 @ self.W[j]).mul_(inv)  # (B, V)
+        if self.shift is not None:
+            logits += self.shift[j]
+        return soft_cap(logits, self.softcap)
 
 
 def entropy(logits: Tensor) -> Tensor:

@@ -70,6 +70,14 @@ def attention_mask(start: int, q: int, kv_len: int, window: int | None, dtype: t
     return mask.masked_fill_(~visible, torch.finfo(dtype).min)[None, None]  # (1, 1, q, kv)
 
 
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding of x (B, H, q, D) with cos/sin (B, q, D), HF's rotate-half convention."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
 class LayerRunner:
     """Embedding, single decoder blocks and the head of a ``CausalLM``, cache slice by slice."""
 
@@ -141,17 +149,28 @@ class LayerRunner:
     @torch.inference_mode()
     def fill_kv(self, i: int, chunk: Chunk, cache: LayerKVCache) -> None:
         """Write layer i's keys/values for the chunk computed from ``chunk.h`` as that layer's input
-        (the state-copy policy: CALM propagates the exit state to the skipped layers). Runs only
-        the block's attention sub-module, so every architecture detail (q/k norms, rotary, biases)
-        is the model's own; the attention output is discarded."""
+        (the state-copy policy: CALM propagates the exit state to the skipped layers). Only the
+        key/value path runs (norm, k/v projections, k-norm, rotary), the model's own modules: the
+        attention itself and the MLP are not needed, so a fill costs a few percent of a block."""
+        if cache.length(i) != chunk.start:
+            raise RuntimeError(f"layer {i} caches {cache.length(i)} positions, but the chunk starts at {chunk.start}")
         block = self.lm.layers[i]
         if self.is_gpt2:
-            norm, attn = block.ln_1, block.attn
+            attn = block.attn
+            _, k, v = attn.c_attn(block.ln_1(chunk.h)).split(attn.split_size, dim=2)
         else:
-            norm, attn = block.input_layernorm, block.self_attn
-        kwargs = self._attention_kwargs(i, chunk, cache)
-        kwargs.pop("position_ids")
-        attn(hidden_states=norm(chunk.h), **kwargs)
+            attn = block.self_attn
+            x = block.input_layernorm(chunk.h)
+            k, v = attn.k_proj(x), attn.v_proj(x)
+        shape = (*chunk.h.shape[:-1], -1, attn.head_dim)
+        k, v = k.view(shape), v.view(shape)
+        if getattr(attn, "k_norm", None) is not None:  # Qwen3, Gemma 3: per-head norm before rotary
+            k = attn.k_norm(k)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, H_kv, q, D)
+        rope = self._rope(chunk, i)
+        if rope is not None:
+            k = rotate(k, *rope)
+        cache.update(k, v, i)
 
     @torch.inference_mode()
     def full_logits(self, h: Tensor) -> Tensor:

@@ -1,0 +1,254 @@
+"""Teacher-forced exit statistics: what every exit level would decide at every decode step.
+
+One full forward pass over prompt + the full model's own greedy continuation gives, for each
+decode step and each level l, the exit head's top-1, confidence and entropy, and the full
+model's top-1. With the catch-up KV policy the early-exit decoder sees exactly these states
+(skipped layers' keys/values are the full model's, computed later), so replaying a gate over the
+table gives, without decoding again, the exit layer and the token the decoder would pick at each
+step given the full model's prefix: per-token greedy agreement, the exit-depth histogram, the
+oracle ceiling, and a calibrated threshold. ``EarlyExitDecoder.follow`` checks this by decoding.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from shortcuts.adapter import CausalLM
+from shortcuts.collect import read_corpus
+from shortcuts.engine.exit_head import ExitHead, entropy
+from shortcuts.engine.settings import ExitSettings
+
+
+@dataclass
+class LevelTable:
+    """Per decode step n and level l (column l-1, l = 1..L-1) what the exit head says."""
+
+    confidence: Tensor  # (N, L-1) max softmax probability
+    entropy: Tensor  # (N, L-1) nats
+    top: Tensor  # (N, L-1) top-1 token
+    final_top: Tensor  # (N,) the full model's top-1
+    prompt: Tensor  # (N,) which prompt the step belongs to
+    num_layers: int
+
+    def __len__(self) -> int:
+        return int(self.final_top.shape[0])
+
+    @property
+    def num_prompts(self) -> int:
+        return int(self.prompt.max()) + 1 if len(self) else 0
+
+    @staticmethod
+    def cat(tables: list[LevelTable]) -> LevelTable:
+        offsets = [0]
+        for t in tables[:-1]:
+            offsets.append(offsets[-1] + t.num_prompts)
+        return LevelTable(*(torch.cat([getattr(t, k) for t in tables]) for k in ("confidence", "entropy", "top",
+                                                                                 "final_top")),
+                          torch.cat([t.prompt + o for t, o in zip(tables, offsets, strict=True)]),
+                          tables[0].num_layers)
+
+
+# --- prompts and the full model's continuations ----------------------------------------------------
+def held_out_prompts(lm: CausalLM, corpus: str | Path, n: int, offset: int = 0, seed: int = 0,
+                     min_tokens: int = 8, max_tokens: int = 48) -> list[list[int]]:
+    """``n`` sentences of a corpus (.jsonl or .txt, see ``collect.read_corpus``), shuffled with
+    ``seed``, skipping the first ``offset`` (so calibration and sweep use disjoint slices), tokenized."""
+    texts = read_corpus(corpus)
+    random.Random(seed).shuffle(texts)
+    out: list[list[int]] = []
+    for text in texts[offset:]:
+        ids = lm.tokenizer(text)["input_ids"][:max_tokens]
+        if len(ids) >= min_tokens:
+            out.append(ids)
+        if len(out) == n:
+            return out
+    raise ValueError(f"{corpus} has only {len(out)} usable sentences after offset {offset}; {n} asked")
+
+
+@torch.inference_mode()
+def continuations(lm: CausalLM, prompts: list[list[int]], new_tokens: int, batch_size: int = 16) -> list[list[int]]:
+    """The full model's greedy continuation of each prompt, ``new_tokens`` long (EOS suppressed)."""
+    pad = lm.tokenizer.pad_token_id or 0
+    out: list[list[int]] = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="reference", unit="batch"):
+        batch = prompts[start : start + batch_size]
+        width = max(len(p) for p in batch)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=lm.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=lm.device)
+        gen = lm.model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                                min_new_tokens=new_tokens, pad_token_id=pad)
+        out += gen[:, width:].tolist()
+    return out
+
+
+# --- the table ---------------------------------------------------------------------------------------
+def _block_outputs(lm: CausalLM, ids: list[list[int]]) -> list[Tensor]:
+    """Each block's output (B, T, d) for a right-padded batch (padding sits after every real token)."""
+    width = max(len(x) for x in ids)
+    pad = lm.tokenizer.pad_token_id or 0
+    input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=lm.device)
+    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=lm.device)
+    kept: list[Tensor] = []
+    hooks = [layer.register_forward_hook(lambda _m, _i, out: kept.append(out[0] if isinstance(out, tuple) else out))
+             for layer in lm.layers]
+    try:
+        lm.model.base_model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return kept
+
+
+def _head_stats(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(n, V) logits -> confidence, entropy, top-1, each (n,)."""
+    conf, top = torch.softmax(logits.float(), dim=-1).max(-1)
+    return conf, entropy(logits), top
+
+
+@torch.inference_mode()
+def _batch_table(lm: CausalLM, head: ExitHead, prompts: list[list[int]], conts: list[list[int]],
+                 chunk: int) -> LevelTable:
+    """Decode steps k = 1..K-1 of each continuation: the state at position len(prompt)+k-1 (fed
+    token k-1) predicts token k. Step 0 is the prefill, always full depth, so it is left out."""
+    outputs = _block_outputs(lm, [p + c for p, c in zip(prompts, conts, strict=True)])
+    rows = torch.cat([torch.full((len(c) - 1,), i) for i, c in enumerate(conts)]).to(lm.device)
+    cols = torch.cat([torch.arange(len(p), len(p) + len(c) - 1) for p, c in zip(prompts, conts, strict=True)])
+    cols = cols.to(lm.device)
+    L = lm.num_layers
+    final = outputs[-1][rows, cols]
+    final_top = torch.cat([lm.head(final[s : s + chunk]).float().argmax(-1) for s in range(0, len(rows), chunk)])
+    stats = []
+    for level in range(1, L):
+        h = outputs[level - 1][rows, cols]
+        parts = [_head_stats(head(h[s : s + chunk], level)) for s in range(0, len(rows), chunk)]
+        stats.append([torch.cat(p) for p in zip(*parts, strict=True)])
+    conf, ent, top = (torch.stack([s[k] for s in stats], dim=1).cpu() for k in range(3))
+    return LevelTable(conf, ent, top, final_top.cpu(), rows.cpu(), L)
+
+
+def level_table(lm: CausalLM, head: ExitHead, prompts: list[list[int]], conts: list[list[int]],
+                batch_size: int = 8, chunk: int = 256) -> LevelTable:
+    """The table for every prompt (in order) and its continuation; see ``_batch_table``."""
+    tables = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="levels", unit="batch"):
+        end = start + batch_size
+        tables.append(_batch_table(lm, head, prompts[start:end], conts[start:end], chunk))
+    return LevelTable.cat(tables)
+
+
+# --- replaying gates ---------------------------------------------------------------------------------
+def _fires(table: LevelTable, s: ExitSettings) -> Tensor:
+    """(N, L-1) bool: the gate would let the token leave at this level (checked levels only)."""
+    checked = torch.zeros(table.num_layers - 1, dtype=torch.bool)
+    checked[[lv - 1 for lv in s.check_levels(table.num_layers)]] = True
+    if s.gate == "confidence":
+        fire = table.confidence >= s.threshold if s.threshold < 1.0 else torch.zeros_like(table.top, dtype=torch.bool)
+    elif s.gate == "entropy":
+        fire = table.entropy <= s.threshold
+    else:
+        fire = _patience(table.top, checked, s.patience)
+    return fire & checked
+
+
+def _patience(top: Tensor, checked: Tensor, patience: int) -> Tensor:
+    """Same top-1 for ``patience`` checked levels in a row, counted over the checked levels."""
+    fire = torch.zeros_like(top, dtype=torch.bool)
+    streak = torch.zeros(top.shape[0], dtype=torch.long)
+    last = torch.full((top.shape[0],), -1, dtype=top.dtype)
+    for j in torch.nonzero(checked).flatten().tolist():
+        streak = torch.where(top[:, j] == last, streak + 1, torch.ones_like(streak))
+        last = top[:, j]
+        fire[:, j] = streak >= patience
+    return fire
+
+
+def replay(table: LevelTable, s: ExitSettings) -> tuple[Tensor, Tensor]:
+    """Exit level (1..L) and the token each step would pick under the gate (greedy)."""
+    fire = _fires(table, s)
+    L = table.num_layers
+    any_fire = fire.any(-1)
+    first = torch.where(any_fire, fire.float().argmax(-1), torch.full_like(table.final_top, L - 1))
+    level = first + 1
+    picked = torch.where(any_fire, table.top.gather(1, first.clamp(max=L - 2)[:, None])[:, 0], table.final_top)
+    return level, picked
+
+
+def oracle_levels(table: LevelTable) -> dict[str, Tensor]:
+    """Ceilings: ``first_hit`` stops at the first level whose top-1 is the full model's (a perfect
+    gate); ``stable`` at the first level from which every later level agrees (L when none)."""
+    hit = table.top == table.final_top[:, None]  # (N, L-1)
+    L = table.num_layers
+    first_hit = torch.where(hit.any(-1), hit.float().argmax(-1) + 1, torch.full_like(table.final_top, L))
+    miss_after = torch.flip(torch.cummax(torch.flip((~hit).long(), [1]), 1).values, [1])  # 1 if a miss at >= l
+    stable_from = (miss_after == 0).long()
+    stable = torch.where(stable_from.any(-1), stable_from.argmax(-1) + 1, torch.full_like(table.final_top, L))
+    return {"first_hit": first_hit, "stable": stable}
+
+
+# --- calibration ----------------------------------------------------------------------------------------
+def bootstrap_lower_bound(agree: Tensor, prompt: Tensor, confidence: float = 0.95, draws: int = 2000,
+                          seed: int = 0) -> float:
+    """One-sided lower confidence bound on token agreement, resampling whole prompts (the tokens of a
+    prompt are not independent)."""
+    n_prompts = int(prompt.max()) + 1
+    hits = torch.zeros(n_prompts).index_add_(0, prompt, agree.float())
+    counts = torch.zeros(n_prompts).index_add_(0, prompt, torch.ones_like(agree, dtype=torch.float))
+    g = torch.Generator().manual_seed(seed)
+    picks = torch.randint(0, n_prompts, (draws, n_prompts), generator=g)
+    rates = hits[picks].sum(1) / counts[picks].sum(1)
+    return float(torch.quantile(rates, 1.0 - confidence))
+
+
+@dataclass
+class Calibration:
+    gate: str
+    threshold: float
+    target: float
+    confidence: float
+    agreement: float
+    lower_bound: float
+    mean_exit_layer: float
+    min_layer: int
+    stride: int
+    tokens: int
+    prompts: int
+
+    def as_dict(self) -> dict[str, float | int | str]:
+        return asdict(self)
+
+
+def _grid(table: LevelTable, gate: str) -> list[float]:
+    if gate == "confidence":
+        return [round(x, 3) for x in torch.linspace(0.05, 1.0, 96).tolist()]
+    top = float(table.entropy.max())
+    return [round(x, 4) for x in torch.linspace(0.0, top, 96).tolist()]
+
+
+def calibrate(table: LevelTable, target: float, gates: tuple[str, ...] = ("confidence", "entropy"),
+              confidence: float = 0.95, min_layer: int = 1, stride: int = 1) -> Calibration:
+    """The gate and threshold with the lowest mean exit layer whose agreement lower bound reaches
+    ``target``; the never-exiting confidence threshold 1.0 when nothing else does."""
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"{target=} must be in (0, 1]")
+    best: Calibration | None = None
+    for gate in gates:
+        for threshold in _grid(table, gate):
+            s = ExitSettings(mode="approximate", gate=gate, threshold=threshold, min_layer=min_layer,  # type: ignore[arg-type]
+                             stride=stride)
+            level, picked = replay(table, s)
+            agree = picked == table.final_top
+            bound = bootstrap_lower_bound(agree, table.prompt, confidence)
+            depth = float(level.float().mean())
+            if bound >= target and (best is None or depth < best.mean_exit_layer):
+                best = Calibration(gate, threshold, target, confidence, float(agree.float().mean()), bound, depth,
+                                   min_layer, stride, len(table), table.num_prompts)
+    if best is None:
+        return Calibration("confidence", 1.0, target, confidence, 1.0, 1.0, float(table.num_layers), min_layer,
+                           stride, len(table), table.num_prompts)
+    return best

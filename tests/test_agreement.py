@@ -1,0 +1,108 @@
+"""Teacher-forced exit statistics: the replayed gates against real decoding, the oracle ceiling and
+the calibration, on tiny random models (see test_engine for ``sharpen`` and ``fitted_jump``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ARCHS, build_tiny
+from test_engine import fitted_jump, prompt_ids, settings, sharpen
+
+from shortcuts.engine.agreement import (
+    LevelTable,
+    bootstrap_lower_bound,
+    calibrate,
+    continuations,
+    level_table,
+    oracle_levels,
+    replay,
+)
+from shortcuts.engine.decoder import EarlyExitDecoder
+from shortcuts.engine.settings import ExitSettings
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _prompts(lm) -> list[list[int]]:
+    base = prompt_ids(lm)
+    return [base, base[3:], base[:7]]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_replayed_gate_equals_teacher_forced_decoding(arch: str) -> None:
+    """With catch-up the decoder sees the full model's states, so the table's replay of a gate
+    gives exactly the decoder's exit levels and picks, step by step."""
+    lm = sharpen(build_tiny(arch))
+    dec = EarlyExitDecoder(lm, fitted_jump(lm))
+    prompts = _prompts(lm)
+    conts = continuations(lm, prompts, new_tokens=20)
+    assert all(len(c) == 20 for c in conts)
+    table = level_table(lm, dec.exit_head, prompts, conts, batch_size=2)
+    assert len(table) == 3 * 19
+    assert table.num_prompts == 3
+    exits = 0
+    for gate, threshold in (("confidence", 0.4), ("entropy", 1.5), ("patience", 0.0)):
+        s = settings(mode="approximate", gate=gate, threshold=threshold, patience=2)
+        level, picked = replay(table, s.exit)
+        followed = [t for p, c in zip(prompts, conts, strict=True) for t in dec.follow(p, c, s)]
+        assert level.tolist() == [t.exit_layer for t in followed]
+        assert picked.tolist() == [t.token for t in followed]
+        exits += int((level < lm.num_layers).sum())
+    assert exits > 0
+    full = [t.token for p, c in zip(prompts, conts, strict=True) for t in dec.follow(p, c, settings(mode="off"))]
+    assert table.final_top.tolist() == full
+
+
+def _table(top: list[list[int]], final: list[int], conf: list[list[float]], prompt: list[int]) -> LevelTable:
+    t = torch.tensor(top)
+    return LevelTable(torch.tensor(conf), torch.zeros(t.shape), t, torch.tensor(final), torch.tensor(prompt),
+                      t.shape[1] + 1)
+
+
+def test_oracle_levels_first_hit_and_stable() -> None:
+    # L = 5, levels 1..4; final tokens 7, 7, 7
+    table = _table([[7, 1, 7, 7], [1, 2, 3, 4], [1, 7, 2, 7]], [7, 7, 7], [[0.5] * 4] * 3, [0, 1, 2])
+    oracle = oracle_levels(table)
+    assert oracle["first_hit"].tolist() == [1, 5, 2]
+    assert oracle["stable"].tolist() == [3, 5, 4]
+
+
+def test_replay_respects_threshold_min_layer_and_stride() -> None:
+    table = _table([[1, 2, 7, 7]], [7], [[0.9, 0.2, 0.95, 0.99]], [0])
+    cases = {(0.8, 1, 1): (1, 1), (0.8, 2, 1): (3, 7), (0.97, 1, 1): (4, 7), (0.8, 2, 2): (4, 7), (1.0, 1, 1): (5, 7)}
+    for (threshold, min_layer, stride), want in cases.items():
+        s = ExitSettings(mode="approximate", threshold=threshold, min_layer=min_layer, stride=stride)
+        level, picked = replay(table, s)
+        assert (int(level[0]), int(picked[0])) == want, (threshold, min_layer, stride)
+
+
+def test_bootstrap_lower_bound() -> None:
+    prompt = torch.arange(20).repeat_interleave(10)
+    assert bootstrap_lower_bound(torch.ones(200, dtype=torch.bool), prompt) == 1.0
+    agree = torch.rand(200, generator=torch.Generator().manual_seed(0)) < 0.8
+    bound = bootstrap_lower_bound(agree, prompt, confidence=0.95)
+    assert bound < float(agree.float().mean()) < 1.0
+    assert bound > bootstrap_lower_bound(agree, prompt, confidence=0.99)
+
+
+def test_calibrate_picks_the_shallowest_gate_that_reaches_the_target() -> None:
+    """Level 1 is right when its confidence is >= 0.6 and wrong below; the calibration must exit
+    there exactly for the confident, right ones."""
+    g = torch.Generator().manual_seed(0)
+    n = 400
+    conf1 = torch.rand(n, generator=g)
+    right = conf1 >= 0.6
+    final = torch.full((n,), 7)
+    top1 = torch.where(right, final, torch.full((n,), 3))
+    top = torch.stack([top1, final, final], 1)
+    conf = torch.stack([conf1, torch.full((n,), 0.3), torch.full((n,), 0.3)], 1)
+    table = LevelTable(conf, torch.zeros(n, 3), top, final, torch.arange(n) // 4, 4)
+    cal = calibrate(table, target=0.99, gates=("confidence",))
+    assert 0.59 <= cal.threshold <= 0.62
+    assert cal.agreement == 1.0
+    assert cal.lower_bound >= 0.99
+    assert cal.mean_exit_layer == pytest.approx(1 + 3 * float((~(conf1 >= cal.threshold)).float().mean()))
+    never = calibrate(table, target=1.0, gates=("entropy",))  # entropy 0 everywhere: every exit is taken
+    assert (never.gate, never.threshold, never.mean_exit_layer) == ("confidence", 1.0, 4.0)
+    with pytest.raises(ValueError, match="target"):
+        calibrate(table, target=1.5)
