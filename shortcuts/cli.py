@@ -48,9 +48,11 @@ def _calibrate(args: argparse.Namespace) -> int:
     from shortcuts.engine.calibrate import CalibrateConfig, run_calibrate
 
     fields = {k: v for k, v in vars(args).items() if k not in ("command", "handler", "verbose", "cache")}
-    cal, path = run_calibrate(CalibrateConfig(**{**fields, "gates": tuple(args.gates)}))
+    cal, path = run_calibrate(CalibrateConfig(**{**fields, "gates": tuple(args.gates),
+                                                 "min_layers": tuple(args.min_layers)}))
     print(f"{cal.gate} threshold {cal.threshold}: agreement {cal.agreement:.3f} (lower bound {cal.lower_bound:.3f} "
-          f"at {cal.confidence:.0%}, target {cal.target}), mean exit layer {cal.mean_exit_layer:.1f}, "
+          f"at {cal.confidence:.0%}, target {cal.target}), exits checked from level {cal.min_layer}, mean exit "
+          f"layer {cal.mean_exit_layer:.1f}, predicted speed-up {cal.predicted_speedup:.2f}x, "
           f"{cal.tokens} tokens of {cal.prompts} prompts; saved in {path}")
     return 0
 
@@ -67,8 +69,10 @@ def _calibrate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--corpus", default=str(wiki_split("test")), help="held-out sentences (.jsonl)")
     for name in ("target", "confidence"):
         p.add_argument(f"--{name}", type=float, default=d[name].default)
-    for name in ("prompts", "new_tokens", "offset", "min_layer", "stride"):
+    for name in ("prompts", "new_tokens", "offset", "stride"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=d[name].default)
+    p.add_argument("--min-layers", type=int, nargs="+", default=[],
+                   help="first exit levels to try (default: 1 and every sixth of the depth)")
     p.add_argument("--gates", nargs="+", default=list(d["gates"].default), choices=["confidence", "entropy"])
     p.set_defaults(handler=_calibrate)
 

@@ -9,9 +9,11 @@ from conftest import ARCHS, build_tiny
 from test_engine import fitted_jump, prompt_ids, settings, sharpen
 
 from shortcuts.engine.agreement import (
+    CostModel,
     LevelTable,
     bootstrap_lower_bound,
     calibrate,
+    checks_made,
     continuations,
     level_table,
     oracle_levels,
@@ -106,3 +108,22 @@ def test_calibrate_picks_the_shallowest_gate_that_reaches_the_target() -> None:
     assert (never.gate, never.threshold, never.mean_exit_layer) == ("confidence", 1.0, 4.0)
     with pytest.raises(ValueError, match="target"):
         calibrate(table, target=1.5)
+
+
+def test_calibrate_weighs_check_cost_against_depth() -> None:
+    """Only level 3 (of L = 4) is right and confident: with free checks any first level will do,
+    with costly checks the calibration starts checking at level 3 and says what that buys."""
+    n = 80
+    final = torch.full((n,), 7)
+    top = torch.tensor([3, 3, 7]).repeat(n, 1)
+    conf = torch.tensor([0.1, 0.2, 0.9]).repeat(n, 1)
+    table = LevelTable(conf, torch.zeros(n, 3), top, final, torch.arange(n) // 4, 4)
+    free = calibrate(table, 0.95, ("confidence",), min_layers=(1, 3))
+    costly = calibrate(table, 0.95, ("confidence",), min_layers=(1, 3), cost=CostModel(check=0.5, head=2.0))
+    assert free.mean_exit_layer == costly.mean_exit_layer == 3.0
+    assert free.predicted_speedup == pytest.approx(4 / 3)
+    assert costly.min_layer == 3
+    assert costly.predicted_speedup == pytest.approx((4 + 2.0) / (3 + 0.5))
+    level = torch.tensor([3, 4])
+    s = ExitSettings(mode="approximate", min_layer=2)
+    assert checks_made(level, s, 4).tolist() == [2, 2]

@@ -126,5 +126,5 @@ def test_calibrate_stores_the_threshold_the_server_then_uses(tiny_folder: Path, 
     assert threshold == cal["threshold"]
     assert main([*args, "--target", "1.5"]) == 2
     assert "target=1.5" in capsys.readouterr().err
-    assert main([*args, "--gates", "entropy", "--min-layer", "9"]) == 2
-    assert "min_layer=9" in capsys.readouterr().err
+    assert main([*args, "--gates", "entropy", "--min-layers", "9"]) == 2
+    assert "min_layer [9]" in capsys.readouterr().err

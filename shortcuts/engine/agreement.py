@@ -105,15 +105,15 @@ def _block_outputs(lm: CausalLM, ids: list[list[int]]) -> list[Tensor]:
     return kept
 
 
-def _head_stats(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(n, V) logits -> confidence, entropy, top-1, each (n,)."""
+def _head_stats(logits: Tensor, with_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(n, V) logits -> confidence, entropy (NaN unless ``with_entropy``: it costs as much again), top-1."""
     conf, top = torch.softmax(logits.float(), dim=-1).max(-1)
-    return conf, entropy(logits), top
+    return conf, entropy(logits) if with_entropy else torch.full_like(conf, float("nan")), top
 
 
 @torch.inference_mode()
 def _batch_table(lm: CausalLM, head: ExitHead, prompts: list[list[int]], conts: list[list[int]],
-                 chunk: int) -> LevelTable:
+                 chunk: int, with_entropy: bool) -> LevelTable:
     """Decode steps k = 1..K-1 of each continuation: the state at position len(prompt)+k-1 (fed
     token k-1) predicts token k. Step 0 is the prefill, always full depth, so it is left out."""
     outputs = _block_outputs(lm, [p + c for p, c in zip(prompts, conts, strict=True)])
@@ -126,19 +126,19 @@ def _batch_table(lm: CausalLM, head: ExitHead, prompts: list[list[int]], conts: 
     stats = []
     for level in range(1, L):
         h = outputs[level - 1][rows, cols]
-        parts = [_head_stats(head(h[s : s + chunk], level)) for s in range(0, len(rows), chunk)]
+        parts = [_head_stats(head(h[s : s + chunk], level), with_entropy) for s in range(0, len(rows), chunk)]
         stats.append([torch.cat(p) for p in zip(*parts, strict=True)])
     conf, ent, top = (torch.stack([s[k] for s in stats], dim=1).cpu() for k in range(3))
     return LevelTable(conf, ent, top, final_top.cpu(), rows.cpu(), L)
 
 
 def level_table(lm: CausalLM, head: ExitHead, prompts: list[list[int]], conts: list[list[int]],
-                batch_size: int = 8, chunk: int = 256) -> LevelTable:
+                batch_size: int = 8, chunk: int = 256, with_entropy: bool = True) -> LevelTable:
     """The table for every prompt (in order) and its continuation; see ``_batch_table``."""
     tables = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="levels", unit="batch"):
         end = start + batch_size
-        tables.append(_batch_table(lm, head, prompts[start:end], conts[start:end], chunk))
+        tables.append(_batch_table(lm, head, prompts[start:end], conts[start:end], chunk, with_entropy))
     return LevelTable.cat(tables)
 
 
@@ -205,6 +205,38 @@ def bootstrap_lower_bound(agree: Tensor, prompt: Tensor, confidence: float = 0.9
     return float(torch.quantile(rates, 1.0 - confidence))
 
 
+@dataclass(frozen=True)
+class CostModel:
+    """Per-token decode cost in decoder blocks: a check of the exit gate costs ``check`` blocks,
+    the full LM head ``head`` blocks (paid only by tokens that go full depth). Layers a token skips
+    cost nothing: catch-up runs them later in one chunk with the next deep token, which on a
+    memory-bound decode step costs about what one token does (docs/engine.md measures this)."""
+
+    check: float = 0.0
+    head: float = 0.0
+
+    @classmethod
+    def from_model(cls, lm: CausalLM, rank: int | None) -> CostModel:
+        """From multiply-adds per token: a block's parameters, V·d for the head, d·r + V·(r+1) for
+        the fused check (V·d when the check needs a full head: identity or residual jumps)."""
+        block = sum(p.numel() for p in lm.layers[0].parameters())
+        V, d = lm.vocab_size, lm.hidden_size
+        check = V * d if rank is None else d * rank + V * (rank + 1)
+        return cls(check=check / block, head=V * d / block)
+
+    def speedup(self, level: Tensor, checks: Tensor, num_layers: int) -> float:
+        """(L + head) over the mean cost of the replayed tokens."""
+        full = (level == num_layers).float()
+        cost = level.float() + self.check * checks.float() + self.head * full
+        return (num_layers + self.head) / float(cost.mean())
+
+
+def checks_made(level: Tensor, s: ExitSettings, num_layers: int) -> Tensor:
+    """How many gate checks each token paid: the checked levels up to its exit level."""
+    checked = torch.tensor(s.check_levels(num_layers))
+    return (checked[None, :] <= level[:, None]).sum(-1)
+
+
 @dataclass
 class Calibration:
     gate: str
@@ -218,6 +250,7 @@ class Calibration:
     stride: int
     tokens: int
     prompts: int
+    predicted_speedup: float = 1.0
 
     def as_dict(self) -> dict[str, float | int | str]:
         return asdict(self)
@@ -230,25 +263,35 @@ def _grid(table: LevelTable, gate: str) -> list[float]:
     return [round(x, 4) for x in torch.linspace(0.0, top, 96).tolist()]
 
 
+def _candidates(table: LevelTable, gates: tuple[str, ...], min_layers: tuple[int, ...],
+                stride: int) -> list[ExitSettings]:
+    return [ExitSettings(mode="approximate", gate=g, threshold=t, min_layer=m, stride=stride)  # type: ignore[arg-type]
+            for g in gates for m in min_layers for t in _grid(table, g)]
+
+
 def calibrate(table: LevelTable, target: float, gates: tuple[str, ...] = ("confidence", "entropy"),
-              confidence: float = 0.95, min_layer: int = 1, stride: int = 1) -> Calibration:
-    """The gate and threshold with the lowest mean exit layer whose agreement lower bound reaches
-    ``target``; the never-exiting confidence threshold 1.0 when nothing else does."""
+              confidence: float = 0.95, min_layers: tuple[int, ...] = (1,), stride: int = 1,
+              cost: CostModel | None = None) -> Calibration:
+    """Among gates x first exit levels x thresholds whose agreement lower bound reaches ``target``,
+    the one with the highest predicted speed-up under ``cost`` (the default, free checks and head,
+    ranks by mean exit layer alone); the never-exiting confidence threshold 1.0 when none does."""
     if not 0.0 < target <= 1.0:
         raise ValueError(f"{target=} must be in (0, 1]")
-    best: Calibration | None = None
-    for gate in gates:
-        for threshold in _grid(table, gate):
-            s = ExitSettings(mode="approximate", gate=gate, threshold=threshold, min_layer=min_layer,  # type: ignore[arg-type]
-                             stride=stride)
-            level, picked = replay(table, s)
-            agree = picked == table.final_top
-            bound = bootstrap_lower_bound(agree, table.prompt, confidence)
-            depth = float(level.float().mean())
-            if bound >= target and (best is None or depth < best.mean_exit_layer):
-                best = Calibration(gate, threshold, target, confidence, float(agree.float().mean()), bound, depth,
-                                   min_layer, stride, len(table), table.num_prompts)
-    if best is None:
-        return Calibration("confidence", 1.0, target, confidence, 1.0, 1.0, float(table.num_layers), min_layer,
-                           stride, len(table), table.num_prompts)
+    if "entropy" in gates and bool(table.entropy.isnan().any()):
+        raise ValueError("the table was built without entropies (with_entropy=False); the entropy gate needs them")
+    cost = cost or CostModel()
+    L = table.num_layers
+    best = Calibration("confidence", 1.0, target, confidence, 1.0, 1.0, float(L), min(min_layers), stride,
+                       len(table), table.num_prompts, 1.0)
+    for s in _candidates(table, gates, min_layers, stride):
+        level, picked = replay(table, s)
+        speedup = cost.speedup(level, checks_made(level, s, L), L)
+        if speedup <= best.predicted_speedup:
+            continue
+        agree = picked == table.final_top
+        bound = bootstrap_lower_bound(agree, table.prompt, confidence)
+        if bound >= target:
+            best = Calibration(s.gate, s.threshold, target, confidence, float(agree.float().mean()), bound,
+                               float(level.float().mean()), s.min_layer, stride, len(table), table.num_prompts,
+                               speedup)
     return best

@@ -2,7 +2,8 @@
 
 The full model continues held-out prompts greedily; one teacher-forced pass tabulates what every
 exit level would decide (``agreement.level_table``); the gate and threshold with the lowest mean
-exit layer whose bootstrap lower bound (over prompts) on agreement reaches the target are stored
+exit cost (``agreement.CostModel``: layers, gate checks, the full head) whose bootstrap lower bound
+(over prompts) on agreement reaches the target, with the first exit level, are stored
 in the artifact's metadata (``extra["calibration"]``), where the server takes its default from.
 """
 
@@ -27,7 +28,7 @@ class CalibrateConfig:
     new_tokens: int = 64
     offset: int = 1000  # skip the first sentences of the shuffled corpus: the sweep's prompts
     gates: tuple[str, ...] = ("confidence",)
-    min_layer: int = 1
+    min_layers: tuple[int, ...] = ()  # first exit levels to try; () = 1 and every sixth of the depth
     stride: int = 1
     device: str = "cpu"
     dtype: str = "float32"
@@ -36,7 +37,7 @@ class CalibrateConfig:
 def run_calibrate(cfg: CalibrateConfig) -> tuple[Calibration, Path]:
     from shortcuts.adapter import CausalLM
     from shortcuts.artifact import JumpArtifact
-    from shortcuts.engine.agreement import calibrate, continuations, held_out_prompts, level_table
+    from shortcuts.engine.agreement import CostModel, calibrate, continuations, held_out_prompts, level_table
     from shortcuts.engine.exit_head import ExitHead
     from shortcuts.engine.settings import GATES
 
@@ -47,12 +48,16 @@ def run_calibrate(cfg: CalibrateConfig) -> tuple[Calibration, Path]:
     artifact = JumpArtifact.load(cfg.jump)  # fails fast on a bad artifact, before the model loads
     lm = CausalLM.load(cfg.model, dtype=cfg.dtype, device=cfg.device)
     artifact.check_model(lm)
-    if not 1 <= cfg.min_layer < lm.num_layers:
-        raise ValueError(f"min_layer={cfg.min_layer} must be in [1, {lm.num_layers - 1}]")
+    L = lm.num_layers
+    min_layers = cfg.min_layers or tuple(sorted({1, *(max(1, k * L // 6) for k in range(1, 6))}))
+    if bad_layers := [m for m in min_layers if not 1 <= m < L]:
+        raise ValueError(f"min_layer {bad_layers} must be in [1, {L - 1}]")
     prompts = held_out_prompts(lm, cfg.corpus, cfg.prompts, offset=cfg.offset)
     conts = continuations(lm, prompts, cfg.new_tokens)
-    table = level_table(lm, ExitHead(lm, artifact.jump.to(lm.device)), prompts, conts)
-    result = calibrate(table, cfg.target, cfg.gates, cfg.confidence, cfg.min_layer, cfg.stride)
+    table = level_table(lm, ExitHead(lm, artifact.jump.to(lm.device)), prompts, conts,
+                        with_entropy="entropy" in cfg.gates)
+    cost = CostModel.from_model(lm, artifact.config.rank if artifact.jump.is_pure else None)
+    result = calibrate(table, cfg.target, cfg.gates, cfg.confidence, min_layers, cfg.stride, cost)
     artifact.extra["calibration"] = {**result.as_dict(), **_provenance(cfg)}
     return result, artifact.save(cfg.out or cfg.jump)
 

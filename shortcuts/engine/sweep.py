@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m shortcuts.engine.sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="model folder or hub id (default: the SmolLM2 asset)")
     p.add_argument("--jumps", default="default=docs/results/smollm2-135m/jump.safetensors",
-                   help="name=path,...; the first is timed; 'identity' is always added to the quality table")
+                   help="name=path,...; the first is timed; 'identity' is added to the quality table")
     p.add_argument("--corpus", default=None, help="held-out JSONL (default: the Wikipedia test split)")
     p.add_argument("--prompts", type=int, default=100)
     p.add_argument("--new-tokens", type=int, default=64)
@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--drift-prompts", type=int, default=4)
     p.add_argument("--drift-tokens", type=int, default=256)
     p.add_argument("--drift-threshold", type=float, default=0.7)
+    p.add_argument("--no-identity", dest="identity", action="store_false",
+                   help="leave the identity head out of the quality table (a full head per level: slow for big V)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True)
@@ -88,14 +90,15 @@ def quality(lm: CausalLM, jumps: Jumps, prompts: list[list[int]], conts: list[li
     from shortcuts.engine.exit_head import ExitHead
 
     out: dict[str, Any] = {}
-    for name, jump in {**jumps, "identity": None}.items():
-        table = level_table(lm, ExitHead(lm, jump), prompts, conts)
+    heads = {**jumps, "identity": None} if args.identity else jumps
+    for name, jump in heads.items():
+        table = level_table(lm, ExitHead(lm, jump), prompts, conts, with_entropy=False)
         oracle = {k: {"mean": float(v.float().mean()), "speedup": lm.num_layers / float(v.float().mean()),
                       "histogram": _histogram(v, lm.num_layers)} for k, v in oracle_levels(table).items()}
         out[name] = {"tokens": len(table), "rows": threshold_rows(table, args.thresholds, args.min_layer, args.stride),
                      "oracle": oracle,
-                     "calibrated": {str(t): calibrate(table, t, min_layer=args.min_layer, stride=args.stride).as_dict()
-                                    for t in (0.9, 0.95)}}
+                     "calibrated": {str(t): calibrate(table, t, ("confidence",), min_layers=(args.min_layer,),
+                                                      stride=args.stride).as_dict() for t in (0.9, 0.95)}}
     return out
 
 
