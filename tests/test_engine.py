@@ -497,7 +497,8 @@ def test_bench_runs_end_to_end_on_a_tiny_model(make_tiny: Callable[..., CausalLM
                              "--prompt", PROMPT])
     rows = bench.decode_rows(lm, fitted_jump(lm), args)
     names = [r[0] for r in rows]
-    assert names == ["HF generate", "off", "approximate t=0.3", "approximate-copy t=0.3", "exact t=0.3"]
+    assert names == ["HF generate", "HF assistant_early_exit=1", "off", "approximate t=0.3", "approximate-copy t=0.3",
+                     "exact t=0.3"]
     assert rows[0][2] == rows[-1][2].tokens  # HF and exact mode agree
     text = bench.report(lm, bench.micro(lm, fitted_jump(lm), repeats=2), rows)
     assert "exit head (fused)" in text

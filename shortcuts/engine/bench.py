@@ -110,11 +110,11 @@ def decode_rows(lm: CausalLM, jump: LowRankJumps | None, args: argparse.Namespac
     min_layer = args.min_layer or max(1, lm.num_layers // 3)
     rows: list[Row] = []
 
-    def hf() -> list[int]:
+    def hf(**kw: int) -> list[int]:
         with torch.inference_mode():
             out = lm.model.generate(torch.tensor([ids], device=lm.device), do_sample=False, max_new_tokens=n,
                                     min_new_tokens=n, attention_mask=torch.ones(1, len(ids), dtype=torch.long,
-                                                                                device=lm.device))
+                                                                                device=lm.device), **kw)
         return out[0, len(ids):].tolist()
 
     def timed(name: str, fn: Callable[[], list[int] | Generation]) -> None:
@@ -124,6 +124,8 @@ def decode_rows(lm: CausalLM, jump: LowRankJumps | None, args: argparse.Namespac
         rows.append((name, time.perf_counter() - t0, result))
 
     timed("HF generate", hf)
+    # HF's self-speculative decoding: draft with the first k blocks + the model's own head (LayerSkip)
+    timed(f"HF assistant_early_exit={min_layer}", lambda: hf(assistant_early_exit=min_layer))
     engine: list[tuple[str, ExitSettings]] = [("off", ExitSettings(mode="off"))]
     for th in (float(t) for t in args.thresholds.split(",")):
         for mode, policy in (("approximate", "catchup"), ("approximate", "copy"), ("exact", "catchup")):
@@ -150,7 +152,7 @@ def report(lm: CausalLM, micro_times: dict[str, float], rows: list[Row]) -> str:
     for name, t in micro_times.items():
         lines.append(f"  {name:<22} {t * 1e3:8.3f} ms  ({t / block:5.2f} blocks)")
     lines.append(f"  {'all blocks':<22} {block * L * 1e3:8.3f} ms")
-    off_time, off = rows[1][1], rows[1][2]
+    off_time, off = next((t, r) for name, t, r in rows if name == "off")
     off_tokens = off if isinstance(off, list) else off.tokens
     lines += ["", f"{'decoding':<24} {'tok/s':>8} {'vs off':>7} {'prefix':>6} {'exit layer':>10} {'accept':>7}"]
     for name, seconds, result in rows:
