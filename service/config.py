@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     max_prompt_tokens: int = Field(2048, ge=1)
     max_new_tokens: int = Field(512, ge=1)
     queue_size: int = Field(16, ge=1, description="requests waiting beyond this get 429")
+    max_batch_size: int = Field(8, ge=1, description="requests decoded together (continuous batching); 1: one at a "
+                                "time")
     request_timeout_s: float = Field(120.0, gt=0, description="a request still queued after this gets 504")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

@@ -1,7 +1,12 @@
 """The serving engine: a worker thread owns the model and takes jobs from a bounded queue.
 
-Route → ``Engine.submit`` (429 when the queue is full) → worker thread → ``EarlyExitDecoder`` →
+Route → ``Engine.submit`` (429 when the queue is full) → worker thread → ``BatchDecoder`` →
 per-token events back to the event loop → stats → metrics. No torch work runs on the event loop.
+
+The worker runs a continuous batch: between token steps it admits queued jobs while the batch
+has a free slot (each prompt is prefilled on its own and emits its first token), drops the jobs
+whose client went away or whose stop string was found, then steps every running sequence once;
+a finished sequence frees its slot at once. ``max_batch_size`` 1 decodes one request at a time.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from prometheus_client import Histogram
 
 from service.config import Settings
 from service.errors import NotReadyError, OverloadedError, QueueTimeoutError, ServiceError
@@ -66,6 +73,7 @@ class Engine:
         self.error: str | None = None
         self.decoder: Any = None
         self.metrics: Metrics | None = None
+        self.batch_size: Histogram | None = None
         self.default_threshold = 0.9
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=settings.queue_size)
         self._on_fatal = on_fatal
@@ -131,16 +139,16 @@ class Engine:
             return
         self._ready.set()
         log.info("engine ready: %s", self.settings.model_name)
-        while (job := self._queue.get()) is not None:
-            self._gauges(running=1)
-            self._run(job)
-            self._gauges(running=0)
+        self._serve()
 
     def _load(self) -> None:
         from service.loading import load_decoder
 
         self.decoder, self.default_threshold = load_decoder(self.settings)
         self.metrics = Metrics(self.settings.model_name, self.decoder.num_layers)
+        buckets = tuple(float(n) for n in range(1, self.settings.max_batch_size + 1))
+        self.batch_size = Histogram("onejump_batch_size", "Sequences decoded together in one token step",
+                                    ["model_name"], registry=self.metrics.registry, buckets=buckets)
 
     def _fail(self, job: Job | None, error: ServiceError, reason: str) -> None:
         if job is None:
@@ -150,21 +158,84 @@ class Engine:
             self.metrics.record(job.stats)
         job.post(error)
 
-    def _run(self, job: Job) -> None:
+    # --- the continuous batch --------------------------------------------------------------------
+    def _serve(self) -> None:
+        """Admit, drop the cancelled, step; until the stop sentinel and an empty batch."""
+        from shortcuts.engine.batch import BatchDecoder
+
+        batch = BatchDecoder(self.decoder, self.settings.max_batch_size)
+        running: dict[int, tuple[Job, Any]] = {}  # id(sequence) -> (job, sequence)
+        stopping = False
+        while not (stopping and not running):
+            if not stopping:
+                stopping = self._admit(batch, running)
+            self._drop_cancelled(batch, running)
+            if running:
+                self._step(batch, running)
+            self._gauges(running=len(running))
+
+    def _admit(self, batch: Any, running: dict[int, tuple[Job, Any]]) -> bool:
+        """Start queued jobs while there is room (waiting for one when the batch is empty);
+        True once the stop sentinel was taken."""
+        while batch.free_slots:
+            try:
+                job = self._queue.get(block=not running)
+            except queue.Empty:
+                return False
+            if job is None:
+                return True
+            seq = self._start(job, batch)
+            if seq is not None:
+                running[id(seq)] = (job, seq)
+            self._gauges(running=len(running))
+        return False
+
+    def _start(self, job: Job, batch: Any) -> Any:
+        """Prefill the job's prompt into the batch; None when it failed or finished at once."""
         s = job.stats
         s.started = time.monotonic()
         if job.cancelled.is_set():
-            return self._fail(job, ServiceError("cancelled"), "cancelled")
+            self._fail(job, ServiceError("cancelled"), "cancelled")
+            return None
         if s.started - s.arrival > self.settings.request_timeout_s:
-            return self._fail(job, QueueTimeoutError(f"waited {s.started - s.arrival:.1f}s in the queue, longer than "
-                                                f"the {self.settings.request_timeout_s:g}s request timeout"), "timeout")
+            self._fail(job, QueueTimeoutError(f"waited {s.started - s.arrival:.1f}s in the queue, longer than "
+                                              f"the {self.settings.request_timeout_s:g}s request timeout"), "timeout")
+            return None
         try:
-            generation = self.decoder.generate(job.prompt_ids, job.settings, on_token=lambda t: self._token(job, t))
+            seq = batch.add(job.prompt_ids, job.settings, on_token=lambda t: self._token(job, t))
         except Exception as e:
             log.exception("generation failed")
-            return self._fail(job, ServiceError(f"generation failed: {e}"), "error")
-        self._finish(job, generation)
-        return None
+            self._fail(job, ServiceError(f"generation failed: {e}"), "error")
+            return None
+        if seq.done:
+            self._finish(job, seq.generation)
+            return None
+        return seq
+
+    def _drop_cancelled(self, batch: Any, running: dict[int, tuple[Job, Any]]) -> None:
+        """A client that went away (or whose stop string was found) frees its slot before the next step."""
+        for key, (job, seq) in list(running.items()):
+            if job.cancelled.is_set():
+                batch.cancel(seq)
+                del running[key]
+                self._finish(job, seq.generation)
+
+    def _step(self, batch: Any, running: dict[int, tuple[Job, Any]]) -> None:
+        """One token for every running sequence; finished ones are reported and leave."""
+        if self.batch_size is not None:
+            self.batch_size.labels(self.settings.model_name).observe(len(running))
+        try:
+            finished = batch.step()
+        except Exception as e:  # the batch's state is unknown: fail every job in it and start clean
+            log.exception("generation failed")
+            for job, seq in running.values():
+                batch.cancel(seq)
+                self._fail(job, ServiceError(f"generation failed: {e}"), "error")
+            running.clear()
+            return
+        for seq in finished:
+            job, _ = running.pop(id(seq))
+            self._finish(job, seq.generation)
 
     def _token(self, job: Job, trace: Any) -> bool:
         now = time.monotonic()

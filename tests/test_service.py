@@ -184,18 +184,76 @@ def _hammer(url: str, n: int, max_tokens: int) -> list[int]:
 
 
 def test_overload_gets_429_and_timeouts_504(tiny_model_dir: Path) -> None:
-    with running_server(tiny_settings(tiny_model_dir, queue_size=1, max_new_tokens=120,
+    # 2 decoding + 1 waiting: the other requests of the burst find the queue full
+    with running_server(tiny_settings(tiny_model_dir, queue_size=1, max_batch_size=2, max_new_tokens=120,
                                       default_max_tokens=8)) as url:
         codes = _hammer(url, 12, 120)
         assert 429 in codes
         assert 200 in codes
         assert set(codes) <= {200, 429}
         assert metric(url, "onejump_request_failure_total", reason="queue_full") == codes.count(429)
+    # one at a time (max_batch_size 1, as before batching): the later requests wait past the timeout
     with running_server(tiny_settings(tiny_model_dir, queue_size=8, request_timeout_s=0.05, max_new_tokens=120,
-                                      default_max_tokens=8)) as url:
+                                      default_max_tokens=8, max_batch_size=1)) as url:
         codes = _hammer(url, 4, 120)
         assert 504 in codes
         assert metric(url, "onejump_request_failure_total", reason="timeout") == codes.count(504)
+
+
+def _complete(url: str, prompt: str, early_exit: dict, barrier: threading.Barrier | None = None) -> dict:
+    if barrier is not None:
+        barrier.wait()
+    r = httpx.post(f"{url}/v1/completions", timeout=120,
+                   json={"prompt": prompt, "max_tokens": 80, "ignore_eos": True, "early_exit": early_exit})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    return {"text": body["choices"][0]["text"], "exit_layers": body["early_exit"]["exit_layers"]}
+
+
+def test_concurrent_requests_are_decoded_together(server: str) -> None:
+    """Four requests sent at once share token steps (a step decodes more than one of them), and
+    each gets exactly what it gets alone."""
+    jobs = [("the city of the", {"mode": "off"}), ("war", {"mode": "off"}),
+            ("the king of the north river", {"mode": "approximate", "threshold": 0.0}),
+            ("a new song", {"mode": "approximate", "threshold": 0.0, "min_layer": 2})]
+    alone = [_complete(server, p, ee) for p, ee in jobs]
+    steps, single = metric(server, "onejump_batch_size_count"), metric(server, "onejump_batch_size_bucket", le="1.0")
+    barrier = threading.Barrier(len(jobs))
+    together: list[dict] = [{}] * len(jobs)
+
+    def run(k: int) -> None:
+        together[k] = _complete(server, *jobs[k], barrier=barrier)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == alone
+    shared = (metric(server, "onejump_batch_size_count") - steps) - (
+        metric(server, "onejump_batch_size_bucket", le="1.0") - single)
+    assert shared > 0, "no token step decoded two requests together"
+    assert alone[2]["exit_layers"] == [4] + [1] * 79
+    assert alone[3]["exit_layers"] == [4] + [2] * 79
+
+
+def test_a_failing_step_fails_its_requests_and_the_batch_recovers(server: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from shortcuts.engine.batch import BatchDecoder
+
+    def broken(self: BatchDecoder) -> list:
+        raise RuntimeError("boom")
+
+    before = metric(server, "onejump_request_failure_total", reason="error")
+    with monkeypatch.context() as m:
+        m.setattr(BatchDecoder, "step", broken)
+        r = httpx.post(f"{server}/v1/completions", json={"prompt": "the city", "max_tokens": 5})
+    assert r.status_code == 500
+    assert "generation failed: boom" in r.json()["error"]["message"]
+    assert metric(server, "onejump_request_failure_total", reason="error") == before + 1
+    ok = httpx.post(f"{server}/v1/completions", json={"prompt": "the city", "max_tokens": 5})
+    assert ok.status_code == 200
+    assert ok.json()["usage"]["completion_tokens"] == 5
 
 
 def test_disconnect_cancels_generation(tiny_model_dir: Path) -> None:
@@ -217,12 +275,15 @@ def test_settings_refuse_bad_values() -> None:
         Settings(exit_threshold=2.0)
     with pytest.raises(ValidationError, match="queue_size"):
         parse_args(["--queue-size", "0"])
+    with pytest.raises(ValidationError, match="max_batch_size"):
+        parse_args(["--max-batch-size", "0"])
     assert parse_args(["--port", "9001"]).port == 9001
 
 
 def test_env_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ONEJUMP_PORT", "8123")
     monkeypatch.setenv("ONEJUMP_EXIT_MODE", "exact")
+    monkeypatch.setenv("ONEJUMP_MAX_BATCH_SIZE", "3")
     s = parse_args([])
-    assert (s.port, s.exit_mode) == (8123, "exact")
+    assert (s.port, s.exit_mode, s.max_batch_size) == (8123, "exact", 3)
     assert parse_args(["--port", "8124"]).port == 8124  # flags win over the environment

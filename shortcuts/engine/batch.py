@@ -1,0 +1,500 @@
+"""Continuous batching with per-sequence early exits.
+
+``BatchDecoder`` decodes up to ``max_batch_size`` sequences together, one token step at a time.
+In a step every running sequence feeds its next token; block i runs once for all the sequences
+still climbing (the active rows of a ``BatchKVCache``); after a checked level each sequence's own
+gate decides whether it leaves, and the ones that leave drop out of the rows that run the deeper
+blocks. Sequences keep their own settings (mode, gate, threshold, min_layer, stride, KV policy,
+sampling, budget, stop tokens), so a sequence decodes exactly as ``EarlyExitDecoder.generate``
+would decode it alone, up to float rounding of batched matrix products:
+
+- catch-up: a sequence's exited tokens wait in its ``pending`` list and join that sequence's row
+  (prepended, so the row carries several tokens) at the first block they skipped, in the next step
+  that climbs that far. Rows with fewer tokens than the widest row are right-padded; the padding
+  queries' outputs are discarded and their keys land past the row's length, where nothing reads them.
+- copy: after the layer loop, the attention of each skipped block fills the exited tokens' keys
+  and values from their exit states (``runner.fill_kv``, for the rows that need that block).
+- exact (self-speculative): drafts are exits; a step that goes to full depth verifies the row's
+  caught-up drafts with the full head on all of its tokens and crops the row on a rejection.
+
+Continuous: ``add`` prefills a new prompt on its own (a batch of one, in its slot) and emits its
+first token; the sequence joins the next ``step``. Finished or cancelled sequences leave and
+free their slot for the next ``add``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from shortcuts.engine.batch_cache import BatchKVCache, RowCall
+from shortcuts.engine.decoder import EarlyExitDecoder, FinishReason, Generation, OnToken, Pending, Stats, TokenTrace
+from shortcuts.engine.exit_head import entropy
+from shortcuts.engine.sampling import distribution, make_generator, pick, sample, speculative_accept
+from shortcuts.engine.settings import GenerationSettings
+
+
+@dataclass
+class _Draft:
+    token: int
+    level: int
+    confidence: float
+    q: Tensor | None  # (V,) draft distribution, for speculative sampling
+
+
+class BatchSequence:
+    """One sequence in the batch: its settings, sampler, gate state, KV bookkeeping and output."""
+
+    def __init__(self, row: int, prompt_len: int, settings: GenerationSettings, on_token: OnToken | None,
+                 decoder: EarlyExitDecoder):
+        self.row = row
+        self.settings = settings
+        self.on_token = on_token
+        self.num_layers = decoder.num_layers
+        self.generator = make_generator(settings.seed)
+        self.stop = set(decoder.eos_ids if settings.stop_token_ids is None else settings.stop_token_ids)
+        self.budget = min(settings.max_new_tokens, decoder.runner.context_length - prompt_len)
+        exits = settings.exit
+        self.levels = set(exits.check_levels(self.num_layers)) if exits.mode != "off" else set()
+        self.tokens: list[int] = []
+        self.trace: list[TokenTrace] = []
+        self.stats = Stats()
+        self.finish: FinishReason | None = None
+        self.length = prompt_len  # tokens fed so far
+        self.pending: list[Pending] = []  # catch-up: fed tokens that still owe deeper blocks (the last ones fed)
+        self.drafts: list[_Draft] = []  # exact mode: drafts not yet verified
+        self.check = False  # whether this step checks the gate
+        self._last_top: int | None = None
+        self._streak = 0
+
+    # --- output -----------------------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self.finish is not None
+
+    @property
+    def generation(self) -> Generation:
+        """The output so far (finish reason "abort" while still running)."""
+        return Generation(list(self.tokens), list(self.trace), self.finish or "abort", self.stats)
+
+    def remaining(self) -> int:
+        return self.budget - len(self.tokens)
+
+    def missing(self, layer: int) -> int:
+        """How many fed tokens layer ``layer`` (0-based) has no keys/values for yet."""
+        return sum(p.level <= layer for p in self.pending)
+
+    def emit(self, t: TokenTrace) -> bool:
+        """Append a token; True when generation is over."""
+        self.tokens.append(t.token)
+        self.trace.append(t)
+        if self.on_token is not None and not self.on_token(t):
+            self.finish = "abort"
+        elif t.token in self.stop:
+            self.finish = "stop"
+        elif self.remaining() <= 0:
+            self.finish = "length"
+        return self.finish is not None
+
+    # --- one step ---------------------------------------------------------------------------------
+    @property
+    def next_token(self) -> int:
+        return self.drafts[-1].token if self.drafts else self.tokens[-1]
+
+    def begin_step(self) -> None:
+        mode = self.settings.exit.mode
+        if mode == "exact":
+            room = min(self.settings.exit.max_draft, self.remaining() - 1)
+            d = self.drafts
+            self.check = len(d) < room and not (d and d[-1].token in self.stop)
+        else:
+            self.check = mode == "approximate"
+        self._last_top, self._streak = None, 0
+        self.stats.steps += 1
+
+    def checks(self, level: int) -> bool:
+        return self.check and level in self.levels
+
+    def gate(self, confidence: float, top: int, ent: float | None) -> bool:
+        """``ExitGate``'s decision from precomputed max-probability, top-1 and entropy."""
+        s = self.settings.exit
+        self.stats.exit_checks += 1
+        if s.gate == "confidence":
+            return s.threshold < 1.0 and confidence >= s.threshold
+        if s.gate == "entropy":
+            assert ent is not None
+            return ent <= s.threshold
+        self._streak = self._streak + 1 if top == self._last_top else 1
+        self._last_top = top
+        return self._streak >= s.patience
+
+    def exited(self, level: int, logits: Tensor, confidence: float) -> None:
+        """The fed token left at ``level`` with the exit head's ``logits`` (V,)."""
+        self.length += 1
+        self.stats.layers_skipped += self.num_layers - level
+        s = self.settings
+        if s.exit.mode == "exact":
+            q = None if s.greedy else distribution(logits, s.temperature, s.top_p)
+            token = int(logits.argmax()) if q is None else sample(q, self.generator)
+            self.drafts.append(_Draft(token, level, confidence, q))
+            return
+        token = pick(logits, s.temperature, s.top_p, self.generator)
+        self.emit(TokenTrace(token, level, confidence, "exited"))
+
+    def reached_top(self, full_logits: Tensor, start: int) -> None:
+        """The fed token (with every pending token) went through all blocks; ``full_logits`` (q, V)
+        are the full head's on the row's tokens at positions start.. (only the last unless exact)."""
+        self.length += 1
+        self.pending.clear()
+        if self.settings.exit.mode == "exact":
+            for t in self._verify(full_logits, start):
+                if self.emit(t):
+                    break
+            self.drafts = []
+            return
+        last = full_logits[-1]
+        s = self.settings
+        self.emit(TokenTrace(pick(last, s.temperature, s.top_p, self.generator), self.num_layers,
+                             _confidence(last), "full"))
+
+    def _verify(self, full_logits: Tensor, start: int) -> list[TokenTrace]:
+        """As ``EarlyExitDecoder._verify``: keep the drafts the full model agrees with, then its
+        correction or its next token; a rejection rolls ``length`` back (the row is cropped to it)."""
+        s, L = self.settings, self.num_layers
+        assert full_logits.shape[0] == len(self.drafts) + 1
+        out: list[TokenTrace] = []
+        self.stats.drafted += len(self.drafts)
+        for k, d in enumerate(self.drafts):
+            row = full_logits[k]
+            if s.greedy:
+                top = int(row.argmax())
+                fix = None if top == d.token else top
+            else:
+                assert d.q is not None
+                fix = speculative_accept(distribution(row, s.temperature, s.top_p), d.q, d.token, self.generator)
+            if fix is not None:
+                self.length = start + k + 1  # drop drafts[k:]
+                return [*out, TokenTrace(fix, L, _confidence(row), "corrected")]
+            self.stats.accepted += 1
+            out.append(TokenTrace(d.token, d.level, d.confidence, "accepted"))
+        last = full_logits[-1]
+        return [*out, TokenTrace(pick(last, s.temperature, s.top_p, self.generator), L, _confidence(last), "full")]
+
+
+def _confidence(logits: Tensor) -> float:
+    return float(torch.softmax(logits.float(), dim=-1).max())
+
+
+@dataclass
+class _Group:
+    """The rows climbing together: right-padded states (n, q, d) and each row's real token count,
+    first position and not-yet-joined pending tokens. Rebuilt whenever rows leave or tokens join."""
+
+    seqs: list[BatchSequence]
+    h: Tensor  # (n, q, d)
+    counts: list[int]
+    starts: list[int]
+    waiting: list[int]
+    call: RowCall
+    rope: dict[str | None, Any] = field(default_factory=dict)
+
+    @property
+    def last(self) -> Tensor:
+        """The state of each row's newest token, (n, d)."""
+        idx = torch.tensor([c - 1 for c in self.counts], device=self.h.device)
+        return self.h[torch.arange(len(self.seqs), device=self.h.device), idx]
+
+
+@dataclass
+class _Exit:
+    seq: BatchSequence
+    level: int
+    h: Tensor  # (1, 1, d): the exit state (copy policy: a single token)
+    start: int
+
+
+class BatchDecoder:
+    """Decodes up to ``max_batch_size`` sequences together with per-sequence early exits.
+
+    Shares the model, runner and exit head of ``decoder``. Use ``add`` / ``step`` / ``cancel``
+    for continuous batching, or ``generate`` to run a list of prompts to completion."""
+
+    def __init__(self, decoder: EarlyExitDecoder, max_batch_size: int = 8):
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"{max_batch_size=} must be an integer >= 1")
+        self.decoder = decoder
+        self.runner = decoder.runner
+        self.lm = decoder.lm
+        self.num_layers = decoder.num_layers
+        self.exit_head = decoder.exit_head
+        self.max_batch_size = max_batch_size
+        self.cache = BatchKVCache(self.num_layers, max_batch_size)
+        self.slots: list[BatchSequence | None] = [None] * max_batch_size
+        rotary = self.runner.rotary
+        self._typed_rotary = rotary is not None and "layer_type" in inspect.signature(rotary.forward).parameters
+
+    # --- public API ------------------------------------------------------------------------------
+    @property
+    def running(self) -> list[BatchSequence]:
+        return [s for s in self.slots if s is not None]
+
+    @property
+    def free_slots(self) -> int:
+        return self.slots.count(None)
+
+    @torch.inference_mode()
+    def add(self, prompt_ids: Sequence[int], settings: GenerationSettings | None = None,
+            on_token: OnToken | None = None) -> BatchSequence:
+        """Prefill a prompt in a free slot and emit its first token; it decodes from the next ``step``.
+        A sequence done at once (one token, or a stop token) frees its slot before returning."""
+        settings = settings or GenerationSettings()
+        ids = [int(t) for t in prompt_ids]
+        self._check_prompt(ids)
+        if None not in self.slots:
+            raise RuntimeError(f"the batch is full ({self.max_batch_size} sequences)")
+        row = self.slots.index(None)
+        seq = BatchSequence(row, len(ids), settings, on_token, self.decoder)
+        self.cache.reset_row(row)
+        logits = self._prefill(row, ids)
+        first = TokenTrace(pick(logits, settings.temperature, settings.top_p, seq.generator), self.num_layers,
+                           _confidence(logits), "full")
+        if not seq.emit(first):
+            self.slots[row] = seq
+        return seq
+
+    def cancel(self, seq: BatchSequence) -> None:
+        """Stop a sequence (finish reason "abort" unless it had finished) and free its slot."""
+        if seq.finish is None:
+            seq.finish = "abort"
+        self._release(seq)
+
+    @torch.inference_mode()
+    def step(self) -> list[BatchSequence]:
+        """One token step for every running sequence; returns the ones that finished (slots freed)."""
+        seqs = self.running
+        if not seqs:
+            return []
+        for s in seqs:
+            s.begin_step()
+        exits = self._climb(self._start(seqs))
+        self._fill_copies(exits)
+        done = [s for s in seqs if s.done]
+        for s in done:
+            self._release(s)
+        return done
+
+    def generate(self, prompts: Sequence[Sequence[int]],
+                 settings: GenerationSettings | Sequence[GenerationSettings] | None = None) -> list[Generation]:
+        """Decode every prompt (admitted in order as slots free up) to completion."""
+        if settings is None or isinstance(settings, GenerationSettings):
+            settings = [settings or GenerationSettings()] * len(prompts)
+        if len(settings) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(settings)} settings")
+        seqs: list[BatchSequence] = []
+        while len(seqs) < len(prompts) or self.running:
+            while len(seqs) < len(prompts) and self.free_slots:
+                seqs.append(self.add(prompts[len(seqs)], settings[len(seqs)]))
+            self.step()
+        return [s.generation for s in seqs]
+
+    # --- blocks on rows --------------------------------------------------------------------------
+    def _group(self, seqs: list[BatchSequence], h: Tensor, counts: list[int], starts: list[int],
+               waiting: list[int]) -> _Group:
+        call = RowCall([s.row for s in seqs], starts, counts, h.shape[1], h.device, self.runner.context_length - 1)
+        return _Group(seqs, h, counts, starts, waiting, call)
+
+    def _embed(self, ids: Tensor, positions: Tensor) -> Tensor:
+        """Token ids (n, q) at positions (n, q) -> input states (n, q, d)."""
+        h = self.lm.embed_tokens(ids.to(self.lm.device))
+        if self.runner.wpe is not None:
+            h = h + self.runner.wpe(positions.to(self.lm.device))
+        return h
+
+    def _rope(self, g: _Group, layer: int) -> Any:
+        rotary = self.runner.rotary
+        if rotary is None:
+            return None
+        key = self.runner.layer_types[layer] if self._typed_rotary else None
+        if key not in g.rope:
+            pos = g.call.position_ids
+            g.rope[key] = rotary(g.h, pos, key) if self._typed_rotary else rotary(g.h, pos)
+        return g.rope[key]
+
+    def _kwargs(self, layer: int, g: _Group) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"attention_mask": g.call.mask(self.runner.windows[layer], g.h.dtype),
+                                  "past_key_values": self.cache, "position_ids": g.call.position_ids}
+        rope = self._rope(g, layer)
+        if rope is not None:
+            kwargs["position_embeddings"] = rope
+        return kwargs
+
+    def _block(self, layer: int, g: _Group) -> None:
+        """Run block ``layer`` on the group's rows, appending their keys/values."""
+        self.cache.bind(g.call)
+        out = self.lm.layers[layer](g.h, use_cache=True, **self._kwargs(layer, g))
+        g.h = out[0] if isinstance(out, tuple) else out
+
+    def _attention_only(self, layer: int, g: _Group) -> None:
+        """The copy policy's fill: block ``layer``'s attention on the group's states as its input
+        (as ``LayerRunner.fill_kv``), writing their keys/values; the output is discarded."""
+        block = self.lm.layers[layer]
+        norm, attn = (block.ln_1, block.attn) if self.runner.is_gpt2 else (block.input_layernorm, block.self_attn)
+        kwargs = self._kwargs(layer, g)
+        kwargs.pop("position_ids")
+        self.cache.bind(g.call)
+        attn(hidden_states=norm(g.h), **kwargs)
+
+    def _prefill(self, row: int, ids: list[int]) -> Tensor:
+        """The prompt through every block in its own row (a batch of one); the last logits (V,)."""
+        n = len(ids)
+        positions = torch.arange(n).unsqueeze(0)
+        h = self._embed(torch.tensor([ids]), positions)
+        g = _Group([], h, [n], [0], [0], RowCall([row], [0], [n], n, h.device, self.runner.context_length - 1))
+        for i in range(self.num_layers):
+            self._block(i, g)
+        return self.runner.full_logits(g.h[0, -1])
+
+    # --- one step --------------------------------------------------------------------------------
+    def _start(self, seqs: list[BatchSequence]) -> _Group:
+        """Every running sequence's next token at its position, one row each."""
+        ids = torch.tensor([[s.next_token] for s in seqs])
+        starts = [s.length for s in seqs]
+        h = self._embed(ids, torch.tensor(starts).unsqueeze(1))
+        return self._group(seqs, h, [1] * len(seqs), starts, [len(s.pending) for s in seqs])
+
+    def _climb(self, g: _Group | None) -> list[_Exit]:
+        """Blocks 1..L for the rows still climbing; returns the copy-policy exits to fill."""
+        copies: list[_Exit] = []
+        for i in range(self.num_layers):
+            assert g is not None
+            g = self._join(g, i)
+            self._block(i, g)
+            for s, c in zip(g.seqs, g.counts, strict=True):
+                s.stats.layers_computed += c
+            if i + 1 < self.num_layers:
+                g = self._check_exits(g, i + 1, copies)
+                if g is None:
+                    return copies
+        assert g is not None
+        self._top(g)
+        return copies
+
+    def _join(self, g: _Group, layer: int) -> _Group:
+        """Prepend to each row its pending tokens whose next block is ``layer``."""
+        joined = []
+        for s, w in zip(g.seqs, g.waiting, strict=True):
+            k = w
+            while k and s.pending[k - 1].level == layer:
+                k -= 1
+            joined.append(w - k)
+        if not any(joined):
+            return g
+        pieces = []
+        for j, (s, w, n) in enumerate(zip(g.seqs, g.waiting, joined, strict=True)):
+            states = [p.h for p in s.pending[w - n : w]]  # each (1, d)
+            pieces.append(torch.cat([*states, g.h[j, : g.counts[j]]], dim=0))
+        h = torch.nn.utils.rnn.pad_sequence(pieces, batch_first=True)  # (n, q', d), right-padded with zeros
+        counts = [c + n for c, n in zip(g.counts, joined, strict=True)]
+        starts = [st - n for st, n in zip(g.starts, joined, strict=True)]
+        waiting = [w - n for w, n in zip(g.waiting, joined, strict=True)]
+        return self._group(g.seqs, h, counts, starts, waiting)
+
+    def _check_exits(self, g: _Group, level: int, copies: list[_Exit]) -> _Group | None:
+        """Gate the rows that check ``level``; the ones that leave are handed their exit and dropped."""
+        idx = [j for j, s in enumerate(g.seqs) if s.checks(level)]
+        if not idx:
+            return g
+        logits = self.exit_head(g.last[idx], level)  # (m, V)
+        leave = self._gates([g.seqs[j] for j in idx], logits)
+        if not any(x is not None for x in leave):
+            return g
+        for k, (j, conf) in enumerate(zip(idx, leave, strict=True)):
+            if conf is not None:
+                self._leave(g, j, level, copies)
+                g.seqs[j].exited(level, logits[k], conf)
+        gone = {j for j, conf in zip(idx, leave, strict=True) if conf is not None}
+        keep = [j for j in range(len(g.seqs)) if j not in gone]
+        return self._select(g, keep) if keep else None
+
+    def _gates(self, seqs: list[BatchSequence], logits: Tensor) -> list[float | None]:
+        """Each sequence's gate on its row of exit logits; the confidence of those that leave, else None."""
+        probs = torch.softmax(logits.float(), dim=-1)
+        conf, top = probs.max(-1)
+        need_entropy = any(s.settings.exit.gate == "entropy" for s in seqs)
+        ents = entropy(logits).tolist() if need_entropy else [None] * len(seqs)
+        out: list[float | None] = []
+        for s, c, t, e in zip(seqs, conf.tolist(), top.tolist(), ents, strict=True):
+            out.append(c if s.gate(c, t, e) else None)
+        return out
+
+    def _leave(self, g: _Group, j: int, level: int, copies: list[_Exit]) -> None:
+        """Row j's tokens skip blocks level+1..L: they wait (catch-up) or get filled later (copy)."""
+        s = g.seqs[j]
+        if s.settings.exit.kv_policy == "copy":
+            assert g.counts[j] == 1
+            copies.append(_Exit(s, level, g.h[j : j + 1, :1], g.starts[j]))
+            return
+        w = g.waiting[j]
+        s.pending[w:] = [Pending(g.h[j, k : k + 1], level) for k in range(g.counts[j])]
+
+    def _select(self, g: _Group, keep: list[int]) -> _Group:
+        q = max(g.counts[j] for j in keep)
+        h = g.h[torch.tensor(keep, device=g.h.device), :q]
+        return self._group([g.seqs[j] for j in keep], h, [g.counts[j] for j in keep],
+                           [g.starts[j] for j in keep], [g.waiting[j] for j in keep])
+
+    def _top(self, g: _Group) -> None:
+        """The rows that went through every block: the full head decides (on every token of an exact row)."""
+        rows, toks, spans = [], [], []
+        for j, s in enumerate(g.seqs):
+            first = 0 if s.settings.exit.mode == "exact" else g.counts[j] - 1
+            spans.append((len(rows), len(rows) + g.counts[j] - first))
+            rows += [j] * (g.counts[j] - first)
+            toks += list(range(first, g.counts[j]))
+        dev = g.h.device
+        logits = self.runner.full_logits(g.h[torch.tensor(rows, device=dev), torch.tensor(toks, device=dev)])
+        for j, (s, (a, b)) in enumerate(zip(g.seqs, spans, strict=True)):
+            assert g.waiting[j] == 0
+            s.reached_top(logits[a:b], g.starts[j])
+            if s.length < self.cache.length(0, s.row):
+                self.cache.crop_row(s.row, s.length)
+
+    def _fill_copies(self, exits: list[_Exit]) -> None:
+        """Copy policy: block j's keys/values for every token that left at a level <= j."""
+        if not exits:
+            return
+        exits = sorted(exits, key=lambda e: e.level)
+        g: _Group | None = None
+        members = 0
+        for layer in range(exits[0].level, self.num_layers):
+            n = sum(e.level <= layer for e in exits)
+            if n != members:
+                members = n
+                part = exits[:n]
+                h = torch.cat([e.h for e in part], dim=0)  # (n, 1, d)
+                g = self._group([e.seq for e in part], h, [1] * n, [e.start for e in part], [0] * n)
+            assert g is not None
+            self._attention_only(layer, g)
+        for e in exits:
+            e.seq.stats.kv_fills += self.num_layers - e.level
+
+    def _release(self, seq: BatchSequence) -> None:
+        if 0 <= seq.row < len(self.slots) and self.slots[seq.row] is seq:
+            self.slots[seq.row] = None
+            self.cache.reset_row(seq.row)
+
+    def _check_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise ValueError("prompt_ids is empty: give at least one token (e.g. the BOS token)")
+        n, vocab, context = len(ids), self.lm.vocab_size, self.runner.context_length
+        if n >= context:
+            raise ValueError(f"the prompt has {n} tokens; the model's context is {context}, "
+                             "which leaves no room to generate")
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
