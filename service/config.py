@@ -27,7 +27,8 @@ class Settings(BaseSettings):
     exit_mode: Literal["off", "approximate", "exact"] = "approximate"
     exit_gate: Literal["confidence", "entropy", "patience"] = "confidence"
     exit_threshold: float | None = Field(None, description="default: the artifact's calibrated value, else 0.9")
-    exit_min_layer: int = Field(1, ge=1)
+    exit_min_layer: int | None = Field(None, ge=1, description="first exit level; default: the artifact's "
+                                       "calibrated value, else 1")
     default_max_tokens: int = Field(16, ge=1, description="max_tokens when a request names none (OpenAI: 16)")
     default_temperature: float = Field(0.0, ge=0.0, description="0 = greedy")
     max_prompt_tokens: int = Field(2048, ge=1)

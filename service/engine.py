@@ -74,7 +74,7 @@ class Engine:
         self.decoder: Any = None
         self.metrics: Metrics | None = None
         self.batch_size: Histogram | None = None
-        self.default_threshold = 0.9
+        self.exit_defaults: Any = None  # service.loading.ExitDefaults, once loaded
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=settings.queue_size)
         self._on_fatal = on_fatal
         self._ready = threading.Event()
@@ -144,7 +144,7 @@ class Engine:
     def _load(self) -> None:
         from service.loading import load_decoder
 
-        self.decoder, self.default_threshold = load_decoder(self.settings)
+        self.decoder, self.exit_defaults = load_decoder(self.settings)
         self.metrics = Metrics(self.settings.model_name, self.decoder.num_layers)
         buckets = tuple(float(n) for n in range(1, self.settings.max_batch_size + 1))
         self.batch_size = Histogram("onejump_batch_size", "Sequences decoded together in one token step",

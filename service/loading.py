@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,19 +35,32 @@ def preflight(settings: Settings) -> None:
                          f"d={artifact.config.hidden_size}), but {settings.model} has L={layers}, d={width}")
 
 
-def _calibrated(calibration: dict[str, Any], settings: Settings, fallback: float) -> float:
-    """The artifact's calibrated threshold (``onejump calibrate``) when it is for the configured gate."""
-    if not calibration:
-        return fallback
-    if calibration.get("gate", "confidence") != settings.exit_gate:
-        log.warning("the jump is calibrated for the %s gate, the server uses %s: default threshold %.2f",
-                    calibration.get("gate"), settings.exit_gate, fallback)
-        return fallback
-    return float(calibration["threshold"])
+@dataclass(frozen=True)
+class ExitDefaults:
+    """What a request's ``early_exit`` falls back to: flags/env first, then the artifact's
+    calibration (``onejump calibrate``) when it is for the configured gate, then built-ins."""
+
+    threshold: float = 0.9
+    min_layer: int = 1
+    source: str = "built-in"
 
 
-def load_decoder(settings: Settings) -> tuple[Any, float]:
-    """The decoder for ``settings`` and the default exit threshold (calibrated when the artifact says)."""
+def exit_defaults(calibration: dict[str, Any], settings: Settings, num_layers: int) -> ExitDefaults:
+    usable = bool(calibration) and calibration.get("gate", "confidence") == settings.exit_gate
+    if calibration and not usable:
+        log.warning("the jump is calibrated for the %s gate, the server uses %s: calibration ignored",
+                    calibration.get("gate"), settings.exit_gate)
+    base = ExitDefaults(float(calibration["threshold"]), int(calibration.get("min_layer", 1)),
+                        "calibration") if usable else ExitDefaults()
+    threshold = base.threshold if settings.exit_threshold is None else settings.exit_threshold
+    min_layer = base.min_layer if settings.exit_min_layer is None else settings.exit_min_layer
+    if not 1 <= min_layer < num_layers:
+        raise ValueError(f"exit_min_layer={min_layer} must be in [1, {num_layers - 1}] for {settings.model}")
+    return ExitDefaults(threshold, min_layer, base.source)
+
+
+def load_decoder(settings: Settings) -> tuple[Any, ExitDefaults]:
+    """The decoder for ``settings`` and the exit defaults (calibrated when the artifact says)."""
     from shortcuts.adapter import CausalLM, resolve_device
     from shortcuts.artifact import JumpArtifact
     from shortcuts.engine import EarlyExitDecoder
@@ -54,14 +68,13 @@ def load_decoder(settings: Settings) -> tuple[Any, float]:
     device = resolve_device(settings.device)
     lm = CausalLM.load(settings.model, dtype=resolve_dtype(settings, device), device=device,
                        quantization=settings.quantization)
-    jump, threshold = None, 0.9
+    jump, calibration = None, {}
     if settings.jump:
         artifact = JumpArtifact.load(Path(settings.jump))
         artifact.check_model(lm)
         jump = artifact.jump.to(lm.device)
-        threshold = _calibrated(artifact.extra.get("calibration", {}), settings, threshold)
-    if settings.exit_threshold is not None:
-        threshold = settings.exit_threshold
-    log.info("loaded %s on %s (%d layers), jump %s, default threshold %.3f", settings.model, device,
-             lm.num_layers, settings.jump or "none (identity)", threshold)
-    return EarlyExitDecoder(lm, jump), threshold
+        calibration = artifact.extra.get("calibration", {})
+    defaults = exit_defaults(calibration, settings, lm.num_layers)
+    log.info("loaded %s on %s (%d layers), jump %s, exit defaults %s", settings.model, device,
+             lm.num_layers, settings.jump or "none (identity)", defaults)
+    return EarlyExitDecoder(lm, jump), defaults

@@ -61,8 +61,9 @@ class Serving:
         if max_tokens > s.max_new_tokens:
             raise BadRequestError(f"max_tokens={max_tokens} exceeds this server's limit of {s.max_new_tokens}",
                                   "max_tokens")
-        exits: dict[str, Any] = {"mode": s.exit_mode, "gate": s.exit_gate, "threshold": self.engine.default_threshold,
-                 "min_layer": s.exit_min_layer}
+        defaults = self.engine.exit_defaults
+        exits: dict[str, Any] = {"mode": s.exit_mode, "gate": s.exit_gate, "threshold": defaults.threshold,
+                                 "min_layer": defaults.min_layer}
         if ee is not None:
             exits |= ee.model_dump(exclude_none=True)
         try:

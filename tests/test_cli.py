@@ -122,8 +122,13 @@ def test_calibrate_stores_the_threshold_the_server_then_uses(tiny_folder: Path, 
     assert cal["lower_bound"] >= 0.5
     assert cal["agreement"] >= cal["lower_bound"]
     assert "calibration" not in JumpArtifact.load(jump).extra  # --out leaves the input alone
-    _, threshold = load_decoder(Settings(model=str(tiny_folder), jump=str(out)))
-    assert threshold == cal["threshold"]
+    _, defaults = load_decoder(Settings(model=str(tiny_folder), jump=str(out)))
+    assert (defaults.threshold, defaults.min_layer, defaults.source) == (cal["threshold"], cal["min_layer"],
+                                                                         "calibration")
+    _, mine = load_decoder(Settings(model=str(tiny_folder), jump=str(out), exit_threshold=0.7, exit_min_layer=2))
+    assert (mine.threshold, mine.min_layer) == (0.7, 2)  # flags win over the calibration
+    _, other = load_decoder(Settings(model=str(tiny_folder), jump=str(out), exit_gate="entropy"))
+    assert other.source == "built-in"  # calibrated for another gate: not used
     assert main([*args, "--target", "1.5"]) == 2
     assert "target=1.5" in capsys.readouterr().err
     assert main([*args, "--gates", "entropy", "--min-layers", "9"]) == 2

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from shortcuts.engine.agreement import Calibration
+if TYPE_CHECKING:  # the command's --help must not import torch
+    from shortcuts.engine.agreement import Calibration
 
 
 @dataclass
