@@ -33,41 +33,31 @@ import torch
 from torch import Tensor
 
 from shortcuts.engine.batch_cache import BatchKVCache, RowCall
-from shortcuts.engine.decoder import EarlyExitDecoder, FinishReason, Generation, OnToken, Pending, Stats, TokenTrace
+from shortcuts.engine.decoder import (
+    Draft,
+    EarlyExitDecoder,
+    Generation,
+    OnToken,
+    Pending,
+    SequenceRun,
+    TokenTrace,
+)
 from shortcuts.engine.exit_head import entropy
-from shortcuts.engine.sampling import distribution, make_generator, pick, sample, speculative_accept
+from shortcuts.engine.sampling import distribution, pick, sample, speculative_accept
 from shortcuts.engine.settings import GenerationSettings
 
 
-@dataclass
-class _Draft:
-    token: int
-    level: int
-    confidence: float
-    q: Tensor | None  # (V,) draft distribution, for speculative sampling
-
-
-class BatchSequence:
-    """One sequence in the batch: its settings, sampler, gate state, KV bookkeeping and output."""
+class BatchSequence(SequenceRun):
+    """One sequence in the batch: a ``SequenceRun`` plus its row, gate state and KV bookkeeping."""
 
     def __init__(self, row: int, prompt_len: int, settings: GenerationSettings, on_token: OnToken | None,
                  decoder: EarlyExitDecoder):
+        super().__init__(decoder, prompt_len, settings, on_token)
         self.row = row
-        self.settings = settings
-        self.on_token = on_token
         self.num_layers = decoder.num_layers
-        self.generator = make_generator(settings.seed)
-        self.stop = set(decoder.eos_ids if settings.stop_token_ids is None else settings.stop_token_ids)
-        self.budget = min(settings.max_new_tokens, decoder.runner.context_length - prompt_len)
-        exits = settings.exit
-        self.levels = set(exits.check_levels(self.num_layers)) if exits.mode != "off" else set()
-        self.tokens: list[int] = []
-        self.trace: list[TokenTrace] = []
-        self.stats = Stats()
-        self.finish: FinishReason | None = None
         self.length = prompt_len  # tokens fed so far
         self.pending: list[Pending] = []  # catch-up: fed tokens that still owe deeper blocks (the last ones fed)
-        self.drafts: list[_Draft] = []  # exact mode: drafts not yet verified
+        self.drafts: list[Draft] = []  # exact mode: drafts not yet verified
         self.check = False  # whether this step checks the gate
         self._last_top: int | None = None
         self._streak = 0
@@ -82,24 +72,9 @@ class BatchSequence:
         """The output so far (finish reason "abort" while still running)."""
         return Generation(list(self.tokens), list(self.trace), self.finish or "abort", self.stats)
 
-    def remaining(self) -> int:
-        return self.budget - len(self.tokens)
-
     def missing(self, layer: int) -> int:
         """How many fed tokens layer ``layer`` (0-based) has no keys/values for yet."""
         return sum(p.level <= layer for p in self.pending)
-
-    def emit(self, t: TokenTrace) -> bool:
-        """Append a token; True when generation is over."""
-        self.tokens.append(t.token)
-        self.trace.append(t)
-        if self.on_token is not None and not self.on_token(t):
-            self.finish = "abort"
-        elif t.token in self.stop:
-            self.finish = "stop"
-        elif self.remaining() <= 0:
-            self.finish = "length"
-        return self.finish is not None
 
     # --- one step ---------------------------------------------------------------------------------
     @property
@@ -120,7 +95,7 @@ class BatchSequence:
     def checks(self, level: int) -> bool:
         return self.check and level in self.levels
 
-    def gate(self, confidence: float, top: int, ent: float | None) -> bool:
+    def fires(self, confidence: float, top: int, ent: float | None) -> bool:
         """``ExitGate``'s decision from precomputed max-probability, top-1 and entropy."""
         s = self.settings.exit
         self.stats.exit_checks += 1
@@ -141,9 +116,9 @@ class BatchSequence:
         if s.exit.mode == "exact":
             q = None if s.greedy else distribution(logits, s.temperature, s.top_p)
             token = int(logits.argmax()) if q is None else sample(q, self.generator)
-            self.drafts.append(_Draft(token, level, confidence, q))
+            self.drafts.append(Draft(token, level, confidence, q))
             return
-        token = pick(logits, s.temperature, s.top_p, self.generator)
+        token = self.pick(logits)
         self.emit(TokenTrace(token, level, confidence, "exited"))
 
     def reached_top(self, full_logits: Tensor, start: int) -> None:
@@ -158,9 +133,7 @@ class BatchSequence:
             self.drafts = []
             return
         last = full_logits[-1]
-        s = self.settings
-        self.emit(TokenTrace(pick(last, s.temperature, s.top_p, self.generator), self.num_layers,
-                             _confidence(last), "full"))
+        self.emit(TokenTrace(self.pick(last), self.num_layers, _confidence(last), "full"))
 
     def _verify(self, full_logits: Tensor, start: int) -> list[TokenTrace]:
         """As ``EarlyExitDecoder._verify``: keep the drafts the full model agrees with, then its
@@ -429,7 +402,7 @@ class BatchDecoder:
         ents = entropy(logits).tolist() if need_entropy else [None] * len(seqs)
         out: list[float | None] = []
         for s, c, t, e in zip(seqs, conf.tolist(), top.tolist(), ents, strict=True):
-            out.append(c if s.gate(c, t, e) else None)
+            out.append(c if s.fires(c, t, e) else None)
         return out
 
     def _leave(self, g: _Group, j: int, level: int, copies: list[_Exit]) -> None:

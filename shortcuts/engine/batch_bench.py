@@ -129,20 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    from shortcuts.adapter import CausalLM
-    from shortcuts.artifact import JumpArtifact
-    from shortcuts.assets import default_model_dir
+    from shortcuts.engine.bench import load_model_and_jump
 
     torch.set_num_threads(args.threads)
-    lm = CausalLM.load(args.model or default_model_dir(), dtype=args.dtype, device=args.device)
-    jump = None
-    if Path(args.jump).is_file():
-        artifact = JumpArtifact.load(args.jump)
-        artifact.check_model(lm)
-        jump = artifact.jump
-        print(f"jump: {args.jump} (rank {artifact.config.rank}, {artifact.config.variant})")
-    else:
-        print(f"jump: {args.jump} not found; exits use the identity shortcut (logit lens)")
+    lm, jump = load_model_and_jump(args.model, args.jump, args.device, args.dtype)
     print(report(lm, args, run(args, lm, jump)))
     return 0
 

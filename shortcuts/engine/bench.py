@@ -167,25 +167,30 @@ def report(lm: CausalLM, micro_times: dict[str, float], rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    import torch
-
+def load_model_and_jump(model: str | None, jump_path: str, device: str,
+                        dtype: str = "float32") -> tuple[CausalLM, LowRankJumps | None]:
+    """The model (default: the SmolLM2 asset) and the jump, or None (identity) when the file is missing."""
     from shortcuts.adapter import CausalLM
     from shortcuts.artifact import JumpArtifact
     from shortcuts.assets import default_model_dir
 
+    lm = CausalLM.load(model or default_model_dir(), dtype=dtype, device=device)
+    if not Path(jump_path).is_file():
+        print(f"jump: {jump_path} not found; exits use the identity shortcut (logit lens)")
+        return lm, None
+    artifact = JumpArtifact.load(jump_path)
+    artifact.check_model(lm)
+    print(f"jump: {jump_path} (rank {artifact.config.rank}, {artifact.config.variant})")
+    return lm, artifact.jump.to(lm.device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    lm = CausalLM.load(args.model or default_model_dir(), device=args.device)
-    jump = None
-    if Path(args.jump).is_file():
-        artifact = JumpArtifact.load(args.jump)
-        artifact.check_model(lm)
-        jump = artifact.jump
-        print(f"jump: {args.jump} (rank {artifact.config.rank}, {artifact.config.variant})")
-    else:
-        print(f"jump: {args.jump} not found; exits use the identity shortcut (logit lens)")
+    lm, jump = load_model_and_jump(args.model, args.jump, args.device)
     print(report(lm, micro(lm, jump, args.repeats), decode_rows(lm, jump, args)))
     return 0
 

@@ -117,7 +117,7 @@ class StepResult:
 
 
 @dataclass
-class _Draft:
+class Draft:
     token: int
     level: int
     confidence: float
@@ -128,8 +128,9 @@ def _confidence(logits: Tensor) -> float:
     return float(torch.softmax(logits.float(), dim=-1).max())
 
 
-class _Run:
-    """The mutable parts of one ``generate`` call."""
+class SequenceRun:
+    """The mutable parts of one sequence's generation: sampler, stop rule, budget, output, stats
+    (one ``generate`` call; ``batch.BatchSequence`` extends it with its row in a batch)."""
 
     def __init__(self, decoder: EarlyExitDecoder, prompt_len: int, settings: GenerationSettings,
                  on_token: OnToken | None = None):
@@ -194,7 +195,7 @@ class EarlyExitDecoder:
         settings = settings or GenerationSettings()
         self._check_prompt(prompt_ids)
         mode = settings.exit.mode
-        run = _Run(self, len(prompt_ids), settings, on_token)
+        run = SequenceRun(self, len(prompt_ids), settings, on_token)
         state, logits = self.prefill(prompt_ids)
         first = TokenTrace(run.pick(logits), self.num_layers, _confidence(logits), "full")
         if not run.emit(first):
@@ -215,7 +216,7 @@ class EarlyExitDecoder:
         if settings.exit.mode == "exact":
             raise ValueError("follow() replays modes 'off' and 'approximate'; exact mode always agrees")
         self._check_prompt(prompt_ids + continuation[:-1])
-        run = _Run(self, len(prompt_ids), settings)
+        run = SequenceRun(self, len(prompt_ids), settings)
         state, _ = self.prefill(prompt_ids)
         check = settings.exit.mode == "approximate"
         out: list[TokenTrace] = []
@@ -258,7 +259,7 @@ class EarlyExitDecoder:
         start = state.length - (len(state.pending) - waiting)
         return Chunk(torch.cat(states, dim=1), start), waiting  # (1, q, d)
 
-    def _step(self, run: _Run, state: DecodeState, token: int, check: bool, all_logits: bool) -> StepResult:
+    def _step(self, run: SequenceRun, state: DecodeState, token: int, check: bool, all_logits: bool) -> StepResult:
         """Feed one token at position ``state.length``; exit at the first level where the gate fires."""
         L, policy = self.num_layers, run.settings.exit.kv_policy
         chunk: Chunk | None = self.runner.embed(torch.tensor([[token]]), state.length)
@@ -286,7 +287,7 @@ class EarlyExitDecoder:
         full = self.runner.full_logits(chunk.h[0] if all_logits else chunk.h[0, -1:])  # (q, V)
         return StepResult(L, full[-1], _confidence(full[-1]), chunk.start, full)
 
-    def _leave(self, run: _Run, state: DecodeState, chunk: Chunk, waiting: int, level: int, policy: str) -> None:
+    def _leave(self, run: SequenceRun, state: DecodeState, chunk: Chunk, waiting: int, level: int, policy: str) -> None:
         """The fed token exits at ``level``: its (and the chunk's) skipped blocks wait or are filled."""
         if policy == "copy":
             for j in range(level, self.num_layers):
@@ -298,7 +299,7 @@ class EarlyExitDecoder:
         run.stats.layers_skipped += self.num_layers - level
 
     # --- decoding loops ---------------------------------------------------------------------------
-    def _decode_plain(self, run: _Run, state: DecodeState) -> None:
+    def _decode_plain(self, run: SequenceRun, state: DecodeState) -> None:
         """Modes off and approximate: each step's deciding head picks the next token."""
         check = run.settings.exit.mode == "approximate"
         token = run.tokens[-1]
@@ -309,12 +310,12 @@ class EarlyExitDecoder:
             if run.emit(TokenTrace(token, res.level, res.confidence, kind)):
                 return
 
-    def _decode_exact(self, run: _Run, state: DecodeState) -> None:
+    def _decode_exact(self, run: SequenceRun, state: DecodeState) -> None:
         """Draft with exits until a step goes full depth (by itself, or forced after max_draft
         drafts), which verifies the drafts; emit what survives and continue from there."""
         s = run.settings
         token = run.tokens[-1]
-        drafts: list[_Draft] = []
+        drafts: list[Draft] = []
         while True:
             room = min(s.exit.max_draft, run.remaining() - 1)
             check = len(drafts) < room and not (drafts and drafts[-1].token in run.stop)
@@ -322,14 +323,14 @@ class EarlyExitDecoder:
             if res.level < self.num_layers:
                 q = None if s.greedy else distribution(res.logits, s.temperature, s.top_p)
                 token = int(res.logits.argmax()) if q is None else sample(q, run.generator)
-                drafts.append(_Draft(token, res.level, res.confidence, q))
+                drafts.append(Draft(token, res.level, res.confidence, q))
                 continue
             for t in self._verify(run, state, drafts, res):
                 if run.emit(t):
                     return
             token, drafts = run.tokens[-1], []
 
-    def _verify(self, run: _Run, state: DecodeState, drafts: list[_Draft], res: StepResult) -> list[TokenTrace]:
+    def _verify(self, run: SequenceRun, state: DecodeState, drafts: list[Draft], res: StepResult) -> list[TokenTrace]:
         """Keep the drafts the full model agrees with; then its correction or its next token.
         Row k of ``res.full_logits`` predicts the token after position start + k, i.e. drafts[k]."""
         s, L = run.settings, self.num_layers
