@@ -92,22 +92,27 @@ def _layer_output(output: object) -> Tensor:
 
 
 @torch.inference_mode()
-def _states_for_batch(lm: CausalLM, ids: list[list[int]], positions: list[int]) -> tuple[Tensor, Tensor]:
-    """Run one right-padded batch, keep each sequence's states at its position."""
+def block_outputs(lm: CausalLM, ids: list[list[int]]) -> list[Tensor]:
+    """Each block's output (B, T, d) for a right-padded batch (padding sits after every real token,
+    so a causal model's states at real positions do not see it)."""
     width = max(len(x) for x in ids)
     pad = lm.tokenizer.pad_token_id or 0
     input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=lm.device)
     mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=lm.device)
-    rows, cols = torch.arange(len(ids), device=lm.device), torch.tensor(positions, device=lm.device)
     kept: list[Tensor] = []
-    hooks = [layer.register_forward_hook(lambda _m, _i, out: kept.append(_layer_output(out)[rows, cols].float()))
-             for layer in lm.layers]
+    hooks = [layer.register_forward_hook(lambda _m, _i, out: kept.append(_layer_output(out))) for layer in lm.layers]
     try:
         lm.model.base_model(input_ids=input_ids, attention_mask=mask, use_cache=False)
     finally:
         for h in hooks:
             h.remove()
-    stacked = torch.stack(kept, dim=1).cpu()  # (B, L, d)
+    return kept
+
+
+def _states_for_batch(lm: CausalLM, ids: list[list[int]], positions: list[int]) -> tuple[Tensor, Tensor]:
+    """Run one right-padded batch, keep each sequence's states at its position."""
+    rows, cols = torch.arange(len(ids), device=lm.device), torch.tensor(positions, device=lm.device)
+    stacked = torch.stack([out[rows, cols].float() for out in block_outputs(lm, ids)], dim=1).cpu()  # (B, L, d)
     return stacked[:, :-1], stacked[:, -1]
 
 

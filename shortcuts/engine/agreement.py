@@ -20,7 +20,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from shortcuts.adapter import CausalLM
-from shortcuts.collect import read_corpus
+from shortcuts.collect import block_outputs, read_corpus
 from shortcuts.engine.exit_head import ExitHead, entropy
 from shortcuts.engine.settings import ExitSettings
 
@@ -88,23 +88,6 @@ def continuations(lm: CausalLM, prompts: list[list[int]], new_tokens: int, batch
 
 
 # --- the table ---------------------------------------------------------------------------------------
-def _block_outputs(lm: CausalLM, ids: list[list[int]]) -> list[Tensor]:
-    """Each block's output (B, T, d) for a right-padded batch (padding sits after every real token)."""
-    width = max(len(x) for x in ids)
-    pad = lm.tokenizer.pad_token_id or 0
-    input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=lm.device)
-    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=lm.device)
-    kept: list[Tensor] = []
-    hooks = [layer.register_forward_hook(lambda _m, _i, out: kept.append(out[0] if isinstance(out, tuple) else out))
-             for layer in lm.layers]
-    try:
-        lm.model.base_model(input_ids=input_ids, attention_mask=mask, use_cache=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return kept
-
-
 def _head_stats(logits: Tensor, with_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(n, V) logits -> confidence, entropy (NaN unless ``with_entropy``: it costs as much again), top-1."""
     conf, top = torch.softmax(logits.float(), dim=-1).max(-1)
@@ -116,7 +99,7 @@ def _batch_table(lm: CausalLM, head: ExitHead, prompts: list[list[int]], conts: 
                  chunk: int, with_entropy: bool) -> LevelTable:
     """Decode steps k = 1..K-1 of each continuation: the state at position len(prompt)+k-1 (fed
     token k-1) predicts token k. Step 0 is the prefill, always full depth, so it is left out."""
-    outputs = _block_outputs(lm, [p + c for p, c in zip(prompts, conts, strict=True)])
+    outputs = block_outputs(lm, [p + c for p, c in zip(prompts, conts, strict=True)])
     rows = torch.cat([torch.full((len(c) - 1,), i) for i, c in enumerate(conts)]).to(lm.device)
     cols = torch.cat([torch.arange(len(p), len(p) + len(c) - 1) for p, c in zip(prompts, conts, strict=True)])
     cols = cols.to(lm.device)
