@@ -421,8 +421,11 @@ def test_without_exits_every_mode_equals_off(sharp: tuple[CausalLM, EarlyExitDec
     for mode in modes:
         gen = dec.generate(ids, settings(mode=mode, threshold=1.0, kv_policy=kv_policy))
         assert gen.tokens == ref
-        assert gen.stats.exit_checks > 0
+        assert gen.stats.exit_checks == 0  # a confidence threshold of 1.0 cannot fire: nothing is checked
         assert gen.stats.layers_skipped == gen.stats.kv_fills == gen.stats.drafted == 0
+        unreachable = dec.generate(ids, settings(mode=mode, gate="entropy", threshold=0.0, kv_policy=kv_policy))
+        assert unreachable.tokens == ref
+        assert unreachable.stats.exit_checks > 0
 
 
 def test_min_layer_and_stride_limit_the_exit_levels(sharp: tuple[CausalLM, EarlyExitDecoder]) -> None:
