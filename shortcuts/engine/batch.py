@@ -12,8 +12,8 @@ would decode it alone, up to float rounding of batched matrix products:
   (prepended, so the row carries several tokens) at the first block they skipped, in the next step
   that climbs that far. Rows with fewer tokens than the widest row are right-padded; the padding
   queries' outputs are discarded and their keys land past the row's length, where nothing reads them.
-- copy: after the layer loop, the attention of each skipped block fills the exited tokens' keys
-  and values from their exit states (``runner.fill_kv``, for the rows that need that block).
+- copy: after the layer loop, each skipped block's key/value projections fill the exited tokens'
+  keys and values from their exit states (``runner.kv_projection``, for the rows that need that block).
 - exact (self-speculative): drafts are exits; a step that goes to full depth verifies the row's
   caught-up drafts with the full head on all of its tokens and crops the row on a rejection.
 
@@ -313,14 +313,11 @@ class BatchDecoder:
         g.h = out[0] if isinstance(out, tuple) else out
 
     def _attention_only(self, layer: int, g: _Group) -> None:
-        """The copy policy's fill: block ``layer``'s attention on the group's states as its input
-        (as ``LayerRunner.fill_kv``), writing their keys/values; the output is discarded."""
-        block = self.lm.layers[layer]
-        norm, attn = (block.ln_1, block.attn) if self.runner.is_gpt2 else (block.input_layernorm, block.self_attn)
-        kwargs = self._kwargs(layer, g)
-        kwargs.pop("position_ids")
+        """The copy policy's fill: block ``layer``'s keys/values from the group's states as its input
+        (``LayerRunner.kv_projection``, as ``fill_kv``); no attention, no MLP."""
+        k, v = self.runner.kv_projection(layer, g.h, self._rope(g, layer))
         self.cache.bind(g.call)
-        attn(hidden_states=norm(g.h), **kwargs)
+        self.cache.update(k, v, layer)
 
     def _prefill(self, row: int, ids: list[int]) -> Tensor:
         """The prompt through every block in its own row (a batch of one); the last logits (V,)."""

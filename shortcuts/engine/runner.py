@@ -154,23 +154,26 @@ class LayerRunner:
         attention itself and the MLP are not needed, so a fill costs a few percent of a block."""
         if cache.length(i) != chunk.start:
             raise RuntimeError(f"layer {i} caches {cache.length(i)} positions, but the chunk starts at {chunk.start}")
+        k, v = self.kv_projection(i, chunk.h, self._rope(chunk, i))
+        cache.update(k, v, i)
+
+    def kv_projection(self, i: int, h: Tensor, rope: Any) -> tuple[Tensor, Tensor]:
+        """Block i's keys and values (B, H_kv, q, D) for input states h (B, q, d): the model's own
+        norm, k/v projections and k-norm, then rotary (``rope`` = (cos, sin) or None)."""
         block = self.lm.layers[i]
         if self.is_gpt2:
             attn = block.attn
-            _, k, v = attn.c_attn(block.ln_1(chunk.h)).split(attn.split_size, dim=2)
+            _, k, v = attn.c_attn(block.ln_1(h)).split(attn.split_size, dim=2)
         else:
             attn = block.self_attn
-            x = block.input_layernorm(chunk.h)
+            x = block.input_layernorm(h)
             k, v = attn.k_proj(x), attn.v_proj(x)
-        shape = (*chunk.h.shape[:-1], -1, attn.head_dim)
+        shape = (*h.shape[:-1], -1, attn.head_dim)
         k, v = k.view(shape), v.view(shape)
         if getattr(attn, "k_norm", None) is not None:  # Qwen3, Gemma 3: per-head norm before rotary
             k = attn.k_norm(k)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, H_kv, q, D)
-        rope = self._rope(chunk, i)
-        if rope is not None:
-            k = rotate(k, *rope)
-        cache.update(k, v, i)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        return (k if rope is None else rotate(k, *rope)), v
 
     @torch.inference_mode()
     def full_logits(self, h: Tensor) -> Tensor:
