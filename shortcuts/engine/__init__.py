@@ -22,6 +22,7 @@ _LAZY = {
     "LayerRunner": "shortcuts.engine.runner",
     "LayerKVCache": "shortcuts.engine.cache",
     "ExitHead": "shortcuts.engine.exit_head",
+    "BatchDecoder": "shortcuts.engine.batch",
 }
 
 __all__ = ["ExitSettings", "GenerationSettings", *_LAZY]

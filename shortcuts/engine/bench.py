@@ -76,6 +76,14 @@ def micro(lm: CausalLM, jump: LowRankJumps | None, repeats: int) -> dict[str, fl
         token.h = h
         runner.layer(0, token, cache)
 
+    chunk4 = runner.embed(ids[:, 61:65], 64)  # 4 tokens at once: what catch-up and verification run
+    h4 = chunk4.h
+
+    def four_tokens() -> None:
+        cache.crop(0, 64)
+        chunk4.h = h4
+        runner.layer(0, chunk4, cache)
+
     def one_fill() -> None:
         cache.crop(0, 64)
         token.h = h
@@ -91,6 +99,7 @@ def micro(lm: CausalLM, jump: LowRankJumps | None, repeats: int) -> dict[str, fl
 
     with torch.inference_mode():
         return {"block": _median_seconds(one_block, repeats),
+                "block, 4 tokens at once": _median_seconds(four_tokens, repeats),
                 "K/V fill (copy)": _median_seconds(one_fill, repeats),
                 "full head": _median_seconds(lambda: lm.head(state), repeats),
                 f"exit head ({head.kind})": _median_seconds(lambda: head(state, level), repeats),

@@ -50,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--drift-threshold", type=float, default=0.7)
     p.add_argument("--no-identity", dest="identity", action="store_false",
                    help="leave the identity head out of the quality table (a full head per level: slow for big V)")
+    p.add_argument("--sections", default="quality,speed,drift", help="which of quality, speed, drift to run")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True)
@@ -241,9 +242,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                "args": {k: v for k, v in vars(args).items() if k != "out"}}
     results["cost_ms"] = {k: v * 1e3 for k, v in micro(lm, primary, repeats=50).items()}
     t0 = time.perf_counter()
-    results["quality"] = quality(lm, jumps, prompts, continuations(lm, prompts, args.new_tokens), args)
-    results["speed"] = speed(lm, jumps, prompts[: args.speed_prompts], args)
-    results["drift"] = drift(lm, primary, prompts[: args.drift_prompts], args)
+    sections = set(args.sections.split(","))
+    if "quality" in sections:
+        results["quality"] = quality(lm, jumps, prompts, continuations(lm, prompts, args.new_tokens), args)
+    if "speed" in sections:
+        results["speed"] = speed(lm, jumps, prompts[: args.speed_prompts], args)
+    if "drift" in sections:
+        results["drift"] = drift(lm, primary, prompts[: args.drift_prompts], args)
     results["seconds"] = time.perf_counter() - t0
     return results
 

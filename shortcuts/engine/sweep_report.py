@@ -61,16 +61,20 @@ def _drift_table(r: dict[str, Any]) -> list[str]:
 def write_report(r: dict[str, Any], out: Path) -> None:
     a = r["args"]
     md = [f"# Early-exit sweep: {Path(r['model']).name}", "",
-          f"{a['prompts']} held-out prompts x {a['new_tokens']} new tokens; exits checked from level "
-          f"{a['min_layer']} (stride {a['stride']}); {r['seconds'] / 60:.1f} min.", "",
-          "## Cost model", "", *_cost_table(r), "",
-          "## Agreement with the full model (teacher-forced, confidence gate)", "", *_quality_table(r), "",
-          "## Ceiling and calibration", "", *_oracle_table(r), "",
-          f"## Speed ({a['speed_prompts']} prompts, arms interleaved)", "", *_speed_table(r), "",
-          f"## KV policy on long outputs ({a['drift_prompts']} prompts x {a['drift_tokens']} tokens, "
-          f"threshold {a['drift_threshold']}, teacher-forced)", "", *_drift_table(r), ""]
+          f"Jumps: `{a['jumps']}`. {a['prompts']} held-out prompts x {a['new_tokens']} new tokens; exits checked "
+          f"from level {a['min_layer']} (stride {a['stride']}); {r['seconds'] / 60:.1f} min.", "",
+          "## Cost model", "", *_cost_table(r), ""]
+    if "quality" in r:
+        md += ["## Agreement with the full model (teacher-forced, confidence gate)", "", *_quality_table(r), "",
+               "## Ceiling and calibration", "", *_oracle_table(r), ""]
+    if "speed" in r:
+        md += [f"## Speed ({a['speed_prompts']} prompts, arms interleaved)", "", *_speed_table(r), ""]
+    if "drift" in r:
+        md += [f"## KV policy on long outputs ({a['drift_prompts']} prompts x {a['drift_tokens']} tokens, "
+               f"threshold {a['drift_threshold']}, teacher-forced)", "", *_drift_table(r), ""]
     (out / "report.md").write_text("\n".join(md))
-    plot(r, out)
+    if "quality" in r and "speed" in r:
+        plot(r, out)
 
 
 def plot(r: dict[str, Any], out: Path) -> None:
