@@ -3,11 +3,15 @@ the calibration, on tiny random models (see test_engine for ``sharpen`` and ``fi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import ARCHS, build_tiny
 from test_engine import fitted_jump, prompt_ids, settings, sharpen
 
+from shortcuts.adapter import CausalLM
 from shortcuts.engine.agreement import (
     CostModel,
     LevelTable,
@@ -127,3 +131,31 @@ def test_calibrate_weighs_check_cost_against_depth() -> None:
     level = torch.tensor([3, 4])
     s = ExitSettings(mode="approximate", min_layer=2)
     assert checks_made(level, s, 4).tolist() == [2, 2]
+
+
+def test_sweep_runs_every_section_on_a_tiny_model(tiny_folder: Path, word_corpus: Path, tmp_path: Path,
+                                                  make_tiny: Callable[..., CausalLM]) -> None:
+    import json
+
+    from test_adapter import _artifact
+
+    from shortcuts.engine import sweep
+
+    jump = _artifact(make_tiny("llama")).save(tmp_path / "jump.safetensors")
+    out = tmp_path / "sweep"
+    args = ["--model", str(tiny_folder), "--jumps", f"tiny={jump}", "--corpus", str(word_corpus), "--prompts", "4",
+            "--new-tokens", "6", "--thresholds", "0.05,0.5", "--speed-prompts", "1", "--speed-thresholds", "0.05",
+            "--exact-thresholds", "0.05", "--drift-prompts", "1", "--drift-tokens", "9", "--min-layer", "1",
+            "--out", str(out)]
+    assert sweep.main(args) == 0
+    r = json.loads((out / "results.json").read_text())
+    assert set(r["quality"]) == {"tiny", "identity"}
+    rows = r["quality"]["tiny"]["rows"]
+    assert [row["threshold"] for row in rows] == [0.05, 0.5]
+    assert all(sum(row["histogram"]) == 4 * 5 for row in rows)
+    assert rows[0]["mean_exit_layer"] <= rows[1]["mean_exit_layer"]
+    assert set(r["speed"]) == {"off", "HF generate", "approximate t=0.05", "exact t=0.05"}
+    assert r["speed"]["exact t=0.05"]["free_running_same"] == 1.0  # exact mode is the full model's output
+    assert set(r["drift"]) == {"off", "catchup", "copy"}
+    assert (out / "speedup_vs_agreement.png").stat().st_size > 1000
+    assert "## Ceiling and calibration" in (out / "report.md").read_text()
