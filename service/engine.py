@@ -46,6 +46,8 @@ class Job:
     events: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     stop_hit: bool = False  # the route found a stop string: cancelling then is a normal finish
+    queue_timeout: float | None = None  # seconds it may wait to be admitted (Settings.request_timeout_s)
+    timed_out: bool = False  # it waited longer: the worker drops it when it comes to it
 
     def post(self, event: Any) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -54,10 +56,25 @@ class Job:
         self.stop_hit = self.stop_hit or stop_hit
         self.cancelled.set()
 
+    async def _next(self) -> Any:
+        """The next event; a job still waiting in the queue past its timeout is cancelled with a 504
+        at once, not when a slot frees (the worker only takes it off the queue then)."""
+        while self.queue_timeout is not None and self.stats.started is None:
+            left = self.stats.arrival + self.queue_timeout - time.monotonic()
+            try:
+                return await asyncio.wait_for(self.events.get(), timeout=max(left, 0.0) + 0.05)
+            except asyncio.TimeoutError:
+                if self.stats.started is None:
+                    self.timed_out = True
+                    self.cancel()
+                    raise QueueTimeoutError(f"waited over {self.queue_timeout:g}s in the queue (the request "
+                                            "timeout) while the batch was full") from None
+        return await self.events.get()
+
     async def stream(self) -> AsyncIterator[Any]:
         """Token traces until the generation is done; raises the job's error if it failed."""
         while True:
-            event = await self.events.get()
+            event = await self._next()
             if isinstance(event, ServiceError):
                 raise event
             yield event
@@ -108,7 +125,8 @@ class Engine:
     def submit(self, prompt_ids: list[int], gen_settings: Any) -> Job:
         if not self.ready:
             raise NotReadyError(self.error or "the model is still loading; try again when /ready answers 200")
-        job = Job(prompt_ids, gen_settings, asyncio.get_running_loop(), RequestStats(arrival=time.monotonic()))
+        job = Job(prompt_ids, gen_settings, asyncio.get_running_loop(), RequestStats(arrival=time.monotonic()),
+                  queue_timeout=self.settings.request_timeout_s)
         job.stats.prompt_tokens = len(prompt_ids)
         try:
             self._queue.put_nowait(job)
@@ -194,8 +212,8 @@ class Engine:
         """Prefill the job's prompt into the batch; None when it failed or finished at once."""
         s = job.stats
         s.started = time.monotonic()
-        if job.cancelled.is_set():
-            self._fail(job, ServiceError("cancelled"), "cancelled")
+        if job.cancelled.is_set():  # the route already answered (504) or the client left
+            self._fail(job, ServiceError("cancelled"), "timeout" if job.timed_out else "cancelled")
             return None
         if s.started - s.arrival > self.settings.request_timeout_s:
             self._fail(job, QueueTimeoutError(f"waited {s.started - s.arrival:.1f}s in the queue, longer than "

@@ -183,6 +183,13 @@ def _hammer(url: str, n: int, max_tokens: int) -> list[int]:
     return codes
 
 
+def _wait_until_dequeued(url: str, seconds: float = 10.0) -> None:
+    """A 504 is answered at once; the worker counts the failure when it takes the job off the queue."""
+    deadline = time.monotonic() + seconds
+    while metric(url, "onejump_num_requests_waiting") and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def test_overload_gets_429_and_timeouts_504(tiny_model_dir: Path) -> None:
     # 2 decoding + 1 waiting: the other requests of the burst find the queue full
     with running_server(tiny_settings(tiny_model_dir, queue_size=1, max_batch_size=2, max_new_tokens=120,
@@ -197,7 +204,33 @@ def test_overload_gets_429_and_timeouts_504(tiny_model_dir: Path) -> None:
                                       default_max_tokens=8, max_batch_size=1)) as url:
         codes = _hammer(url, 4, 120)
         assert 504 in codes
+        _wait_until_dequeued(url)
         assert metric(url, "onejump_request_failure_total", reason="timeout") == codes.count(504)
+
+
+def test_queue_timeout_answers_without_waiting_for_a_slot(tiny_model_dir: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one slot is busy with a slow generation (20 ms a token, 2 s in all): a queued request
+    gets its 504 at its 0.5 s timeout, not when the slot frees."""
+    from shortcuts.engine.batch import BatchDecoder
+
+    step = BatchDecoder.step
+    monkeypatch.setattr(BatchDecoder, "step", lambda self: (time.sleep(0.02), step(self))[1])
+    with running_server(tiny_settings(tiny_model_dir, queue_size=4, request_timeout_s=0.5, max_batch_size=1)) as url:
+        body = {"prompt": "the king", "max_tokens": 100, "ignore_eos": True}
+        slow = threading.Thread(target=httpx.post, args=(f"{url}/v1/completions",),
+                                kwargs={"json": body, "timeout": 120})
+        slow.start()
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "the river", "max_tokens": 4}, timeout=120)
+        waited = time.monotonic() - t0
+        slow.join()
+        assert r.status_code == 504, r.text
+        assert "request timeout" in r.json()["error"]["message"]
+        assert 0.4 < waited < 1.5, waited
+        _wait_until_dequeued(url)
+        assert metric(url, "onejump_request_failure_total", reason="timeout") == 1
 
 
 def _complete(url: str, prompt: str, early_exit: dict, barrier: threading.Barrier | None = None) -> dict:
