@@ -118,6 +118,8 @@ def _batch_table(lm: CausalLM, head: ExitHead, prompts: list[list[int]], conts: 
 def level_table(lm: CausalLM, head: ExitHead, prompts: list[list[int]], conts: list[list[int]],
                 batch_size: int = 8, chunk: int = 256, with_entropy: bool = True) -> LevelTable:
     """The table for every prompt (in order) and its continuation; see ``_batch_table``."""
+    if not prompts or min(len(c) for c in conts) < 2:
+        raise ValueError("need at least one prompt and continuations of 2+ tokens (step 0 is the prefill)")
     tables = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="levels", unit="batch"):
         end = start + batch_size
