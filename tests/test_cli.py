@@ -129,6 +129,8 @@ def test_calibrate_stores_the_threshold_the_server_then_uses(tiny_folder: Path, 
     assert (mine.threshold, mine.min_layer) == (0.7, 2)  # flags win over the calibration
     _, other = load_decoder(Settings(model=str(tiny_folder), jump=str(out), exit_gate="entropy"))
     assert other.source == "built-in"  # calibrated for another gate: not used
+    assert main([*args, "--new-tokens", "1"]) == 2
+    assert "new_tokens=1 >= 2" in capsys.readouterr().err
     assert main([*args, "--target", "1.5"]) == 2
     assert "target=1.5" in capsys.readouterr().err
     assert main([*args, "--gates", "entropy", "--min-layers", "9"]) == 2

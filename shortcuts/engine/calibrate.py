@@ -44,6 +44,8 @@ def run_calibrate(cfg: CalibrateConfig) -> tuple[Calibration, Path]:
 
     if not 0.0 < cfg.target <= 1.0 or not 0.5 <= cfg.confidence < 1.0:
         raise ValueError(f"target={cfg.target} must be in (0, 1] and confidence={cfg.confidence} in [0.5, 1)")
+    if cfg.prompts < 1 or cfg.new_tokens < 2 or cfg.offset < 0:
+        raise ValueError(f"prompts={cfg.prompts} must be >= 1, new_tokens={cfg.new_tokens} >= 2, offset >= 0")
     if bad := [g for g in cfg.gates if g not in GATES or g == "patience"]:
         raise ValueError(f"gates {bad} cannot be calibrated; use confidence and/or entropy")
     artifact = JumpArtifact.load(cfg.jump)  # fails fast on a bad artifact, before the model loads
