@@ -31,7 +31,8 @@ def _quality_table(r: dict[str, Any]) -> list[str]:
 def _oracle_table(r: dict[str, Any]) -> list[str]:
     L = r["num_layers"]
     lines = [f"| exit head | perfect gate: mean depth / {L} (speed-up) | stable oracle: mean depth (speed-up) | "
-             "lowest mean exit with 95% LB >= 0.95 (checks free; not `onejump calibrate`): gate, threshold, agreement (LB), mean exit |", "|---|---|---|---|"]
+             "lowest mean exit with 95% LB >= 0.95 (checks free; not `onejump calibrate`): gate, threshold, "
+             "agreement (LB), mean exit |", "|---|---|---|---|"]
     for name, q in r["quality"].items():
         o, c = q["oracle"], q["calibrated"]["0.95"]
         lines.append(f"| {name} | {o['first_hit']['mean']:.1f} ({o['first_hit']['speedup']:.2f}x) | "
