@@ -41,9 +41,10 @@ from shortcuts.engine.decoder import (
     Pending,
     SequenceRun,
     TokenTrace,
+    max_probability,
 )
 from shortcuts.engine.exit_head import entropy
-from shortcuts.engine.sampling import distribution, pick, sample, speculative_accept
+from shortcuts.engine.sampling import distribution, pick, sample
 from shortcuts.engine.settings import GenerationSettings
 
 
@@ -133,34 +134,14 @@ class BatchSequence(SequenceRun):
             self.drafts = []
             return
         last = full_logits[-1]
-        self.emit(TokenTrace(self.pick(last), self.num_layers, _confidence(last), "full"))
+        self.emit(TokenTrace(self.pick(last), self.num_layers, max_probability(last), "full"))
 
     def _verify(self, full_logits: Tensor, start: int) -> list[TokenTrace]:
-        """As ``EarlyExitDecoder._verify``: keep the drafts the full model agrees with, then its
-        correction or its next token; a rejection rolls ``length`` back (the row is cropped to it)."""
-        s, L = self.settings, self.num_layers
-        assert full_logits.shape[0] == len(self.drafts) + 1
-        out: list[TokenTrace] = []
-        self.stats.drafted += len(self.drafts)
-        for k, d in enumerate(self.drafts):
-            row = full_logits[k]
-            if s.greedy:
-                top = int(row.argmax())
-                fix = None if top == d.token else top
-            else:
-                assert d.q is not None
-                fix = speculative_accept(distribution(row, s.temperature, s.top_p), d.q, d.token, self.generator)
-            if fix is not None:
-                self.length = start + k + 1  # drop drafts[k:]
-                return [*out, TokenTrace(fix, L, _confidence(row), "corrected")]
-            self.stats.accepted += 1
-            out.append(TokenTrace(d.token, d.level, d.confidence, "accepted"))
-        last = full_logits[-1]
-        return [*out, TokenTrace(pick(last, s.temperature, s.top_p, self.generator), L, _confidence(last), "full")]
-
-
-def _confidence(logits: Tensor) -> float:
-    return float(torch.softmax(logits.float(), dim=-1).max())
+        """``SequenceRun.verify``; a rejection rolls ``length`` back (the row is cropped to it)."""
+        traces, rejected = self.verify(self.drafts, full_logits, self.num_layers)
+        if rejected is not None:
+            self.length = start + rejected + 1  # drop drafts[rejected:]
+        return traces
 
 
 @dataclass
@@ -235,7 +216,7 @@ class BatchDecoder:
         self.cache.reset_row(row)
         logits = self._prefill(row, ids)
         first = TokenTrace(pick(logits, settings.temperature, settings.top_p, seq.generator), self.num_layers,
-                           _confidence(logits), "full")
+                           max_probability(logits), "full")
         if not seq.emit(first):
             self.slots[row] = seq
         return seq

@@ -124,7 +124,7 @@ class Draft:
     q: Tensor | None  # (V,) draft distribution, for speculative sampling
 
 
-def _confidence(logits: Tensor) -> float:
+def max_probability(logits: Tensor) -> float:
     return float(torch.softmax(logits.float(), dim=-1).max())
 
 
@@ -154,6 +154,28 @@ class SequenceRun:
 
     def remaining(self) -> int:
         return self.budget - len(self.tokens)
+
+    def verify(self, drafts: list[Draft], full_logits: Tensor, num_layers: int) -> tuple[list[TokenTrace], int | None]:
+        """Keep the drafts the full model agrees with (full_logits row k judges drafts[k]), then its
+        correction or its next token (row len(drafts)); also the index of the rejected draft, if any."""
+        s = self.settings
+        assert full_logits.shape[0] == len(drafts) + 1
+        out: list[TokenTrace] = []
+        self.stats.drafted += len(drafts)
+        for k, d in enumerate(drafts):
+            row = full_logits[k]
+            if s.greedy:
+                top = int(row.argmax())
+                fix = None if top == d.token else top
+            else:
+                assert d.q is not None
+                fix = speculative_accept(distribution(row, s.temperature, s.top_p), d.q, d.token, self.generator)
+            if fix is not None:
+                return [*out, TokenTrace(fix, num_layers, max_probability(row), "corrected")], k
+            self.stats.accepted += 1
+            out.append(TokenTrace(d.token, d.level, d.confidence, "accepted"))
+        last = full_logits[-1]
+        return [*out, TokenTrace(self.pick(last), num_layers, max_probability(last), "full")], None
 
     def emit(self, t: TokenTrace) -> bool:
         """Append a token; True when generation is over."""
@@ -198,7 +220,7 @@ class EarlyExitDecoder:
         mode = settings.exit.mode
         run = SequenceRun(self, len(prompt_ids), settings, on_token)
         state, logits = self.prefill(prompt_ids)
-        first = TokenTrace(run.pick(logits), self.num_layers, _confidence(logits), "full")
+        first = TokenTrace(run.pick(logits), self.num_layers, max_probability(logits), "full")
         if not run.emit(first):
             if mode == "exact":
                 self._decode_exact(run, state)
@@ -286,7 +308,7 @@ class EarlyExitDecoder:
         state.pending.clear()
         state.length += 1
         full = self.runner.full_logits(chunk.h[0] if all_logits else chunk.h[0, -1:])  # (q, V)
-        return StepResult(L, full[-1], _confidence(full[-1]), chunk.start, full)
+        return StepResult(L, full[-1], max_probability(full[-1]), chunk.start, full)
 
     def _leave(self, run: SequenceRun, state: DecodeState, chunk: Chunk, waiting: int, level: int, policy: str) -> None:
         """The fed token exits at ``level``: its (and the chunk's) skipped blocks wait or are filled."""
@@ -332,29 +354,14 @@ class EarlyExitDecoder:
             token, drafts = run.tokens[-1], []
 
     def _verify(self, run: SequenceRun, state: DecodeState, drafts: list[Draft], res: StepResult) -> list[TokenTrace]:
-        """Keep the drafts the full model agrees with; then its correction or its next token.
-        Row k of ``res.full_logits`` predicts the token after position start + k, i.e. drafts[k]."""
-        s, L = run.settings, self.num_layers
+        """Row k of ``res.full_logits`` predicts the token after position start + k, i.e. drafts[k];
+        a rejection at k crops every cache to drop drafts[k:] (positions start+k+1..)."""
         assert res.full_logits is not None
-        assert res.full_logits.shape[0] == len(drafts) + 1
-        out: list[TokenTrace] = []
-        run.stats.drafted += len(drafts)
-        for k, d in enumerate(drafts):
-            row = res.full_logits[k]
-            if s.greedy:
-                top = int(row.argmax())
-                fix = None if top == d.token else top
-            else:
-                assert d.q is not None
-                fix = speculative_accept(distribution(row, s.temperature, s.top_p), d.q, d.token, run.generator)
-            if fix is not None:
-                state.cache.crop_all(res.start + k + 1)  # drop drafts[k:] (positions start+k+1..)
-                state.length = res.start + k + 1
-                return [*out, TokenTrace(fix, L, _confidence(row), "corrected")]
-            run.stats.accepted += 1
-            out.append(TokenTrace(d.token, d.level, d.confidence, "accepted"))
-        last = res.full_logits[-1]
-        return [*out, TokenTrace(run.pick(last), L, _confidence(last), "full")]
+        traces, rejected = run.verify(drafts, res.full_logits, self.num_layers)
+        if rejected is not None:
+            state.cache.crop_all(res.start + rejected + 1)
+            state.length = res.start + rejected + 1
+        return traces
 
     def _check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
