@@ -41,9 +41,8 @@ from shortcuts.engine.decoder import (
     Pending,
     SequenceRun,
     TokenTrace,
-    max_probability,
 )
-from shortcuts.engine.exit_head import entropy
+from shortcuts.engine.exit_head import entropy, max_probability
 from shortcuts.engine.sampling import distribution, pick, sample
 from shortcuts.engine.settings import GenerationSettings
 

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from shortcuts.adapter import CausalLM
 from shortcuts.engine.cache import LayerKVCache
-from shortcuts.engine.exit_head import ExitGate, ExitHead
+from shortcuts.engine.exit_head import ExitGate, ExitHead, max_probability
 from shortcuts.engine.runner import Chunk, LayerRunner
 from shortcuts.engine.sampling import distribution, make_generator, pick, sample, speculative_accept
 from shortcuts.engine.settings import GenerationSettings
@@ -122,10 +122,6 @@ class Draft:
     level: int
     confidence: float
     q: Tensor | None  # (V,) draft distribution, for speculative sampling
-
-
-def max_probability(logits: Tensor) -> float:
-    return float(torch.softmax(logits.float(), dim=-1).max())
 
 
 class SequenceRun:
