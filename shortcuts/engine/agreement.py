@@ -194,8 +194,8 @@ def bootstrap_lower_bound(agree: Tensor, prompt: Tensor, confidence: float = 0.9
 class CostModel:
     """Per-token decode cost in decoder blocks: a check of the exit gate costs ``check`` blocks,
     the full LM head ``head`` blocks (paid only by tokens that go full depth). Layers a token skips
-    cost nothing: catch-up runs them later in one chunk with the next deep token, which on a
-    memory-bound decode step costs about what one token does (docs/engine.md measures this)."""
+    count as free, which makes the predicted speed-up an upper bound: catch-up runs them later in a
+    chunk with the next deep token, where on a CPU 4 tokens cost 1.5-2 blocks (docs/engine.md)."""
 
     check: float = 0.0
     head: float = 0.0
