@@ -59,8 +59,6 @@ class BatchSequence(SequenceRun):
         self.pending: list[Pending] = []  # catch-up: fed tokens that still owe deeper blocks (the last ones fed)
         self.drafts: list[Draft] = []  # exact mode: drafts not yet verified
         self.check = False  # whether this step checks the gate
-        self._last_top: int | None = None
-        self._streak = 0
 
     # --- output -----------------------------------------------------------------------------------
     @property
@@ -89,24 +87,16 @@ class BatchSequence(SequenceRun):
             self.check = len(d) < room and not (d and d[-1].token in self.stop)
         else:
             self.check = mode == "approximate"
-        self._last_top, self._streak = None, 0
+        self.gate.reset()
         self.stats.steps += 1
 
     def checks(self, level: int) -> bool:
         return self.check and level in self.levels
 
     def fires(self, confidence: float, top: int, ent: float | None) -> bool:
-        """``ExitGate``'s decision from precomputed max-probability, top-1 and entropy."""
-        s = self.settings.exit
+        """The sequence's ``ExitGate`` on the head's precomputed max-probability, top-1 and entropy."""
         self.stats.exit_checks += 1
-        if s.gate == "confidence":
-            return s.threshold < 1.0 and confidence >= s.threshold
-        if s.gate == "entropy":
-            assert ent is not None
-            return ent <= s.threshold
-        self._streak = self._streak + 1 if top == self._last_top else 1
-        self._last_top = top
-        return self._streak >= s.patience
+        return self.gate.decide(confidence, top, ent)
 
     def exited(self, level: int, logits: Tensor, confidence: float) -> None:
         """The fed token left at ``level`` with the exit head's ``logits`` (V,)."""

@@ -109,15 +109,22 @@ class ExitGate:
 
     def __call__(self, logits: Tensor) -> tuple[bool, float]:
         """logits (V,) of the exit head -> (exit?, confidence = max softmax probability)."""
+        gate = self.settings.gate
+        if gate == "confidence":
+            confidence = max_probability(logits)
+            return self.decide(confidence), confidence
+        conf, top = torch.softmax(logits.float(), dim=-1).max(-1)
+        ent = float(entropy(logits)) if gate == "entropy" else None
+        return self.decide(float(conf), int(top), ent), float(conf)
+
+    def decide(self, confidence: float, top: int | None = None, ent: float | None = None) -> bool:
+        """The decision from the head's max probability, top-1 (patience) and entropy (entropy gate)."""
         s = self.settings
         if s.gate == "confidence":
-            confidence = max_probability(logits)
-            return s.threshold < 1.0 and confidence >= s.threshold, confidence
-        conf, top = torch.softmax(logits.float(), dim=-1).max(-1)
-        confidence = float(conf)
+            return s.threshold < 1.0 and confidence >= s.threshold
         if s.gate == "entropy":
-            return float(entropy(logits)) <= s.threshold, confidence
-        top_id = int(top)
-        self._streak = self._streak + 1 if top_id == self._last_top else 1
-        self._last_top = top_id
-        return self._streak >= s.patience, confidence
+            assert ent is not None
+            return ent <= s.threshold
+        self._streak = self._streak + 1 if top == self._last_top else 1
+        self._last_top = top
+        return self._streak >= s.patience
