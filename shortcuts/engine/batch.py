@@ -24,7 +24,6 @@ free their slot for the next ``add``.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -178,8 +177,6 @@ class BatchDecoder:
         self.max_batch_size = max_batch_size
         self.cache = BatchKVCache(self.num_layers, max_batch_size)
         self.slots: list[BatchSequence | None] = [None] * max_batch_size
-        rotary = self.runner.rotary
-        self._typed_rotary = rotary is not None and "layer_type" in inspect.signature(rotary.forward).parameters
 
     # --- public API ------------------------------------------------------------------------------
     @property
@@ -197,7 +194,7 @@ class BatchDecoder:
         A sequence done at once (one token, or a stop token) frees its slot before returning."""
         settings = settings or GenerationSettings()
         ids = [int(t) for t in prompt_ids]
-        self._check_prompt(ids)
+        self.decoder.check_prompt(ids)
         if None not in self.slots:
             raise RuntimeError(f"the batch is full ({self.max_batch_size} sequences)")
         row = self.slots.index(None)
@@ -259,14 +256,7 @@ class BatchDecoder:
         return h
 
     def _rope(self, g: _Group, layer: int) -> Any:
-        rotary = self.runner.rotary
-        if rotary is None:
-            return None
-        key = self.runner.layer_types[layer] if self._typed_rotary else None
-        if key not in g.rope:
-            pos = g.call.position_ids
-            g.rope[key] = rotary(g.h, pos, key) if self._typed_rotary else rotary(g.h, pos)
-        return g.rope[key]
+        return self.runner.rope(g.rope, g.h, g.call.position_ids, layer)
 
     def _kwargs(self, layer: int, g: _Group) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"attention_mask": g.call.mask(self.runner.windows[layer], g.h.dtype),
@@ -427,14 +417,3 @@ class BatchDecoder:
         if 0 <= seq.row < len(self.slots) and self.slots[seq.row] is seq:
             self.slots[seq.row] = None
             self.cache.reset_row(seq.row)
-
-    def _check_prompt(self, ids: list[int]) -> None:
-        if not ids:
-            raise ValueError("prompt_ids is empty: give at least one token (e.g. the BOS token)")
-        n, vocab, context = len(ids), self.lm.vocab_size, self.runner.context_length
-        if n >= context:
-            raise ValueError(f"the prompt has {n} tokens; the model's context is {context}, "
-                             "which leaves no room to generate")
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")

@@ -212,7 +212,7 @@ class EarlyExitDecoder:
                             on_token: OnToken | None = None) -> tuple[Generation, DecodeState]:
         """``generate``, also returning the decode state (KV cache, pending tokens) for inspection."""
         settings = settings or GenerationSettings()
-        self._check_prompt(prompt_ids)
+        self.check_prompt(prompt_ids)
         mode = settings.exit.mode
         run = SequenceRun(self, len(prompt_ids), settings, on_token)
         state, logits = self.prefill(prompt_ids)
@@ -234,7 +234,7 @@ class EarlyExitDecoder:
         settings = settings or GenerationSettings()
         if settings.exit.mode == "exact":
             raise ValueError("follow() replays modes 'off' and 'approximate'; exact mode always agrees")
-        self._check_prompt(prompt_ids + continuation[:-1])
+        self.check_prompt(prompt_ids + continuation[:-1])
         run = SequenceRun(self, len(prompt_ids), settings)
         state, _ = self.prefill(prompt_ids)
         check = settings.exit.mode == "approximate"
@@ -359,7 +359,8 @@ class EarlyExitDecoder:
             state.length = res.start + rejected + 1
         return traces
 
-    def _check_prompt(self, prompt_ids: list[int]) -> None:
+    def check_prompt(self, prompt_ids: list[int]) -> None:
+        """ValueError for a prompt that cannot be decoded: empty, filling the context, unknown ids."""
         if not prompt_ids:
             raise ValueError("prompt_ids is empty: give at least one token (e.g. the BOS token)")
         n, vocab = len(prompt_ids), self.lm.vocab_size

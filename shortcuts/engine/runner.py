@@ -10,6 +10,7 @@ may hold caches of different lengths, which is what early exit needs.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,7 +92,7 @@ class LayerRunner:
         self.layer_types: list[str | None] = list(types) if types else [None] * self.num_layers
         self.rotary: nn.Module | None = getattr(base, "rotary_emb", None)
         params = inspect.signature(self.rotary.forward).parameters if self.rotary is not None else {}
-        self._typed_rotary = "layer_type" in params  # Gemma 3: one rotary per layer type
+        self.typed_rotary = "layer_type" in params  # Gemma 3: one rotary per layer type
         self.wpe: nn.Module | None = getattr(base, "wpe", None)  # GPT-2's absolute positions
         self.context_length = int(getattr(config, "max_position_embeddings", None) or config.n_positions)
         self.is_gpt2 = config.model_type == "gpt2"
@@ -111,13 +112,19 @@ class LayerRunner:
         return chunk
 
     def _rope(self, chunk: Chunk, layer: int) -> Any:
+        return self.rope(chunk.rope, chunk.h, chunk.position_ids, layer)
+
+    def rope(self, memo: dict[str | None, Any], h: Tensor, positions: Callable[[], Tensor] | Tensor,
+             layer: int) -> Any:
+        """Rotary (cos, sin) for layer ``layer`` at ``positions`` (B, q), computed once per layer type
+        and kept in ``memo``; None for models without rotary embeddings."""
         if self.rotary is None:
             return None
-        key = self.layer_types[layer] if self._typed_rotary else None
-        if key not in chunk.rope:
-            pos = chunk.position_ids()
-            chunk.rope[key] = self.rotary(chunk.h, pos, key) if self._typed_rotary else self.rotary(chunk.h, pos)
-        return chunk.rope[key]
+        key = self.layer_types[layer] if self.typed_rotary else None
+        if key not in memo:
+            pos = positions() if callable(positions) else positions
+            memo[key] = self.rotary(h, pos, key) if self.typed_rotary else self.rotary(h, pos)
+        return memo[key]
 
     def _attention_kwargs(self, layer: int, chunk: Chunk, cache: LayerKVCache) -> dict[str, Any]:
         """What a block's attention needs besides the states: mask, positions, rotary, cache."""
