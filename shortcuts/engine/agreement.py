@@ -133,7 +133,7 @@ def _fires(table: LevelTable, s: ExitSettings) -> Tensor:
     checked = torch.zeros(table.num_layers - 1, dtype=torch.bool)
     checked[[lv - 1 for lv in s.check_levels(table.num_layers)]] = True
     if s.gate == "confidence":
-        fire = table.confidence >= s.threshold if s.threshold < 1.0 else torch.zeros_like(table.top, dtype=torch.bool)
+        fire = table.confidence >= s.threshold  # a threshold of 1.0 checks no level at all
     elif s.gate == "entropy":
         fire = table.entropy <= s.threshold
     else:
@@ -218,7 +218,7 @@ class CostModel:
 
 def checks_made(level: Tensor, s: ExitSettings, num_layers: int) -> Tensor:
     """How many gate checks each token paid: the checked levels up to its exit level."""
-    checked = torch.tensor(s.check_levels(num_layers))
+    checked = torch.tensor(s.check_levels(num_layers), dtype=torch.long)
     return (checked[None, :] <= level[:, None]).sum(-1)
 
 

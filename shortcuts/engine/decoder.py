@@ -137,8 +137,7 @@ class SequenceRun:
         self.stop = set(decoder.eos_ids if settings.stop_token_ids is None else settings.stop_token_ids)
         self.budget = min(settings.max_new_tokens, decoder.runner.context_length - prompt_len)
         exits = settings.exit
-        checked = exits.check_levels(decoder.num_layers) if exits.mode != "off" else []  # validates min_layer
-        self.levels = set() if exits.never_exits else set(checked)
+        self.levels = set(exits.check_levels(decoder.num_layers)) if exits.mode != "off" else set()
         self.tokens: list[int] = []
         self.trace: list[TokenTrace] = []
         self.stats = Stats()

@@ -71,16 +71,14 @@ class ExitSettings:
             raise ValueError(f"mode='exact' needs kv_policy='catchup' (verification recomputes the skipped "
                              f"layers exactly); got kv_policy={self.kv_policy!r}")
 
-    @property
-    def never_exits(self) -> bool:
-        """No token can leave: mode off, or a confidence threshold of 1.0 (then no check is paid)."""
-        return self.mode == "off" or (self.gate == "confidence" and self.threshold >= 1.0)
-
     def check_levels(self, num_layers: int) -> list[int]:
-        """The levels (1..L-1) where the gate is checked; fails if min_layer is out of range."""
+        """The levels (1..L-1) where the gate is checked, none when it cannot fire (a confidence
+        threshold of 1.0); fails if min_layer is out of range."""
         if not 1 <= self.min_layer <= num_layers - 1:
             raise ValueError(f"min_layer={self.min_layer} must be in [1, {num_layers - 1}] for a model with "
                              f"{num_layers} layers")
+        if self.gate == "confidence" and self.threshold >= 1.0:
+            return []
         return list(range(self.min_layer, num_layers, self.stride))
 
 
