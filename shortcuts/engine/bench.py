@@ -106,9 +106,19 @@ def micro(lm: CausalLM, jump: LowRankJumps | None, repeats: int) -> dict[str, fl
                 "exit check (head+gate)": _median_seconds(check, repeats)}
 
 
+def hf_generate(lm: CausalLM, ids: list[int], n: int, **kw: int) -> list[int]:
+    """Exactly ``n`` greedy tokens from Hugging Face ``generate`` (EOS suppressed), the baseline."""
+    import torch
+
+    with torch.inference_mode():
+        out = lm.model.generate(torch.tensor([ids], device=lm.device), do_sample=False, max_new_tokens=n,
+                                min_new_tokens=n, attention_mask=torch.ones(1, len(ids), dtype=torch.long,
+                                                                            device=lm.device), **kw)
+    return out[0, len(ids):].tolist()
+
+
 def decode_rows(lm: CausalLM, jump: LowRankJumps | None, args: argparse.Namespace) -> list[Row]:
     """(name, seconds, Generation or token list) for HF generate and every engine setting."""
-    import torch
 
     from shortcuts.engine.decoder import EarlyExitDecoder
     from shortcuts.engine.settings import ExitSettings, GenerationSettings
@@ -119,22 +129,15 @@ def decode_rows(lm: CausalLM, jump: LowRankJumps | None, args: argparse.Namespac
     min_layer = args.min_layer or max(1, lm.num_layers // 3)
     rows: list[Row] = []
 
-    def hf(**kw: int) -> list[int]:
-        with torch.inference_mode():
-            out = lm.model.generate(torch.tensor([ids], device=lm.device), do_sample=False, max_new_tokens=n,
-                                    min_new_tokens=n, attention_mask=torch.ones(1, len(ids), dtype=torch.long,
-                                                                                device=lm.device), **kw)
-        return out[0, len(ids):].tolist()
-
     def timed(name: str, fn: Callable[[], list[int] | Generation]) -> None:
         fn()  # warm-up
         t0 = time.perf_counter()
         result = fn()
         rows.append((name, time.perf_counter() - t0, result))
 
-    timed("HF generate", hf)
+    timed("HF generate", lambda: hf_generate(lm, ids, n))
     # HF's self-speculative decoding: draft with the first k blocks + the model's own head (LayerSkip)
-    timed(f"HF assistant_early_exit={min_layer}", lambda: hf(assistant_early_exit=min_layer))
+    timed(f"HF assistant_early_exit={min_layer}", lambda: hf_generate(lm, ids, n, assistant_early_exit=min_layer))
     engine: list[tuple[str, ExitSettings]] = [("off", ExitSettings(mode="off"))]
     for th in (float(t) for t in args.thresholds.split(",")):
         for mode, policy in (("approximate", "catchup"), ("approximate", "copy"), ("exact", "catchup")):

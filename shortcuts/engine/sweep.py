@@ -106,28 +106,20 @@ def quality(lm: CausalLM, jumps: Jumps, prompts: list[list[int]], conts: list[li
 # --- 2. speed -------------------------------------------------------------------------------------
 def speed_arms(lm: CausalLM, jumps: Jumps, args: argparse.Namespace) -> dict[str, Callable[[list[int]], list[Any]]]:
     """name -> function(prompt) -> generated tokens (or the Generation), for every timed arm."""
-    import torch
-
+    from shortcuts.engine.bench import hf_generate
     from shortcuts.engine.decoder import EarlyExitDecoder
     from shortcuts.engine.settings import ExitSettings, GenerationSettings
 
-    name, jump = next(iter(jumps.items()))
-    dec = EarlyExitDecoder(lm, jump)
+    dec = EarlyExitDecoder(lm, next(iter(jumps.values())))
     n = args.new_tokens
-
-    def hf(ids: list[int]) -> list[Any]:
-        with torch.inference_mode():
-            out = lm.model.generate(torch.tensor([ids], device=lm.device), do_sample=False, max_new_tokens=n,
-                                    min_new_tokens=n, attention_mask=torch.ones(1, len(ids), dtype=torch.long,
-                                                                                device=lm.device))
-        return out[0, len(ids):].tolist()
 
     def engine(**kw: Any) -> Callable[[list[int]], Any]:
         s = GenerationSettings(max_new_tokens=n, stop_token_ids=(),
                                exit=ExitSettings(min_layer=args.min_layer, stride=args.stride, **kw))
         return lambda ids: dec.generate(ids, s)
 
-    arms: dict[str, Callable[[list[int]], Any]] = {"off": engine(mode="off"), "HF generate": hf}
+    arms: dict[str, Callable[[list[int]], Any]] = {"off": engine(mode="off"),
+                                                   "HF generate": lambda ids: hf_generate(lm, ids, n)}
     for t in args.speed_thresholds:
         arms[f"approximate t={t}"] = engine(mode="approximate", threshold=t)
     for t in args.exact_thresholds:
