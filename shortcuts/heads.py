@@ -98,12 +98,6 @@ class LowRankHead:
         """Logits from z = A·BN(h). (n, B, r) -> (n, B, V)."""
         return soft_cap(self.augmented(z) @ self.M_aug.transpose(1, 2), self.softcap)
 
-    def select(self, j: int) -> LowRankHead:
-        """The head of jump ``j`` alone (views, no copies)."""
-        sl = slice(j, j + 1)
-        return LowRankHead(self.M_aug[sl], self.G[sl], self.g[sl], self.g0[sl], self.hidden_size, self.eps,
-                           self.softcap)
-
 
 def jump_logits(jumps: LowRankJumps, x: Tensor, ctx: HeadContext, fused: LowRankHead | None = None,
                 sl: slice = ALL) -> Tensor:

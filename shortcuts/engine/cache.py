@@ -86,6 +86,3 @@ class LayerKVCache:
 
     def __len__(self) -> int:
         return self.num_layers
-
-    def memory_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
