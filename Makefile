@@ -24,7 +24,7 @@ fit: assets
 	$(VENV)/bin/onejump fit --out-dir runs/smollm2
 
 bench: assets
-	$(PY) -m shortcuts.engine.bench
+	$(PY) -m shortcuts.lab.bench
 
 test: assets deploy-tools
 	$(PY) -m pytest

@@ -45,7 +45,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from shortcuts.engine.calibrate import CalibrateConfig, run_calibrate
+    from shortcuts.lab.calibrate import CalibrateConfig, run_calibrate
 
     fields = {k: v for k, v in vars(args).items() if k not in ("command", "handler", "verbose", "cache")}
     cal, path = run_calibrate(CalibrateConfig(**{**fields, "gates": tuple(args.gates),
@@ -59,7 +59,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 def _calibrate_parser(sub: argparse._SubParsersAction) -> None:
     from shortcuts.assets import wiki_split
-    from shortcuts.engine.calibrate import CalibrateConfig
+    from shortcuts.lab.calibrate import CalibrateConfig
 
     d = CalibrateConfig.__dataclass_fields__
     p = sub.add_parser("calibrate", help="store the exit threshold that reaches a target agreement in a jump")

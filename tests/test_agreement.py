@@ -12,7 +12,9 @@ from conftest import ARCHS, build_tiny
 from test_engine import fitted_jump, prompt_ids, settings, sharpen
 
 from shortcuts.adapter import CausalLM
-from shortcuts.engine.agreement import (
+from shortcuts.engine.decoder import EarlyExitDecoder
+from shortcuts.engine.settings import ExitSettings
+from shortcuts.lab.agreement import (
     CostModel,
     LevelTable,
     bootstrap_lower_bound,
@@ -23,8 +25,6 @@ from shortcuts.engine.agreement import (
     oracle_levels,
     replay,
 )
-from shortcuts.engine.decoder import EarlyExitDecoder
-from shortcuts.engine.settings import ExitSettings
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -139,7 +139,7 @@ def test_sweep_runs_every_section_on_a_tiny_model(tiny_folder: Path, word_corpus
 
     from test_adapter import _artifact
 
-    from shortcuts.engine import sweep
+    from shortcuts.lab import sweep
 
     jump = _artifact(make_tiny("llama")).save(tmp_path / "jump.safetensors")
     out = tmp_path / "sweep"

@@ -270,7 +270,7 @@ def test_batch_of_one_runs_the_single_runners_path(make_tiny) -> None:
 
 
 def test_batch_bench_runs_end_to_end_on_a_tiny_model(make_tiny, tmp_path) -> None:
-    from shortcuts.engine import batch_bench
+    from shortcuts.lab import batch_bench
 
     lm = sharpen(make_tiny("llama"))
     path = tmp_path / "prompts.jsonl"

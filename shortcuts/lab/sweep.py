@@ -1,6 +1,6 @@
 """Threshold sweep, oracle ceiling and KV-policy drift of the early-exit engine, in one run.
 
-    python -m shortcuts.engine.sweep --threads 1 --out docs/engine/smollm2-135m
+    python -m shortcuts.lab.sweep --threads 1 --out docs/engine/smollm2-135m
 
 On held-out Wikipedia sentences (the test split, never used to train or pick the jump):
 1. quality: the full model's greedy continuation of every prompt, then one teacher-forced pass
@@ -25,14 +25,14 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from shortcuts.adapter import CausalLM
-    from shortcuts.engine.agreement import LevelTable
     from shortcuts.jump import LowRankJumps
+    from shortcuts.lab.agreement import LevelTable
 
 Jumps = dict[str, "LowRankJumps | None"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m shortcuts.engine.sweep", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m shortcuts.lab.sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="model folder or hub id (default: the SmolLM2 asset)")
     p.add_argument("--jumps", default="default=docs/results/smollm2-135m/jump.safetensors",
                    help="name=path,...; the first is timed; 'identity' is added to the quality table")
@@ -69,8 +69,8 @@ def _histogram(levels: Any, num_layers: int) -> list[int]:
 
 # --- 1. quality -----------------------------------------------------------------------------------
 def threshold_rows(table: LevelTable, thresholds: list[float], min_layer: int, stride: int) -> list[dict[str, Any]]:
-    from shortcuts.engine.agreement import bootstrap_lower_bound, replay
     from shortcuts.engine.settings import ExitSettings
+    from shortcuts.lab.agreement import bootstrap_lower_bound, replay
 
     rows = []
     for t in thresholds:
@@ -87,8 +87,8 @@ def threshold_rows(table: LevelTable, thresholds: list[float], min_layer: int, s
 
 def quality(lm: CausalLM, jumps: Jumps, prompts: list[list[int]], conts: list[list[int]],
             args: argparse.Namespace) -> dict[str, Any]:
-    from shortcuts.engine.agreement import calibrate, level_table, oracle_levels
     from shortcuts.engine.exit_head import ExitHead
+    from shortcuts.lab.agreement import calibrate, level_table, oracle_levels
 
     out: dict[str, Any] = {}
     heads = {**jumps, "identity": None} if args.identity else jumps
@@ -106,9 +106,9 @@ def quality(lm: CausalLM, jumps: Jumps, prompts: list[list[int]], conts: list[li
 # --- 2. speed -------------------------------------------------------------------------------------
 def speed_arms(lm: CausalLM, jumps: Jumps, args: argparse.Namespace) -> dict[str, Callable[[list[int]], list[Any]]]:
     """name -> function(prompt) -> generated tokens (or the Generation), for every timed arm."""
-    from shortcuts.engine.bench import hf_generate
     from shortcuts.engine.decoder import EarlyExitDecoder
     from shortcuts.engine.settings import ExitSettings, GenerationSettings
+    from shortcuts.lab.bench import hf_generate
 
     dec = EarlyExitDecoder(lm, next(iter(jumps.values())))
     n = args.new_tokens
@@ -170,9 +170,9 @@ def drift(lm: CausalLM, jump: LowRankJumps | None, prompts: list[list[int]], arg
     """Teacher-forced agreement by position on long outputs, per KV policy, and each policy's speed."""
     from tqdm import tqdm
 
-    from shortcuts.engine.agreement import continuations
     from shortcuts.engine.decoder import EarlyExitDecoder
     from shortcuts.engine.settings import ExitSettings, GenerationSettings
+    from shortcuts.lab.agreement import continuations
 
     dec = EarlyExitDecoder(lm, jump)
     conts = continuations(lm, prompts, args.drift_tokens)
@@ -222,8 +222,8 @@ def load(args: argparse.Namespace) -> tuple[CausalLM, Jumps]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from shortcuts.assets import wiki_split
-    from shortcuts.engine.agreement import continuations, held_out_prompts
-    from shortcuts.engine.bench import micro
+    from shortcuts.lab.agreement import continuations, held_out_prompts
+    from shortcuts.lab.bench import micro
 
     lm, jumps = load(args)
     args.min_layer = args.min_layer or max(1, lm.num_layers // 3)
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    from shortcuts.engine.sweep_report import write_report
+    from shortcuts.lab.sweep_report import write_report
 
     if args.threads:
         torch.set_num_threads(args.threads)

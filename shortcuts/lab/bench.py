@@ -1,6 +1,6 @@
 """Side-by-side CPU/GPU timings of the early-exit engine on one model, in one run.
 
-    python -m shortcuts.engine.bench --jump docs/results/smollm2-135m/jump-pure-mse.safetensors
+    python -m shortcuts.lab.bench --jump docs/results/smollm2-135m/jump-pure-mse.safetensors
 
 Prints the cost of one decoder block, the full LM head and the fused exit head for one token,
 then tokens/s of HF ``generate``, mode off, approximate decoding and exact (self-speculative)
@@ -40,7 +40,7 @@ def _median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m shortcuts.engine.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m shortcuts.lab.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="model folder or hub id (default: the SmolLM2 asset)")
     p.add_argument("--jump", default=DEFAULT_JUMP, help="jump artifact; if missing, the identity shortcut is used")
     p.add_argument("--prompt", default=PROMPT)

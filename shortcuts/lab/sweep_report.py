@@ -1,4 +1,4 @@
-"""Markdown tables and plots for ``shortcuts.engine.sweep`` results."""
+"""Markdown tables and plots for ``shortcuts.lab.sweep`` results."""
 
 from __future__ import annotations
 

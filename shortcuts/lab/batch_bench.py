@@ -1,6 +1,6 @@
 """Throughput of continuous batching against one sequence at a time, in one interleaved run.
 
-    python -m shortcuts.engine.batch_bench --threads 1 --sizes 1,4,8 --new-tokens 32
+    python -m shortcuts.lab.batch_bench --threads 1 --sizes 1,4,8 --new-tokens 32
 
 For each batch size n and each exit setting (mode off; approximate, and optionally exact, at each
 threshold), decodes n Wikipedia prompts x ``--new-tokens`` tokens (EOS ignored, so every sequence
@@ -29,7 +29,7 @@ DEFAULT_JUMP = "docs/results/smollm2-135m/jump.safetensors"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m shortcuts.engine.batch_bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m shortcuts.lab.batch_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="model folder or hub id (default: the SmolLM2 asset)")
     p.add_argument("--jump", default=DEFAULT_JUMP, help="jump artifact; if missing, the identity shortcut is used")
     p.add_argument("--prompts", default=None, help="jsonl with a 'text' field (default: the Wikipedia test split)")
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    from shortcuts.engine.bench import load_model_and_jump
+    from shortcuts.lab.bench import load_model_and_jump
 
     torch.set_num_threads(args.threads)
     lm, jump = load_model_and_jump(args.model, args.jump, args.device, args.dtype)

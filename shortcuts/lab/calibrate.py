@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the command's --help must not import torch
-    from shortcuts.engine.agreement import Calibration
+    from shortcuts.lab.agreement import Calibration
 
 
 @dataclass
@@ -38,9 +38,9 @@ class CalibrateConfig:
 def run_calibrate(cfg: CalibrateConfig) -> tuple[Calibration, Path]:
     from shortcuts.adapter import CausalLM
     from shortcuts.artifact import JumpArtifact
-    from shortcuts.engine.agreement import CostModel, calibrate, continuations, held_out_prompts, level_table
     from shortcuts.engine.exit_head import ExitHead
     from shortcuts.engine.settings import GATES
+    from shortcuts.lab.agreement import CostModel, calibrate, continuations, held_out_prompts, level_table
 
     if not 0.0 < cfg.target <= 1.0 or not 0.5 <= cfg.confidence < 1.0:
         raise ValueError(f"target={cfg.target} must be in (0, 1] and confidence={cfg.confidence} in [0.5, 1)")
