@@ -10,10 +10,11 @@ from conftest import ARCHS, build_tiny
 from test_engine import fitted_jump, sharpen
 
 from shortcuts.adapter import CausalLM
-from shortcuts.engine.batch import BatchDecoder, BatchSequence
-from shortcuts.engine.batch_cache import BatchKVCache, RowCall
+from shortcuts.engine.batch import BatchDecoder
+from shortcuts.engine.cache import KVCache, RowCall
 from shortcuts.engine.decoder import EarlyExitDecoder, Generation
-from shortcuts.engine.runner import LayerRunner, attention_mask
+from shortcuts.engine.runner import LayerRunner
+from shortcuts.engine.sequence import SequenceRun
 from shortcuts.engine.settings import ExitSettings, GenerationSettings
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -59,13 +60,12 @@ def sharp(request: pytest.FixtureRequest) -> tuple[CausalLM, EarlyExitDecoder]:
 
 # --- the cache and the masks -------------------------------------------------------------------------
 def test_cache_writes_each_row_at_its_own_length() -> None:
-    cache = BatchKVCache(num_layers=1, num_rows=3, initial_capacity=2)
+    cpu = torch.device("cpu")
+    cache = KVCache(num_layers=1, num_rows=3, capacity=8, kv_heads=2, head_dim=4, dtype=torch.float32, devices=[cpu])
     first = torch.randn(1, 2, 3, 4)
-    cache.bind(RowCall([1], [0], [3], 3, torch.device("cpu"), 100))
-    cache.update(first, -first, 0)  # row 1 holds 3 positions, rows 0 and 2 none
+    cache.write(0, RowCall([1], [0], [3], 3, cpu), first, -first)  # row 1 holds 3 positions, rows 0 and 2 none
     new = torch.randn(2, 2, 2, 4)  # rows 2 and 1, two queries each; row 2 has one real token
-    cache.bind(RowCall([2, 1], [0, 3], [1, 2], 2, torch.device("cpu"), 100))
-    k, v = cache.update(new, -new, 0)
+    k, v = cache.write(0, RowCall([2, 1], [0, 3], [1, 2], 2, cpu), new, -new)
     assert k.shape == (2, 2, 5, 4)  # up to the longest row: 3 + 2
     assert torch.equal(k[1], torch.cat([first[0], new[1]], dim=1))
     assert torch.equal(k[0, :, :2], new[0])  # row 2: its real key and its padding key at 0..1
@@ -76,27 +76,26 @@ def test_cache_writes_each_row_at_its_own_length() -> None:
     cache.reset_row(2)
     assert cache.lengths == [[0, 4, 0]]
     assert torch.isfinite(cache.keys[0]).all()  # unwritten slots are zeros, never garbage
-    cache.bind(RowCall([1], [3], [1], 1, torch.device("cpu"), 100))  # row 1 now holds 4 positions, not 3
-    with pytest.raises(RuntimeError, match="contiguous"):
-        cache.update(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4), 0)
+    with pytest.raises(RuntimeError, match="contiguous"):  # row 1 now holds 4 positions, not 3
+        cache.write(0, RowCall([1], [3], [1], 1, cpu), torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4))
 
 
 @pytest.mark.parametrize("window", [None, 3])
-def test_row_masks_are_the_runners_masks_per_row(window: int | None) -> None:
+def test_row_masks_are_each_rows_own_causal_mask(window: int | None) -> None:
     starts, counts, q = [5, 0, 9], [3, 1, 2], 3
-    call = RowCall([0, 1, 2], starts, counts, q, torch.device("cpu"), 100)
-    mask = call.mask(window, torch.float32)
+    call = RowCall([0, 1, 2], starts, counts, q, torch.device("cpu"))
+    mask = call.mask(window)
     assert mask is not None
     assert mask.shape == (3, 1, q, call.kv_len)
     for r, (start, count) in enumerate(zip(starts, counts, strict=True)):
-        own = attention_mask(start, count, start + count, window, torch.float32, torch.device("cpu"))
+        own = RowCall([0], [start], [count], count, torch.device("cpu")).mask(window)
         if own is None:
-            assert (mask[r, 0, :count, : start + count] == 0).all()
+            assert mask[r, 0, :count, : start + count].all()
         else:
             assert torch.equal(mask[r, 0, :count, : start + count], own[0, 0])
-        assert (mask[r, 0, :count, start + count :] < -1e30).all()  # nothing past the row's own keys
-    same = RowCall([0, 1], [4, 4], [1, 1], 1, torch.device("cpu"), 100)
-    assert same.mask(None, torch.float32) is None  # SDPA's fast path, as the single runner takes
+        assert not mask[r, 0, :count, start + count :].any()  # nothing past the row's own keys
+    same = RowCall([0, 1], [4, 4], [1, 1], 1, torch.device("cpu"))
+    assert same.mask(None) is None  # SDPA's fast path
 
 
 # --- decoding equals the single-sequence decoder ----------------------------------------------------
@@ -218,7 +217,7 @@ def test_stop_budget_and_callbacks(make_tiny) -> None:
     stopped = batch.add(p, stop)
     aborted = batch.add(p, gen_settings(10, mode="off"), on_token=lambda t: seen.append(t.token) is None and
                         len(seen) < 5)
-    finished: list[BatchSequence] = []
+    finished: list[SequenceRun] = []
     while batch.running:
         finished += batch.step()
     assert {id(s) for s in finished} == {id(stopped), id(aborted)}

@@ -15,10 +15,10 @@ import torch
 from conftest import ARCHS, build_tiny
 
 from shortcuts.adapter import CausalLM
-from shortcuts.engine.cache import LayerKVCache
+from shortcuts.engine.cache import KVCache, RowCall
 from shortcuts.engine.decoder import DecodeState, EarlyExitDecoder, Generation
 from shortcuts.engine.exit_head import ExitGate, ExitHead, entropy
-from shortcuts.engine.runner import LayerRunner, attention_mask
+from shortcuts.engine.runner import LayerRunner
 from shortcuts.engine.sampling import distribution, make_generator, speculative_accept
 from shortcuts.engine.settings import ExitSettings, GenerationSettings
 from shortcuts.jump import JumpConfig, LowRankJumps
@@ -40,7 +40,8 @@ def sharpen(lm: CausalLM, factor: float = 20.0) -> CausalLM:
 
 def level_states(lm: CausalLM, ids: torch.Tensor) -> list[torch.Tensor]:
     """States after every block (levels 1..L, pre-norm), each (B, T, d), via the layer runner."""
-    runner, cache = LayerRunner(lm), LayerKVCache(lm.num_layers)
+    runner = LayerRunner(lm)
+    cache = runner.new_cache(ids.shape[0])
     chunk, states = runner.embed(ids, 0), []
     for i in range(lm.num_layers):
         states.append(runner.layer(i, chunk, cache).h)
@@ -81,38 +82,45 @@ def prompt_ids(lm: CausalLM) -> list[int]:
 
 
 # --- cache and masks ---------------------------------------------------------------------------------
-def test_cache_appends_crops_and_grows_per_layer() -> None:
-    cache = LayerKVCache(num_layers=2, initial_capacity=2)
+def test_static_cache_writes_crops_and_never_grows() -> None:
+    cache = KVCache(num_layers=2, num_rows=1, capacity=9, kv_heads=2, head_dim=4, dtype=torch.float32,
+                    devices=["cpu", "cpu"])
+    keys = [cache.keys[0], cache.keys[1]]
     chunks = [torch.randn(1, 2, q, 4) for q in (3, 1, 5)]
-    for c in chunks:  # grows past the initial capacity, keeps what was there
-        k, v = cache.update(c, -c, layer_idx=0)
+    start = 0
+    for c in chunks:
+        call = RowCall([0], [start], [c.shape[2]], c.shape[2], torch.device("cpu"))
+        k, v = cache.write(0, call, c, -c)
+        start += c.shape[2]
     assert torch.equal(k, torch.cat(chunks, dim=2))
     assert torch.equal(v, -k)
     assert (cache.length(0), cache.length(1)) == (9, 0)  # layers are independent
-    cache.crop(0, 4)
+    cache.crop_row(0, 4)
     new = torch.randn(1, 2, 2, 4)
-    k, _ = cache.update(new, new, layer_idx=0)  # overwrites the cropped positions
+    k, _ = cache.write(0, RowCall([0], [4], [2], 2, torch.device("cpu")), new, new)  # overwrites cropped positions
     assert torch.equal(k, torch.cat([chunks[0], chunks[1], new], dim=2))
-    cache.update(new, new, layer_idx=1)
-    cache.crop_all(1)
-    assert cache.lengths == [1, 1]
+    assert cache.keys[0] is keys[0]  # the buffers were allocated once
+    with pytest.raises(ValueError, match="capacity 9"):
+        cache.write(1, RowCall([0], [0], [10], 10, torch.device("cpu")), torch.randn(1, 2, 10, 4),
+                    torch.randn(1, 2, 10, 4))
     with pytest.raises(ValueError, match="length=-1"):
-        cache.crop(0, -1)
+        cache.crop_row(0, -1)
 
 
 @pytest.mark.parametrize("window", [None, 3])
 def test_attention_mask_is_causal_with_window(window: int | None) -> None:
-    start, q, kv = 5, 3, 8
-    mask = attention_mask(start, q, kv, window, torch.float32, torch.device("cpu"))
+    start, q = 5, 3
+    mask = RowCall([0], [start], [q], q, torch.device("cpu")).mask(window)
+    kv = start + q
     assert mask is not None
     assert mask.shape == (1, 1, q, kv)
     for j in range(q):
         for k in range(kv):
             pos = start + j
             visible = k <= pos and (window is None or pos - k < window)
-            assert (mask[0, 0, j, k] == 0) == visible, (j, k)
-    assert attention_mask(7, 1, 8, None, torch.float32, torch.device("cpu")) is None
-    assert attention_mask(7, 1, 8, 3, torch.float32, torch.device("cpu")) is not None
+            assert bool(mask[0, 0, j, k]) == visible, (j, k)
+    assert RowCall([0], [7], [1], 1, torch.device("cpu")).mask(None) is None
+    assert RowCall([0], [7], [1], 1, torch.device("cpu")).mask(3) is not None
 
 
 # --- the layer runner --------------------------------------------------------------------------------
@@ -137,7 +145,7 @@ def test_runner_handles_a_batch(tiny_lm: CausalLM) -> None:
     with torch.no_grad():
         ref = tiny_lm.model(ids).logits
     runner = LayerRunner(tiny_lm)
-    cache = runner.new_cache()
+    cache = runner.new_cache(3)
     out = torch.cat([runner.forward(ids[:, :5], cache), runner.forward(ids[:, 5:], cache)], dim=1)
     assert torch.allclose(out, ref, atol=1e-4)
 
@@ -172,10 +180,9 @@ def test_fill_kv_writes_the_layers_own_keys_and_values(tiny_lm: CausalLM) -> Non
     exact, filled = runner.new_cache(), runner.new_cache()
     chunk = runner.embed(ids, 0)
     for i in range(tiny_lm.num_layers):
-        inputs = chunk.h
-        runner.fill_kv(i, type(chunk)(inputs, 0), filled)
+        runner.fill_kv(i, chunk.h, chunk.call(), filled)
         runner.layer(i, chunk, exact)
-        for a, b in zip(exact.layer_kv(i), filled.layer_kv(i), strict=True):
+        for a, b in zip(exact.row_kv(i), filled.row_kv(i), strict=True):
             assert torch.allclose(a, b, atol=1e-6)
 
 
@@ -360,7 +367,7 @@ def _check_catchup_invariants(dec: EarlyExitDecoder, state: DecodeState) -> None
     levels = [p.level for p in state.pending]
     assert levels == sorted(levels, reverse=True)
     for i in range(dec.num_layers):
-        assert state.cache.length(i) == state.length - state.missing(i)
+        assert state.layer_length(i) == state.length - state.missing(i)
 
 
 def test_catchup_caches_cover_every_token_exactly(sharp: tuple[CausalLM, EarlyExitDecoder]) -> None:
@@ -377,10 +384,10 @@ def test_catchup_caches_cover_every_token_exactly(sharp: tuple[CausalLM, EarlyEx
         _check_catchup_invariants(dec, state)
         dec.flush(state)
         assert not state.pending
-        ref = LayerKVCache(lm.num_layers)
-        LayerRunner(lm).forward(torch.tensor([fed]), ref)
+        ref = dec.runner.new_cache()
+        dec.runner.forward(torch.tensor([fed]), ref)
         for i in range(lm.num_layers):
-            for a, b in zip(state.cache.layer_kv(i), ref.layer_kv(i), strict=True):
+            for a, b in zip(state.layer_kv(i), ref.row_kv(i), strict=True):
                 assert torch.allclose(a, b, atol=1e-4), i
     assert skipped > 0
 
@@ -392,11 +399,11 @@ def test_exact_mode_keeps_caches_consistent(sharp: tuple[CausalLM, EarlyExitDeco
     assert gen.stats.drafted > gen.stats.accepted  # some rejections, so some crops happened
     _check_catchup_invariants(dec, state)
     dec.flush(state)
-    ref = LayerKVCache(lm.num_layers)
+    ref = dec.runner.new_cache()
     fed = ids + gen.tokens[: state.length - len(ids)]
-    LayerRunner(lm).forward(torch.tensor([fed]), ref)
+    dec.runner.forward(torch.tensor([fed]), ref)
     for i in range(lm.num_layers):
-        assert torch.allclose(state.cache.layer_kv(i)[0], ref.layer_kv(i)[0], atol=1e-4)
+        assert torch.allclose(state.layer_kv(i)[0], ref.row_kv(i)[0], atol=1e-4)
 
 
 def test_copy_policy_fills_skipped_layers_at_once(sharp: tuple[CausalLM, EarlyExitDecoder]) -> None:
@@ -405,11 +412,11 @@ def test_copy_policy_fills_skipped_layers_at_once(sharp: tuple[CausalLM, EarlyEx
     gen, state = dec.generate_with_state(ids, settings(mode="approximate", threshold=0.4, kv_policy="copy"))
     assert gen.stats.kv_fills > 0
     assert not state.pending
-    assert state.cache.lengths == [state.length] * lm.num_layers
-    ref = LayerKVCache(lm.num_layers)
-    LayerRunner(lm).forward(torch.tensor([ids + gen.tokens[:-1]]), ref)
+    assert [state.layer_length(i) for i in range(lm.num_layers)] == [state.length] * lm.num_layers
+    ref = dec.runner.new_cache()
+    dec.runner.forward(torch.tensor([ids + gen.tokens[:-1]]), ref)
     deepest = lm.num_layers - 1  # copied keys there are approximations, not the full model's
-    assert not torch.allclose(state.cache.layer_kv(deepest)[0], ref.layer_kv(deepest)[0], atol=1e-3)
+    assert not torch.allclose(state.layer_kv(deepest)[0], ref.row_kv(deepest)[0], atol=1e-3)
 
 
 @pytest.mark.parametrize("kv_policy", ["catchup", "copy"])

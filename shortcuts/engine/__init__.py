@@ -20,7 +20,7 @@ _LAZY = {
     "TokenTrace": "shortcuts.engine.decoder",
     "Stats": "shortcuts.engine.decoder",
     "LayerRunner": "shortcuts.engine.runner",
-    "LayerKVCache": "shortcuts.engine.cache",
+    "KVCache": "shortcuts.engine.cache",
     "ExitHead": "shortcuts.engine.exit_head",
     "BatchDecoder": "shortcuts.engine.batch",
 }

@@ -25,111 +25,19 @@ free their slot for the next ``add``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from shortcuts.engine.batch_cache import BatchKVCache, RowCall
-from shortcuts.engine.decoder import (
-    Draft,
-    EarlyExitDecoder,
-    Generation,
-    OnToken,
-    Pending,
-    SequenceRun,
-    TokenTrace,
-)
+from shortcuts.engine.cache import RowCall
 from shortcuts.engine.exit_head import entropy, max_probability
-from shortcuts.engine.sampling import distribution, pick, sample
+from shortcuts.engine.sequence import Generation, OnToken, Pending, SequenceRun, TokenTrace
 from shortcuts.engine.settings import GenerationSettings
 
-
-class BatchSequence(SequenceRun):
-    """One sequence in the batch: a ``SequenceRun`` plus its row, gate state and KV bookkeeping."""
-
-    def __init__(self, row: int, prompt_len: int, settings: GenerationSettings, on_token: OnToken | None,
-                 decoder: EarlyExitDecoder):
-        super().__init__(decoder, prompt_len, settings, on_token)
-        self.row = row
-        self.num_layers = decoder.num_layers
-        self.length = prompt_len  # tokens fed so far
-        self.pending: list[Pending] = []  # catch-up: fed tokens that still owe deeper blocks (the last ones fed)
-        self.drafts: list[Draft] = []  # exact mode: drafts not yet verified
-        self.check = False  # whether this step checks the gate
-
-    # --- output -----------------------------------------------------------------------------------
-    @property
-    def done(self) -> bool:
-        return self.finish is not None
-
-    @property
-    def generation(self) -> Generation:
-        """The output so far (finish reason "abort" while still running)."""
-        return Generation(list(self.tokens), list(self.trace), self.finish or "abort", self.stats)
-
-    def missing(self, layer: int) -> int:
-        """How many fed tokens layer ``layer`` (0-based) has no keys/values for yet."""
-        return sum(p.level <= layer for p in self.pending)
-
-    # --- one step ---------------------------------------------------------------------------------
-    @property
-    def next_token(self) -> int:
-        return self.drafts[-1].token if self.drafts else self.tokens[-1]
-
-    def begin_step(self) -> None:
-        mode = self.settings.exit.mode
-        if mode == "exact":
-            room = min(self.settings.exit.max_draft, self.remaining() - 1)
-            d = self.drafts
-            self.check = len(d) < room and not (d and d[-1].token in self.stop)
-        else:
-            self.check = mode == "approximate"
-        self.gate.reset()
-        self.stats.steps += 1
-
-    def checks(self, level: int) -> bool:
-        return self.check and level in self.levels
-
-    def fires(self, confidence: float, top: int, ent: float | None) -> bool:
-        """The sequence's ``ExitGate`` on the head's precomputed max-probability, top-1 and entropy."""
-        self.stats.exit_checks += 1
-        return self.gate.decide(confidence, top, ent)
-
-    def exited(self, level: int, logits: Tensor, confidence: float) -> None:
-        """The fed token left at ``level`` with the exit head's ``logits`` (V,)."""
-        self.length += 1
-        self.stats.layers_skipped += self.num_layers - level
-        s = self.settings
-        if s.exit.mode == "exact":
-            q = None if s.greedy else distribution(logits, s.temperature, s.top_p)
-            token = int(logits.argmax()) if q is None else sample(q, self.generator)
-            self.drafts.append(Draft(token, level, confidence, q))
-            return
-        token = self.pick(logits)
-        self.emit(TokenTrace(token, level, confidence, "exited"))
-
-    def reached_top(self, full_logits: Tensor, start: int) -> None:
-        """The fed token (with every pending token) went through all blocks; ``full_logits`` (q, V)
-        are the full head's on the row's tokens at positions start.. (only the last unless exact)."""
-        self.length += 1
-        self.pending.clear()
-        if self.settings.exit.mode == "exact":
-            for t in self._verify(full_logits, start):
-                if self.emit(t):
-                    break
-            self.drafts = []
-            return
-        last = full_logits[-1]
-        self.emit(TokenTrace(self.pick(last), self.num_layers, max_probability(last), "full"))
-
-    def _verify(self, full_logits: Tensor, start: int) -> list[TokenTrace]:
-        """``SequenceRun.verify``; a rejection rolls ``length`` back (the row is cropped to it)."""
-        traces, rejected = self.verify(self.drafts, full_logits, self.num_layers)
-        if rejected is not None:
-            self.length = start + rejected + 1  # drop drafts[rejected:]
-        return traces
+if TYPE_CHECKING:
+    from shortcuts.engine.decoder import EarlyExitDecoder
 
 
 @dataclass
@@ -137,13 +45,12 @@ class _Group:
     """The rows climbing together: right-padded states (n, q, d) and each row's real token count,
     first position and not-yet-joined pending tokens. Rebuilt whenever rows leave or tokens join."""
 
-    seqs: list[BatchSequence]
+    seqs: list[SequenceRun]
     h: Tensor  # (n, q, d)
     counts: list[int]
     starts: list[int]
     waiting: list[int]
     call: RowCall
-    rope: dict[str | None, Any] = field(default_factory=dict)
 
     @property
     def last(self) -> Tensor:
@@ -154,7 +61,7 @@ class _Group:
 
 @dataclass
 class _Exit:
-    seq: BatchSequence
+    seq: SequenceRun
     level: int
     h: Tensor  # (1, 1, d): the exit state (copy policy: a single token)
     start: int
@@ -171,16 +78,15 @@ class BatchDecoder:
             raise ValueError(f"{max_batch_size=} must be an integer >= 1")
         self.decoder = decoder
         self.runner = decoder.runner
-        self.lm = decoder.lm
         self.num_layers = decoder.num_layers
         self.exit_head = decoder.exit_head
         self.max_batch_size = max_batch_size
-        self.cache = BatchKVCache(self.num_layers, max_batch_size)
-        self.slots: list[BatchSequence | None] = [None] * max_batch_size
+        self.cache = self.runner.new_cache(max_batch_size)
+        self.slots: list[SequenceRun | None] = [None] * max_batch_size
 
     # --- public API ------------------------------------------------------------------------------
     @property
-    def running(self) -> list[BatchSequence]:
+    def running(self) -> list[SequenceRun]:
         return [s for s in self.slots if s is not None]
 
     @property
@@ -189,32 +95,33 @@ class BatchDecoder:
 
     @torch.inference_mode()
     def add(self, prompt_ids: Sequence[int], settings: GenerationSettings | None = None,
-            on_token: OnToken | None = None) -> BatchSequence:
+            on_token: OnToken | None = None, forced: list[int] | None = None) -> SequenceRun:
         """Prefill a prompt in a free slot and emit its first token; it decodes from the next ``step``.
-        A sequence done at once (one token, or a stop token) frees its slot before returning."""
+        A sequence done at once (one token, or a stop token) frees its slot before returning.
+        ``forced``: teacher forcing (see ``SequenceRun``)."""
         settings = settings or GenerationSettings()
         ids = [int(t) for t in prompt_ids]
         self.decoder.check_prompt(ids)
         if None not in self.slots:
             raise RuntimeError(f"the batch is full ({self.max_batch_size} sequences)")
         row = self.slots.index(None)
-        seq = BatchSequence(row, len(ids), settings, on_token, self.decoder)
+        dec = self.decoder
+        seq = SequenceRun(row, len(ids), settings, self.num_layers, self.runner.context_length, dec.eos_ids,
+                          dec.lm.device, on_token, forced)
         self.cache.reset_row(row)
         logits = self._prefill(row, ids)
-        first = TokenTrace(pick(logits, settings.temperature, settings.top_p, seq.generator), self.num_layers,
-                           max_probability(logits), "full")
-        if not seq.emit(first):
+        if not seq.emit(TokenTrace(seq.choose(logits), self.num_layers, max_probability(logits), "full")):
             self.slots[row] = seq
         return seq
 
-    def cancel(self, seq: BatchSequence) -> None:
+    def cancel(self, seq: SequenceRun) -> None:
         """Stop a sequence (finish reason "abort" unless it had finished) and free its slot."""
         if seq.finish is None:
             seq.finish = "abort"
         self._release(seq)
 
     @torch.inference_mode()
-    def step(self) -> list[BatchSequence]:
+    def step(self) -> list[SequenceRun]:
         """One token step for every running sequence; returns the ones that finished (slots freed)."""
         seqs = self.running
         if not seqs:
@@ -235,7 +142,7 @@ class BatchDecoder:
             settings = [settings or GenerationSettings()] * len(prompts)
         if len(settings) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(settings)} settings")
-        seqs: list[BatchSequence] = []
+        seqs: list[SequenceRun] = []
         while len(seqs) < len(prompts) or self.running:
             while len(seqs) < len(prompts) and self.free_slots:
                 seqs.append(self.add(prompts[len(seqs)], settings[len(seqs)]))
@@ -243,58 +150,30 @@ class BatchDecoder:
         return [s.generation for s in seqs]
 
     # --- blocks on rows --------------------------------------------------------------------------
-    def _group(self, seqs: list[BatchSequence], h: Tensor, counts: list[int], starts: list[int],
+    def _group(self, seqs: list[SequenceRun], h: Tensor, counts: list[int], starts: list[int],
                waiting: list[int]) -> _Group:
-        call = RowCall([s.row for s in seqs], starts, counts, h.shape[1], h.device, self.runner.context_length - 1)
-        return _Group(seqs, h, counts, starts, waiting, call)
-
-    def _embed(self, ids: Tensor, positions: Tensor) -> Tensor:
-        """Token ids (n, q) at positions (n, q) -> input states (n, q, d)."""
-        h = self.lm.embed_tokens(ids.to(self.lm.device))
-        if self.runner.wpe is not None:
-            h = h + self.runner.wpe(positions.to(self.lm.device))
-        return h
-
-    def _rope(self, g: _Group, layer: int) -> Any:
-        return self.runner.rope(g.rope, g.h, g.call.position_ids, layer)
-
-    def _kwargs(self, layer: int, g: _Group) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"attention_mask": g.call.mask(self.runner.windows[layer], g.h.dtype),
-                                  "past_key_values": self.cache, "position_ids": g.call.position_ids}
-        rope = self._rope(g, layer)
-        if rope is not None:
-            kwargs["position_embeddings"] = rope
-        return kwargs
+        return _Group(seqs, h, counts, starts, waiting, RowCall([s.row for s in seqs], starts, counts, h.shape[1],
+                                                                h.device))
 
     def _block(self, layer: int, g: _Group) -> None:
         """Run block ``layer`` on the group's rows, appending their keys/values."""
-        self.cache.bind(g.call)
-        out = self.lm.layers[layer](g.h, use_cache=True, **self._kwargs(layer, g))
-        g.h = out[0] if isinstance(out, tuple) else out
-
-    def _attention_only(self, layer: int, g: _Group) -> None:
-        """The copy policy's fill: block ``layer``'s keys/values from the group's states as its input
-        (``LayerRunner.kv_projection``, as ``fill_kv``); no attention, no MLP."""
-        k, v = self.runner.kv_projection(layer, g.h, self._rope(g, layer))
-        self.cache.bind(g.call)
-        self.cache.update(k, v, layer)
+        g.h = self.runner.block(layer, g.h, g.call, self.cache)
 
     def _prefill(self, row: int, ids: list[int]) -> Tensor:
         """The prompt through every block in its own row (a batch of one); the last logits (V,)."""
         n = len(ids)
-        positions = torch.arange(n).unsqueeze(0)
-        h = self._embed(torch.tensor([ids]), positions)
-        g = _Group([], h, [n], [0], [0], RowCall([row], [0], [n], n, h.device, self.runner.context_length - 1))
+        h = self.runner.embed_rows(torch.tensor([ids]), torch.arange(n).unsqueeze(0))
+        call = RowCall([row], [0], [n], n, h.device)
         for i in range(self.num_layers):
-            self._block(i, g)
-        return self.runner.full_logits(g.h[0, -1])
+            h = self.runner.block(i, h, call, self.cache)
+        return self.runner.full_logits(h[0, -1])
 
     # --- one step --------------------------------------------------------------------------------
-    def _start(self, seqs: list[BatchSequence]) -> _Group:
+    def _start(self, seqs: list[SequenceRun]) -> _Group:
         """Every running sequence's next token at its position, one row each."""
         ids = torch.tensor([[s.next_token] for s in seqs])
         starts = [s.length for s in seqs]
-        h = self._embed(ids, torch.tensor(starts).unsqueeze(1))
+        h = self.runner.embed_rows(ids, torch.tensor(starts).unsqueeze(1))
         return self._group(seqs, h, [1] * len(seqs), starts, [len(s.pending) for s in seqs])
 
     def _climb(self, g: _Group | None) -> list[_Exit]:
@@ -351,14 +230,19 @@ class BatchDecoder:
         keep = [j for j in range(len(g.seqs)) if j not in gone]
         return self._select(g, keep) if keep else None
 
-    def _gates(self, seqs: list[BatchSequence], logits: Tensor) -> list[float | None]:
-        """Each sequence's gate on its row of exit logits; the confidence of those that leave, else None."""
-        probs = torch.softmax(logits.float(), dim=-1)
-        conf, top = probs.max(-1)
-        need_entropy = any(s.settings.exit.gate == "entropy" for s in seqs)
-        ents = entropy(logits).tolist() if need_entropy else [None] * len(seqs)
+    def _gates(self, seqs: list[SequenceRun], logits: Tensor) -> list[float | None]:
+        """Each sequence's gate on its row of exit logits; the confidence of those that leave, else None.
+        The rows' max-probability, top-1 (and entropy) cross to the host together: one sync per check."""
+        logits = logits.float()
+        top_logit, top = logits.max(-1)
+        conf = 1.0 / torch.exp(logits - top_logit[:, None]).sum(-1)  # max softmax probability
+        columns = [conf, top.to(conf.dtype)]
+        if any(s.settings.exit.gate == "entropy" for s in seqs):
+            columns.append(entropy(logits))
+        host = torch.stack(columns, dim=1).tolist()
         out: list[float | None] = []
-        for s, c, t, e in zip(seqs, conf.tolist(), top.tolist(), ents, strict=True):
+        for s, row in zip(seqs, host, strict=True):
+            c, t, e = row[0], int(row[1]), (row[2] if len(row) > 2 else None)
             out.append(c if s.fires(c, t, e) else None)
         return out
 
@@ -409,11 +293,11 @@ class BatchDecoder:
                 h = torch.cat([e.h for e in part], dim=0)  # (n, 1, d)
                 g = self._group([e.seq for e in part], h, [1] * n, [e.start for e in part], [0] * n)
             assert g is not None
-            self._attention_only(layer, g)
+            self.runner.fill_kv(layer, g.h, g.call, self.cache)
         for e in exits:
             e.seq.stats.kv_fills += self.num_layers - e.level
 
-    def _release(self, seq: BatchSequence) -> None:
+    def _release(self, seq: SequenceRun) -> None:
+        """Free the slot; the row's keys stay readable (``EarlyExitDecoder.state``) until the next ``add``."""
         if 0 <= seq.row < len(self.slots) and self.slots[seq.row] is seq:
             self.slots[seq.row] = None
-            self.cache.reset_row(seq.row)

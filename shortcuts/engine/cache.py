@@ -1,88 +1,127 @@
-"""A key/value cache with one independent length per layer.
+"""The static key/value cache: one preallocated buffer per layer, one length per (layer, row).
 
-Early exit makes layers fall behind: a token that leaves at level l has keys and values in
-layers 1..l only, until the catch-up pass (or the copy policy) fills the rest. So every layer
-keeps its own buffer and its own length, and can be cropped on its own (speculative decoding
-rolls rejected drafts back).
+Each row (a slot of the batch) is one sequence. Early exit lets every row fall behind on its own in
+every layer (a token that leaves at level l has keys and values in layers 1..l only until catch-up
+or the copy policy fills the rest), so ``lengths[layer][row]`` are independent, and speculative
+decoding crops a row back on its own.
 
-Invariant kept by the engine: layer i holds the keys and values of positions 0..length(i)-1,
-contiguous and in order. Hugging Face attention modules call ``update(k, v, layer_idx)``; this
-class answers that call, so the HF decoder blocks run unchanged.
+Invariant kept by the engine: layer i of row r holds the keys and values of positions
+0..lengths[i][r]-1, contiguous and in order. The buffers are allocated once, zeroed (slots a mask
+hides must hold finite numbers: a hidden slot gets weight 0, and 0 * NaN would still be NaN), on
+each layer's own device, and never grow: ``capacity`` is the longest sequence the cache holds.
+
+A ``RowCall`` is the geometry of one block call on some rows: which rows, where each row's tokens
+start, how many of the call's q tokens are real (shorter rows are right-padded: padding keys land
+past the row's length, where nothing reads them), and the attention mask for that geometry.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 
-class LayerKVCache:
-    """Growable per-layer buffers of shape (B, H_kv, capacity, D); ``lengths[i]`` are valid."""
+class RowCall:
+    """Rows, first positions and real token counts of one call with q tokens per row."""
 
-    def __init__(self, num_layers: int, initial_capacity: int = 64):
-        if num_layers <= 0:
-            raise ValueError(f"{num_layers=} must be positive")
-        if initial_capacity <= 0:
-            raise ValueError(f"{initial_capacity=} must be positive")
-        self.num_layers = num_layers
-        self.initial_capacity = initial_capacity
-        self.keys: list[Tensor | None] = [None] * num_layers
-        self.values: list[Tensor | None] = [None] * num_layers
-        self.lengths: list[int] = [0] * num_layers
+    def __init__(self, rows: Sequence[int], starts: Sequence[int], counts: Sequence[int], q: int,
+                 device: torch.device):
+        if not rows or not len(rows) == len(starts) == len(counts):
+            raise ValueError("a call needs one start and one count per row, and at least one row")
+        self.rows, self.starts, self.counts, self.q = list(rows), list(starts), list(counts), q
+        self.kv_len = max(starts) + q
+        self.device = device
+        self.rows_t = torch.tensor(self.rows, device=device)
+        self.positions = torch.tensor(self.starts, device=device).unsqueeze(1) + torch.arange(q, device=device)
+        self._masks: dict[int | None, Tensor | None] = {}
 
-    def length(self, layer: int) -> int:
-        return self.lengths[layer]
+    def mask(self, window: int | None) -> Tensor | None:
+        """Boolean mask (n, 1, q, kv_len), True where query j of a row (position start + j) sees key k:
+        k <= start + j and (no window or start + j - k < window). None when every key is visible to
+        every query (one query per row, equal starts, no window cut): SDPA's fast path."""
+        if window not in self._masks:
+            self._masks[window] = self._build_mask(window)
+        return self._masks[window]
 
-    def _reserve(self, layer: int, like: Tensor, needed: int) -> None:
-        """Make room for ``needed`` positions in ``layer``, doubling the buffer when it is full."""
-        buf = self.keys[layer]
-        if buf is not None and buf.shape[2] >= needed:
-            return
-        capacity = max(needed, self.initial_capacity, 2 * (0 if buf is None else buf.shape[2]))
-        B, H, _, D = like.shape
-        n = self.lengths[layer]
-        for store in (self.keys, self.values):
-            old = store[layer]
-            new = like.new_empty(B, H, capacity, D)
-            if old is not None and n:
-                new[:, :, :n] = old[:, :, :n]
-            store[layer] = new
+    def _build_mask(self, window: int | None) -> Tensor | None:
+        if self.q == 1 and len(set(self.starts)) == 1 and (window is None or self.kv_len <= window):
+            return None
+        pos = self.positions.unsqueeze(-1)  # (n, q, 1)
+        key = torch.arange(self.kv_len, device=pos.device)  # (kv,)
+        visible = key <= pos
+        if window is not None:
+            visible &= pos - key < window
+        return visible.unsqueeze(1)  # (n, 1, q, kv)
 
-    def update(self, key: Tensor, value: Tensor, layer_idx: int,
-               cache_kwargs: dict[str, Any] | None = None) -> tuple[Tensor, Tensor]:
-        """Append the chunk's keys/values (B, H_kv, q, D) to ``layer_idx``; return all of them."""
-        n, q = self.lengths[layer_idx], key.shape[2]
-        self._reserve(layer_idx, key, n + q)
-        k_buf, v_buf = self.keys[layer_idx], self.values[layer_idx]
-        assert k_buf is not None
-        assert v_buf is not None
-        k_buf[:, :, n : n + q] = key
-        v_buf[:, :, n : n + q] = value
-        self.lengths[layer_idx] = n + q
-        return k_buf[:, :, : n + q], v_buf[:, :, : n + q]  # (B, H_kv, n+q, D)
+    def moved(self, device: torch.device) -> RowCall:
+        """The same call with its index tensors on another device (blocks split over devices)."""
+        return self if device == self.device else RowCall(self.rows, self.starts, self.counts, self.q, device)
 
-    def crop(self, layer: int, length: int) -> None:
-        """Forget every position >= ``length`` in ``layer`` (a no-op if it is already shorter)."""
+
+class KVCache:
+    """Zeroed buffers (rows, H_kv, capacity, D) per layer; ``lengths[layer][row]`` positions are valid."""
+
+    def __init__(self, num_layers: int, num_rows: int, capacity: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, devices: Sequence[torch.device | str]):
+        if min(num_layers, num_rows, capacity, kv_heads, head_dim) <= 0:
+            raise ValueError(f"{num_layers=}, {num_rows=}, {capacity=}, {kv_heads=} and {head_dim=} must be positive")
+        if len(devices) != num_layers:
+            raise ValueError(f"one device per layer: {len(devices)} devices for {num_layers} layers")
+        self.num_layers, self.num_rows, self.capacity = num_layers, num_rows, capacity
+        shape = (num_rows, kv_heads, capacity, head_dim)
+        with torch.inference_mode(False):  # ordinary tensors wherever the cache is made (one compiled graph)
+            self.keys = [torch.zeros(shape, dtype=dtype, device=dev) for dev in devices]
+            self.values = [torch.zeros(shape, dtype=dtype, device=dev) for dev in devices]
+        self.lengths: list[list[int]] = [[0] * num_rows for _ in range(num_layers)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    def length(self, layer: int, row: int = 0) -> int:
+        return self.lengths[layer][row]
+
+    def used(self) -> float:
+        """Fraction of the cache's (layer, row, position) slots holding valid keys."""
+        return sum(map(sum, self.lengths)) / (self.num_layers * self.num_rows * self.capacity)
+
+    def reset_row(self, row: int) -> None:
+        """Free a slot: its old keys stay in the buffer (finite, hidden) until overwritten."""
+        for lengths in self.lengths:
+            lengths[row] = 0
+
+    def crop_row(self, row: int, length: int) -> None:
+        """Forget every position >= ``length`` of one row in every layer (speculative rollback)."""
         if length < 0:
             raise ValueError(f"{length=} must be >= 0")
-        self.lengths[layer] = min(self.lengths[layer], length)
+        for lengths in self.lengths:
+            lengths[row] = min(lengths[row], length)
 
-    def crop_all(self, length: int) -> None:
-        for layer in range(self.num_layers):
-            self.crop(layer, length)
+    def claim(self, layer: int, call: RowCall) -> tuple[Tensor, Tensor]:
+        """Book the call's tokens in ``layer`` (each row's length advances by its real count) and hand
+        out that layer's buffers, for the block to write keys/values at ``call.positions``."""
+        lengths = self.lengths[layer]
+        if call.kv_len > self.capacity:
+            raise ValueError(f"positions up to {call.kv_len - 1} exceed the cache's capacity {self.capacity}")
+        for row, start, count in zip(call.rows, call.starts, call.counts, strict=True):
+            if lengths[row] != start:
+                raise RuntimeError(f"layer {layer} row {row} caches {lengths[row]} positions, but its tokens "
+                                   f"start at {start}: layers must be fed contiguous positions")
+            lengths[row] = start + count
+        return self.keys[layer], self.values[layer]
 
-    def layer_kv(self, layer: int) -> tuple[Tensor, Tensor]:
-        """The valid keys and values of one layer, (B, H_kv, length, D) each."""
-        k, v = self.keys[layer], self.values[layer]
-        if k is None or v is None:
-            raise ValueError(f"layer {layer} has no cached keys yet")
-        n = self.lengths[layer]
-        return k[:, :, :n], v[:, :, :n]
+    def write(self, layer: int, call: RowCall, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        """Write the call's keys/values (n, H_kv, q, D) at each row's length; return the call's rows'
+        buffers up to ``kv_len``, (n, H_kv, kv_len, D) each."""
+        k_buf, v_buf = self.claim(layer, call)
+        index = (call.rows_t.unsqueeze(1), slice(None), call.positions)  # -> (n, q, H, D)
+        k_buf[index] = key.transpose(1, 2)
+        v_buf[index] = value.transpose(1, 2)
+        return k_buf[call.rows_t, :, : call.kv_len], v_buf[call.rows_t, :, : call.kv_len]
 
-    # --- the parts of the HF Cache interface that model code may ask for ----------------------------
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.lengths[layer_idx]
-
-    def __len__(self) -> int:
-        return self.num_layers
+    def row_kv(self, layer: int, row: int = 0) -> tuple[Tensor, Tensor]:
+        """The valid keys and values of one row in one layer, (1, H_kv, length, D) each."""
+        n = self.lengths[layer][row]
+        return self.keys[layer][row : row + 1, :, :n], self.values[layer][row : row + 1, :, :n]

@@ -28,6 +28,7 @@ class ExitHead:
     @torch.no_grad()
     def __init__(self, lm: CausalLM, jump: LowRankJumps | None):
         self.num_layers = lm.num_layers
+        self.device = lm.device
         self.ctx = HeadContext.from_model(lm).to(lm.device)
         self.jump = None if jump is None else jump.eval().to(lm.device)
         self.kind: HeadKind = "identity" if jump is None else "fused" if jump.is_pure else "full"
@@ -65,8 +66,8 @@ class ExitHead:
 
     @torch.inference_mode()
     def __call__(self, h: Tensor, level: int) -> Tensor:
-        """Exit logits for states h (B, d) after block ``level`` -> (B, V) float32."""
-        h = h.float()
+        """Exit logits for states h (B, d) after block ``level`` -> (B, V) float32, on the head's device."""
+        h = h.to(self.device, torch.float32)
         j = self.index(level)
         if self.kind == "identity":
             return self.ctx.full(h)

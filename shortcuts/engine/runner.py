@@ -1,195 +1,205 @@
-"""Run a model one decoder block at a time, each block with its own slice of the KV cache.
+"""Run a model one decoder block at a time over the static KV cache, rows of a batch at a time.
 
-The Hugging Face blocks do the math; this module supplies what the HF model's ``forward``
-would have built around them: token (+ absolute position) embeddings, rotary embeddings per
-layer type, and a 4-D additive attention mask per layer (causal, plus the sliding window on
-sliding layers). Because each layer's mask is built from that layer's own cache length, layers
-may hold caches of different lengths, which is what early exit needs.
+``LayerRunner`` supplies what the model's own ``forward`` would have built around its blocks:
+token (+ absolute position) embeddings, rotary tables per layer type, the per-row attention mask
+per layer (causal, plus the sliding window on sliding layers, built from each row's own cache
+length, which is what early exit needs), and the head. Blocks may live on different devices
+(a model split with a device map): the states follow the blocks, and a token that exits early
+never touches the later devices.
+
+``self_check`` compares the whole layer-by-layer pass with the model's own logits on a short
+input; loading refuses a model (or a transformers release) for which they differ.
 """
 
 from __future__ import annotations
 
-import inspect
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from shortcuts.adapter import CausalLM
-from shortcuts.engine.cache import LayerKVCache
+from shortcuts.engine.blocks import Blocks, block_forward, kv_forward, rope_tables
+from shortcuts.engine.cache import KVCache, RowCall
+from shortcuts.errors import UnsupportedModelError
 
 
-@dataclass
-class Chunk:
-    """q consecutive tokens in flight: their hidden states and the position of the first one."""
-
-    h: Tensor  # (B, q, d)
-    start: int
-    rope: dict[str | None, Any] = field(default_factory=dict)  # rotary (cos, sin) per layer type, memoised
-    _positions: Tensor | None = None
-
-    @property
-    def size(self) -> int:
-        return self.h.shape[1]
-
-    @property
-    def stop(self) -> int:
-        return self.start + self.size
-
-    def position_ids(self) -> Tensor:
-        if self._positions is None:
-            self._positions = torch.arange(self.start, self.stop, device=self.h.device).unsqueeze(0)  # (1, q)
-        return self._positions
-
-
-def layer_windows(config: Any, num_layers: int) -> list[int | None]:
+def layer_windows(config: object, num_layers: int) -> list[int | None]:
     """The sliding-window size of each layer, None for full attention (HF's conventions)."""
     window = getattr(config, "sliding_window", None)
     if window is None:
         return [None] * num_layers
-    if config.model_type == "mistral":  # Mistral slides on every layer when a window is set
+    if getattr(config, "model_type", None) == "mistral":  # Mistral slides on every layer when a window is set
         return [int(window)] * num_layers
     types = getattr(config, "layer_types", None) or ["full_attention"] * num_layers
     return [int(window) if t == "sliding_attention" else None for t in types]
 
 
-def attention_mask(start: int, q: int, kv_len: int, window: int | None, dtype: torch.dtype,
-                   device: torch.device) -> Tensor | None:
-    """Additive mask (1, 1, q, kv_len) for queries at positions start..start+q-1 over keys
-    0..kv_len-1: key k is visible iff k <= pos and (no window or pos - k < window).
-    None when every key is visible (one query, no window cut), so SDPA takes its fast path."""
-    if q == 1 and (window is None or kv_len <= window):
-        return None
-    pos = torch.arange(start, start + q, device=device).unsqueeze(1)  # (q, 1)
-    key = torch.arange(kv_len, device=device).unsqueeze(0)  # (1, kv)
-    visible = key <= pos
-    if window is not None:
-        visible &= pos - key < window
-    mask = torch.zeros(q, kv_len, dtype=dtype, device=device)
-    return mask.masked_fill_(~visible, torch.finfo(dtype).min)[None, None]  # (1, 1, q, kv)
+@dataclass
+class Chunk:
+    """q consecutive tokens of rows 0..B-1 (one sequence per row, all at the same position)."""
 
+    h: Tensor  # (B, q, d)
+    start: int
 
-def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary embedding of x (B, H, q, D) with cos/sin (B, q, D), HF's rotate-half convention."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    @property
+    def size(self) -> int:
+        return self.h.shape[1]
+
+    def call(self) -> RowCall:
+        B, q = self.h.shape[:2]
+        return RowCall(list(range(B)), [self.start] * B, [q] * B, q, self.h.device)
 
 
 class LayerRunner:
-    """Embedding, single decoder blocks and the head of a ``CausalLM``, cache slice by slice."""
+    """Embedding, single decoder blocks and the head of a ``CausalLM``, over a ``KVCache``."""
 
-    def __init__(self, lm: CausalLM):
+    def __init__(self, lm: CausalLM, max_seq_len: int | None = None, compile: bool = False):
         self.lm = lm
         self.num_layers = lm.num_layers
         config = lm.config
-        base = lm.model.base_model
+        self.blocks = Blocks(lm)
         self.windows = layer_windows(config, self.num_layers)
         types = getattr(config, "layer_types", None)
         self.layer_types: list[str | None] = list(types) if types else [None] * self.num_layers
-        self.rotary: nn.Module | None = getattr(base, "rotary_emb", None)
-        params = inspect.signature(self.rotary.forward).parameters if self.rotary is not None else {}
-        self.typed_rotary = "layer_type" in params  # Gemma 3: one rotary per layer type
-        self.wpe: nn.Module | None = getattr(base, "wpe", None)  # GPT-2's absolute positions
-        self.context_length = int(getattr(config, "max_position_embeddings", None) or config.n_positions)
-        self.is_gpt2 = config.model_type == "gpt2"
+        self.wpe = getattr(lm.model.base_model, "wpe", None)  # GPT-2's absolute positions
+        model_context = int(getattr(config, "max_position_embeddings", None) or config.n_positions)
+        self.context_length = min(model_context, max_seq_len or model_context)
+        self.rope = rope_tables(lm, self.context_length, self.blocks.head_dim)
+        self.typed_rope = len(self.rope) > 1 or None not in self.rope
+        self.compiled = compile
+        self._block_fn: Callable[..., Tensor] = compiled_block() if compile else block_forward
 
-    def new_cache(self) -> LayerKVCache:
-        return LayerKVCache(self.num_layers)
+    def new_cache(self, rows: int = 1, capacity: int | None = None) -> KVCache:
+        b = self.blocks
+        return KVCache(self.num_layers, rows, capacity or self.context_length, b.num_kv_heads, b.head_dim,
+                       self.lm.lm_head.weight.dtype, b.devices)
 
+    # --- embedding ----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def embed(self, ids: Tensor, start: int) -> Chunk:
-        """Token ids (B, q) at positions start..start+q-1 -> a Chunk of input states (B, q, d)."""
-        if start + ids.shape[1] > self.context_length:
-            raise ValueError(f"positions up to {start + ids.shape[1] - 1} exceed the context {self.context_length}")
-        h = self.lm.embed_tokens(ids.to(self.lm.device))  # (B, q, d); Gemma scales inside its embedding
-        chunk = Chunk(h, start)
+    def embed_rows(self, ids: Tensor, positions: Tensor) -> Tensor:
+        """Token ids (n, q) at positions (n, q) -> input states (n, q, d); Gemma scales inside its embedding."""
+        if int(positions.max()) >= self.context_length:
+            raise ValueError(f"positions up to {int(positions.max())} exceed the context {self.context_length}")
+        h = self.lm.embed_tokens(ids.to(self.lm.embed_tokens.weight.device))
         if self.wpe is not None:
-            chunk.h = h + self.wpe(chunk.position_ids())
-        return chunk
+            h = h + self.wpe(positions.to(h.device))
+        return h
 
-    def _rope(self, chunk: Chunk, layer: int) -> Any:
-        return self.rope(chunk.rope, chunk.h, chunk.position_ids, layer)
+    def embed(self, ids: Tensor, start: int) -> Chunk:
+        """Token ids (B, q) at positions start.. for rows 0..B-1 -> a Chunk."""
+        B, q = ids.shape
+        positions = torch.arange(start, start + q).expand(B, q)
+        return Chunk(self.embed_rows(ids, positions), start)
 
-    def rope(self, memo: dict[str | None, Any], h: Tensor, positions: Callable[[], Tensor] | Tensor,
-             layer: int) -> Any:
-        """Rotary (cos, sin) for layer ``layer`` at ``positions`` (B, q), computed once per layer type
-        and kept in ``memo``; None for models without rotary embeddings."""
-        if self.rotary is None:
-            return None
-        key = self.layer_types[layer] if self.typed_rotary else None
-        if key not in memo:
-            pos = positions() if callable(positions) else positions
-            memo[key] = self.rotary(h, pos, key) if self.typed_rotary else self.rotary(h, pos)
-        return memo[key]
-
-    def _attention_kwargs(self, layer: int, chunk: Chunk, cache: LayerKVCache) -> dict[str, Any]:
-        """What a block's attention needs besides the states: mask, positions, rotary, cache."""
-        if cache.length(layer) != chunk.start:
-            raise RuntimeError(f"layer {layer} caches {cache.length(layer)} positions, but the chunk starts at "
-                               f"{chunk.start}: layers must be fed contiguous positions")
-        kv_len = chunk.stop
-        mask = attention_mask(chunk.start, chunk.size, kv_len, self.windows[layer], chunk.h.dtype, chunk.h.device)
-        kwargs: dict[str, Any] = {"attention_mask": mask, "past_key_values": cache,
-                                  "position_ids": chunk.position_ids()}
-        rope = self._rope(chunk, layer)
-        if rope is not None:
-            kwargs["position_embeddings"] = rope
-        return kwargs
+    # --- blocks ---------------------------------------------------------------------------------------
+    def _rotary(self, i: int, call: RowCall, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
+        """cos/sin (n, q, D) at the call's positions for block i; (None, None) without rotary."""
+        if not self.rope:
+            return None, None
+        cos, sin = self.rope[self.layer_types[i] if self.typed_rope else None]
+        pos = call.positions.clamp(max=self.context_length - 1).to(cos.device)  # padding stays in the table
+        return cos[pos].to(device), sin[pos].to(device)  # (n, q, D)
 
     @torch.inference_mode()
-    def layer(self, i: int, chunk: Chunk, cache: LayerKVCache) -> Chunk:
-        """Run block i (0-based) on the chunk, appending its keys/values to layer i's cache."""
-        out = self.lm.layers[i](chunk.h, use_cache=True, **self._attention_kwargs(i, chunk, cache))
-        chunk.h = out[0] if isinstance(out, tuple) else out  # (B, q, d)
-        return chunk
-
-    def layers(self, start: int, stop: int, chunk: Chunk, cache: LayerKVCache) -> Chunk:
-        """Run blocks start..stop-1 (0-based) in order."""
-        for i in range(start, stop):
-            self.layer(i, chunk, cache)
-        return chunk
+    def block(self, i: int, h: Tensor, call: RowCall, cache: KVCache) -> Tensor:
+        """Block i (0-based) on states h (n, q, d) of the call's rows, writing their keys/values."""
+        dev = self.blocks.devices[i]
+        h, call = h.to(dev), call.moved(dev)
+        k_buf, v_buf = cache.claim(i, call)
+        cos, sin = self._rotary(i, call, dev)
+        return self._block_fn(self.blocks.geometry, self.blocks.weights[i], h, k_buf, v_buf, call.rows_t,
+                              call.positions, call.kv_len, cos, sin, call.mask(self.windows[i]))
 
     @torch.inference_mode()
-    def fill_kv(self, i: int, chunk: Chunk, cache: LayerKVCache) -> None:
-        """Write layer i's keys/values for the chunk computed from ``chunk.h`` as that layer's input
-        (the state-copy policy: CALM propagates the exit state to the skipped layers). Only the
-        key/value path runs (norm, k/v projections, k-norm, rotary), the model's own modules: the
-        attention itself and the MLP are not needed, so a fill costs a few percent of a block."""
-        if cache.length(i) != chunk.start:
-            raise RuntimeError(f"layer {i} caches {cache.length(i)} positions, but the chunk starts at {chunk.start}")
-        k, v = self.kv_projection(i, chunk.h, self._rope(chunk, i))
-        cache.update(k, v, i)
-
-    def kv_projection(self, i: int, h: Tensor, rope: Any) -> tuple[Tensor, Tensor]:
-        """Block i's keys and values (B, H_kv, q, D) for input states h (B, q, d): the model's own
-        norm, k/v projections and k-norm, then rotary (``rope`` = (cos, sin) or None)."""
-        block = self.lm.layers[i]
-        if self.is_gpt2:
-            attn = block.attn
-            _, k, v = attn.c_attn(block.ln_1(h)).split(attn.split_size, dim=2)
-        else:
-            attn = block.self_attn
-            x = block.input_layernorm(h)
-            k, v = attn.k_proj(x), attn.v_proj(x)
-        shape = (*h.shape[:-1], -1, attn.head_dim)
-        k, v = k.view(shape), v.view(shape)
-        if getattr(attn, "k_norm", None) is not None:  # Qwen3, Gemma 3: per-head norm before rotary
-            k = attn.k_norm(k)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)
-        return (k if rope is None else rotate(k, *rope)), v
+    def fill_kv(self, i: int, h: Tensor, call: RowCall, cache: KVCache) -> None:
+        """Write block i's keys/values for states h taken as its input (the copy policy: CALM
+        propagates the exit state to the skipped layers); no attention, no MLP."""
+        dev = self.blocks.devices[i]
+        h, call = h.to(dev), call.moved(dev)
+        k, v = kv_forward(self.blocks.geometry, self.blocks.weights[i], h, *self._rotary(i, call, dev))
+        cache.write(i, call, k, v)
 
     @torch.inference_mode()
     def full_logits(self, h: Tensor) -> Tensor:
         """The model's own head on final states: (..., d) -> (..., V) float32."""
-        return self.lm.head(h).float()
+        return self.lm.head(h.to(self.lm.device)).float()
+
+    # --- one sequence per row, all rows in step (prefill, tests, the self-check) ----------------------
+    def layer(self, i: int, chunk: Chunk, cache: KVCache) -> Chunk:
+        chunk.h = self.block(i, chunk.h, chunk.call(), cache)
+        return chunk
 
     @torch.inference_mode()
-    def forward(self, ids: Tensor, cache: LayerKVCache, start: int | None = None) -> Tensor:
-        """All blocks on a chunk of ids (B, q), continuing ``cache``; returns logits (B, q, V)."""
-        start = cache.length(0) if start is None else start
-        chunk = self.layers(0, self.num_layers, self.embed(ids, start), cache)
-        return self.full_logits(chunk.h)
+    def forward(self, ids: Tensor, cache: KVCache, start: int | None = None) -> Tensor:
+        """All blocks on ids (B, q) of rows 0..B-1, continuing ``cache``; returns logits (B, q, V)."""
+        chunk = self.embed(ids, cache.length(0) if start is None else start)
+        call = chunk.call()
+        h = chunk.h
+        for i in range(self.num_layers):
+            h = self.block(i, h, call, cache)
+        return self.full_logits(h)
+
+    @torch.inference_mode()
+    def warm_up(self, rows: int = 2) -> float:
+        """Seconds to run once each kind of call the decoder makes (prefill; one row, one token; several
+        rows at equal and at different lengths; rows carrying catch-up chunks): with ``compile`` this is
+        the compile time (sizes 1 are specialised, larger sizes and lengths are dynamic)."""
+        t0 = time.perf_counter()
+        dev = self.lm.device
+        n = max(rows, 3)
+        cache = self.new_cache(n)
+        every = list(range(n))
+        calls = [RowCall([0], [0], [6], 6, dev), RowCall([0], [6], [3], 3, dev),  # prefill, catch-up chunks
+                 RowCall([0], [9], [1], 1, dev), RowCall([0], [10], [1], 1, dev),  # single decode
+                 RowCall(every[1:], [0] * (n - 1), [11] * (n - 1), 11, dev),  # prefill other rows
+                 RowCall(every[:2], [11, 11], [1, 1], 1, dev), RowCall(every, [12, 12, 11], [1, 1, 2], 2, dev),
+                 RowCall(every, [13] * n, [1] * n, 1, dev), RowCall(every, [14] * n, [1] * n, 1, dev),
+                 RowCall(every[:2], [15, 15], [2, 2], 2, dev), RowCall(every[:2], [17, 17], [3, 3], 3, dev)]
+        for call in calls:
+            h = self.embed_rows(torch.ones(len(call.rows), call.q, dtype=torch.long), call.positions.cpu())
+            for i in range(self.num_layers):
+                h = self.block(i, h, call, cache)
+        return time.perf_counter() - t0
+
+    @torch.inference_mode()
+    def self_check(self, tokens: int = 12, rtol: float = 1e-3) -> float:
+        """The layer-by-layer logits against the model's own on a short input (prefill, then one
+        token with the cache); raises ``UnsupportedModelError`` when they differ. Returns the
+        largest difference relative to the logits' scale."""
+        vocab = self.lm.vocab_size
+        ids = (torch.arange(tokens) * 7919 % max(vocab - 1, 1)).unsqueeze(0) + 1
+        ref = self.lm.model(ids.to(self.lm.device)).logits.float()
+        cache = self.new_cache(1)
+        ours = torch.cat([self.forward(ids[:, :-1], cache), self.forward(ids[:, -1:], cache)], dim=1)
+        scale = float(ref.abs().max().clamp_min(1e-6))
+        diff = float((ours - ref.to(ours.device)).abs().max()) / scale
+        tol = rtol if self.lm.lm_head.weight.dtype == torch.float32 else 3e-2
+        if not diff <= tol:
+            import transformers
+
+            raise UnsupportedModelError(
+                f"onejump's layer-by-layer pass does not reproduce {self.lm.name}'s logits (largest difference "
+                f"{diff:.2e} of the logits' scale, tolerance {tol:.0e}) with transformers {transformers.__version__}; "
+                "this model or this transformers release is not supported by the engine")
+        return diff
+
+
+def compiled_block() -> Callable[..., Tensor]:
+    """``block_forward`` under ``torch.compile``: the weights are inputs, so one graph serves every
+    layer. Sizes start static and turn dynamic once they change (torch's automatic dynamic shapes),
+    so after ``LayerRunner.warm_up`` batch sizes, catch-up chunks and growing sequences reuse a
+    handful of graphs (sizes 1 are specialised; with or without a mask). Inductor's artifacts are
+    cached on disk ($TORCHINDUCTOR_CACHE_DIR, default ``<onejump cache>/inductor``), so a restart
+    compiles from the cache."""
+    import os
+
+    import torch._dynamo
+
+    from shortcuts.assets import cache_root
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    return torch.compile(block_forward, dynamic=None, fullgraph=True)

@@ -6,10 +6,11 @@ import torch
 from torch import Tensor
 
 
-def make_generator(seed: int | None) -> torch.Generator:
-    """A CPU torch.Generator (draws are made on the CPU whatever the model's device, so a seed
-    gives the same tokens everywhere): seeded, or from OS entropy when seed is None."""
-    gen = torch.Generator()
+def make_generator(seed: int | None, device: object = "cpu") -> torch.Generator:
+    """A torch.Generator on the model's device (draws happen where the logits are: nothing of
+    vocabulary size crosses to the host), seeded, or from OS entropy when seed is None. A seed
+    reproduces its tokens on the same kind of device."""
+    gen = torch.Generator(device=torch.device(device))  # type: ignore[arg-type]
     if seed is None:
         gen.seed()
     else:
@@ -34,8 +35,8 @@ def distribution(logits: Tensor, temperature: float, top_p: float = 1.0) -> Tens
 
 
 def sample(probs: Tensor, generator: torch.Generator) -> int:
-    """One token id drawn from probs (V,), on the CPU generator's device."""
-    return int(torch.multinomial(probs.float().cpu(), 1, generator=generator))
+    """One token id drawn from probs (V,) with the generator (on the probabilities' device)."""
+    return int(torch.multinomial(probs.float(), 1, generator=generator))
 
 
 def pick(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
@@ -49,9 +50,9 @@ def speculative_accept(p: Tensor, q: Tensor, token: int, generator: torch.Genera
     """Leviathan et al.'s rule for a token drawn from the draft distribution q (V,) when the target
     is p (V,): keep it with probability min(1, p/q); return None if kept, else a replacement
     drawn from normalise(max(p - q, 0)). The result is distributed exactly as p."""
-    p, q = p.float().cpu(), q.float().cpu()
+    p, q = p.float(), q.float()
     ratio = float(p[token]) / max(float(q[token]), 1e-30)
-    if ratio >= 1.0 or float(torch.rand((), generator=generator)) < ratio:
+    if ratio >= 1.0 or float(torch.rand((), generator=generator, device=p.device)) < ratio:
         return None
     residual = (p - q).clamp_min(0.0)
     total = float(residual.sum())

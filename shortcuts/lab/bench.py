@@ -64,30 +64,25 @@ def micro(lm: CausalLM, jump: LowRankJumps | None, repeats: int) -> dict[str, fl
     from shortcuts.engine.runner import LayerRunner
     from shortcuts.engine.settings import ExitSettings
 
-    runner = LayerRunner(lm)
+    runner = LayerRunner(lm, 128)
     cache = runner.new_cache()
     ids = torch.randint(lm.vocab_size // 4, lm.vocab_size, (1, 65), generator=torch.Generator().manual_seed(0))
     runner.forward(ids[:, :64], cache)
     token = runner.embed(ids[:, 64:], 64)
-    h = token.h
+    chunk4 = runner.embed(ids[:, 61:65], 64)  # 4 tokens at once: what catch-up and verification run
+    h, h4 = token.h, chunk4.h
 
     def one_block() -> None:
-        cache.crop(0, 64)
-        token.h = h
-        runner.layer(0, token, cache)
-
-    chunk4 = runner.embed(ids[:, 61:65], 64)  # 4 tokens at once: what catch-up and verification run
-    h4 = chunk4.h
+        cache.crop_row(0, 64)
+        runner.block(0, h, token.call(), cache)
 
     def four_tokens() -> None:
-        cache.crop(0, 64)
-        chunk4.h = h4
-        runner.layer(0, chunk4, cache)
+        cache.crop_row(0, 64)
+        runner.block(0, h4, chunk4.call(), cache)
 
     def one_fill() -> None:
-        cache.crop(0, 64)
-        token.h = h
-        runner.fill_kv(0, token, cache)
+        cache.crop_row(0, 64)
+        runner.fill_kv(0, h, token.call(), cache)
 
     head = ExitHead(lm, jump)
     gate = ExitGate(ExitSettings(mode="approximate", threshold=0.9))

@@ -1,0 +1,261 @@
+"""The decoder blocks as plain tensor math: onejump's own forward pass, checked against the model's.
+
+The engine does not call Hugging Face decoder layers (their keyword arguments and cache protocol
+change between releases). ``Blocks`` reads each block's weights once, in a compact form (one fused
+q/k/v matrix, one fused gate/up matrix), and runs pre-norm blocks of the supported families:
+
+- llama / mistral / qwen2 / qwen3: RMSNorm, GQA attention with rotary (qkv bias for Qwen2,
+  per-head q/k RMSNorm for Qwen3), SiLU-gated MLP;
+- gemma3_text: the same with (1 + w) RMSNorms, sandwich norms around attention and MLP, a
+  query scale of query_pre_attn_scalar^-1/2, GELU(tanh)-gated MLP, sliding-window layers;
+- gpt2: LayerNorm, fused Conv1D attention, absolute positions, GELU(tanh) MLP.
+
+What the model's ``forward`` adds around the blocks comes from the model itself: the token
+embedding module (Gemma scales inside it) and the rotary module, tabulated once for every
+position (``rope_tables``). ``unsupported`` names what this math does not do (partial rotary,
+attention soft-capping, ...) so loading refuses such a model instead of decoding it wrongly;
+``runner.LayerRunner.self_check`` then compares the whole pass with the model's own logits.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from shortcuts.adapter import CausalLM
+from shortcuts.errors import UnsupportedModelError
+
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh"}
+
+
+class Norm(NamedTuple):
+    """y = norm(x) * weight (+ bias): RMSNorm or LayerNorm over the last axis; weight already holds
+    Gemma's +1 offset."""
+
+    kind: str  # "rms" | "layer"
+    weight: Tensor
+    bias: Tensor | None
+    eps: float
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.kind == "rms":
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+class BlockWeights(NamedTuple):
+    """One decoder block (a tuple of tensors, so that a compiled block takes them as inputs and one
+    graph serves every layer). Shapes: qkv (Hq·D + 2·Hkv·D, d), o (d, Hq·D), up (2·I or I, d), down (d, I)."""
+
+    attn_norm: Norm
+    qkv: Tensor
+    qkv_bias: Tensor | None
+    q_norm: Norm | None
+    k_norm: Norm | None
+    o: Tensor
+    o_bias: Tensor | None
+    post_attn_norm: Norm | None  # Gemma's sandwich norm on the attention output
+    mlp_norm: Norm
+    up: Tensor  # gate and up stacked for gated MLPs
+    up_bias: Tensor | None
+    down: Tensor
+    down_bias: Tensor | None
+    post_mlp_norm: Norm | None
+
+
+def _norm(module: Any, kind: str, offset: float) -> Norm:
+    eps = getattr(module, "eps", None) or getattr(module, "variance_epsilon", None)
+    if eps is None:
+        raise UnsupportedModelError(f"cannot find the epsilon of {type(module).__name__}")
+    bias = getattr(module, "bias", None)
+    return Norm(kind, module.weight.detach() + offset, None if bias is None else bias.detach(), float(eps))
+
+
+def _bias(*linears: Any) -> Tensor | None:
+    biases = [getattr(m, "bias", None) for m in linears]
+    if all(b is None for b in biases):
+        return None
+    return torch.cat([b.detach() if b is not None else m.weight.new_zeros(m.weight.shape[0])
+                      for m, b in zip(linears, biases, strict=True)])
+
+
+def _decoder_block(layer: Any, offset: float, gemma: bool) -> BlockWeights:
+    attn, mlp = layer.self_attn, layer.mlp
+    q_norm = getattr(attn, "q_norm", None)
+    k_norm = getattr(attn, "k_norm", None)
+    mlp_norm = layer.pre_feedforward_layernorm if gemma else layer.post_attention_layernorm
+    return BlockWeights(
+        attn_norm=_norm(layer.input_layernorm, "rms", offset),
+        qkv=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach(),
+        qkv_bias=_bias(attn.q_proj, attn.k_proj, attn.v_proj),
+        q_norm=None if q_norm is None else _norm(q_norm, "rms", offset),
+        k_norm=None if k_norm is None else _norm(k_norm, "rms", offset),
+        o=attn.o_proj.weight.detach(), o_bias=_bias(attn.o_proj),
+        post_attn_norm=_norm(layer.post_attention_layernorm, "rms", offset) if gemma else None,
+        mlp_norm=_norm(mlp_norm, "rms", offset),
+        up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(), up_bias=_bias(mlp.gate_proj, mlp.up_proj),
+        down=mlp.down_proj.weight.detach(), down_bias=_bias(mlp.down_proj),
+        post_mlp_norm=_norm(layer.post_feedforward_layernorm, "rms", offset) if gemma else None,
+    )
+
+
+def _gpt2_block(layer: Any) -> BlockWeights:
+    """GPT-2's Conv1D stores (in, out): transposed to the (out, in) of a linear layer."""
+    attn, mlp = layer.attn, layer.mlp
+    return BlockWeights(
+        attn_norm=_norm(layer.ln_1, "layer", 0.0), qkv=attn.c_attn.weight.detach().T.contiguous(),
+        qkv_bias=attn.c_attn.bias.detach(), q_norm=None, k_norm=None,
+        o=attn.c_proj.weight.detach().T.contiguous(), o_bias=attn.c_proj.bias.detach(), post_attn_norm=None,
+        mlp_norm=_norm(layer.ln_2, "layer", 0.0), up=mlp.c_fc.weight.detach().T.contiguous(),
+        up_bias=mlp.c_fc.bias.detach(), down=mlp.c_proj.weight.detach().T.contiguous(),
+        down_bias=mlp.c_proj.bias.detach(), post_mlp_norm=None,
+    )
+
+
+def unsupported(config: Any) -> list[str]:
+    """What this block math does not reproduce for ``config`` (empty when all is handled)."""
+    problems = []
+    factor = getattr(config, "partial_rotary_factor", None)
+    if factor is not None and float(factor) != 1.0:
+        problems.append(f"partial rotary (partial_rotary_factor={factor})")
+    for name in ("attn_logit_softcapping", "attention_logit_softcapping"):
+        if getattr(config, name, None):
+            problems.append(f"attention soft-capping ({name}={getattr(config, name)})")
+    if getattr(config, "scale_attn_by_inverse_layer_idx", False):
+        problems.append("scale_attn_by_inverse_layer_idx")
+    if config.model_type == "gpt2" and not getattr(config, "scale_attn_weights", True):
+        problems.append("scale_attn_weights=False")
+    act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None) or \
+        getattr(config, "activation_function", None)
+    if act not in ACTIVATIONS:
+        problems.append(f"activation {act!r}")
+    rope = getattr(config, "rope_scaling", None) or {}
+    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) in ("dynamic", "longrope"):
+        problems.append(f"position-dependent rope scaling ({rope.get('rope_type', rope.get('type'))})")
+    return problems
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What every block shares: heads, head size, query scale, activation."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scale: float
+    activation: str  # "silu" | "gelu_tanh"
+    gated: bool
+
+
+def block_forward(g: Geometry, w: BlockWeights, h: Tensor, k_buf: Tensor, v_buf: Tensor, rows: Tensor,
+                  positions: Tensor, kv_len: int, cos: Tensor | None, sin: Tensor | None,
+                  mask: Tensor | None) -> Tensor:
+    """One block on states h (n, q, d) of cache rows ``rows`` (n,) at ``positions`` (n, q): writes the
+    keys/values into the layer's buffers (rows, H_kv, capacity, D), attends over the rows' first
+    ``kv_len`` positions under ``mask`` (n, 1, q, kv_len) (None: all visible), returns the new states.
+    Pure tensor code (no host reads): the same function runs eagerly or under ``torch.compile``."""
+    n, q, _ = h.shape
+    D, Hq, Hkv = g.head_dim, g.num_heads, g.num_kv_heads
+    qkv = F.linear(w.attn_norm(h), w.qkv, w.qkv_bias)
+    qs, ks, vs = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
+    qs, ks, vs = qs.view(n, q, Hq, D), ks.view(n, q, Hkv, D), vs.view(n, q, Hkv, D)
+    if w.q_norm is not None:
+        qs = w.q_norm(qs)
+    if w.k_norm is not None:
+        ks = w.k_norm(ks)
+    qs, ks, vs = qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2)  # (n, H, q, D)
+    if cos is not None and sin is not None:
+        qs, ks = rotate(qs, cos, sin), rotate(ks, cos, sin)
+    k_buf[rows[:, None], :, positions] = ks.transpose(1, 2)  # (n, q, H_kv, D) at each row's positions
+    v_buf[rows[:, None], :, positions] = vs.transpose(1, 2)
+    keys, values = k_buf[rows, :, :kv_len], v_buf[rows, :, :kv_len]  # (n, H_kv, kv_len, D)
+    attn = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, scale=g.scale, enable_gqa=True)
+    out = F.linear(attn.transpose(1, 2).reshape(n, q, Hq * D), w.o, w.o_bias)
+    if w.post_attn_norm is not None:
+        out = w.post_attn_norm(out)
+    h = h + out
+    x = F.linear(w.mlp_norm(h), w.up, w.up_bias)
+    if g.gated:
+        gate, up = x.chunk(2, dim=-1)
+        x = (F.silu(gate) if g.activation == "silu" else F.gelu(gate, approximate="tanh")) * up
+    else:
+        x = F.gelu(x, approximate="tanh")
+    x = F.linear(x, w.down, w.down_bias)
+    if w.post_mlp_norm is not None:
+        x = w.post_mlp_norm(x)
+    return h + x
+
+
+def kv_forward(g: Geometry, w: BlockWeights, h: Tensor, cos: Tensor | None, sin: Tensor | None) -> tuple[Tensor, Tensor]:
+    """A block's keys and values (n, H_kv, q, D) for input states h (n, q, d), rotated: the copy
+    policy's fill (norm, k/v projections, k-norm, rotary; no attention, no MLP)."""
+    n, q, _ = h.shape
+    D, Hq, Hkv = g.head_dim, g.num_heads, g.num_kv_heads
+    kv = F.linear(w.attn_norm(h), w.qkv[Hq * D :], None if w.qkv_bias is None else w.qkv_bias[Hq * D :])
+    ks, vs = kv.split([Hkv * D, Hkv * D], dim=-1)
+    ks, vs = ks.view(n, q, Hkv, D), vs.view(n, q, Hkv, D)
+    if w.k_norm is not None:
+        ks = w.k_norm(ks)
+    ks, vs = ks.transpose(1, 2), vs.transpose(1, 2)
+    if cos is not None and sin is not None:
+        ks = rotate(ks, cos, sin)
+    return ks, vs
+
+
+class Blocks:
+    """Every decoder block of a ``CausalLM`` as ``BlockWeights``, plus the attention geometry."""
+
+    def __init__(self, lm: CausalLM):
+        config = lm.config
+        if problems := unsupported(config):
+            raise UnsupportedModelError(f"{lm.name}: onejump's engine does not handle {', '.join(problems)}")
+        self.gpt2 = config.model_type == "gpt2"
+        gemma = config.model_type.startswith("gemma")
+        act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None) or \
+            config.activation_function
+        self.activation = ACTIVATIONS[act]
+        self.gated = not self.gpt2
+        self.num_heads = int(config.num_attention_heads if not self.gpt2 else config.n_head)
+        self.num_kv_heads = int(getattr(config, "num_key_value_heads", None) or self.num_heads)
+        d = lm.hidden_size
+        self.head_dim = int(getattr(config, "head_dim", None) or d // self.num_heads)
+        scalar = getattr(config, "query_pre_attn_scalar", None) if gemma else None
+        self.scale = float(scalar if scalar is not None else self.head_dim) ** -0.5
+        self.geometry = Geometry(self.num_heads, self.num_kv_heads, self.head_dim, self.scale, self.activation,
+                                 self.gated)
+        self.weights = [_gpt2_block(layer) if self.gpt2 else _decoder_block(layer, lm.spec.norm_offset, gemma)
+                        for layer in lm.layers]
+        self.devices = [w.qkv.device for w in self.weights]
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding of x (n, H, q, D) with cos/sin (n, q, D), the rotate-half convention."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+@torch.no_grad()
+def rope_tables(lm: CausalLM, positions: int, head_dim: int) -> dict[str | None, tuple[Tensor, Tensor]]:
+    """cos/sin (positions, D) for every rotary kind the model uses (Gemma 3: one per layer type),
+    from the model's own rotary module; {} for models without rotary embeddings."""
+    rotary = getattr(lm.model.base_model, "rotary_emb", None)
+    if rotary is None:
+        return {}
+    typed = "layer_type" in inspect.signature(rotary.forward).parameters
+    kinds = sorted(set(getattr(lm.config, "layer_types", None) or [None])) if typed else [None]
+    pos = torch.arange(positions, device=lm.device).unsqueeze(0)
+    dummy = torch.zeros(1, dtype=lm.lm_head.weight.dtype, device=lm.device)
+    tables = {}
+    for kind in kinds:
+        cos, sin = rotary(dummy, pos, kind) if typed else rotary(dummy, pos)
+        if cos.shape[-1] != head_dim:
+            raise UnsupportedModelError(f"rotary covers {cos.shape[-1]} of {head_dim} head dimensions (partial rotary)")
+        tables[kind] = (cos[0].contiguous(), sin[0].contiguous())
+    return tables

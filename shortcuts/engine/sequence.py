@@ -1,0 +1,229 @@
+"""One sequence's decoding rules, written once: sampling, budget, stop, drafting, verification, output.
+
+``SequenceRun`` is everything about a sequence that is not tensors in flight: its settings, its
+random generator, its gate, the tokens it has fed (``length``), the tokens that still owe deeper
+blocks their keys/values (``pending``, catch-up), its unverified drafts (exact mode), its output
+and its statistics. ``BatchDecoder`` moves the tensors and calls these rules; a single sequence
+is a batch of one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from torch import Tensor
+
+from shortcuts.engine.exit_head import ExitGate, max_probability
+from shortcuts.engine.sampling import distribution, make_generator, pick, sample, speculative_accept
+from shortcuts.engine.settings import GenerationSettings
+
+TokenKind = Literal["full", "exited", "accepted", "corrected"]
+FinishReason = Literal["length", "stop", "abort"]  # abort: the on_token callback asked to stop
+OnToken = Callable[["TokenTrace"], bool]
+
+
+@dataclass(frozen=True)
+class TokenTrace:
+    """How one generated token was produced.
+
+    exit_layer: the depth (1..L) whose head chose the token; L is the full model.
+    confidence: max softmax probability of that head.
+    kind: "full" (full model), "exited" (approximate mode, exit head), "accepted" (exact mode: a
+        draft from the exit head that the full model confirmed), "corrected" (exact mode: the
+        full model's token replacing a rejected draft).
+    """
+
+    token: int
+    exit_layer: int
+    confidence: float
+    kind: TokenKind
+
+
+@dataclass
+class Stats:
+    """Work done after the prompt: token-block evaluations, gate checks, drafts."""
+
+    steps: int = 0  # tokens fed through the model
+    exit_checks: int = 0
+    layers_computed: int = 0  # (token, block) evaluations, catch-up and verification included
+    layers_skipped: int = 0  # blocks the fed tokens did not run in their own step
+    kv_fills: int = 0  # copy policy: (token, block) key/value fills of skipped blocks
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    trace: list[TokenTrace]
+    finish_reason: FinishReason
+    stats: Stats
+
+    @property
+    def mean_exit_layer(self) -> float:
+        return sum(t.exit_layer for t in self.trace) / max(len(self.trace), 1)
+
+
+@dataclass
+class Pending:
+    """A token that left early and still owes blocks level+1..L their keys/values (catch-up)."""
+
+    h: Tensor  # (1, d), its state after block ``level``
+    level: int
+
+
+@dataclass
+class Draft:
+    token: int
+    level: int
+    confidence: float
+    q: Tensor | None  # (V,) draft distribution, for speculative sampling
+
+
+class SequenceRun:
+    """The rules of one sequence in a batch row; see the module docstring.
+
+    ``forced`` (teacher forcing): the sequence feeds these tokens whatever it picks; ``picked``
+    then records what it would have picked at each step (``EarlyExitDecoder.follow``)."""
+
+    def __init__(self, row: int, prompt_len: int, settings: GenerationSettings, num_layers: int,
+                 context_length: int, eos_ids: tuple[int, ...], device: object = "cpu",
+                 on_token: OnToken | None = None, forced: list[int] | None = None):
+        self.row, self.settings, self.on_token, self.num_layers = row, settings, on_token, num_layers
+        self.generator = make_generator(settings.seed, device)
+        self.gate = ExitGate(settings.exit)
+        exits = settings.exit
+        self.levels = frozenset(exits.check_levels(num_layers)) if exits.mode != "off" else frozenset()
+        self.forced = forced
+        self.stop = set(eos_ids if settings.stop_token_ids is None else settings.stop_token_ids)
+        self.budget = min(settings.max_new_tokens, context_length - prompt_len)
+        if forced is not None:
+            self.stop, self.budget = set(), len(forced)
+        self.length = prompt_len  # tokens fed so far
+        self.pending: list[Pending] = []  # catch-up: fed tokens that still owe deeper blocks (the last fed)
+        self.drafts: list[Draft] = []  # exact mode: drafts not yet verified
+        self.check = False  # whether this step checks the gate
+        self.tokens: list[int] = []
+        self.trace: list[TokenTrace] = []
+        self.picked: list[TokenTrace] = []
+        self.stats = Stats()
+        self.finish: FinishReason | None = None
+
+    # --- output -----------------------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self.finish is not None
+
+    @property
+    def generation(self) -> Generation:
+        """The output so far (finish reason "abort" while still running)."""
+        return Generation(list(self.tokens), list(self.trace), self.finish or "abort", self.stats)
+
+    def remaining(self) -> int:
+        return self.budget - len(self.tokens)
+
+    def missing(self, layer: int) -> int:
+        """How many fed tokens layer ``layer`` (0-based) has no keys/values for yet."""
+        return sum(p.level <= layer for p in self.pending)
+
+    def choose(self, logits: Tensor) -> int:
+        s = self.settings
+        return pick(logits, s.temperature, s.top_p, self.generator)
+
+    def emit(self, t: TokenTrace) -> bool:
+        """Append a token; True when generation is over."""
+        if self.forced is not None:
+            self.picked.append(t)
+            t = replace(t, token=self.forced[len(self.tokens)])
+        self.tokens.append(t.token)
+        self.trace.append(t)
+        if self.on_token is not None and not self.on_token(t):
+            self.finish = "abort"
+        elif t.token in self.stop:
+            self.finish = "stop"
+        elif self.remaining() <= 0:
+            self.finish = "length"
+        return self.finish is not None
+
+    # --- one step ---------------------------------------------------------------------------------
+    @property
+    def next_token(self) -> int:
+        return self.drafts[-1].token if self.drafts else self.tokens[-1]
+
+    def begin_step(self) -> None:
+        """Decide whether this step checks the gate: exact mode stops drafting at max_draft, at the
+        budget, or after a drafted stop token, so that the step goes full depth and verifies."""
+        mode = self.settings.exit.mode
+        if mode == "exact":
+            room = min(self.settings.exit.max_draft, self.remaining() - 1)
+            d = self.drafts
+            self.check = len(d) < room and not (d and d[-1].token in self.stop)
+        else:
+            self.check = mode == "approximate"
+        self.gate.reset()
+        self.stats.steps += 1
+
+    def checks(self, level: int) -> bool:
+        return self.check and level in self.levels
+
+    def fires(self, confidence: float, top: int, ent: float | None) -> bool:
+        """The sequence's ``ExitGate`` on the head's max-probability, top-1 and entropy."""
+        self.stats.exit_checks += 1
+        return self.gate.decide(confidence, top, ent)
+
+    def exited(self, level: int, logits: Tensor, confidence: float) -> None:
+        """The fed token left at ``level`` with the exit head's ``logits`` (V,)."""
+        self.length += 1
+        self.stats.layers_skipped += self.num_layers - level
+        s = self.settings
+        if s.exit.mode == "exact":
+            q = None if s.greedy else distribution(logits, s.temperature, s.top_p)
+            token = int(logits.argmax()) if q is None else sample(q, self.generator)
+            self.drafts.append(Draft(token, level, confidence, q))
+            return
+        self.emit(TokenTrace(self.choose(logits), level, confidence, "exited"))
+
+    def reached_top(self, full_logits: Tensor, start: int) -> None:
+        """The fed token (with every pending token) went through all blocks; ``full_logits`` (q, V)
+        are the full head's on the row's tokens at positions start.. (only the last unless exact)."""
+        self.length += 1
+        self.pending.clear()
+        if self.settings.exit.mode != "exact":
+            last = full_logits[-1]
+            self.emit(TokenTrace(self.choose(last), self.num_layers, max_probability(last), "full"))
+            return
+        traces, rejected = self.verify(full_logits)
+        if rejected is not None:
+            self.length = start + rejected + 1  # drop drafts[rejected:]; the batch crops the row to it
+        self.drafts = []
+        for t in traces:
+            if self.emit(t):
+                return
+
+    def verify(self, full_logits: Tensor) -> tuple[list[TokenTrace], int | None]:
+        """Keep the drafts the full model agrees with (full_logits row k judges drafts[k]), then its
+        correction or its next token (row len(drafts)); also the index of the rejected draft, if any."""
+        s, drafts, L = self.settings, self.drafts, self.num_layers
+        assert full_logits.shape[0] == len(drafts) + 1
+        out: list[TokenTrace] = []
+        self.stats.drafted += len(drafts)
+        for k, d in enumerate(drafts):
+            row = full_logits[k]
+            if s.greedy:
+                top = int(row.argmax())
+                fix = None if top == d.token else top
+            else:
+                assert d.q is not None
+                fix = speculative_accept(distribution(row, s.temperature, s.top_p), d.q, d.token, self.generator)
+            if fix is not None:
+                return [*out, TokenTrace(fix, L, max_probability(row), "corrected")], k
+            self.stats.accepted += 1
+            out.append(TokenTrace(d.token, d.level, d.confidence, "accepted"))
+        last = full_logits[-1]
+        return [*out, TokenTrace(self.choose(last), L, max_probability(last), "full")], None
