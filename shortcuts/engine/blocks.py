@@ -191,7 +191,8 @@ def block_forward(g: Geometry, w: BlockWeights, h: Tensor, k_buf: Tensor, v_buf:
     return h + x
 
 
-def kv_forward(g: Geometry, w: BlockWeights, h: Tensor, cos: Tensor | None, sin: Tensor | None) -> tuple[Tensor, Tensor]:
+def kv_forward(g: Geometry, w: BlockWeights, h: Tensor, cos: Tensor | None,
+               sin: Tensor | None) -> tuple[Tensor, Tensor]:
     """A block's keys and values (n, H_kv, q, D) for input states h (n, q, d), rotated: the copy
     policy's fill (norm, k/v projections, k-norm, rotary; no attention, no MLP)."""
     n, q, _ = h.shape
