@@ -23,7 +23,16 @@ import kubernetes_validate
 import pytest
 import yaml
 from service_utils import running_server
-from test_deploy import ROOT, dashboard_exprs, needs_prometheus, referenced_metrics, registry_names
+from test_deploy import (
+    ROOT,
+    dashboard_exprs,
+    needs_prometheus,
+    query,
+    referenced_metrics,
+    registry_names,
+    running_prometheus,
+    wait_for,
+)
 from test_service import tiny_settings
 
 from service.config import Settings
@@ -123,7 +132,7 @@ def test_the_hpa_variant_is_valid() -> None:
         validate(obj)
     (metric,) = objects["HorizontalPodAutoscaler"]["spec"]["metrics"]
     assert metric["type"] == "Pods"
-    assert metric["pods"]["metric"]["name"] == "onejump_num_requests_waiting"
+    assert metric["pods"]["metric"]["name"] == adapter_rule()["name"]["as"] == "onejump_num_requests_inflight"
 
 
 def test_the_schemas_refuse_what_the_cluster_would() -> None:
@@ -268,6 +277,10 @@ def test_autoscaler_targets_the_deployment(objects: dict[str, dict[str, Any]]) -
     assert 1 <= scaled["spec"]["minReplicaCount"] <= scaled["spec"]["maxReplicaCount"]  # the CRD's CEL rule
     (trigger,) = scaled["spec"]["triggers"]
     assert trigger["type"] == "prometheus"
+    assert referenced_metrics([trigger["metadata"]["query"]]) == {"onejump_num_requests_running",
+                                                                  "onejump_num_requests_waiting"}
+    # at the batch size, a replica is added exactly when requests start to wait
+    assert trigger["metadata"]["threshold"] == env(deployment)["ONEJUMP_MAX_BATCH_SIZE"] == "8"
     assert f'namespace="{renderer.NAMESPACE}"' in trigger["metadata"]["query"]
     assert f'service="{objects["Service"]["metadata"]["name"]}"' in trigger["metadata"]["query"]
     fixed = by_kind(render(flavor="cpu", autoscaling={"enabled": False}, replicaCount=3))
@@ -280,21 +293,29 @@ def adapter_rule() -> dict[str, Any]:
     return rule
 
 
+def adapter_query(matchers: str, group_by: str = "pod") -> str:
+    """The rule's metricsQuery with its <<...>> filled in as prometheus-adapter fills them."""
+    rule = adapter_rule()
+    return (rule["metricsQuery"].replace("<<.Series>>", "onejump_num_requests_waiting")
+            .replace("<<.LabelMatchers>>", matchers).replace("<<.GroupBy>>", group_by))
+
+
 def test_every_metric_named_is_exported(objects: dict[str, dict[str, Any]]) -> None:
     dashboard = json.loads(objects["ConfigMap"]["data"]["onejump.json"])
     rule = adapter_rule()
     named = {
         "ScaledObject query": referenced_metrics([objects["ScaledObject"]["spec"]["triggers"][0]["metadata"]["query"]]),
-        "HPA metric": {by_kind(render(autoscaling={"kind": "hpa"}))["HorizontalPodAutoscaler"]["spec"]["metrics"][0]
-                       ["pods"]["metric"]["name"]},
-        "prometheus-adapter rule": referenced_metrics([rule["seriesQuery"], rule["name"]["as"]]),
+        "prometheus-adapter rule": referenced_metrics([rule["seriesQuery"], rule["name"]["matches"],
+                                                       rule["metricsQuery"]]),
         "dashboard ConfigMap": referenced_metrics(dashboard_exprs(dashboard)),
     }
     exported = registry_names()
     for where, names in named.items():
         assert names, where
         assert names <= exported, f"{where} names metrics service/metrics.py does not export: {names - exported}"
-    assert named["HPA metric"] == referenced_metrics([rule["name"]["as"]])  # what the adapter serves
+    # the HPA's metric is the one the adapter makes from them
+    hpa = by_kind(render(autoscaling={"kind": "hpa"}))["HorizontalPodAutoscaler"]
+    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == rule["name"]["as"]
 
 
 def test_dashboard_configmap_is_the_dashboard(objects: dict[str, dict[str, Any]]) -> None:
@@ -313,16 +334,33 @@ def test_dashboard_configmap_is_the_dashboard(objects: dict[str, dict[str, Any]]
 def test_promql_parses(tmp_path: Path) -> None:
     """promtool parses the KEDA query and the adapter's query (its <<...>> filled as the adapter does)."""
     objects = by_kind(render(flavor="cpu"))
-    rule = adapter_rule()
-    adapter = (rule["metricsQuery"].replace("<<.Series>>", rule["name"]["as"])
-               .replace("<<.LabelMatchers>>", 'namespace="onejump",pod=~"a|b"').replace("<<.GroupBy>>", "pod"))
-    exprs = [objects["ScaledObject"]["spec"]["triggers"][0]["metadata"]["query"], adapter, rule["seriesQuery"]]
+    exprs = [objects["ScaledObject"]["spec"]["triggers"][0]["metadata"]["query"],
+             adapter_query('namespace="onejump",pod=~"a|b"'), adapter_rule()["seriesQuery"]]
     rules = {"groups": [{"name": "k8s", "rules": [{"record": f"onejump:check_{i}", "expr": e}
                                                   for i, e in enumerate(exprs)]}]}
     path = tmp_path / "rules.yml"
     path.write_text(yaml.safe_dump(rules))
     done = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@needs_prometheus
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
+def test_autoscaler_queries_return_data_on_prometheus(tiny_folder: Path, tmp_path: Path) -> None:
+    """KEDA's query and the adapter's rule, on a real Prometheus scraping a server whose series carry the labels
+    that the ServiceMonitor gives them in a cluster (namespace, service, pod)."""
+    objects = by_kind(render(flavor="cpu"))
+    keda = objects["ScaledObject"]["spec"]["triggers"][0]["metadata"]["query"]
+    labels = {"namespace": renderer.NAMESPACE, "service": objects["Service"]["metadata"]["name"],
+              "pod": "onejump-7d9f-x2x4q"}
+    adapter = adapter_query(f'namespace="{labels["namespace"]}",pod=~"onejump-.*"')
+    with running_server(tiny_settings(tiny_folder)) as url, running_prometheus(url, tmp_path, labels) as prom:
+        wait_for(lambda: bool(query(prom, keda)), 30, lambda: f"no data for {keda}: {query(prom, 'up')}")
+        assert [float(r["value"][1]) for r in query(prom, keda)] == [0.0]  # idle: nothing running or waiting
+        (series,) = query(prom, adapter)
+        assert series["metric"] == {"pod": labels["pod"]}  # one value per pod, for the custom metrics API
+        assert query(prom, adapter_rule()["seriesQuery"])
 
 
 # ---------------------------------------------------------------- the probe on a live server

@@ -85,7 +85,8 @@ httpGet:
 {{- end -}}
 {{- end -}}
 
-{{/* the query that the autoscaler reads: queued requests of this release's pods */}}
-{{- define "onejump.waitingQuery" -}}
-sum(onejump_num_requests_waiting{namespace="{{ .Release.Namespace }}",service="{{ include "onejump.fullname" . }}"})
+{{/* the query that KEDA reads: requests in flight (being decoded + queued) in this release's pods */}}
+{{- define "onejump.inFlightQuery" -}}
+{{- $sel := printf "{namespace=%q,service=%q}" .Release.Namespace (include "onejump.fullname" .) -}}
+sum(onejump_num_requests_running{{ $sel }}) + sum(onejump_num_requests_waiting{{ $sel }})
 {{- end -}}
