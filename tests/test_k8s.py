@@ -151,6 +151,27 @@ def test_the_schemas_refuse_what_the_cluster_would() -> None:
             validate(bad)
 
 
+MINIMAL = {"metrics": {"podAnnotations": False, "serviceMonitor": {"enabled": False}}, "dashboard": {"enabled": False},
+           "autoscaling": {"enabled": False}, "apiKey": {"existingSecret": ""},
+           "model": {"fetch": {"enabled": False}, "volume": {"existingClaim": "models"}}}
+EXTRAS = {"flavor": "gpu", "podAnnotations": {"team": "ml"}, "podLabels": {"team": "ml"},
+          "imagePullSecrets": [{"name": "registry"}], "affinity": {"podAntiAffinity": {}},
+          "model": {"volume": {"storageClassName": "nfs"}},
+          "metrics": {"serviceMonitor": {"labels": {"release": "kps"}}}}
+
+
+@pytest.mark.parametrize("values", [MINIMAL, EXTRAS], ids=["everything-off", "extras-on"])
+def test_other_values_render_valid_objects(values: dict[str, Any]) -> None:
+    objects = by_kind(render(**values))
+    for obj in objects.values():
+        validate(obj)
+    if values is MINIMAL:
+        assert set(objects) == {"Deployment", "Service"}
+    else:
+        assert objects["ServiceMonitor"]["metadata"]["labels"]["release"] == "kps"
+        assert objects["PersistentVolumeClaim"]["spec"]["storageClassName"] == "nfs"
+
+
 def test_bad_values_stop_the_render() -> None:
     import helm_python
 
@@ -370,6 +391,7 @@ def test_autoscaler_queries_return_data_on_prometheus(tiny_folder: Path, tmp_pat
 def test_the_ready_probe_with_the_api_key_passes_on_a_server(tiny_folder: Path) -> None:
     """The exec probe's own command line, run as kubelet would, against a server with an API key."""
     command = container(by_kind(render(flavor="cpu"))["Deployment"])["readinessProbe"]["exec"]["command"]
+    assert command[:2] == ["python", "-c"]  # the image's python; here the test's
     with running_server(tiny_settings(tiny_folder, api_key="s3cret")) as url:
         port = url.rsplit(":", 1)[1]
 

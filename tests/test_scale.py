@@ -103,7 +103,8 @@ def test_exit_metrics_add_up_across_replicas(tiny_folder: Path) -> None:
     assert sum(counts) == len(tokens)
     pooled = sum(sums) / sum(counts)
     assert pooled == pytest.approx(sum(tokens) / len(tokens))
+    assert pooled == pytest.approx(75 / 30)  # 2 x 6 tokens at layer 4, 3 x (4 + 5 x 1)
     mean_of_means = sum(s / c for s, c in zip(sums, counts, strict=True)) / len(replicas)
-    assert abs(mean_of_means - pooled) > 0.3  # (4 + 51/24) / 2 = 3.06 against 75/30 = 2.5
+    assert mean_of_means == pytest.approx((4 + 51 / 24) / 2)  # 3.06: the busy replica weighs as much as the idle
     skipped_share = sum(skipped) / (sum(skipped) + sum(computed))
     assert 0 < skipped_share < 1
