@@ -1,11 +1,11 @@
-# onejump: make serve | test | setup | assets | fit | lint | deploy-tools | dashboard
+# onejump: make serve | test | setup | assets | fit | lint | deploy-tools | dashboard | k8s
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 # torch 2.13.0 (CPU) lies on disk on these machines; elsewhere pip fetches it from PyPI.
 WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: setup assets serve fit test test-fast lint bench loadtest deploy-tools dashboard
+.PHONY: setup assets serve fit test test-fast lint bench loadtest deploy-tools dashboard k8s
 
 setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -44,9 +44,13 @@ deploy-tools:
 	  apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } || \
 	  echo "deploy-tools: could not install Debian's prometheus (not root?); tests/test_deploy.py will skip its Prometheus tests"
 
-# rewrite deploy/grafana/dashboards/onejump.json from deploy/grafana/dashboard.py
+# rewrite deploy/grafana/dashboards/onejump.json (and its copy in the Helm chart) from deploy/grafana/dashboard.py
 dashboard: setup
 	$(PY) deploy/grafana/dashboard.py
+
+# render the Helm chart deploy/k8s/onejump for CPU and GPU into deploy/k8s/rendered/ (docs/scale.md)
+k8s: setup
+	$(PY) deploy/k8s/render.py
 
 # load a running server over HTTP (docs/loadtest.md), e.g. make loadtest LOADTEST_ARGS="--concurrency 1,4 --requests 8"
 loadtest: setup

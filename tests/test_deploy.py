@@ -267,10 +267,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_prometheus(target_url: str, folder: Path) -> Iterator[str]:
-    """A Prometheus on a free loopback port scraping ``target_url`` every second; yields its URL."""
+def running_prometheus(target_url: str, folder: Path, labels: dict[str, str] | None = None) -> Iterator[str]:
+    """A Prometheus on a free loopback port scraping ``target_url`` every second, adding ``labels`` to every
+    series (as Kubernetes discovery adds namespace, pod, ...); yields its URL."""
     config = folder / "prometheus.yml"
-    scrape = {"job_name": "onejump", "static_configs": [{"targets": [target_url.split("://")[1]]}]}
+    scrape = {"job_name": "onejump", "static_configs": [{"targets": [target_url.split("://")[1]],
+                                                         "labels": labels or {}}]}
     config.write_text(yaml.safe_dump({"global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
                                       "scrape_configs": [scrape]}))
     url, log = f"http://127.0.0.1:{free_port()}", folder / "prometheus.log"

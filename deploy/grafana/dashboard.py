@@ -1,6 +1,8 @@
 """Writes deploy/grafana/dashboards/onejump.json, the provisioned Grafana dashboard, from the metric
-names of service/metrics.py. ``python deploy/grafana/dashboard.py`` rewrites the file; ``--check`` exits 1
-when the committed file differs (tests/test_deploy.py checks that, and runs every query on Prometheus)."""
+names of service/metrics.py, and its copy in the Helm chart (deploy/k8s/onejump/dashboards/onejump.json, which
+the chart ships as a ConfigMap). ``python deploy/grafana/dashboard.py`` rewrites both; ``--check`` exits 1 when a
+committed file differs (tests/test_deploy.py and tests/test_k8s.py check that; test_deploy runs every query on
+Prometheus)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 OUT = Path(__file__).parent / "dashboards" / "onejump.json"
+CHART_COPY = Path(__file__).parents[1] / "k8s" / "onejump" / "dashboards" / "onejump.json"
 DATASOURCE = {"type": "prometheus", "uid": "onejump-prometheus"}  # provisioning/datasources/prometheus.yml
 SEL = '{model_name=~"$model_name"}'
 Target = tuple[str, str]  # (legend, PromQL)
@@ -100,6 +103,28 @@ def traffic_panels() -> list[dict[str, Any]]:
     ]
 
 
+def replica_panels() -> list[dict[str, Any]]:
+    """One line per replica (the ``instance`` label: host:port under compose, the pod's name under the chart's
+    ServiceMonitor), to see how requests spread and whether replicas exit alike; the panels above sum them."""
+    by = "sum by (instance)"
+    return [
+        panel(title, (6 * i, 33, 6, 8), [("{{instance}}", expr)], unit, description)
+        for i, (title, expr, unit, description) in enumerate((
+            ("Requests per second per replica", f"{by} ({rate('onejump_request_success_total')})", "reqps",
+             "Finished requests by replica: how the load balancer spreads them (a keep-alive client stays on one "
+             "replica)."),
+            ("Waiting requests per replica", f"{by} (onejump_num_requests_waiting{SEL})", "short",
+             "Queued requests by replica; the autoscaler reads their sum."),
+            ("Mean exit layer per replica", f"{by} ({rate('onejump_exit_layer_sum')}) / "
+                                            f"{by} ({rate('onejump_exit_layer_count')})", "short",
+             "Mean depth at which each replica's tokens were decided. Replicas with the same settings differ only "
+             "by the prompts they got; a lasting gap means different traffic or different exit settings."),
+            ("Tokens per second per replica", f"{by} ({rate('onejump_generation_tokens_total')})", "short",
+             "Generated tokens by replica."),
+        ))
+    ]
+
+
 def model_variable() -> dict[str, Any]:
     query = "label_values(onejump_num_requests_running, model_name)"
     return {"name": "model_name", "label": "model", "type": "query", "datasource": DATASOURCE, "query": query,
@@ -108,7 +133,7 @@ def model_variable() -> dict[str, Any]:
 
 
 def dashboard() -> dict[str, Any]:
-    panels = early_exit_panels() + traffic_panels() + latency_panels()
+    panels = early_exit_panels() + traffic_panels() + latency_panels() + replica_panels()
     for i, p in enumerate(sorted(panels, key=lambda p: (p["gridPos"]["y"], p["gridPos"]["x"])), start=1):
         p["id"] = i
     return {
@@ -126,11 +151,12 @@ def render() -> str:
 
 def main(argv: list[str]) -> int:
     if "--check" in argv:
-        if OUT.read_text() != render():
-            print(f"{OUT} is stale: run python {Path(__file__).as_posix()}", file=sys.stderr)
-            return 1
-        return 0
-    OUT.write_text(render())
+        stale = [path for path in (OUT, CHART_COPY) if path.read_text() != render()]
+        for path in stale:
+            print(f"{path} is stale: run python {Path(__file__).as_posix()}", file=sys.stderr)
+        return 1 if stale else 0
+    for path in (OUT, CHART_COPY):
+        path.write_text(render())
     return 0
 
 
