@@ -526,3 +526,56 @@ def test_on_token_streams_and_can_abort(make_tiny: Callable[..., CausalLM]) -> N
     cut = dec.generate(ids, settings, on_token=lambda t: len(seen) < 13 and seen.append(t.token) is None)
     assert cut.finish_reason == "abort"
     assert cut.tokens == full.tokens[:4]  # the 4th token's callback said stop; it is still reported
+
+
+# --- the contract with transformers, and compiled blocks -------------------------------------------------
+def test_load_refuses_a_runner_that_does_not_reproduce_the_model(make_tiny: Callable[..., CausalLM]) -> None:
+    """The self-check compares onejump's block math with the model's own logits: a model whose
+    forward differs from what the engine computes (here: one weight changed behind the engine's
+    back, as a transformers release changing a block's math would) is refused at load."""
+    lm = make_tiny("llama")
+    runner = LayerRunner(lm)
+    assert runner.self_check() < 1e-5
+    down = lm.layers[1].mlp.down_proj
+    down.weight = torch.nn.Parameter(down.weight.detach() * 1.5)  # the model changes; the runner's copy does not
+    from shortcuts.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="does not reproduce"):
+        runner.self_check()
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    ({"partial_rotary_factor": 0.5}, "partial rotary"),
+    ({"hidden_act": "relu"}, "activation 'relu'"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope scaling"),
+])
+def test_unsupported_features_are_refused_by_name(change: dict, match: str) -> None:
+    from shortcuts.engine.blocks import unsupported
+
+    config = build_tiny("llama").config
+    assert unsupported(config) == []
+    for key, value in change.items():
+        setattr(config, key, value)
+    assert any(match in p for p in unsupported(config))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])  # plain, and q/k norms + sliding windows
+def test_compiled_blocks_decode_the_same_tokens(arch: str) -> None:
+    """torch.compile'd blocks (one graph for every layer) give the eager engine's tokens and exits,
+    alone and in a batch with catch-up chunks."""
+    from shortcuts.engine.batch import BatchDecoder
+
+    lm = sharpen(build_tiny(arch))
+    dec = EarlyExitDecoder(lm, fitted_jump(lm))
+    compiled = EarlyExitDecoder(lm, dec.exit_head.jump, compile=True)
+    assert compiled.compile_seconds > 0
+    ids = prompt_ids(lm)
+    for kw in ({"mode": "off"}, {"mode": "approximate", "threshold": 0.3}, {"mode": "exact", "threshold": 0.3}):
+        a, b = dec.generate(ids, settings(**kw)), compiled.generate(ids, settings(**kw))
+        assert a.tokens == b.tokens
+        assert [t.exit_layer for t in a.trace] == [t.exit_layer for t in b.trace]
+    ps = [ids, ids[:5], ids[:9]]
+    s = settings(16, mode="approximate", threshold=0.3)
+    assert [g.tokens for g in BatchDecoder(dec, 3).generate(ps, s)] == \
+        [g.tokens for g in BatchDecoder(compiled, 3).generate(ps, s)]
