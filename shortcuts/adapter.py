@@ -37,7 +37,7 @@ class ArchSpec:
     norm_offset: float = 0.0  # Gemma's RMSNorm scales by (1 + weight)
 
 
-_DECODER = {"layers": "model.layers", "norm": "model.norm", "embed": "model.embed_tokens"}
+_DECODER: dict[str, Any] = {"layers": "model.layers", "norm": "model.norm", "embed": "model.embed_tokens"}
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": ArchSpec(**_DECODER, norm_kind="rms"),
     "mistral": ArchSpec(**_DECODER, norm_kind="rms"),
@@ -121,10 +121,11 @@ class CausalLM:
 
     def __init__(self, model: nn.Module, tokenizer: Any, name: str):
         # HF modules are typed loosely (attribute access yields Tensor | Module): keep them Any
-        self.model: Any = model.eval()
+        hf: Any = model
+        self.model: Any = hf.eval()
         self.tokenizer = tokenizer
         self.name = name
-        self.config = model.config
+        self.config: Any = hf.config
         self.spec = arch_spec(self.config.model_type)
         self.layers: Any = _get(model, self.spec.layers)  # nn.ModuleList
         self.norm: Any = _get(model, self.spec.norm)
@@ -155,7 +156,7 @@ class CausalLM:
                                   **_quantization_config(quantization, device)}
         if quantization != "none":
             kwargs["device_map"] = device
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model: Any = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         if quantization == "none":
             model = model.to(device)
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)

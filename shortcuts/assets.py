@@ -85,9 +85,16 @@ MODEL_ASSETS = {"smollm2": (SMOLLM2, "smollm2-135m-instruct"), "gemma3": (GEMMA3
 ALL_KEYS = ("smollm2", "gemma3", "wiki")
 
 
+CHECKOUT_CACHE = Path(__file__).resolve().parents[1] / ".cache" / "onejump"
+
+
 def cache_root(path: str | os.PathLike[str] | None = None) -> Path:
-    """The cache folder: the argument, else ``$ONEJUMP_CACHE``, else ``./.cache/onejump``."""
-    return Path(path or os.environ.get("ONEJUMP_CACHE") or ".cache/onejump").resolve()
+    """The cache folder: the argument, else ``$ONEJUMP_CACHE``, else ``./.cache/onejump`` when it
+    exists, else the one beside this checkout (so commands find the assets from any directory)."""
+    if path or os.environ.get("ONEJUMP_CACHE"):
+        return Path(path or os.environ["ONEJUMP_CACHE"]).resolve()
+    local = Path(".cache/onejump").resolve()
+    return local if local.is_dir() or not CHECKOUT_CACHE.is_dir() else CHECKOUT_CACHE
 
 
 def default_model_dir(cache: Path | None = None) -> Path:

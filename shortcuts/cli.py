@@ -77,6 +77,14 @@ def _calibrate_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_calibrate)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from shortcuts.lab.speed import run, text_report
+
+    result = run(args)
+    print(json.dumps(result) if args.json else text_report(result))
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from shortcuts.artifact import JumpArtifact
 
@@ -135,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="runs/evaluate")
     p.set_defaults(handler=_evaluate)
     _calibrate_parser(sub)
+    from shortcuts.lab.speed import add_parser as bench_parser
+
+    bench_parser(sub, _model_args)
+    sub.choices["bench"].set_defaults(handler=_bench)
     p = sub.add_parser("inspect", help="print a jump artifact's metadata")
     p.add_argument("jump")
     p.set_defaults(handler=_inspect)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -115,8 +115,8 @@ def train_bank(jumps: LowRankJumps, inputs: Tensor, final: Tensor, objective: Ob
     out_scale = init_from_data(jumps, inputs, final, set_bias=data_init)
     head = [jumps.lora_B, jumps.bias]
     rest = [p for p in jumps.parameters() if all(p is not q for q in head)]
-    opt = torch.optim.AdamW([{"params": rest}, {"params": head, "lr": cfg.lr * max(out_scale, 1e-3)}],
-                            lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups: list[dict[str, Any]] = [{"params": rest}, {"params": head, "lr": cfg.lr * max(out_scale, 1e-3)}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     joint = jumps.n == 1 and inputs.shape[0] > 1
     n_samples, history = inputs.shape[1], []
     jumps.train()

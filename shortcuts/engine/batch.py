@@ -93,6 +93,10 @@ class BatchDecoder:
     def free_slots(self) -> int:
         return self.slots.count(None)
 
+    def kv_usage(self) -> float:
+        """Fraction of the static KV cache holding valid keys (for the server's gauge)."""
+        return self.cache.used()
+
     @torch.inference_mode()
     def add(self, prompt_ids: Sequence[int], settings: GenerationSettings | None = None,
             on_token: OnToken | None = None, forced: list[int] | None = None) -> SequenceRun:
@@ -264,7 +268,9 @@ class BatchDecoder:
 
     def _top(self, g: _Group) -> None:
         """The rows that went through every block: the full head decides (on every token of an exact row)."""
-        rows, toks, spans = [], [], []
+        rows: list[int] = []
+        toks: list[int] = []
+        spans: list[tuple[int, int]] = []
         for j, s in enumerate(g.seqs):
             first = 0 if s.settings.exit.mode == "exact" else g.counts[j] - 1
             spans.append((len(rows), len(rows) + g.counts[j] - first))

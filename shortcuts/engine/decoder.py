@@ -25,6 +25,7 @@ checks) and decodes a single sequence as a batch of one.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -97,7 +98,17 @@ class EarlyExitDecoder:
         return self._single
 
     def batch(self, max_batch_size: int) -> BatchDecoder:
+        """A continuous batch of up to ``max_batch_size`` sequences with its own static KV cache."""
         return BatchDecoder(self, max_batch_size)
+
+    @property
+    def context_length(self) -> int:
+        """The longest sequence (prompt + generated) the decoder's caches hold."""
+        return self.runner.context_length
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.lm.tokenizer
 
     # --- public API ------------------------------------------------------------------------------
     def generate(self, prompt_ids: list[int], settings: GenerationSettings | None = None,

@@ -6,11 +6,11 @@ import torch
 from torch import Tensor
 
 
-def make_generator(seed: int | None, device: object = "cpu") -> torch.Generator:
+def make_generator(seed: int | None, device: str | torch.device = "cpu") -> torch.Generator:
     """A torch.Generator on the model's device (draws happen where the logits are: nothing of
     vocabulary size crosses to the host), seeded, or from OS entropy when seed is None. A seed
     reproduces its tokens on the same kind of device."""
-    gen = torch.Generator(device=torch.device(device))  # type: ignore[arg-type]
+    gen = torch.Generator(device=torch.device(device))
     if seed is None:
         gen.seed()
     else:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 from shortcuts.engine.exit_head import ExitGate, max_probability
@@ -93,7 +94,7 @@ class SequenceRun:
     then records what it would have picked at each step (``EarlyExitDecoder.follow``)."""
 
     def __init__(self, row: int, prompt_len: int, settings: GenerationSettings, num_layers: int,
-                 context_length: int, eos_ids: tuple[int, ...], device: object = "cpu",
+                 context_length: int, eos_ids: tuple[int, ...], device: str | torch.device = "cpu",
                  on_token: OnToken | None = None, forced: list[int] | None = None):
         self.row, self.settings, self.on_token, self.num_layers = row, settings, on_token, num_layers
         self.generator = make_generator(settings.seed, device)
