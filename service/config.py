@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     queue_size: int = Field(16, ge=1, description="requests waiting beyond this get 429")
     max_batch_size: int = Field(8, ge=1, description="requests decoded together (continuous batching); 1: one at a "
                                 "time")
+    compile: bool = Field(False, description="run the decoder blocks under torch.compile (compiled at start-up, "
+                          "cached on disk)")
     request_timeout_s: float = Field(120.0, gt=0, description="a request still queued after this gets 504 (at once)")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

@@ -179,9 +179,7 @@ class Engine:
     # --- the continuous batch --------------------------------------------------------------------
     def _serve(self) -> None:
         """Admit, drop the cancelled, step; until the stop sentinel and an empty batch."""
-        from shortcuts.engine.batch import BatchDecoder
-
-        batch = BatchDecoder(self.decoder, self.settings.max_batch_size)
+        batch = self.decoder.batch(self.settings.max_batch_size)
         running: dict[int, tuple[Job, Any]] = {}  # id(sequence) -> (job, sequence)
         stopping = False
         while not (stopping and not running):

@@ -77,4 +77,8 @@ def load_decoder(settings: Settings) -> tuple[Any, ExitDefaults]:
     defaults = exit_defaults(calibration, settings, lm.num_layers)
     log.info("loaded %s on %s (%d layers), jump %s, exit defaults %s", settings.model, device,
              lm.num_layers, settings.jump or "none (identity)", defaults)
-    return EarlyExitDecoder(lm, jump), defaults
+    decoder = EarlyExitDecoder(lm, jump, max_seq_len=settings.max_prompt_tokens + settings.max_new_tokens,
+                               compile=settings.compile)
+    if settings.compile:
+        log.info("compiled the decoder blocks in %.1fs", decoder.compile_seconds)
+    return decoder, defaults

@@ -46,7 +46,7 @@ class Serving:
             messages = [m.model_dump() for m in req.messages]
             ids = list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                return_dict=True)["input_ids"])
-        limit = min(self.settings.max_prompt_tokens, self.engine.decoder.runner.context_length - 1)
+        limit = min(self.settings.max_prompt_tokens, self.engine.decoder.context_length - 1)
         if not ids:
             raise BadRequestError("the prompt has no tokens", "prompt")
         if len(ids) > limit:
