@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from shortcuts.adapter import CausalLM
+from shortcuts.adapter import CausalLM, soft_cap
 from shortcuts.engine.blocks import Blocks, block_forward, kv_forward, rope_tables
 from shortcuts.engine.cache import KVCache, RowCall
 from shortcuts.errors import UnsupportedModelError
@@ -69,6 +69,8 @@ class LayerRunner:
         self.context_length = min(model_context, max_seq_len or model_context)
         self.rope = rope_tables(lm, self.context_length, self.blocks.head_dim)
         self.typed_rope = len(self.rope) > 1 or None not in self.rope
+        head = lm.lm_head.weight
+        self.unembedding = head.detach().T.contiguous() if head.device.type == "cpu" else None  # (d, V)
         self.compiled = compile
         self._block_fn: Callable[..., Tensor] = compiled_block() if compile else block_forward
 
@@ -124,8 +126,16 @@ class LayerRunner:
 
     @torch.inference_mode()
     def full_logits(self, h: Tensor) -> Tensor:
-        """The model's own head on final states: (..., d) -> (..., V) float32."""
-        return self.lm.head(h.to(self.lm.device)).float()
+        """The model's own head on final states: (..., d) -> (..., V) float32. On a CPU the
+        unembedding is read from an (in, out) copy (the layout MKL's matrix-vector product reads
+        fastest, as the blocks'); elsewhere the model's own head module."""
+        h = h.to(self.lm.device)
+        if self.unembedding is None:
+            return self.lm.head(h).float()
+        x = self.lm.norm(h.to(self.unembedding.dtype))
+        bias = getattr(self.lm.lm_head, "bias", None)
+        logits = x @ self.unembedding if bias is None else torch.addmm(bias, x.flatten(0, -2), self.unembedding)
+        return soft_cap(logits.view(*h.shape[:-1], -1), self.lm.softcap).float()
 
     # --- one sequence per row, all rows in step (prefill, tests, the self-check) ----------------------
     def layer(self, i: int, chunk: Chunk, cache: KVCache) -> Chunk:
