@@ -128,6 +128,7 @@ class CausalLM:
         self.config: Any = hf.config
         self.spec = arch_spec(self.config.model_type)
         self.layers: Any = _get(model, self.spec.layers)  # nn.ModuleList
+        self.decoder: Any = _get(model, self.spec.layers.rpartition(".")[0])  # the stack: rotary, positions
         self.norm: Any = _get(model, self.spec.norm)
         self.embed_tokens: Any = _get(model, self.spec.embed)
         self.lm_head: Any = self.model.get_output_embeddings()

@@ -259,17 +259,22 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 @torch.no_grad()
 def rope_tables(lm: CausalLM, positions: int, head_dim: int) -> dict[str | None, tuple[Tensor, Tensor]]:
     """cos/sin (positions, D) for every rotary kind the model uses (Gemma 3: one per layer type),
-    from the model's own rotary module; {} for models without rotary embeddings."""
-    rotary = getattr(lm.model.base_model, "rotary_emb", None)
+    from the model's own rotary module(s); {} for models without rotary embeddings. transformers 5
+    gives Gemma 3 one module taking the layer type; 4.57 a second module for sliding layers."""
+    base = lm.decoder
+    rotary = getattr(base, "rotary_emb", None)
     if rotary is None:
         return {}
     typed = "layer_type" in inspect.signature(rotary.forward).parameters
-    kinds = sorted(set(getattr(lm.config, "layer_types", None) or [None])) if typed else [None]
+    local = getattr(base, "rotary_emb_local", None)
+    kinds: list[str | None] = sorted(set(getattr(lm.config, "layer_types", None) or [None])) if typed or local \
+        else [None]
     pos = torch.arange(positions, device=lm.device).unsqueeze(0)
     dummy = torch.zeros(1, dtype=lm.lm_head.weight.dtype, device=lm.device)
     tables = {}
     for kind in kinds:
-        cos, sin = rotary(dummy, pos, kind) if typed else rotary(dummy, pos)
+        module = local if local is not None and kind == "sliding_attention" else rotary
+        cos, sin = module(dummy, pos, kind) if typed else module(dummy, pos)
         if cos.shape[-1] != head_dim:
             raise UnsupportedModelError(f"rotary covers {cos.shape[-1]} of {head_dim} head dimensions (partial rotary)")
         tables[kind] = (cos[0].contiguous(), sin[0].contiguous())

@@ -64,7 +64,7 @@ class LayerRunner:
         self.windows = layer_windows(config, self.num_layers)
         types = getattr(config, "layer_types", None)
         self.layer_types: list[str | None] = list(types) if types else [None] * self.num_layers
-        self.wpe = getattr(lm.model.base_model, "wpe", None)  # GPT-2's absolute positions
+        self.wpe = getattr(lm.decoder, "wpe", None)  # GPT-2's absolute positions
         model_context = int(getattr(config, "max_position_embeddings", None) or config.n_positions)
         self.context_length = min(model_context, max_seq_len or model_context)
         self.rope = rope_tables(lm, self.context_length, self.blocks.head_dim)

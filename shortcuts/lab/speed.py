@@ -11,6 +11,7 @@ fraction of generated tokens equal, position by position, to full depth's.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -57,7 +58,7 @@ def engine_arms(lm: CausalLM, jump: Any, exits: ExitSettings, new_tokens: int, c
     for suffix, compiled in variants:
         dec = EarlyExitDecoder(lm, jump, compile=compiled)
         if compiled:
-            print(f"compiled blocks in {dec.compile_seconds:.1f}s")
+            print(f"compiled blocks in {dec.compile_seconds:.1f}s", file=sys.stderr)
         for mode in ("off", "approximate", "exact"):
             s = GenerationSettings(max_new_tokens=new_tokens, stop_token_ids=(), exit=replace(exits, mode=mode))
             arms[mode + suffix] = lambda ids, dec=dec, s=s: dec.generate(ids, s).tokens
