@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 
 from shortcuts.engine.cache import RowCall
-from shortcuts.engine.exit_head import entropy, max_probability
-from shortcuts.engine.sequence import Generation, OnToken, Pending, SequenceRun, TokenTrace
+from shortcuts.engine.exit_head import entropy, top_and_confidence
+from shortcuts.engine.sequence import Generation, OnToken, Pending, SequenceRun
 from shortcuts.engine.settings import GenerationSettings
 
 if TYPE_CHECKING:
@@ -114,7 +114,7 @@ class BatchDecoder:
                           dec.lm.device, on_token, forced)
         self.cache.reset_row(row)
         logits = self._prefill(row, ids)
-        if not seq.emit(TokenTrace(seq.choose(logits), self.num_layers, max_probability(logits), "full")):
+        if not seq.emit(seq.pick_full(logits, top_and_confidence(logits[None])[0])):
             self.slots[row] = seq
         return seq
 
@@ -226,16 +226,16 @@ class BatchDecoder:
         leave = self._gates([g.seqs[j] for j in idx], logits)
         if not any(x is not None for x in leave):
             return g
-        for k, (j, conf) in enumerate(zip(idx, leave, strict=True)):
-            if conf is not None:
+        for k, (j, top) in enumerate(zip(idx, leave, strict=True)):
+            if top is not None:
                 self._leave(g, j, level, copies)
-                g.seqs[j].exited(level, logits[k], conf)
+                g.seqs[j].exited(level, logits[k], top)
         gone = {j for j, conf in zip(idx, leave, strict=True) if conf is not None}
         keep = [j for j in range(len(g.seqs)) if j not in gone]
         return self._select(g, keep) if keep else None
 
-    def _gates(self, seqs: list[SequenceRun], logits: Tensor) -> list[float | None]:
-        """Each sequence's gate on its row of exit logits; the confidence of those that leave, else None.
+    def _gates(self, seqs: list[SequenceRun], logits: Tensor) -> list[tuple[int, float] | None]:
+        """Each sequence's gate on its row of exit logits; (top-1, confidence) of those that leave, else None.
         The rows' max-probability, top-1 (and entropy) cross to the host together: one sync per check."""
         logits = logits.float()
         top_logit, top = logits.max(-1)
@@ -243,11 +243,11 @@ class BatchDecoder:
         columns = [conf, top.to(conf.dtype)]
         if any(s.settings.exit.gate == "entropy" for s in seqs):
             columns.append(entropy(logits))
-        host = torch.stack(columns, dim=1).tolist()
-        out: list[float | None] = []
+        host = torch.stack(columns, dim=1).tolist()  # the one sync of this check
+        out: list[tuple[int, float] | None] = []
         for s, row in zip(seqs, host, strict=True):
             c, t, e = row[0], int(row[1]), (row[2] if len(row) > 2 else None)
-            out.append(c if s.fires(c, t, e) else None)
+            out.append((t, c) if s.fires(c, t, e) else None)
         return out
 
     def _leave(self, g: _Group, j: int, level: int, copies: list[_Exit]) -> None:
@@ -278,9 +278,10 @@ class BatchDecoder:
             toks += list(range(first, g.counts[j]))
         dev = g.h.device
         logits = self.runner.full_logits(g.h[torch.tensor(rows, device=dev), torch.tensor(toks, device=dev)])
+        tops = top_and_confidence(logits)  # one sync for every row of the step
         for j, (s, (a, b)) in enumerate(zip(g.seqs, spans, strict=True)):
             assert g.waiting[j] == 0
-            s.reached_top(logits[a:b], g.starts[j])
+            s.reached_top(logits[a:b], tops[a:b], g.starts[j])
             if s.length < self.cache.length(0, s.row):
                 self.cache.crop_row(s.row, s.length)
 

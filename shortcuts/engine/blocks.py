@@ -50,14 +50,16 @@ class Norm(NamedTuple):
 
 class BlockWeights(NamedTuple):
     """One decoder block (a tuple of tensors, so that a compiled block takes them as inputs and one
-    graph serves every layer). Matrices are stored (in, out), contiguous: y = x @ W + b. On a CPU,
-    MKL's matrix-vector product reads this layout about 1.5x faster than nn.Linear's (out, in) for
-    the decode step's single rows (docs/engine.md). Shapes: qkv (d, Hq·D + 2·Hkv·D), o (Hq·D, d),
-    up (d, 2·I or I; gate then up), down (I, d)."""
+    graph serves every layer). Matrices are ``prepare``d: on a CPU packed for oneDNN's matrix
+    product (about 1.5x faster than nn.Linear for one row, 3x for eight: docs/engine.md), else
+    dense (in, out). Sizes (out, in): qkv (Hq·D + 2·Hkv·D, d), kv (2·Hkv·D, d, the copy policy's
+    fill), o (d, Hq·D), up (2·I or I, d; gate then up), down (d, I)."""
 
     attn_norm: Norm
     qkv: Tensor
     qkv_bias: Tensor | None
+    kv: Tensor
+    kv_bias: Tensor | None
     q_norm: Norm | None
     k_norm: Norm | None
     o: Tensor
@@ -79,9 +81,24 @@ def _norm(module: Any, kind: str, offset: float) -> Norm:
     return Norm(kind, module.weight.detach() + offset, None if bias is None else bias.detach(), float(eps))
 
 
-def _in_out(*weights: Tensor) -> Tensor:
-    """nn.Linear weights (out, in), stacked along out, as one contiguous (in, out) matrix (a copy)."""
-    return torch.cat([w.detach() for w in weights]).T.contiguous()
+def prepare(weight: Tensor, pack: bool) -> Tensor:
+    """An (out, in) weight as ``affine`` multiplies by it: packed for oneDNN on a CPU (``pack``),
+    else a dense (in, out) copy. Packing falls back to dense where oneDNN refuses the tensor."""
+    weight = weight.detach().contiguous()
+    if pack and weight.device.type == "cpu" and torch.backends.mkldnn.is_available():
+        try:
+            return torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        except (RuntimeError, AttributeError):
+            pass
+    return weight.T.contiguous()
+
+
+def affine(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """x (..., in) times a ``prepare``d weight, plus b: (..., out)."""
+    if w.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    y = x @ w
+    return y if b is None else y + b
 
 
 def _bias(*linears: Any) -> Tensor | None:
@@ -92,37 +109,41 @@ def _bias(*linears: Any) -> Tensor | None:
                       for m, b in zip(linears, biases, strict=True)])
 
 
-def _decoder_block(layer: Any, offset: float, gemma: bool) -> BlockWeights:
+def _block(matrices: dict[str, Tensor], biases: dict[str, Tensor | None], q_dim: int, pack: bool,
+           **norms: Norm | None) -> BlockWeights:
+    """BlockWeights from (out, in) matrices qkv, o, up, down and their biases."""
+    qkv, qkv_bias = matrices["qkv"], biases["qkv"]
+    ready = {name: prepare(m, pack) for name, m in matrices.items()}
+    return BlockWeights(qkv=ready["qkv"], qkv_bias=qkv_bias, kv=prepare(qkv[q_dim:], pack),
+                        kv_bias=None if qkv_bias is None else qkv_bias[q_dim:].contiguous(),
+                        o=ready["o"], o_bias=biases["o"], up=ready["up"], up_bias=biases["up"], down=ready["down"],
+                        down_bias=biases["down"], **norms)  # type: ignore[arg-type]
+
+
+def _decoder_block(layer: Any, offset: float, gemma: bool, pack: bool) -> BlockWeights:
     attn, mlp = layer.self_attn, layer.mlp
     q_norm = getattr(attn, "q_norm", None)
     k_norm = getattr(attn, "k_norm", None)
     mlp_norm = layer.pre_feedforward_layernorm if gemma else layer.post_attention_layernorm
-    return BlockWeights(
-        attn_norm=_norm(layer.input_layernorm, "rms", offset),
-        qkv=_in_out(attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight),
-        qkv_bias=_bias(attn.q_proj, attn.k_proj, attn.v_proj),
-        q_norm=None if q_norm is None else _norm(q_norm, "rms", offset),
-        k_norm=None if k_norm is None else _norm(k_norm, "rms", offset),
-        o=_in_out(attn.o_proj.weight), o_bias=_bias(attn.o_proj),
-        post_attn_norm=_norm(layer.post_attention_layernorm, "rms", offset) if gemma else None,
-        mlp_norm=_norm(mlp_norm, "rms", offset),
-        up=_in_out(mlp.gate_proj.weight, mlp.up_proj.weight), up_bias=_bias(mlp.gate_proj, mlp.up_proj),
-        down=_in_out(mlp.down_proj.weight), down_bias=_bias(mlp.down_proj),
-        post_mlp_norm=_norm(layer.post_feedforward_layernorm, "rms", offset) if gemma else None,
-    )
+    projections = {"qkv": (attn.q_proj, attn.k_proj, attn.v_proj), "o": (attn.o_proj,),
+                   "up": (mlp.gate_proj, mlp.up_proj), "down": (mlp.down_proj,)}
+    return _block({k: torch.cat([m.weight.detach() for m in ms]) for k, ms in projections.items()},
+                  {k: _bias(*ms) for k, ms in projections.items()}, attn.q_proj.weight.shape[0], pack,
+                  attn_norm=_norm(layer.input_layernorm, "rms", offset),
+                  q_norm=None if q_norm is None else _norm(q_norm, "rms", offset),
+                  k_norm=None if k_norm is None else _norm(k_norm, "rms", offset),
+                  post_attn_norm=_norm(layer.post_attention_layernorm, "rms", offset) if gemma else None,
+                  mlp_norm=_norm(mlp_norm, "rms", offset),
+                  post_mlp_norm=_norm(layer.post_feedforward_layernorm, "rms", offset) if gemma else None)
 
 
-def _gpt2_block(layer: Any) -> BlockWeights:
-    """GPT-2's Conv1D already stores (in, out)."""
+def _gpt2_block(layer: Any, pack: bool) -> BlockWeights:
+    """GPT-2's Conv1D stores (in, out): transposed to (out, in)."""
     attn, mlp = layer.attn, layer.mlp
-    return BlockWeights(
-        attn_norm=_norm(layer.ln_1, "layer", 0.0), qkv=attn.c_attn.weight.detach().contiguous(),
-        qkv_bias=attn.c_attn.bias.detach(), q_norm=None, k_norm=None,
-        o=attn.c_proj.weight.detach().contiguous(), o_bias=attn.c_proj.bias.detach(), post_attn_norm=None,
-        mlp_norm=_norm(layer.ln_2, "layer", 0.0), up=mlp.c_fc.weight.detach().contiguous(),
-        up_bias=mlp.c_fc.bias.detach(), down=mlp.c_proj.weight.detach().contiguous(),
-        down_bias=mlp.c_proj.bias.detach(), post_mlp_norm=None,
-    )
+    convs = {"qkv": attn.c_attn, "o": attn.c_proj, "up": mlp.c_fc, "down": mlp.c_proj}
+    return _block({k: c.weight.detach().T for k, c in convs.items()}, {k: c.bias.detach() for k, c in convs.items()},
+                  attn.c_attn.weight.shape[0], pack, attn_norm=_norm(layer.ln_1, "layer", 0.0), q_norm=None,
+                  k_norm=None, post_attn_norm=None, mlp_norm=_norm(layer.ln_2, "layer", 0.0), post_mlp_norm=None)
 
 
 def unsupported(config: Any) -> list[str]:
@@ -148,12 +169,6 @@ def unsupported(config: Any) -> list[str]:
     return problems
 
 
-def _affine(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """x (..., in) @ w (in, out) + b."""
-    y = x @ w
-    return y if b is None else y + b
-
-
 @dataclass(frozen=True)
 class Geometry:
     """What every block shares: heads, head size, query scale, activation."""
@@ -175,7 +190,7 @@ def block_forward(g: Geometry, w: BlockWeights, h: Tensor, k_buf: Tensor, v_buf:
     Pure tensor code (no host reads): the same function runs eagerly or under ``torch.compile``."""
     n, q, _ = h.shape
     D, Hq, Hkv = g.head_dim, g.num_heads, g.num_kv_heads
-    qkv = _affine(w.attn_norm(h), w.qkv, w.qkv_bias)
+    qkv = affine(w.attn_norm(h), w.qkv, w.qkv_bias)
     qs, ks, vs = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
     qs, ks, vs = qs.view(n, q, Hq, D), ks.view(n, q, Hkv, D), vs.view(n, q, Hkv, D)
     if w.q_norm is not None:
@@ -189,17 +204,17 @@ def block_forward(g: Geometry, w: BlockWeights, h: Tensor, k_buf: Tensor, v_buf:
     v_buf[rows[:, None], :, positions] = vs.transpose(1, 2)
     keys, values = k_buf[rows, :, :kv_len], v_buf[rows, :, :kv_len]  # (n, H_kv, kv_len, D)
     attn = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, scale=g.scale, enable_gqa=True)
-    out = _affine(attn.transpose(1, 2).reshape(n, q, Hq * D), w.o, w.o_bias)
+    out = affine(attn.transpose(1, 2).reshape(n, q, Hq * D), w.o, w.o_bias)
     if w.post_attn_norm is not None:
         out = w.post_attn_norm(out)
     h = h + out
-    x = _affine(w.mlp_norm(h), w.up, w.up_bias)
+    x = affine(w.mlp_norm(h), w.up, w.up_bias)
     if g.gated:
         gate, up = x.chunk(2, dim=-1)
         x = (F.silu(gate) if g.activation == "silu" else F.gelu(gate, approximate="tanh")) * up
     else:
         x = F.gelu(x, approximate="tanh")
-    x = _affine(x, w.down, w.down_bias)
+    x = affine(x, w.down, w.down_bias)
     if w.post_mlp_norm is not None:
         x = w.post_mlp_norm(x)
     return h + x
@@ -210,8 +225,8 @@ def kv_forward(g: Geometry, w: BlockWeights, h: Tensor, cos: Tensor | None,
     """A block's keys and values (n, H_kv, q, D) for input states h (n, q, d), rotated: the copy
     policy's fill (norm, k/v projections, k-norm, rotary; no attention, no MLP)."""
     n, q, _ = h.shape
-    D, Hq, Hkv = g.head_dim, g.num_heads, g.num_kv_heads
-    kv = _affine(w.attn_norm(h), w.qkv[:, Hq * D :], None if w.qkv_bias is None else w.qkv_bias[Hq * D :])
+    D, Hkv = g.head_dim, g.num_kv_heads
+    kv = affine(w.attn_norm(h), w.kv, w.kv_bias)
     ks, vs = kv.split([Hkv * D, Hkv * D], dim=-1)
     ks, vs = ks.view(n, q, Hkv, D), vs.view(n, q, Hkv, D)
     if w.k_norm is not None:
@@ -225,7 +240,7 @@ def kv_forward(g: Geometry, w: BlockWeights, h: Tensor, cos: Tensor | None,
 class Blocks:
     """Every decoder block of a ``CausalLM`` as ``BlockWeights``, plus the attention geometry."""
 
-    def __init__(self, lm: CausalLM):
+    def __init__(self, lm: CausalLM, pack: bool = True):
         config = lm.config
         if problems := unsupported(config):
             raise UnsupportedModelError(f"{lm.name}: onejump's engine does not handle {', '.join(problems)}")
@@ -243,9 +258,14 @@ class Blocks:
         self.scale = float(scalar if scalar is not None else self.head_dim) ** -0.5
         self.geometry = Geometry(self.num_heads, self.num_kv_heads, self.head_dim, self.scale, self.activation,
                                  self.gated)
-        self.weights = [_gpt2_block(layer) if self.gpt2 else _decoder_block(layer, lm.spec.norm_offset, gemma)
+        offset = lm.spec.norm_offset
+        self.weights = [_gpt2_block(layer, pack) if self.gpt2 else _decoder_block(layer, offset, gemma, pack)
                         for layer in lm.layers]
-        self.devices = [w.qkv.device for w in self.weights]
+        self.devices = [layer_device(layer) for layer in lm.layers]
+
+
+def layer_device(layer: Any) -> torch.device:
+    return next(layer.parameters()).device
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

@@ -90,6 +90,15 @@ def max_probability(logits: Tensor) -> float:
     return float(1.0 / torch.exp(logits - logits.max()).sum())
 
 
+def top_and_confidence(logits: Tensor) -> list[tuple[int, float]]:
+    """Top-1 token and max softmax probability of each row of (n, V) logits, brought to the host
+    together: one device sync for all rows."""
+    logits = logits.float()
+    top_logit, top = logits.max(-1)
+    conf = 1.0 / torch.exp(logits - top_logit[:, None]).sum(-1)
+    return [(int(t), c) for t, c in torch.stack([top.to(conf.dtype), conf], dim=1).tolist()]
+
+
 def entropy(logits: Tensor) -> Tensor:
     """Entropy in nats of softmax(logits) over the last axis. (..., V) -> (...)."""
     logp = torch.log_softmax(logits.float(), dim=-1)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from shortcuts.adapter import CausalLM, soft_cap
-from shortcuts.engine.blocks import Blocks, block_forward, kv_forward, rope_tables
+from shortcuts.engine.blocks import Blocks, affine, block_forward, kv_forward, prepare, rope_tables
 from shortcuts.engine.cache import KVCache, RowCall
 from shortcuts.errors import UnsupportedModelError
 
@@ -60,7 +60,7 @@ class LayerRunner:
         self.lm = lm
         self.num_layers = lm.num_layers
         config = lm.config
-        self.blocks = Blocks(lm)
+        self.blocks = Blocks(lm, pack=not compile)  # compiled graphs take dense weights
         self.windows = layer_windows(config, self.num_layers)
         types = getattr(config, "layer_types", None)
         self.layer_types: list[str | None] = list(types) if types else [None] * self.num_layers
@@ -70,7 +70,7 @@ class LayerRunner:
         self.rope = rope_tables(lm, self.context_length, self.blocks.head_dim)
         self.typed_rope = len(self.rope) > 1 or None not in self.rope
         head = lm.lm_head.weight
-        self.unembedding = head.detach().T.contiguous() if head.device.type == "cpu" else None  # (d, V)
+        self.unembedding = prepare(head, pack=True) if head.device.type == "cpu" else None
         self.compiled = compile
         self._block_fn: Callable[..., Tensor] = compiled_block() if compile else block_forward
 
@@ -127,15 +127,13 @@ class LayerRunner:
     @torch.inference_mode()
     def full_logits(self, h: Tensor) -> Tensor:
         """The model's own head on final states: (..., d) -> (..., V) float32. On a CPU the
-        unembedding is read from an (in, out) copy (the layout MKL's matrix-vector product reads
-        fastest, as the blocks'); elsewhere the model's own head module."""
+        unembedding is ``prepare``d as the blocks' matrices are; elsewhere the model's head module."""
         h = h.to(self.lm.device)
         if self.unembedding is None:
             return self.lm.head(h).float()
-        x = self.lm.norm(h.to(self.unembedding.dtype))
-        bias = getattr(self.lm.lm_head, "bias", None)
-        logits = x @ self.unembedding if bias is None else torch.addmm(bias, x.flatten(0, -2), self.unembedding)
-        return soft_cap(logits.view(*h.shape[:-1], -1), self.lm.softcap).float()
+        x = self.lm.norm(h.to(self.lm.lm_head.weight.dtype))
+        logits = affine(x, self.unembedding, getattr(self.lm.lm_head, "bias", None))
+        return soft_cap(logits, self.lm.softcap).float()
 
     # --- one sequence per row, all rows in step (prefill, tests, the self-check) ----------------------
     def layer(self, i: int, chunk: Chunk, cache: KVCache) -> Chunk:

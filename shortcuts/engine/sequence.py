@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from shortcuts.engine.exit_head import ExitGate, max_probability
+from shortcuts.engine.exit_head import ExitGate
 from shortcuts.engine.sampling import distribution, make_generator, pick, sample, speculative_accept
 from shortcuts.engine.settings import GenerationSettings
 
@@ -178,28 +178,33 @@ class SequenceRun:
         self.stats.exit_checks += 1
         return self.gate.decide(confidence, top, ent)
 
-    def exited(self, level: int, logits: Tensor, confidence: float) -> None:
-        """The fed token left at ``level`` with the exit head's ``logits`` (V,)."""
+    def exited(self, level: int, logits: Tensor, top: tuple[int, float]) -> None:
+        """The fed token left at ``level`` with the exit head's ``logits`` (V,), (top-1, confidence)."""
         self.length += 1
         self.stats.layers_skipped += self.num_layers - level
         s = self.settings
+        q = None if s.greedy else distribution(logits, s.temperature, s.top_p)
+        token = top[0] if q is None else sample(q, self.generator)
         if s.exit.mode == "exact":
-            q = None if s.greedy else distribution(logits, s.temperature, s.top_p)
-            token = int(logits.argmax()) if q is None else sample(q, self.generator)
-            self.drafts.append(Draft(token, level, confidence, q))
-            return
-        self.emit(TokenTrace(self.choose(logits), level, confidence, "exited"))
+            self.drafts.append(Draft(token, level, top[1], q))
+        else:
+            self.emit(TokenTrace(token, level, top[1], "exited"))
 
-    def reached_top(self, full_logits: Tensor, start: int) -> None:
+    def pick_full(self, logits: Tensor, top: tuple[int, float]) -> TokenTrace:
+        """The full model's token from its logits (V,), given their (top-1, max-probability)."""
+        token = top[0] if self.settings.greedy else self.choose(logits)
+        return TokenTrace(token, self.num_layers, top[1], "full")
+
+    def reached_top(self, full_logits: Tensor, tops: list[tuple[int, float]], start: int) -> None:
         """The fed token (with every pending token) went through all blocks; ``full_logits`` (q, V)
-        are the full head's on the row's tokens at positions start.. (only the last unless exact)."""
+        are the full head's on the row's tokens at positions start.. (only the last unless exact),
+        ``tops`` their (top-1, max-probability)."""
         self.length += 1
         self.pending.clear()
         if self.settings.exit.mode != "exact":
-            last = full_logits[-1]
-            self.emit(TokenTrace(self.choose(last), self.num_layers, max_probability(last), "full"))
+            self.emit(self.pick_full(full_logits[-1], tops[-1]))
             return
-        traces, rejected = self.verify(full_logits)
+        traces, rejected = self.verify(full_logits, tops)
         if rejected is not None:
             self.length = start + rejected + 1  # drop drafts[rejected:]; the batch crops the row to it
         self.drafts = []
@@ -207,24 +212,24 @@ class SequenceRun:
             if self.emit(t):
                 return
 
-    def verify(self, full_logits: Tensor) -> tuple[list[TokenTrace], int | None]:
+    def verify(self, full_logits: Tensor, tops: list[tuple[int, float]]) -> tuple[list[TokenTrace], int | None]:
         """Keep the drafts the full model agrees with (full_logits row k judges drafts[k]), then its
-        correction or its next token (row len(drafts)); also the index of the rejected draft, if any."""
+        correction or its next token (row len(drafts)); also the index of the rejected draft, if any.
+        ``tops``: each row's (top-1, max-probability)."""
         s, drafts, L = self.settings, self.drafts, self.num_layers
         assert full_logits.shape[0] == len(drafts) + 1
         out: list[TokenTrace] = []
         self.stats.drafted += len(drafts)
         for k, d in enumerate(drafts):
-            row = full_logits[k]
+            top, confidence = tops[k]
             if s.greedy:
-                top = int(row.argmax())
                 fix = None if top == d.token else top
             else:
                 assert d.q is not None
-                fix = speculative_accept(distribution(row, s.temperature, s.top_p), d.q, d.token, self.generator)
+                p = distribution(full_logits[k], s.temperature, s.top_p)
+                fix = speculative_accept(p, d.q, d.token, self.generator)
             if fix is not None:
-                return [*out, TokenTrace(fix, L, max_probability(row), "corrected")], k
+                return [*out, TokenTrace(fix, L, confidence, "corrected")], k
             self.stats.accepted += 1
             out.append(TokenTrace(d.token, d.level, d.confidence, "accepted"))
-        last = full_logits[-1]
-        return [*out, TokenTrace(self.choose(last), L, max_probability(last), "full")], None
+        return [*out, self.pick_full(full_logits[-1], tops[-1])], None
