@@ -69,8 +69,10 @@ def main(argv: list[str] | None = None) -> int:
             app.state.engine.drain()  # new requests get 503 at once; uvicorn waits for the running ones
             super().handle_exit(sig, frame)
 
+    # the engine fails what still runs at shutdown_timeout_s (each client gets a 503 or an error frame);
+    # uvicorn cancels the request tasks a little later, should any hang
     config = uvicorn.Config(app, log_level=settings.log_level,
-                            timeout_graceful_shutdown=settings.shutdown_timeout_s)
+                            timeout_graceful_shutdown=settings.shutdown_timeout_s + 5)
     server = Server(config)
     server.run(sockets=[sock])
     return 1 if failures or not server.started else 0

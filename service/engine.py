@@ -149,6 +149,7 @@ class Engine:
         self._queue = JobQueue(settings.queue_size)
         self.draining = False  # SIGTERM: new requests get 503, running ones finish
         self._aborting = False  # stop(): the worker cancels what still runs
+        self._abort_at: float | None = None  # drain(): when the worker fails what still runs
         self._on_fatal = on_fatal
         self._ready = threading.Event()
         self._running = 0
@@ -166,10 +167,13 @@ class Engine:
         self._thread.start()
 
     def drain(self) -> None:
-        """Stop admitting: new requests get 503 (and /ready too); queued and running ones go on."""
+        """Stop admitting (SIGTERM): new requests get 503, and /ready too; queued and running ones go
+        on for ``shutdown_timeout_s``, then the worker fails what is left with 503."""
         if not self.draining:
             self.draining = True
-            log.info("shutting down: no new requests; %d running, %d waiting", self._running, self._queue.qsize())
+            self._abort_at = time.monotonic() + self.settings.shutdown_timeout_s
+            log.info("shutting down: no new requests; %d running and %d waiting get %ds to finish", self._running,
+                     self._queue.qsize(), self.settings.shutdown_timeout_s)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Fail what still waits (503), cancel what still runs, and join the worker (blocks: call
@@ -265,6 +269,7 @@ class Engine:
         while not (stopping and not running):
             if not stopping:
                 stopping = self._admit(batch, running)
+            self._abort_if_due(batch, running)
             self._drop_cancelled(batch, running)
             if running:
                 self._step(batch, running)
@@ -307,6 +312,20 @@ class Engine:
             self._finish(job, seq.generation)
             return None
         return seq
+
+    def _abort_if_due(self, batch: Any, running: dict[int, tuple[Job, Any]]) -> None:
+        """Past the shutdown grace period: fail what still runs or waits with a 503 (an error frame
+        for a stream), so that every client gets an answer before the server exits."""
+        if self._abort_at is None or time.monotonic() < self._abort_at:
+            return
+        error = NotReadyError(f"the server is shutting down: the generation was cancelled after the "
+                              f"{self.settings.shutdown_timeout_s}s grace period")
+        for job in self._queue.close():
+            self._fail(job, error, "shutdown")
+        for job, seq in running.values():
+            batch.cancel(seq)
+            self._fail(job, error, "shutdown")
+        running.clear()
 
     def _drop_cancelled(self, batch: Any, running: dict[int, tuple[Job, Any]]) -> None:
         """A client that went away (or whose stop string was found) frees its slot before the next step."""

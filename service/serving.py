@@ -132,7 +132,7 @@ class Serving:
             final = self._response(req, job, event, text.text)
             yield _frame(_chunk(base, text.finish(), final.choices[0].finish_reason, final))
         except ServiceError as e:  # after the first byte an error becomes an error frame
-            yield _frame({"error": {"message": e.message, "type": e.kind, "code": e.status}})
+            yield _frame({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.status}})
         finally:
             if nxt is not None:
                 nxt.cancel()
