@@ -5,14 +5,18 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 # torch 2.13.0 (CPU) lies on disk on these machines; elsewhere pip fetches it from PyPI.
 WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: setup assets serve fit test test-fast lint bench loadtest deploy-tools dashboard
+.PHONY: setup lock assets serve fit test test-fast lint bench loadtest soak deploy-tools dashboard
 
+# every version from requirements.lock (torch 2.13.0 included); `make lock` rewrites it from the venv
 setup: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q $(WHEELS) "torch==2.13.0"
-	$(PIP) install -q $(WHEELS) -e ".[serve,dev]"
+	$(PIP) install -q $(WHEELS) -c requirements.lock torch
+	$(PIP) install -q $(WHEELS) -c requirements.lock -e ".[serve,dev]"
 	touch $@
+
+lock: setup
+	$(PY) deploy/lock.py
 
 assets: setup
 	$(VENV)/bin/onejump assets
