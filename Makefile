@@ -55,3 +55,8 @@ dashboard: setup
 # load a running server over HTTP (docs/loadtest.md), e.g. make loadtest LOADTEST_ARGS="--concurrency 1,4 --requests 8"
 loadtest: setup
 	$(PY) -m loadtest $(LOADTEST_ARGS)
+
+# hold a steady load on a running server, sample its memory, check /metrics (docs/soak.md), e.g.
+# make soak SOAK_ARGS="--duration 180 --pid $(pgrep -f 'python -m service' | head -1)"
+soak: setup
+	$(PY) -m loadtest.soak $(SOAK_ARGS)

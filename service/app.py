@@ -17,10 +17,27 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.config import Settings
 from service.engine import Engine
 from service.errors import NotReadyError, install_handlers, send_error
-from service.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from service.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+)
 from service.serving import Serving
 
 OPEN_PATHS = ("/health", "/metrics")  # liveness probes and Prometheus need no key
+# what the OpenAPI schema publishes for the completion routes (a stream is text/event-stream)
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": what} for code, what in (
+        (400, "bad input"), (401, "missing or wrong API key"), (413, "request body too large"),
+        (429, "queue full"), (503, "loading or shutting down"), (504, "queued past the request timeout"))}
+
+
+def _published(model: type) -> dict[int | str, dict[str, Any]]:
+    return {200: {"model": model, "content": {"text/event-stream": {}}}, **_ERRORS}
 
 
 class ApiKeyMiddleware:
@@ -108,11 +125,11 @@ def create_app(settings: Settings, on_fatal: Callable[[str], None] | None = None
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=settings.model_name)])
 
-    @app.post("/v1/completions", response_model=None)
+    @app.post("/v1/completions", response_model=None, responses=_published(CompletionResponse))
     async def completions(req: CompletionRequest, request: Request) -> Any:
         return await serving.handle(req, request)
 
-    @app.post("/v1/chat/completions", response_model=None)
+    @app.post("/v1/chat/completions", response_model=None, responses=_published(ChatCompletionResponse))
     async def chat(req: ChatCompletionRequest, request: Request) -> Any:
         return await serving.handle(req, request)
 
