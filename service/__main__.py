@@ -22,6 +22,7 @@ def bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT leftovers are fine
     try:
         sock.bind((host, port))
+        sock.listen(2048)  # listening makes it ours: with SO_REUSEADDR a second bind succeeds until then
     except OSError as e:
         sock.close()
         reason = "is already in use" if e.errno in (98, 48) else f"cannot be bound ({e.strerror})"
