@@ -51,9 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"onejump: cannot start: {e}", file=sys.stderr)
         return 2
+    log = logging.getLogger("onejump.service")
+    log.info("listening on http://%s:%d (the model loads next; /ready says when it serves)", settings.host,
+             sock.getsockname()[1])
     if settings.api_key is None and settings.host not in ("127.0.0.1", "localhost", "::1"):
-        logging.getLogger("onejump.service").warning("listening on %s without an API key (ONEJUMP_API_KEY)",
-                                                     settings.host)
+        log.warning("listening on %s without an API key (ONEJUMP_API_KEY)", settings.host)
     server: uvicorn.Server | None = None
     failures: list[str] = []
 
