@@ -50,6 +50,8 @@ def preflight(settings: Settings) -> None:
     if (layers, width) != (artifact.num_layers, artifact.config.hidden_size):
         raise ValueError(f"jump artifact {settings.jump} is for {artifact.base_model} (L={artifact.num_layers}, "
                          f"d={artifact.config.hidden_size}), but {settings.model} has L={layers}, d={width}")
+    if layers and settings.exit_min_layer is not None and settings.exit_min_layer >= layers:
+        raise ValueError(f"exit_min_layer={settings.exit_min_layer} must be in [1, {layers - 1}] for {settings.model}")
 
 
 @dataclass(frozen=True)
