@@ -21,19 +21,22 @@ RUN apt-get update -qq \
 ENV TORCH_INDEX=https://download.pytorch.org/whl/cu128 \
     PROJECT_EXTRAS=serve,gpu
 
-# build: a virtual environment with torch (its own layer: the big one) and the project
+# build: a virtual environment with torch (its own layer: the big one) and the project, every version
+# from requirements.lock (`make lock`); torch's build (CPU or CUDA) from the flavour's index
 FROM base-${FLAVOR} AS build
-ARG TORCH_VERSION=
+ARG TORCH_VERSION=2.13.0
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-RUN pip install -q --index-url "$TORCH_INDEX" "torch${TORCH_VERSION:+==$TORCH_VERSION}"
 WORKDIR /src
+COPY requirements.lock ./
+# torch alone from its index (no deps: that index need not hold the locked versions of torch's own deps)
+RUN pip install -q -c requirements.lock --no-deps --index-url "$TORCH_INDEX" "torch==${TORCH_VERSION}"
 COPY pyproject.toml README.md ./
 COPY shortcuts ./shortcuts
 COPY service ./service
 COPY loadtest ./loadtest
-RUN pip install -q ".[${PROJECT_EXTRAS}]"
+RUN pip install -q -c requirements.lock ".[${PROJECT_EXTRAS}]"
 
 # runtime: the environment, the default jump, a non-root user
 FROM base-${FLAVOR} AS runtime

@@ -5,14 +5,18 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 # torch 2.13.0 (CPU) lies on disk on these machines; elsewhere pip fetches it from PyPI.
 WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: setup assets serve fit test test-fast lint bench loadtest deploy-tools dashboard k8s
+.PHONY: setup lock assets serve fit test test-fast lint bench loadtest soak deploy-tools dashboard k8s
 
+# every version from requirements.lock (torch 2.13.0 included); `make lock` rewrites it from the venv
 setup: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q $(WHEELS) "torch==2.13.0"
-	$(PIP) install -q $(WHEELS) -e ".[serve,dev]"
+	$(PIP) install -q $(WHEELS) -c requirements.lock torch
+	$(PIP) install -q $(WHEELS) -c requirements.lock -e ".[serve,dev]"
 	touch $@
+
+lock: setup
+	$(PY) deploy/lock.py
 
 assets: setup
 	$(VENV)/bin/onejump assets
@@ -55,3 +59,8 @@ k8s: setup
 # load a running server over HTTP (docs/loadtest.md), e.g. make loadtest LOADTEST_ARGS="--concurrency 1,4 --requests 8"
 loadtest: setup
 	$(PY) -m loadtest $(LOADTEST_ARGS)
+
+# hold a steady load on a running server, sample its memory, check /metrics (docs/soak.md), e.g.
+# make soak SOAK_ARGS="--duration 180 --pid $(pgrep -f 'python -m service' | head -1)"
+soak: setup
+	$(PY) -m loadtest.soak $(SOAK_ARGS)

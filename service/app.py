@@ -2,32 +2,89 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.config import Settings
 from service.engine import Engine
-from service.errors import NotReadyError, UnauthorizedError, install_handlers
-from service.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from service.errors import NotReadyError, install_handlers, send_error
+from service.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+)
 from service.serving import Serving
 
+OPEN_PATHS = ("/health", "/metrics")  # liveness probes and Prometheus need no key
+# what the OpenAPI schema publishes for the completion routes (a stream is text/event-stream)
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": what} for code, what in (
+        (400, "bad input"), (401, "missing or wrong API key"), (413, "request body too large"),
+        (429, "queue full"), (503, "loading or shutting down"), (504, "queued past the request timeout"))}
 
-def _auth(settings: Settings) -> Callable[[Request], None]:
-    def check(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        expected = f"Bearer {settings.api_key.get_secret_value()}"
-        if not secrets.compare_digest(given.encode(), expected.encode()):
-            raise UnauthorizedError("missing or wrong API key: send 'Authorization: Bearer <key>'")
 
-    return check
+def _published(model: type) -> dict[int | str, dict[str, Any]]:
+    return {200: {"model": model, "content": {"text/event-stream": {}}}, **_ERRORS}
+
+
+class ApiKeyMiddleware:
+    """With a key set, every route but ``OPEN_PATHS`` (docs and unknown paths included) needs
+    ``Authorization: Bearer <key>`` (scheme in any case), checked before the body is read."""
+
+    def __init__(self, app: ASGIApp, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        scheme, _, token = header.strip().partition(b" ")
+        if scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), self.key):
+            return await self.app(scope, receive, send)
+        return await send_error(send, 401, "authentication_error",
+                                "missing or wrong API key: send 'Authorization: Bearer <key>'")
+
+
+class BodyLimitMiddleware:
+    """Refuses a body over ``limit`` bytes with 413: at once from its Content-Length, or while a
+    chunked body arrives; never buffers more than the limit."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app, self.limit = app, limit
+
+    def _message(self) -> str:
+        return f"the request body exceeds this server's limit of {self.limit} bytes (ONEJUMP_MAX_BODY_BYTES)"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await send_error(send, 413, "invalid_request_error", self._message())
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise HTTPException(413, self._message())  # the handlers turn it into the error body
+            return message
+
+        return await self.app(scope, limited, send)
 
 
 def create_app(settings: Settings, on_fatal: Callable[[str], None] | None = None) -> FastAPI:
@@ -37,22 +94,26 @@ def create_app(settings: Settings, on_fatal: Callable[[str], None] | None = None
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()  # loads in its own thread: /health answers at once, /ready once loaded
         yield
-        engine.stop()
+        await asyncio.to_thread(engine.stop)  # cancels what still runs, off the event loop
 
     app = FastAPI(title="onejump", version="0.1.0", lifespan=lifespan)
     app.state.engine, app.state.settings = engine, settings
     serving = Serving(engine, settings)
     install_handlers(app)
-    guarded = [Depends(_auth(settings))]
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    if settings.api_key is not None:  # added last: runs first, before the body is read or validated
+        app.add_middleware(ApiKeyMiddleware, key=settings.api_key.get_secret_value())
 
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/ready", dependencies=guarded)
+    @app.get("/ready")
     async def ready() -> dict[str, str]:
         if not engine.ready:
             raise NotReadyError(engine.error or "loading the model")
+        if engine.draining:
+            raise NotReadyError("the server is shutting down")
         return {"status": "ready", "model": settings.model_name}
 
     @app.get("/metrics")
@@ -60,15 +121,15 @@ def create_app(settings: Settings, on_fatal: Callable[[str], None] | None = None
         body = generate_latest(engine.metrics.registry) if engine.metrics else b""
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", dependencies=guarded)
+    @app.get("/v1/models")
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=settings.model_name)])
 
-    @app.post("/v1/completions", dependencies=guarded, response_model=None)
+    @app.post("/v1/completions", response_model=None, responses=_published(CompletionResponse))
     async def completions(req: CompletionRequest, request: Request) -> Any:
         return await serving.handle(req, request)
 
-    @app.post("/v1/chat/completions", dependencies=guarded, response_model=None)
+    @app.post("/v1/chat/completions", response_model=None, responses=_published(ChatCompletionResponse))
     async def chat(req: ChatCompletionRequest, request: Request) -> Any:
         return await serving.handle(req, request)
 

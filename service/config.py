@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = ".cache/onejump/models/smollm2-135m-instruct"
@@ -39,10 +39,23 @@ class Settings(BaseSettings):
     compile: bool = Field(False, description="run the decoder blocks under torch.compile (compiled at start-up, "
                           "cached on disk)")
     request_timeout_s: float = Field(120.0, gt=0, description="a request still queued after this gets 504 (at once)")
+    max_body_bytes: int = Field(4 * 2**20, ge=1024, description="larger request bodies get 413 before they are read")
+    shutdown_timeout_s: int = Field(30, ge=0, description="on SIGTERM, running requests get this long to finish "
+                                      "(new ones get 503), then are cancelled")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    api_key: SecretStr | None = None
+    api_key: SecretStr | None = Field(None, description="every route but /health and /metrics needs 'Authorization: "
+                                      "Bearer <key>'; empty or unset: no auth")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, v: object) -> object:
+        """An empty ONEJUMP_API_KEY (compose passes one when the variable is unset) means no auth,
+        never auth with the empty key."""
+        if isinstance(v, SecretStr):
+            v = v.get_secret_value()
+        return None if isinstance(v, str) and not v.strip() else v
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -51,12 +64,24 @@ class Settings(BaseSettings):
         if self.exit_threshold is not None and self.exit_gate == "confidence" and not 0 <= self.exit_threshold <= 1:
             raise ValueError(f"exit_threshold={self.exit_threshold} must be in [0, 1] for the confidence gate")
         if self.default_max_tokens > self.max_new_tokens:
-            raise ValueError(f"default_max_tokens={self.default_max_tokens} exceeds {self.max_new_tokens=}")
+            raise ValueError(f"default_max_tokens={self.default_max_tokens} exceeds max_new_tokens="
+                             f"{self.max_new_tokens}")
         return self
 
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model.rstrip("/").split("/")[-1]
+
+
+def describe_error(e: ValidationError) -> str:
+    """One line per bad setting, named as the user sets it (flag and variable), no pydantic internals."""
+    lines = []
+    for err in e.errors():
+        name = str(err["loc"][0]) if err["loc"] else ""
+        where = f"--{name.replace('_', '-')} / ONEJUMP_{name.upper()}: " if name else ""
+        got = f" (got {err['input']!r})" if name and name != "api_key" and not isinstance(err["input"], dict) else ""
+        lines.append(f"  {where}{str(err['msg']).removeprefix('Value error, ')}{got}")
+    return "\n".join(lines)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Settings:

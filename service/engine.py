@@ -16,6 +16,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +48,8 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     stop_hit: bool = False  # the route found a stop string: cancelling then is a normal finish
     queue_timeout: float | None = None  # seconds it may wait to be admitted (Settings.request_timeout_s)
-    timed_out: bool = False  # it waited longer: the worker drops it when it comes to it
+    timed_out: bool = False  # it waited longer: the worker drops it if it already took it off the queue
+    on_timeout: Callable[[Job], None] | None = None  # frees its queue slot (Engine._expire)
 
     def post(self, event: Any) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -67,6 +69,8 @@ class Job:
                 if self.stats.started is None:
                     self.timed_out = True
                     self.cancel()
+                    if self.on_timeout is not None:
+                        self.on_timeout(self)
                     raise QueueTimeoutError(f"waited over {self.queue_timeout:g}s in the queue (the request "
                                             "timeout) while the batch was full") from None
         return await self.events.get()
@@ -82,6 +86,56 @@ class Job:
                 return
 
 
+class JobQueue:
+    """A bounded FIFO of jobs that a job can leave before its turn (a 504 frees its slot at once),
+    and that closes: ``get`` then answers None once it is empty."""
+
+    def __init__(self, maxsize: int):
+        self.maxsize = maxsize
+        self._jobs: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def qsize(self) -> int:
+        return len(self._jobs)
+
+    def put_nowait(self, job: Job) -> None:
+        with self._cond:
+            if self._closed:
+                raise NotReadyError("the server is shutting down")
+            if len(self._jobs) >= self.maxsize:
+                raise queue.Full
+            self._jobs.append(job)
+            self._cond.notify()
+
+    def get(self, block: bool = True) -> Job | None:
+        """The oldest job; None once closed and empty; queue.Empty when not blocking and none waits."""
+        with self._cond:
+            while not self._jobs and not self._closed:
+                if not block:
+                    raise queue.Empty
+                self._cond.wait()
+            return self._jobs.popleft() if self._jobs else None
+
+    def remove(self, job: Job) -> bool:
+        """Take ``job`` out if it still waits; False when the worker already has it."""
+        with self._cond:
+            try:
+                self._jobs.remove(job)
+            except ValueError:
+                return False
+            return True
+
+    def close(self) -> list[Job]:
+        """No more jobs; returns those that were waiting (the caller fails them)."""
+        with self._cond:
+            self._closed = True
+            waiting = list(self._jobs)
+            self._jobs.clear()
+            self._cond.notify_all()
+            return waiting
+
+
 class Engine:
     """Loads the model in the background; ``ready`` once the decoder exists."""
 
@@ -92,9 +146,13 @@ class Engine:
         self.metrics: Metrics | None = None
         self.batch_size: Histogram | None = None
         self.exit_defaults: Any = None  # service.loading.ExitDefaults, once loaded
-        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=settings.queue_size)
+        self._queue = JobQueue(settings.queue_size)
+        self.draining = False  # SIGTERM: new requests get 503, running ones finish
+        self._aborting = False  # stop(): the worker cancels what still runs
+        self._abort_at: float | None = None  # drain(): when the worker fails what still runs
         self._on_fatal = on_fatal
         self._ready = threading.Event()
+        self._running = 0
         self._thread = threading.Thread(target=self._main, name="onejump-engine", daemon=True)
 
     @property
@@ -108,25 +166,40 @@ class Engine:
     def start(self) -> None:
         self._thread.start()
 
+    def drain(self) -> None:
+        """Stop admitting (SIGTERM): new requests get 503, and /ready too; queued and running ones go
+        on for ``shutdown_timeout_s``, then the worker fails what is left with 503."""
+        if not self.draining:
+            self.draining = True
+            self._abort_at = time.monotonic() + self.settings.shutdown_timeout_s
+            log.info("shutting down: no new requests; %d running and %d waiting get %ds to finish", self._running,
+                     self._queue.qsize(), self.settings.shutdown_timeout_s)
+
     def stop(self, timeout: float = 10.0) -> None:
+        """Fail what still waits (503), cancel what still runs, and join the worker (blocks: call
+        it off the event loop). The lifespan calls it once uvicorn's graceful period is over."""
+        self.draining = self._aborting = True
+        for job in self._queue.close():
+            self._fail(job, NotReadyError("the server is shutting down"), "shutdown")
+        self._gauges()
         if self._thread.is_alive():
-            while True:  # make room for the sentinel: drop what still waits
-                try:
-                    self._queue.put_nowait(None)
-                    break
-                except queue.Full:
-                    self._fail(self._queue.get_nowait(), NotReadyError("the server is shutting down"), "shutdown")
             self._thread.join(timeout)
 
     def wait_ready(self, timeout: float) -> bool:
         return self._ready.wait(timeout) and self.error is None
 
     # --- requests --------------------------------------------------------------------------------
-    def submit(self, prompt_ids: list[int], gen_settings: Any) -> Job:
+    def check_admitting(self) -> None:
+        """503 while the model loads, after it failed, or once shutdown began."""
         if not self.ready:
             raise NotReadyError(self.error or "the model is still loading; try again when /ready answers 200")
+        if self.draining:
+            raise NotReadyError("the server is shutting down")
+
+    def submit(self, prompt_ids: list[int], gen_settings: Any) -> Job:
+        self.check_admitting()
         job = Job(prompt_ids, gen_settings, asyncio.get_running_loop(), RequestStats(arrival=time.monotonic()),
-                  queue_timeout=self.settings.request_timeout_s)
+                  queue_timeout=self.settings.request_timeout_s, on_timeout=self._expire)
         job.stats.prompt_tokens = len(prompt_ids)
         try:
             self._queue.put_nowait(job)
@@ -138,7 +211,16 @@ class Engine:
         self._gauges()
         return job
 
+    def _expire(self, job: Job) -> None:
+        """A job that got its 504 leaves the queue at once (the event loop's side); if the worker
+        already took it, the worker drops it and counts the failure."""
+        if self._queue.remove(job):
+            self._fail(job, QueueTimeoutError("timed out"), "timeout")
+            self._gauges()
+
     def _gauges(self, running: int | None = None) -> None:
+        if running is not None:
+            self._running = running
         if self.metrics is not None:
             self.metrics.waiting.labels(self.metrics.model_name).set(self._queue.qsize())
             if running is not None:
@@ -178,13 +260,14 @@ class Engine:
 
     # --- the continuous batch --------------------------------------------------------------------
     def _serve(self) -> None:
-        """Admit, drop the cancelled, step; until the stop sentinel and an empty batch."""
+        """Admit, drop the cancelled, step; until the queue is closed and the batch is empty."""
         batch = self.decoder.batch(self.settings.max_batch_size)
         running: dict[int, tuple[Job, Any]] = {}  # id(sequence) -> (job, sequence)
         stopping = False
         while not (stopping and not running):
             if not stopping:
                 stopping = self._admit(batch, running)
+            self._abort_if_due(batch, running)
             self._drop_cancelled(batch, running)
             if running:
                 self._step(batch, running)
@@ -192,7 +275,7 @@ class Engine:
 
     def _admit(self, batch: Any, running: dict[int, tuple[Job, Any]]) -> bool:
         """Start queued jobs while there is room (waiting for one when the batch is empty);
-        True once the stop sentinel was taken."""
+        True once the queue is closed and empty."""
         while batch.free_slots:
             try:
                 job = self._queue.get(block=not running)
@@ -228,10 +311,24 @@ class Engine:
             return None
         return seq
 
+    def _abort_if_due(self, batch: Any, running: dict[int, tuple[Job, Any]]) -> None:
+        """Past the shutdown grace period: fail what still runs or waits with a 503 (an error frame
+        for a stream), so that every client gets an answer before the server exits."""
+        if self._abort_at is None or time.monotonic() < self._abort_at:
+            return
+        error = NotReadyError(f"the server is shutting down: the generation was cancelled after the "
+                              f"{self.settings.shutdown_timeout_s}s grace period")
+        for job in self._queue.close():
+            self._fail(job, error, "shutdown")
+        for job, seq in running.values():
+            batch.cancel(seq)
+            self._fail(job, error, "shutdown")
+        running.clear()
+
     def _drop_cancelled(self, batch: Any, running: dict[int, tuple[Job, Any]]) -> None:
         """A client that went away (or whose stop string was found) frees its slot before the next step."""
         for key, (job, seq) in list(running.items()):
-            if job.cancelled.is_set():
+            if job.cancelled.is_set() or self._aborting:
                 batch.cancel(seq)
                 del running[key]
                 self._finish(job, seq.generation)

@@ -7,6 +7,8 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.types import Send
 
 from service.protocol import ErrorBody, ErrorResponse
 
@@ -42,9 +44,24 @@ class QueueTimeoutError(ServiceError):
     status, kind = 504, "timeout"
 
 
+# what Starlette's own errors (unknown route, wrong method, unreadable body) become
+_HTTP_KINDS = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+_HTTP_MESSAGES = {"There was an error parsing the body": "the request body could not be read as JSON (it must be "
+                  "UTF-8 JSON, nested at most a few hundred levels)"}
+
+
 def error_response(status: int, kind: str, message: str, param: str | None = None) -> JSONResponse:
     body = ErrorResponse(error=ErrorBody(message=message, type=kind, param=param, code=status))
     return JSONResponse(body.model_dump(), status_code=status)
+
+
+async def send_error(send: Send, status: int, kind: str, message: str) -> None:
+    """The same body from a plain ASGI middleware (auth, body size), before any route runs."""
+    body = ErrorResponse(error=ErrorBody(message=message, type=kind, code=status)).model_dump_json().encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -53,7 +70,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
         return "request body is not valid JSON", None
-    return f"{param or 'body'}: {first.get('msg', 'invalid value')}", param
+    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    return f"{param or 'body'}: {msg}", param
 
 
 def install_handlers(app: FastAPI) -> None:
@@ -67,6 +85,14 @@ def install_handlers(app: FastAPI) -> None:
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
         return error_response(400, "invalid_request_error", message, param)
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+        kind = _HTTP_KINDS.get(exc.status_code, "internal_error" if exc.status_code >= 500 else "invalid_request_error")
+        message = _HTTP_MESSAGES.get(str(exc.detail), str(exc.detail))
+        response = error_response(exc.status_code, kind, message)
+        response.headers.update(exc.headers or {})  # 405 keeps its Allow header
+        return response
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

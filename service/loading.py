@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,27 @@ def resolve_dtype(settings: Settings, device: str) -> str:
     return "bfloat16" if device.startswith("cuda") else "float32"
 
 
+def check_readable(path: Path, what: str) -> None:
+    """A file (or every file of a folder) that exists must be readable by this process: say so
+    plainly, rather than the loader's "No such file or directory" or "Permission denied" later."""
+    for p in [path, *sorted(path.iterdir())] if path.is_dir() and os.access(path, os.X_OK) else [path]:
+        if p.exists() and not os.access(p, os.R_OK | (os.X_OK if p.is_dir() else 0)):
+            st = p.stat()
+            raise PermissionError(f"{what} {p} exists but cannot be read: mode {st.st_mode & 0o777:o}, owner uid "
+                                  f"{st.st_uid}, the server runs as uid {os.getuid()}; make it readable "
+                                  f"(chmod -R a+rX {path})")
+
+
 def preflight(settings: Settings) -> None:
-    """Cheap checks before the server starts: the jump artifact exists, reads, and fits the model's
-    configuration (layers and width). The weight fingerprint is checked once the weights load."""
+    """Cheap checks before the model loads: the model and jump files are readable, the jump
+    artifact reads and fits the model's configuration (layers and width). The weight fingerprint
+    is checked once the weights load."""
+    model = Path(settings.model)
+    if model.exists():
+        check_readable(model, "the model")
     if not settings.jump:
         return
+    check_readable(Path(settings.jump), "the jump artifact")
     from shortcuts.adapter import CausalLM
     from shortcuts.artifact import JumpArtifact
 
@@ -33,6 +50,8 @@ def preflight(settings: Settings) -> None:
     if (layers, width) != (artifact.num_layers, artifact.config.hidden_size):
         raise ValueError(f"jump artifact {settings.jump} is for {artifact.base_model} (L={artifact.num_layers}, "
                          f"d={artifact.config.hidden_size}), but {settings.model} has L={layers}, d={width}")
+    if layers and settings.exit_min_layer is not None and settings.exit_min_layer >= layers:
+        raise ValueError(f"exit_min_layer={settings.exit_min_layer} must be in [1, {layers - 1}] for {settings.model}")
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,23 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+SEED_LIMIT = 2**63  # seeds are below it: OpenAI's seed is an int64 (and 2**63 is exact in the JSON schema)
+
+
+def _unicode(value: str, what: str) -> str:
+    """A JSON string may hold a lone UTF-16 surrogate (``"\\ud800"``): no tokenizer can take it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} holds a lone surrogate (U+{ord(value[e.start]):04X}) at character {e.start}; "
+                         "send valid Unicode text") from None
+    return value
+
 
 class EarlyExit(BaseModel):
     """Per-request exit settings; every field left out takes the server's default."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)  # no "threshold": false
 
     mode: Literal["off", "approximate", "exact"] | None = None
     gate: Literal["confidence", "entropy", "patience"] | None = None
@@ -23,19 +35,28 @@ class EarlyExit(BaseModel):
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, ...)
+    # OpenAI clients send fields we do not use (user, ...); strict: "stream": "yes" or "max_tokens": true is a 400,
+    # not a silent coercion
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
     stop: str | list[str] | None = None
     stream: bool = False
     n: int = Field(1, ge=1, le=1, description="one choice per request")
     ignore_eos: bool = Field(False, description="vLLM's extension: generate max_tokens even past EOS")
     early_exit: EarlyExit | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_unicode(cls, v: str | list[str] | None) -> str | list[str] | None:
+        for s in [v] if isinstance(v, str) else (v or []):
+            _unicode(s, "stop")
+        return v
 
     @property
     def stop_strings(self) -> list[str]:
@@ -55,12 +76,19 @@ class CompletionRequest(_Sampling):
             v = v[0]
         if not v:
             raise ValueError("prompt must not be empty")
-        return v
+        return _unicode(v, "prompt")
 
 
 class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str
+
+    @field_validator("content")
+    @classmethod
+    def _content_unicode(cls, v: str) -> str:
+        return _unicode(v, "content")
 
 
 class ChatCompletionRequest(_Sampling):

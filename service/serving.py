@@ -29,6 +29,9 @@ from service.protocol import (
 from service.text import TextAssembler
 
 AnyRequest = CompletionRequest | ChatCompletionRequest
+MIN_TEMPERATURE = 1e-6  # below: greedy (logits / T would overflow float32 into NaN probabilities)
+MIN_TOP_P = 1e-6  # below: the same as 1e-6, the top token alone (a float32 cut at 0 would keep none)
+KEEPALIVE_S = 10.0  # an SSE comment this often while a stream waits for its first or next token
 
 
 class Serving:
@@ -71,28 +74,23 @@ class Serving:
             exit_settings.check_levels(self.engine.decoder.num_layers)
         except ValueError as e:
             raise BadRequestError(f"early_exit: {e}", "early_exit") from e
+        temperature = s.default_temperature if req.temperature is None else req.temperature
         try:
             return GenerationSettings(
-                max_new_tokens=max_tokens,
-                temperature=s.default_temperature if req.temperature is None else req.temperature,
-                top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, exit=exit_settings,
+                max_new_tokens=max_tokens, temperature=0.0 if temperature < MIN_TEMPERATURE else temperature,
+                top_p=1.0 if req.top_p is None else max(req.top_p, MIN_TOP_P), seed=req.seed, exit=exit_settings,
                 stop_token_ids=() if req.ignore_eos else None)
         except ValueError as e:
             raise BadRequestError(str(e)) from e
 
     # --- running -------------------------------------------------------------------------------
     async def handle(self, req: AnyRequest, request: Request) -> Any:
-        prompt_ids = self.prompt_ids(req)
-        job = self.engine.submit(prompt_ids, self.generation_settings(req))
+        self.engine.check_admitting()  # 503 before any work
+        prompt_ids = await asyncio.to_thread(self.prompt_ids, req)  # a 4 MiB prompt takes a while to tokenize
+        job = self.engine.submit(prompt_ids, self.generation_settings(req))  # 429/503 keep their HTTP status
         text = TextAssembler(self.engine.lm.tokenizer, req.stop_strings)
-        if req.stream:
-            events = job.stream()
-            try:
-                first = await anext(events)  # errors before the first token keep their HTTP status
-            except BaseException:
-                job.cancel()
-                raise
-            return StreamingResponse(self._sse(req, job, events, first, text), media_type="text/event-stream")
+        if req.stream:  # headers and a first frame at once; a later error (504 included) is an error frame
+            return StreamingResponse(self._sse(req, job, job.stream(), text), media_type="text/event-stream")
         return await self._collect(req, request, job, text)
 
     async def _collect(self, req: AnyRequest, request: Request, job: Job, text: TextAssembler) -> Any:
@@ -113,24 +111,31 @@ class Serving:
         text.finish()
         return self._response(req, job, done, text.text)
 
-    async def _sse(self, req: AnyRequest, job: Job, events: AsyncIterator[Any], first: Any,
+    async def _sse(self, req: AnyRequest, job: Job, events: AsyncIterator[Any],
                    text: TextAssembler) -> AsyncIterator[str]:
         base = self._response(req, job, None, "")
+        nxt: asyncio.Future[Any] | None = None
         try:
-            event: Any = first
+            yield _frame(_chunk(base, "", None))  # the role (chat) or an empty text, before the first token
+            event: Any = None
             while not isinstance(event, Done):
-                if not text.stopped:
+                if event is not None and not text.stopped:
                     delta = text.add(event.token)
                     if text.stopped:
                         job.cancel(stop_hit=True)
                     if delta:
                         yield _frame(_chunk(base, delta, None))
-                event = await anext(events)
+                nxt = asyncio.ensure_future(anext(events))
+                while not (await asyncio.wait({nxt}, timeout=KEEPALIVE_S))[0]:
+                    yield ": keep-alive\n\n"
+                event = nxt.result()
             final = self._response(req, job, event, text.text)
             yield _frame(_chunk(base, text.finish(), final.choices[0].finish_reason, final))
         except ServiceError as e:  # after the first byte an error becomes an error frame
-            yield _frame({"error": {"message": e.message, "type": e.kind, "code": e.status}})
+            yield _frame({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.status}})
         finally:
+            if nxt is not None:
+                nxt.cancel()
             job.cancel()  # a client that went away cancels its generation
         yield "data: [DONE]\n\n"
 

