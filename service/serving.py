@@ -29,8 +29,6 @@ from service.protocol import (
 from service.text import TextAssembler
 
 AnyRequest = CompletionRequest | ChatCompletionRequest
-MIN_TEMPERATURE = 1e-6  # below: greedy (logits / T would overflow float32 into NaN probabilities)
-MIN_TOP_P = 1e-6  # below: the same as 1e-6, the top token alone (a float32 cut at 0 would keep none)
 KEEPALIVE_S = 10.0  # an SSE comment this often while a stream waits for its first or next token
 
 
@@ -77,8 +75,8 @@ class Serving:
         temperature = s.default_temperature if req.temperature is None else req.temperature
         try:
             return GenerationSettings(
-                max_new_tokens=max_tokens, temperature=0.0 if temperature < MIN_TEMPERATURE else temperature,
-                top_p=1.0 if req.top_p is None else max(req.top_p, MIN_TOP_P), seed=req.seed, exit=exit_settings,
+                max_new_tokens=max_tokens, temperature=temperature,
+                top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, exit=exit_settings,
                 stop_token_ids=() if req.ignore_eos else None)
         except ValueError as e:
             raise BadRequestError(str(e)) from e

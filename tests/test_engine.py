@@ -579,3 +579,14 @@ def test_compiled_blocks_decode_the_same_tokens(arch: str) -> None:
     s = settings(16, mode="approximate", threshold=0.3)
     assert [g.tokens for g in BatchDecoder(dec, 3).generate(ps, s)] == \
         [g.tokens for g in BatchDecoder(compiled, 3).generate(ps, s)]
+
+
+def test_distribution_survives_extreme_temperature_and_top_p() -> None:
+    """A top_p that rounds to 0 in float32 and a temperature that overflows the logits keep the
+    most likely token instead of turning into NaN (the sampler then fails in multinomial)."""
+    logits = torch.randn(100, generator=torch.Generator().manual_seed(0)) * 5
+    for temperature, top_p in ((1.0, 1e-300), (1e-30, 1.0), (1e-300, 1.0), (1e-30, 1e-300), (2.0, 5e-324)):
+        d = distribution(logits, temperature, top_p)
+        assert torch.isfinite(d).all()
+        assert int(d.argmax()) == int(logits.argmax())
+        assert float(d.sum()) == pytest.approx(1.0)

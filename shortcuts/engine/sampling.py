@@ -21,15 +21,16 @@ def make_generator(seed: int | None, device: str | torch.device = "cpu") -> torc
 def distribution(logits: Tensor, temperature: float, top_p: float = 1.0) -> Tensor:
     """The sampling distribution: softmax(logits / T) cut to the smallest set with mass >= top_p
     (the most likely token is always kept) and renormalised. (V,) -> (V,) float32.
-    temperature 0 gives the one-hot of the argmax."""
+    temperature 0 (or one too small for float32, < 1e-30) gives the one-hot of the argmax."""
     logits = logits.float()
-    if temperature == 0:
+    if temperature < 1e-30:
         return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    probs = torch.softmax(logits / temperature, dim=-1)
+    probs = torch.softmax((logits - logits.max(-1, keepdim=True).values) / temperature, dim=-1)  # no inf - inf
     if top_p >= 1.0:
         return probs
     sorted_p, order = probs.sort(descending=True)
     outside = sorted_p.cumsum(-1) - sorted_p >= top_p  # mass before a token already reaches top_p
+    outside[..., 0] = False  # the most likely token stays, even for a top_p that rounds to 0
     sorted_p = sorted_p.masked_fill(outside, 0.0)
     return torch.zeros_like(probs).scatter_(-1, order, sorted_p / sorted_p.sum())
 
@@ -41,7 +42,7 @@ def sample(probs: Tensor, generator: torch.Generator) -> int:
 
 def pick(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
     """Greedy (temperature 0) or sampled token from logits (V,)."""
-    if temperature == 0:
+    if temperature < 1e-30:
         return int(logits.argmax())
     return sample(distribution(logits, temperature, top_p), generator)
 
