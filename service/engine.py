@@ -19,7 +19,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Histogram
 
@@ -27,13 +27,20 @@ from service.config import Settings
 from service.errors import NotReadyError, OverloadedError, QueueTimeoutError, ServiceError
 from service.metrics import Metrics, RequestStats
 
+if TYPE_CHECKING:  # the engine's types; torch loads in the worker thread, never at import
+    from service.loading import ExitDefaults
+    from shortcuts.engine.api import Batch, SequenceHandle
+    from shortcuts.engine.api import Engine as Decoder
+    from shortcuts.engine.sequence import Generation, TokenTrace
+    from shortcuts.engine.settings import GenerationSettings
+
 log = logging.getLogger("onejump.service")
 _KIND = {"exited": "early", "full": "full", "accepted": "verified", "corrected": "full"}
 
 
 @dataclass
 class Done:
-    generation: Any  # shortcuts.engine.Generation
+    generation: Generation
 
 
 @dataclass
@@ -41,7 +48,7 @@ class Job:
     """One request in flight. Events (TokenTrace, Done or ServiceError) arrive on ``events``."""
 
     prompt_ids: list[int]
-    settings: Any  # shortcuts.engine.GenerationSettings
+    settings: GenerationSettings
     loop: asyncio.AbstractEventLoop
     stats: RequestStats
     events: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
@@ -142,10 +149,10 @@ class Engine:
     def __init__(self, settings: Settings, on_fatal: Callable[[str], None] | None = None):
         self.settings = settings
         self.error: str | None = None
-        self.decoder: Any = None
+        self.decoder: Decoder | None = None
         self.metrics: Metrics | None = None
         self.batch_size: Histogram | None = None
-        self.exit_defaults: Any = None  # service.loading.ExitDefaults, once loaded
+        self.exit_defaults: ExitDefaults | None = None  # once loaded
         self._queue = JobQueue(settings.queue_size)
         self.draining = False  # SIGTERM: new requests get 503, running ones finish
         self._aborting = False  # stop(): the worker cancels what still runs
@@ -160,8 +167,11 @@ class Engine:
         return self._ready.is_set() and self.error is None
 
     @property
-    def lm(self) -> Any:
-        return self.decoder.lm
+    def model(self) -> Decoder:
+        """The loaded decoder (only asked for once ``ready``)."""
+        if self.decoder is None:
+            raise NotReadyError(self.error or "the model is still loading; try again when /ready answers 200")
+        return self.decoder
 
     def start(self) -> None:
         self._thread.start()
@@ -196,7 +206,7 @@ class Engine:
         if self.draining:
             raise NotReadyError("the server is shutting down")
 
-    def submit(self, prompt_ids: list[int], gen_settings: Any) -> Job:
+    def submit(self, prompt_ids: list[int], gen_settings: GenerationSettings) -> Job:
         self.check_admitting()
         job = Job(prompt_ids, gen_settings, asyncio.get_running_loop(), RequestStats(arrival=time.monotonic()),
                   queue_timeout=self.settings.request_timeout_s, on_timeout=self._expire)
@@ -245,7 +255,7 @@ class Engine:
         from service.loading import load_decoder
 
         self.decoder, self.exit_defaults = load_decoder(self.settings)
-        self.metrics = Metrics(self.settings.model_name, self.decoder.num_layers)
+        self.metrics = Metrics(self.settings.model_name, self.model.num_layers)
         buckets = tuple(float(n) for n in range(1, self.settings.max_batch_size + 1))
         self.batch_size = Histogram("onejump_batch_size", "Sequences decoded together in one token step",
                                     ["model_name"], registry=self.metrics.registry, buckets=buckets)
@@ -261,8 +271,8 @@ class Engine:
     # --- the continuous batch --------------------------------------------------------------------
     def _serve(self) -> None:
         """Admit, drop the cancelled, step; until the queue is closed and the batch is empty."""
-        batch = self.decoder.batch(self.settings.max_batch_size)
-        running: dict[int, tuple[Job, Any]] = {}  # id(sequence) -> (job, sequence)
+        batch = self.model.batch(self.settings.max_batch_size)
+        running: dict[int, tuple[Job, SequenceHandle]] = {}  # id(sequence) -> (job, sequence)
         stopping = False
         while not (stopping and not running):
             if not stopping:
@@ -273,7 +283,7 @@ class Engine:
                 self._step(batch, running)
             self._gauges(running=len(running))
 
-    def _admit(self, batch: Any, running: dict[int, tuple[Job, Any]]) -> bool:
+    def _admit(self, batch: Batch, running: dict[int, tuple[Job, SequenceHandle]]) -> bool:
         """Start queued jobs while there is room (waiting for one when the batch is empty);
         True once the queue is closed and empty."""
         while batch.free_slots:
@@ -289,7 +299,7 @@ class Engine:
             self._gauges(running=len(running))
         return False
 
-    def _start(self, job: Job, batch: Any) -> Any:
+    def _start(self, job: Job, batch: Batch) -> SequenceHandle | None:
         """Prefill the job's prompt into the batch; None when it failed or finished at once."""
         s = job.stats
         s.started = time.monotonic()
@@ -311,7 +321,7 @@ class Engine:
             return None
         return seq
 
-    def _abort_if_due(self, batch: Any, running: dict[int, tuple[Job, Any]]) -> None:
+    def _abort_if_due(self, batch: Batch, running: dict[int, tuple[Job, SequenceHandle]]) -> None:
         """Past the shutdown grace period: fail what still runs or waits with a 503 (an error frame
         for a stream), so that every client gets an answer before the server exits."""
         if self._abort_at is None or time.monotonic() < self._abort_at:
@@ -325,7 +335,7 @@ class Engine:
             self._fail(job, error, "shutdown")
         running.clear()
 
-    def _drop_cancelled(self, batch: Any, running: dict[int, tuple[Job, Any]]) -> None:
+    def _drop_cancelled(self, batch: Batch, running: dict[int, tuple[Job, SequenceHandle]]) -> None:
         """A client that went away (or whose stop string was found) frees its slot before the next step."""
         for key, (job, seq) in list(running.items()):
             if job.cancelled.is_set() or self._aborting:
@@ -333,7 +343,7 @@ class Engine:
                 del running[key]
                 self._finish(job, seq.generation)
 
-    def _step(self, batch: Any, running: dict[int, tuple[Job, Any]]) -> None:
+    def _step(self, batch: Batch, running: dict[int, tuple[Job, SequenceHandle]]) -> None:
         """One token for every running sequence; finished ones are reported and leave."""
         if self.batch_size is not None:
             self.batch_size.labels(self.settings.model_name).observe(len(running))
@@ -350,7 +360,7 @@ class Engine:
             job, _ = running.pop(id(seq))
             self._finish(job, seq.generation)
 
-    def _token(self, job: Job, trace: Any) -> bool:
+    def _token(self, job: Job, trace: TokenTrace) -> bool:
         now = time.monotonic()
         s = job.stats
         if s.first_token is None:
@@ -362,7 +372,7 @@ class Engine:
         job.post(trace)
         return not job.cancelled.is_set()
 
-    def _finish(self, job: Job, generation: Any) -> None:
+    def _finish(self, job: Job, generation: Generation) -> None:
         s = job.stats
         s.finished = time.monotonic()
         s.layers_computed, s.layers_skipped = generation.stats.layers_computed, generation.stats.layers_skipped

@@ -6,9 +6,12 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.config import Settings
+
+if TYPE_CHECKING:
+    from shortcuts.engine.api import Engine
 
 log = logging.getLogger("onejump.service")
 
@@ -78,7 +81,7 @@ def exit_defaults(calibration: dict[str, Any], settings: Settings, num_layers: i
     return ExitDefaults(threshold, min_layer, base.source)
 
 
-def load_decoder(settings: Settings) -> tuple[Any, ExitDefaults]:
+def load_decoder(settings: Settings) -> tuple[Engine, ExitDefaults]:
     """The decoder for ``settings`` and the exit defaults (calibrated when the artifact says)."""
     from shortcuts.adapter import CausalLM, resolve_device
     from shortcuts.artifact import JumpArtifact

@@ -14,7 +14,7 @@ from fastapi.responses import StreamingResponse
 
 from service.config import Settings
 from service.engine import Done, Engine, Job
-from service.errors import BadRequestError, ServiceError
+from service.errors import BadRequestError, NotReadyError, ServiceError
 from service.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -38,7 +38,7 @@ class Serving:
 
     # --- request → prompt and settings ---------------------------------------------------------
     def prompt_ids(self, req: AnyRequest) -> list[int]:
-        tok = self.engine.lm.tokenizer
+        tok = self.engine.model.tokenizer
         if isinstance(req, CompletionRequest):
             ids = list(tok(req.prompt, add_special_tokens=True)["input_ids"])
         else:
@@ -47,7 +47,7 @@ class Serving:
             messages = [m.model_dump() for m in req.messages]
             ids = list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                return_dict=True)["input_ids"])
-        limit = min(self.settings.max_prompt_tokens, self.engine.decoder.context_length - 1)
+        limit = min(self.settings.max_prompt_tokens, self.engine.model.context_length - 1)
         if not ids:
             raise BadRequestError("the prompt has no tokens", "prompt")
         if len(ids) > limit:
@@ -63,13 +63,15 @@ class Serving:
             raise BadRequestError(f"max_tokens={max_tokens} exceeds this server's limit of {s.max_new_tokens}",
                                   "max_tokens")
         defaults = self.engine.exit_defaults
+        if defaults is None:
+            raise NotReadyError("the model is still loading; try again when /ready answers 200")
         exits: dict[str, Any] = {"mode": s.exit_mode, "gate": s.exit_gate, "threshold": defaults.threshold,
                                  "min_layer": defaults.min_layer}
         if ee is not None:
             exits |= ee.model_dump(exclude_none=True)
         try:
             exit_settings = ExitSettings(**exits)
-            exit_settings.check_levels(self.engine.decoder.num_layers)
+            exit_settings.check_levels(self.engine.model.num_layers)
         except ValueError as e:
             raise BadRequestError(f"early_exit: {e}", "early_exit") from e
         temperature = s.default_temperature if req.temperature is None else req.temperature
@@ -86,7 +88,7 @@ class Serving:
         self.engine.check_admitting()  # 503 before any work
         prompt_ids = await asyncio.to_thread(self.prompt_ids, req)  # a 4 MiB prompt takes a while to tokenize
         job = self.engine.submit(prompt_ids, self.generation_settings(req))  # 429/503 keep their HTTP status
-        text = TextAssembler(self.engine.lm.tokenizer, req.stop_strings)
+        text = TextAssembler(self.engine.model.tokenizer, req.stop_strings)
         if req.stream:  # headers and a first frame at once; a later error (504 included) is an error frame
             return StreamingResponse(self._sse(req, job, job.stream(), text), media_type="text/event-stream")
         return await self._collect(req, request, job, text)
@@ -142,7 +144,7 @@ class Serving:
         n = len(gen.tokens) if gen else 0
         usage = Usage(prompt_tokens=len(job.prompt_ids), completion_tokens=n, total_tokens=len(job.prompt_ids) + n)
         reason = None if gen is None else ("stop" if job.stop_hit else gen.finish_reason)
-        report = _report(gen, job.settings.exit.mode, self.engine.decoder.num_layers) if gen else None
+        report = _report(gen, job.settings.exit.mode, self.engine.model.num_layers) if gen else None
         if isinstance(req, ChatCompletionRequest):
             return ChatCompletionResponse(model=self.settings.model_name, usage=usage, early_exit=report,
                                           choices=[ChatChoice(message=AssistantMessage(content=text),
