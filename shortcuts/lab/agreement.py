@@ -67,8 +67,8 @@ class LevelTable:
     @property
     def step_rank(self) -> Tensor:
         """(N,) the index of each row within its prompt (rows are in prompt, then step, order)."""
-        first = torch.zeros(self.num_prompts, dtype=torch.long).index_reduce_(
-            0, self.prompt, torch.arange(len(self)), "amin", include_self=False)
+        first = torch.full((self.num_prompts,), len(self), dtype=torch.long).scatter_reduce_(
+            0, self.prompt, torch.arange(len(self)), "amin")
         return torch.arange(len(self)) - first[self.prompt]
 
 
