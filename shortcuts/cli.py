@@ -150,12 +150,14 @@ def _fit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-corpus", default=str(wiki_split("test")), help="held-out sentences")
     p.add_argument("--out-dir", default="runs/fit", help="artifacts, results.json, summary.md, plots")
     for name in ("n_train", "n_test", "rank", "epochs", "kl_epochs", "kl_samples", "batch_size", "seed", "max_tokens",
-                 "collect_batch"):
+                 "collect_batch", "select_prompts", "select_new_tokens"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=d[name].default)
     p.add_argument("--lr", type=float, default=d["lr"].default)
+    p.add_argument("--target", type=float, default=d["target"].default,
+                   help="the default variant is the one with the best predicted speed at this agreement")
     p.add_argument("--val-fraction", type=float, default=d["val_fraction"].default)
     p.add_argument("--variants", nargs="+", default=list(d["variants"].default))
-    p.add_argument("--default-variant", default=None, help="force the saved default (e.g. pure-mse, the paper's)")
+    p.add_argument("--default-variant", default=None, help="force the saved default; else by predicted speed")
     p.add_argument("--no-plots", dest="plots", action="store_false")
     p.set_defaults(handler=_fit)
 

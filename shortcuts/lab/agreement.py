@@ -432,10 +432,10 @@ def search(table: LevelTable, target: float, costs: dict[str, CostModel], gate: 
            confidence: float = 0.95) -> dict[str, Calibration]:
     """For each gate kind in ``costs`` (confidence, entropy, learned), over thresholds x first levels x
     strides, the setting with the best predicted speed-up whose bootstrap lower bound on agreement
-    reaches ``target``; never-exiting (threshold 1.0, speed-up 1.0) when none does."""
+    reaches ``target``; when none does, the never-exiting confidence threshold 1.0 (speed-up 1.0)."""
     L, out = table.num_layers, {}
     for g, cost in costs.items():
-        best = Calibration(g, 1.0, target, confidence, 1.0, 1.0, float(L), min(min_layers), 1, len(table),
+        best = Calibration("confidence", 1.0, target, confidence, 1.0, 1.0, float(L), min(min_layers), 1, len(table),
                            table.num_prompts, 1.0)
         for m in min_layers:
             for stride in strides:
