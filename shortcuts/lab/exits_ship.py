@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             store(art, found, gate, ms, {"corpus": "validation articles of wiki/train.jsonl (decode-matched traces)",
                                          "new_tokens": meta["new_tokens"]})
             art.extra["exits_test"] = entry["test"]
+            art.base_model = args.base_model or art.base_model
             art.save(out / f"{name}.safetensors")
     (out / "ship.json").write_text(json.dumps(results, indent=1))
     return results
@@ -95,6 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--model", default=None)
     p.add_argument("--jumps", default="", help="name=artifact,... ")
+    p.add_argument("--base-model", default=".cache/onejump/models/smollm2-135m-instruct",
+                   help="the base model id written into the saved artifacts")
     p.add_argument("--identity", action="store_true", help="also the identity exit head (logit lens)")
     p.add_argument("--gates", nargs="+", default=["confidence", "entropy", "learned"])
     p.add_argument("--min-layers", type=int, nargs="+", default=[])
