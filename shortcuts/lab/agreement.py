@@ -423,7 +423,7 @@ def predicted_speedup(cost: CostModel, level: Tensor, s: Setting, num_layers: in
 
 def grid(table: LevelTable, gate: str) -> list[float]:
     if gate == "learned":
-        return [round(x, 4) for x in (torch.linspace(0.5, 0.99, 50).tolist() + [0.992, 0.995, 0.997, 0.999])]
+        return [round(x, 4) for x in (torch.linspace(0.1, 0.99, 90).tolist() + [0.992, 0.995, 0.997, 0.999])]
     return _grid(table, gate)
 
 

@@ -60,6 +60,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ctx = HeadContext.from_model(lm)
     L = lm.num_layers
     tr = {k: Traces.load(src / f"traces-{k}.safetensors") for k in ("fit", "val", "test", "ood")}
+    keep = tr["fit"].prompt < args.gate_prompts  # the learned gate's training prompts: the first fit prompts
+    tr["fit"] = Traces(tr["fit"].states[keep], tr["fit"].prompt[keep], tr["fit"].step[keep])
     jumps: dict[str, str | None] = dict(kv.split("=", 1) for kv in args.jumps.split(",")) if args.jumps else {}
     if args.identity:
         jumps = {"identity": None, **jumps}
@@ -104,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--strides", type=int, nargs="+", default=[1, 2, 3, 4])
     p.add_argument("--target", type=float, default=0.95)
     p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--gate-prompts", type=int, default=150, help="fit prompts whose table trains the learned gate")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)

@@ -156,9 +156,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:  # noqa: C901
                                            "centred": 0.0}
     if "dec" in args.data and args.joint:
         x, y = data["dec"]
-        shared["joint dec-kl"] = train_joint(x, y, ctx, args.rank, level_norm=False)
+        if not args.keep or any(k in "joint dec-kl" for k in args.keep):
+            shared["joint dec-kl"] = train_joint(x, y, ctx, args.rank, level_norm=False)
         shared["joint+ln dec-kl"] = train_joint(x, y, ctx, args.rank, level_norm=True)
         results["timing_s"]["joint"] = round(time.perf_counter() - t0, 1)
+    if args.keep:
+        shared = {k: v for k, v in shared.items() if any(key in k for key in args.keep)}
     for name, jump in shared.items():
         entry: dict[str, Any] = {"parameters": 0 if jump is None else jump.num_parameters()}
         entry["test"] = table_summary(table_for(lm, ctx, jump, tr["test"]))
@@ -189,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kl-epochs", type=int, default=3)
     p.add_argument("--data", nargs="+", default=["sent", "dec"])
     p.add_argument("--no-joint", dest="joint", action="store_false")
+    p.add_argument("--keep", nargs="*", default=[], help="report only methods whose name contains one of these")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
