@@ -275,3 +275,18 @@ def test_calibrate_learned_gate_and_strides_then_agreement_replays_it(tiny_folde
                  "--max-prompts", "4", "--new-tokens", "6", "--json"]) == 0
     replayed = json.loads(capsys.readouterr().out)
     assert replayed["setting"] == {k: best[k] for k in ("gate", "threshold", "min_layer", "stride")}
+
+
+def test_article_split_never_shares_an_article(tmp_path) -> None:
+    import json
+
+    from shortcuts.lab.traces import article_split
+
+    rows = [{"text": f"sentence {i} of article {i % 40}.", "title": f"A{i % 40}"} for i in range(400)]
+    path = tmp_path / "wiki.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fit, val = article_split(path)
+    assert len(fit) + len(val) == 400
+    assert val
+    fit_titles = {t.rsplit(" ", 1)[-1] for t in fit}
+    assert not fit_titles & {t.rsplit(" ", 1)[-1] for t in val}
