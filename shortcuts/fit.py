@@ -39,11 +39,12 @@ def _sentences(cfg: FitConfig) -> tuple[list[str], list[str], int]:
     from shortcuts.lab.traces import article_split
 
     n_val = max(2, round(cfg.val_fraction * cfg.n_train))
+    texts = read_corpus(cfg.corpus)  # fails first on a missing or empty corpus
     test = sample_sentences(read_corpus(cfg.eval_corpus), cfg.n_test, cfg.seed + 1)
     try:
         fit_texts, val_texts = article_split(Path(cfg.corpus))
     except (KeyError, ValueError, TypeError, AttributeError):  # no titles (or not .jsonl): split sentences
-        return sample_sentences(read_corpus(cfg.corpus), cfg.n_train, cfg.seed), test, n_val
+        return sample_sentences(texts, cfg.n_train, cfg.seed), test, n_val
     fit = sample_sentences(fit_texts, cfg.n_train - n_val, cfg.seed)
     return fit + sample_sentences(val_texts, n_val, cfg.seed), test, n_val
 
