@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:  # noqa: C901
                                "val_samples": int(val_x.shape[1]), "methods": {}, "choices": {}, "timing_s": {}}
     shared: dict[str, LowRankJumps | None] = {"identity": None}
     t0 = time.perf_counter()
-    for name in args.data:
+    for name in args.data if args.banks else ():
         x, y = data[name]
         mse, kl = train_per_level(x, y, ctx, args.rank, args.kl_epochs)
         for obj, bank in (("mse", mse), ("kl", kl)):
@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kl-epochs", type=int, default=3)
     p.add_argument("--data", nargs="+", default=["sent", "dec"])
     p.add_argument("--no-joint", dest="joint", action="store_false")
+    p.add_argument("--no-banks", dest="banks", action="store_false", help="train only the joint jumps")
     p.add_argument("--keep", nargs="*", default=[], help="report only methods whose name contains one of these")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
