@@ -2,7 +2,9 @@
 
 Metadata (key ``onejump``): format version, base model id and fingerprint, hidden size, layer
 count, the level the jump was trained at, rank, variant, the OJFA score table, the corpus, and
-optional extras (evaluation summary, calibrated thresholds). Loading checks all of it."""
+optional extras (evaluation summary, calibrated setting, learned gate). Loading checks all of it.
+A jump with per-level normalisation also stores ``level_mean`` and ``level_var`` (L-1, d) and is
+written as format ``onejump.jump/2``, which older readers refuse instead of silently ignoring."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from shortcuts.errors import ArtifactError
 from shortcuts.jump import JumpConfig, LowRankJumps
 
 FORMAT = "onejump.jump/1"
+FORMAT_LEVEL_NORM = "onejump.jump/2"  # /1 plus per-level input statistics level_mean, level_var (L-1, d)
 _TENSORS = ("bn_weight", "bn_bias", "running_mean", "running_var", "lora_A", "lora_B", "bias")
 
 
@@ -41,7 +44,8 @@ class JumpArtifact:
     def metadata(self) -> dict[str, Any]:
         c = self.config
         return {
-            "format": FORMAT, "base_model": self.base_model, "fingerprint": self.fingerprint,
+            "format": FORMAT if self.jump.level_norm is None else FORMAT_LEVEL_NORM,
+            "base_model": self.base_model, "fingerprint": self.fingerprint,
             "hidden_size": c.hidden_size, "num_layers": self.num_layers, "trained_level": self.trained_level,
             "rank": c.rank, "variant": c.variant, "bn_eps": c.bn_eps, "scores": self.scores,
             "corpus": self.corpus, "extra": self.extra,
@@ -63,6 +67,8 @@ class JumpArtifact:
             config.bn_eps = float(meta.get("bn_eps", config.bn_eps))
             jump = LowRankJumps(config, n=1)
             jump.load_state_dict({k: tensors[k] for k in _TENSORS})
+            if meta["format"] == FORMAT_LEVEL_NORM:
+                jump = jump.with_level_norm(tensors["level_mean"], tensors["level_var"])
             return cls(jump.eval(), meta["base_model"], meta["fingerprint"], int(meta["num_layers"]),
                        int(meta["trained_level"]), list(meta["scores"]), meta["corpus"], meta.get("extra", {}))
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
@@ -98,6 +104,6 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         meta = json.loads(raw)
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{path}: corrupt metadata ({e})") from e
-    if meta.get("format") != FORMAT:
-        raise ArtifactError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    if meta.get("format") not in (FORMAT, FORMAT_LEVEL_NORM):
+        raise ArtifactError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r} or {FORMAT_LEVEL_NORM!r}")
     return meta, tensors

@@ -97,8 +97,18 @@ def cache_root(path: str | os.PathLike[str] | None = None) -> Path:
     return local if local.is_dir() or not CHECKOUT_CACHE.is_dir() else CHECKOUT_CACHE
 
 
+PACKAGE_CACHE = Path(__file__).resolve().parents[1] / ".cache" / "onejump"  # the checkout's cache (make assets)
+
+
 def default_model_dir(cache: Path | None = None) -> Path:
-    return cache_root(cache) / "models" / MODEL_ASSETS["smollm2"][1]
+    """SmolLM2's folder in the cache; when neither ``cache`` nor ``$ONEJUMP_CACHE`` is given and the
+    working directory has no cache, the one next to the package (so commands work from any directory)."""
+    folder = cache_root(cache) / "models" / MODEL_ASSETS["smollm2"][1]
+    if cache is None and not os.environ.get("ONEJUMP_CACHE") and not folder.exists():
+        packaged = PACKAGE_CACHE / "models" / MODEL_ASSETS["smollm2"][1]
+        if packaged.exists():
+            return packaged
+    return folder
 
 
 def wiki_split(split: str, cache: Path | None = None) -> Path:

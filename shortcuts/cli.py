@@ -49,9 +49,10 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     fields = {k: v for k, v in vars(args).items() if k not in ("command", "handler", "verbose", "cache")}
     cal, path = run_calibrate(CalibrateConfig(**{**fields, "gates": tuple(args.gates),
-                                                 "min_layers": tuple(args.min_layers)}))
+                                                 "min_layers": tuple(args.min_layers), "strides": tuple(args.strides)}))
     print(f"{cal.gate} threshold {cal.threshold}: agreement {cal.agreement:.3f} (lower bound {cal.lower_bound:.3f} "
-          f"at {cal.confidence:.0%}, target {cal.target}), exits checked from level {cal.min_layer}, mean exit "
+          f"at {cal.confidence:.0%}, target {cal.target}), exits checked from level {cal.min_layer} every "
+          f"{cal.stride}, mean exit "
           f"layer {cal.mean_exit_layer:.1f}, predicted speed-up {cal.predicted_speedup:.2f}x, "
           f"{cal.tokens} tokens of {cal.prompts} prompts; saved in {path}")
     return 0
@@ -73,7 +74,11 @@ def _calibrate_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=d[name].default)
     p.add_argument("--min-layers", type=int, nargs="+", default=[],
                    help="first exit levels to try (default: 1 and every sixth of the depth)")
-    p.add_argument("--gates", nargs="+", default=list(d["gates"].default), choices=["confidence", "entropy"])
+    p.add_argument("--strides", type=int, nargs="+", default=[], help="check every k-th level; tries each")
+    p.add_argument("--gates", nargs="+", default=list(d["gates"].default), choices=["confidence", "entropy", "learned"])
+    p.add_argument("--gate-corpus", default=None,
+                   help="training prompts of the learned gate (.jsonl with titles: its fit articles are used)")
+    p.add_argument("--gate-prompts", type=int, default=d["gate_prompts"].default)
     p.set_defaults(handler=_calibrate)
 
 
@@ -83,6 +88,47 @@ def _bench(args: argparse.Namespace) -> int:
     result = run(args)
     print(json.dumps(result) if args.json else text_report(result))
     return 0
+
+
+def _agreement(args: argparse.Namespace) -> int:
+    from shortcuts.lab.exits import AgreementConfig, run_agreement
+
+    fields = {k: v for k, v in vars(args).items() if k not in ("command", "handler", "verbose", "json")}
+    result = run_agreement(AgreementConfig(**fields))
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    s = result["setting"]
+    print(f"{s['gate']} threshold {s['threshold']} from level {s['min_layer']} every {s['stride']}: agreement "
+          f"{result['agreement']:.3f} (95% lower bound {result['agreement_lower']:.3f}), mean exit layer "
+          f"{result['mean_exit_layer']:.2f} of {result['num_layers']}, exit rate {result['exit_rate']:.2f}, "
+          f"predicted speed-up {result['predicted_speedup']:.3f}x (perfect gate {result['ceiling_speedup']:.3f}x), "
+          f"{result['tokens']} tokens of {result['prompts']} prompts")
+    return 0
+
+
+def _agreement_parser(sub: argparse._SubParsersAction) -> None:
+    from shortcuts.lab.exits import AgreementConfig
+
+    d = AgreementConfig.__dataclass_fields__
+    p = sub.add_parser("agreement", help="teacher-forced agreement of a jump's exit setting on your prompts")
+    p.add_argument("--jump", required=True, help="a jump artifact (.safetensors)")
+    p.add_argument("--model", default=None, help="hub id, folder or .gguf (default: the artifact's, else SmolLM2)")
+    p.add_argument("--prompts", required=True, help=".jsonl ({\"text\": ...} per line) or text, one prompt a line")
+    p.add_argument("--max-prompts", type=int, default=d["max_prompts"].default)
+    p.add_argument("--new-tokens", type=int, default=d["new_tokens"].default)
+    p.add_argument("--gate", default=None, choices=["confidence", "entropy", "learned"],
+                   help="exit flags: override the artifact's stored setting")
+    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--min-layer", type=int, default=None)
+    p.add_argument("--stride", type=int, default=None)
+    p.add_argument("--costs", default="measured", choices=["measured", "flops"],
+                   help="predicted speed from costs timed here, or from multiply-add counts")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler=_agreement)
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -112,12 +158,14 @@ def _fit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-corpus", default=str(wiki_split("test")), help="held-out sentences")
     p.add_argument("--out-dir", default="runs/fit", help="artifacts, results.json, summary.md, plots")
     for name in ("n_train", "n_test", "rank", "epochs", "kl_epochs", "kl_samples", "batch_size", "seed", "max_tokens",
-                 "collect_batch"):
+                 "collect_batch", "select_prompts", "select_new_tokens"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=d[name].default)
     p.add_argument("--lr", type=float, default=d["lr"].default)
+    p.add_argument("--target", type=float, default=d["target"].default,
+                   help="the default variant is the one with the best predicted speed at this agreement")
     p.add_argument("--val-fraction", type=float, default=d["val_fraction"].default)
     p.add_argument("--variants", nargs="+", default=list(d["variants"].default))
-    p.add_argument("--default-variant", default=None, help="force the saved default (e.g. pure-mse, the paper's)")
+    p.add_argument("--default-variant", default=None, help="force the saved default; else by predicted speed")
     p.add_argument("--no-plots", dest="plots", action="store_false")
     p.set_defaults(handler=_fit)
 
@@ -147,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_parser(sub, _model_args)
     sub.choices["bench"].set_defaults(handler=_bench)
+    _agreement_parser(sub)
     p = sub.add_parser("inspect", help="print a jump artifact's metadata")
     p.add_argument("jump")
     p.set_defaults(handler=_inspect)

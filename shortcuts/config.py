@@ -31,7 +31,10 @@ class FitConfig:
     device: str = "cpu"
     dtype: str = "float32"
     cache: str | None = None
-    default_variant: str | None = None  # None: the variant whose OJFA jump wins on validation
+    default_variant: str | None = None  # None: the variant with the best predicted speed at ``target``
+    target: float = 0.95  # greedy agreement the default variant's exits must keep (lower bound)
+    select_prompts: int = 32  # validation prompts continued greedily to predict each variant's speed
+    select_new_tokens: int = 24
     plots: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 

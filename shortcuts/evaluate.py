@@ -63,10 +63,16 @@ def evaluate_method(method: Method, by_level: Tensor, target: Tensor, ctx: HeadC
 
 
 @torch.no_grad()
-def ojfa_scores(bank: LowRankJumps, by_level: Tensor, final: Tensor) -> list[float]:
+def ojfa_scores(bank: LowRankJumps, by_level: Tensor, final: Tensor, center: Tensor | None = None,
+                level_norm: tuple[Tensor, Tensor] | None = None) -> list[float]:
     """OJFA: for each jump j, sum over levels l and samples of sign(cos)·cos² between
-    jump_j(h_l) and the final state. by_level (L-1, N, d), final (N, d)."""
-    return [float(cosine_score(bank.select(j)(by_level), final).sum()) for j in range(bank.n)]
+    jump_j(h_l) and the final state. by_level (L-1, N, d), final (N, d). ``center`` (d,): score on
+    centred states (``cosine_score``); ``level_norm``: score jump j with each level's own input
+    statistics (mean, var), each (L-1, d), as it would be applied (``LowRankJumps.with_level_norm``)."""
+    def one(j: int) -> LowRankJumps:
+        return bank.select(j) if level_norm is None else bank.select(j).with_level_norm(*level_norm)
+
+    return [float(cosine_score(one(j)(by_level), final, center).sum()) for j in range(bank.n)]
 
 
 def choose(scores: list[float]) -> int:

@@ -31,19 +31,29 @@ class Trained:
     loss: list[float]
 
 
-def _sentences(cfg: FitConfig) -> tuple[list[str], list[str]]:
-    """Read and sample both corpora first, so a bad corpus fails before the model loads."""
-    train = sample_sentences(read_corpus(cfg.corpus), cfg.n_train, cfg.seed)
+def _sentences(cfg: FitConfig) -> tuple[list[str], list[str], int]:
+    """Read and sample both corpora first, so a bad corpus fails before the model loads. Returns the
+    training sentences (fit, then validation), the test sentences and the number of validation ones.
+    A .jsonl whose rows carry a ``title`` is split by article (``traces.article_split``), so no
+    validation sentence shares an article with a fit sentence; otherwise sentences are split."""
+    from shortcuts.lab.traces import article_split
+
+    n_val = max(2, round(cfg.val_fraction * cfg.n_train))
+    texts = read_corpus(cfg.corpus)  # fails first on a missing or empty corpus
     test = sample_sentences(read_corpus(cfg.eval_corpus), cfg.n_test, cfg.seed + 1)
-    return train, test
+    try:
+        fit_texts, val_texts = article_split(Path(cfg.corpus))
+    except (KeyError, ValueError, TypeError, AttributeError):  # no titles (or not .jsonl): split sentences
+        return sample_sentences(texts, cfg.n_train, cfg.seed), test, n_val
+    fit = sample_sentences(fit_texts, cfg.n_train - n_val, cfg.seed)
+    return fit + sample_sentences(val_texts, n_val, cfg.seed), test, n_val
 
 
-def _collect(lm: CausalLM, cfg: FitConfig, train: list[str], test: list[str]) -> tuple[StateSet, ...]:
+def _collect(lm: CausalLM, cfg: FitConfig, train: list[str], test: list[str], n_val: int) -> tuple[StateSet, ...]:
     cache = Path(cfg.cache) if cfg.cache else None
     kw = {"max_tokens": cfg.max_tokens, "batch_size": cfg.collect_batch}
     train_states = cached_states(lm, train, cache, seed=cfg.seed, desc="collect train", **kw)
     test_states = cached_states(lm, test, cache, seed=cfg.seed + 1, desc="collect test", **kw)
-    n_val = max(2, round(cfg.val_fraction * len(train_states)))
     fit_states, val_states = train_states.split(len(train_states) - n_val)
     return fit_states, val_states, test_states
 
@@ -107,12 +117,12 @@ def _default_variant(trained: dict[str, Trained], val: StateSet, ctx: HeadContex
 def run_fit(cfg: FitConfig) -> dict[str, Any]:
     """The whole pipeline; writes artifacts, results.json, summary.md and plots to cfg.out_dir."""
     t0, out = time.perf_counter(), Path(cfg.out_dir)
-    train_texts, test_texts = _sentences(cfg)
+    train_texts, test_texts, n_val = _sentences(cfg)
     lm = CausalLM.load(cfg.model, dtype=cfg.dtype, device=cfg.device)
     for v in cfg.variants:  # a bad rank fails now, not after collection
         JumpConfig.from_variant(v, lm.hidden_size, cfg.rank)
     ctx = HeadContext.from_model(lm).to("cpu")  # the states live on the CPU
-    fit, val, test = _collect(lm, cfg, train_texts, test_texts)
+    fit, val, test = _collect(lm, cfg, train_texts, test_texts, n_val)
     t_collect = time.perf_counter() - t0
     trained: dict[str, Trained] = {}
     for v in sorted(cfg.variants, key=lambda v: v.endswith("kl")):  # MSE first: KL warm-starts from it
@@ -125,13 +135,39 @@ def run_fit(cfg: FitConfig) -> dict[str, Any]:
     scores = {name: evaluate_method(m, test.by_level(), target, ctx)
               for name, m in tqdm(methods.items(), desc="evaluate", unit="method")}
     val_precision = _default_variant(trained, val, ctx)
-    default = cfg.default_variant or max(val_precision, key=val_precision.__getitem__)
+    speed = _speed_by_variant(lm, cfg, trained, train_texts[len(train_texts) - n_val :])
+    default = cfg.default_variant or max(val_precision, key=lambda v: (speed[v]["predicted_speedup"],
+                                                                     val_precision[v]))
     results = _results(cfg, lm, trained, scores, val_precision, default, len(fit), len(val), len(test))
+    results["predicted_speedup_at_target"] = speed
     results["timing_s"] = {"collect": round(t_collect, 1), "train": round(t_train, 1),
                            "total": round(time.perf_counter() - t0, 1)}
     _save_artifacts(out, lm, cfg, trained, scores, default)
     write_outputs(out, results, cfg.plots)
     return results
+
+
+def _speed_by_variant(lm: CausalLM, cfg: FitConfig, trained: dict[str, Trained],
+                      val_texts: list[str]) -> dict[str, dict[str, Any]]:
+    """Each variant's OJFA jump calibrated (confidence gate, first level x stride) on validation prompts
+    continued greedily by the model: the best predicted speed-up whose lower bound on agreement reaches
+    ``cfg.target``, from costs measured here. A residual jump's check is a full head: it rarely pays."""
+    from shortcuts.engine.exit_head import ExitHead
+    from shortcuts.lab.agreement import continuations, level_table
+    from shortcuts.lab.costs import measure
+    from shortcuts.lab.exits import SearchSpace, calibrate_setting
+
+    texts = [t for t in val_texts if len(lm.tokenizer(t)["input_ids"]) >= 4][: cfg.select_prompts]
+    prompts = [lm.tokenizer(t)["input_ids"][:32] for t in texts]
+    conts = continuations(lm, prompts, cfg.select_new_tokens)
+    space = SearchSpace(("confidence",), strides=(1, 2, 3), target=cfg.target)
+    out = {}
+    for v, t in trained.items():
+        jump = t.bank.select(t.chosen).to(lm.device)
+        table = level_table(lm, ExitHead(lm, jump), prompts, conts, with_entropy=False)
+        found = calibrate_setting(table, measure(lm, jump, None, repeats=10), None, space)
+        out[v] = found["exit_setting"]
+    return out
 
 
 def _results(cfg: FitConfig, lm: CausalLM, trained: dict[str, Trained], scores: dict[str, LevelScores],

@@ -104,8 +104,10 @@ def jump_logits(jumps: LowRankJumps, x: Tensor, ctx: HeadContext, fused: LowRank
     """Logits of head(jump(x)) for x (n, B, d): fused for pure jumps, a full head otherwise.
 
     ``sl`` picks a slice of the bank's jumps. A bank of one jump applied to several levels
-    (x of shape (L, B, d)) is run as one batch."""
-    if jumps.n == 1 and x.shape[0] > 1:
+    (x of shape (L, B, d)) is run as one batch, unless it carries per-level statistics for those
+    L levels (``LowRankJumps.with_level_norm``): then level i is normalised with its own."""
+    per_level = jumps.level_norm is not None and x.shape[0] == jumps.level_norm[0].shape[0]
+    if jumps.n == 1 and x.shape[0] > 1 and not per_level:
         return jump_logits(jumps, x.reshape(1, -1, x.shape[-1]), ctx, fused).reshape(*x.shape[:2], -1)
     if jumps.is_pure:
         fused = fused or ctx.low_rank(jumps.lora_B[sl], jumps.bias[sl])

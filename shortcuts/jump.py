@@ -7,6 +7,11 @@ the identity at initialisation and a *pure* jump (B·A·BN(h) + b) starts at zer
 A ``LowRankJumps`` module holds ``n`` independent jumps stacked along a leading axis, so all
 exit levels train in one batched pass. Inputs are ``(n, B, d)``; a bank of one jump broadcasts
 over any leading size, which is how OJFA reuses one jump at every level.
+
+Per-level normalisation (``with_level_norm``): a bank of one jump may carry each exit level's own
+input mean and variance (m, d), used by BatchNorm in place of its single running statistics, so the
+shared A and B see every level's states standardised alike. It costs 2·d numbers per level and, in
+the fused exit head, a d-sized elementwise scale before the shared A (``level_folded``).
 """
 
 from __future__ import annotations
@@ -84,8 +89,48 @@ class LowRankJumps(nn.Module):
     def is_pure(self) -> bool:
         return self.config.form == "pure"
 
+    @property
+    def level_norm(self) -> tuple[Tensor, Tensor] | None:
+        """Per-level input statistics (mean, var), each (m, d), or None."""
+        mean = getattr(self, "level_mean", None)
+        return None if mean is None else (mean, self.level_var)
+
+    def with_level_norm(self, mean: Tensor, var: Tensor) -> LowRankJumps:
+        """A copy of this bank of one whose BatchNorm uses level i's own ``mean[i]``, ``var[i]`` (m, d) on
+        inputs of level i (an input (m, B, d) in eval mode) instead of its running statistics."""
+        if self.n != 1 or mean.shape != var.shape or mean.dim() != 2 or mean.shape[1] != self.config.hidden_size:
+            raise ValueError(f"level norm needs a bank of one and (m, d) statistics; got {self.n=}, "
+                             f"{tuple(mean.shape)=}, {tuple(var.shape)=}")
+        one = self.select(0)
+        one.register_buffer("level_mean", mean.detach().float().clone())
+        one.register_buffer("level_var", var.detach().float().clone())
+        return one
+
+    def at_level(self, index: int) -> LowRankJumps:
+        """The plain jump (bank of one, no level norm) this bank applies at level index ``index`` (0-based)."""
+        one = self.select(0)
+        if (stats := self.level_norm) is not None:
+            one.running_mean.copy_(stats[0][index : index + 1])
+            one.running_var.copy_(stats[1][index : index + 1])
+        return one
+
+    def level_folded(self) -> tuple[Tensor, Tensor]:
+        """Level norm and BN folded around the shared A: z = A·(h ⊙ scale_l) + c_l at level index l.
+        Returns scale (m, d), c (m, r): 2·d + r numbers per level, A unchanged."""
+        if (stats := self.level_norm) is None:
+            raise ValueError("this jump has no per-level normalisation")
+        mean, var = stats
+        scale = self.bn_weight[0] * torch.rsqrt(var + self.config.bn_eps)  # (m, d)
+        shift = self.bn_bias[0] - mean * scale  # (m, d)
+        return scale.detach(), (shift @ self.lora_A[0].T).detach()
+
     def normalize(self, x: Tensor, sl: slice = ALL) -> Tensor:
-        """BatchNorm per jump over the batch axis. x: (n, B, d) -> (n, B, d); ``sl`` picks jumps."""
+        """BatchNorm per jump over the batch axis. x: (n, B, d) -> (n, B, d); ``sl`` picks jumps.
+        With a level norm and x of shape (m, B, d) in eval mode, level i uses its own statistics."""
+        stats = self.level_norm
+        if stats is not None and not self.training and x.shape[0] == stats[0].shape[0]:
+            scale = self.bn_weight * torch.rsqrt(stats[1] + self.config.bn_eps)  # (m, d)
+            return (x - stats[0].unsqueeze(1)) * scale.unsqueeze(1) + self.bn_bias.unsqueeze(1)
         if self.training:
             mean, var = x.mean(1), x.var(1, unbiased=False)  # (n, d)
             with torch.no_grad():
@@ -114,7 +159,8 @@ class LowRankJumps(nn.Module):
         if not 0 <= index < self.n:
             raise IndexError(f"jump index {index} outside 0..{self.n - 1}")
         one = LowRankJumps(self.config, n=1)
-        state = {k: v[index : index + 1].detach().clone() for k, v in self.state_dict().items()}
+        state = {k: v[index : index + 1].detach().clone() for k, v in self.state_dict().items()
+                 if not k.startswith("level_")}
         one.load_state_dict(state)
         return one.eval()
 
@@ -129,7 +175,8 @@ class LowRankJumps(nn.Module):
     def num_parameters(self) -> int:
         """Parameters used at inference: BN folds into A, leaving A_eff, c, B and b per jump."""
         d, r = self.config.hidden_size, self.config.rank
-        return self.n * (2 * d * r + r + d)
+        levels = 0 if self.level_norm is None else 2 * d * self.level_norm[0].shape[0]
+        return self.n * (2 * d * r + r + d) + levels
 
 
 def mse(pred: Tensor, target: Tensor) -> Tensor:
@@ -137,7 +184,14 @@ def mse(pred: Tensor, target: Tensor) -> Tensor:
     return F.mse_loss(pred, target.expand_as(pred), reduction="none").mean(dim=(1, 2)).sum()
 
 
-def cosine_score(pred: Tensor, target: Tensor) -> Tensor:
-    """OJFA's score: sum over samples of sign(cos)·cos². (..., B, d) vs (B, d) -> (...)."""
+def cosine_score(pred: Tensor, target: Tensor, center: Tensor | None = None) -> Tensor:
+    """OJFA's score: sum over samples of sign(cos)·cos². (..., B, d) vs (B, d) -> (...).
+
+    With ``center`` (d,), typically the mean final state, both sides are centred first: the score
+    then measures how well the jump predicts where a sample's final state differs from the
+    average, not the common direction that every final state shares (a constant predictor, the
+    mean itself, scores 0 here and about 0.5-0.6 per sample on the paper's score)."""
+    if center is not None:
+        pred, target = pred - center, target - center
     cos = F.cosine_similarity(pred, target.expand_as(pred), dim=-1)
     return (cos.sign() * cos.square()).sum(-1)

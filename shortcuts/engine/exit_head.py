@@ -38,6 +38,9 @@ class ExitHead:
             raise ValueError(f"the jump is for d={jump.config.hidden_size}, the model has d={lm.hidden_size}")
         if jump.n not in (1, lm.num_layers - 1):
             raise ValueError(f"a jump bank must hold 1 jump or one per level ({lm.num_layers - 1}); got {jump.n}")
+        if jump.level_norm is not None and (self.kind != "fused" or len(jump.level_norm[0]) != lm.num_layers - 1):
+            raise ValueError(f"a per-level normalised jump must be pure, with statistics for {lm.num_layers - 1} "
+                             "levels")
         if self.kind == "fused":
             self._fuse(jump)
 
@@ -57,6 +60,11 @@ class ExitHead:
         bottom = torch.cat([fused.g, fused.g0.unsqueeze(-1)], dim=-1).unsqueeze(1)  # (n, 1, r+1)
         self.Q = torch.cat([top, bottom], dim=1) / fused.hidden_size  # (n, r+1, r+1)
         self.eps, self.softcap = fused.eps, fused.softcap
+        self.level_scale: Tensor | None = None  # per-level normalisation: z = A·(h ⊙ scale_l) + c_l
+        if jump.level_norm is not None:
+            scale, c_l = jump.level_folded()  # (L-1, d), (L-1, r)
+            self.A_T = jump.lora_A.detach().float().transpose(1, 2).contiguous()  # (1, d, r)
+            self.level_scale, self.c = scale.float().contiguous(), c_l.float()
 
     def index(self, level: int) -> int:
         """Which jump of the bank serves ``level`` (1..L-1)."""
@@ -74,7 +82,10 @@ class ExitHead:
         if self.kind == "full":
             assert self.jump is not None
             return self.ctx.full(self.jump(h.unsqueeze(0), slice(j, j + 1))[0])
-        z = torch.addmm(self.c[j], h, self.A_T[j])  # (B, r)
+        if self.level_scale is not None:  # per-level normalisation: a d-sized elementwise op, c per level
+            z = torch.addmm(self.c[level - 1], h * self.level_scale[level - 1], self.A_T[0])  # (B, r)
+        else:
+            z = torch.addmm(self.c[j], h, self.A_T[j])  # (B, r)
         z1 = torch.cat([z, torch.ones_like(z[:, :1])], dim=-1)  # (B, r+1)
         inv = torch.rsqrt(((z1 @ self.Q[j]) * z1).sum(-1, keepdim=True).clamp_min(0) + self.eps)  # (B, 1)
         logits = (z1 @ self.W[j]).mul_(inv)  # (B, V)

@@ -11,7 +11,9 @@ oracle ceiling, and a calibrated threshold. ``EarlyExitDecoder.follow`` checks t
 
 from __future__ import annotations
 
+import math
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,9 +22,11 @@ from torch import Tensor
 from tqdm import tqdm
 
 from shortcuts.adapter import CausalLM
-from shortcuts.collect import block_outputs, read_corpus
+from shortcuts.collect import read_corpus
 from shortcuts.engine.exit_head import ExitHead, entropy
+from shortcuts.engine.learned_gate import FEATURES, LearnedGate, build_features, head_stats
 from shortcuts.engine.settings import ExitSettings
+from shortcuts.lab.traces import all_levels
 
 
 @dataclass
@@ -35,6 +39,10 @@ class LevelTable:
     final_top: Tensor  # (N,) the full model's top-1
     prompt: Tensor  # (N,) which prompt the step belongs to
     num_layers: int
+    # what the learned gate's features need (None in tables built by hand)
+    margin: Tensor | None = None  # (N, L-1) top-1 minus top-2 probability
+    delta: Tensor | None = None  # (N, L-1) norm(h_l - h_{l-1}) / norm(h_{l-1}), h_0 the embedding
+    final_conf: Tensor | None = None  # (N,) the full model's max probability
 
     def __len__(self) -> int:
         return int(self.final_top.shape[0])
@@ -48,10 +56,20 @@ class LevelTable:
         offsets = [0]
         for t in tables[:-1]:
             offsets.append(offsets[-1] + t.num_prompts)
-        return LevelTable(*(torch.cat([getattr(t, k) for t in tables]) for k in ("confidence", "entropy", "top",
-                                                                                 "final_top")),
+        def cat(k: str) -> Tensor | None:
+            parts = [getattr(t, k) for t in tables]
+            return None if any(p is None for p in parts) else torch.cat(parts)
+
+        return LevelTable(*(cat(k) for k in ("confidence", "entropy", "top", "final_top")),  # type: ignore[arg-type]
                           torch.cat([t.prompt + o for t, o in zip(tables, offsets, strict=True)]),
-                          tables[0].num_layers)
+                          tables[0].num_layers, cat("margin"), cat("delta"), cat("final_conf"))
+
+    @property
+    def step_rank(self) -> Tensor:
+        """(N,) the index of each row within its prompt (rows are in prompt, then step, order)."""
+        first = torch.full((self.num_prompts,), len(self), dtype=torch.long).scatter_reduce_(
+            0, self.prompt, torch.arange(len(self)), "amin")
+        return torch.arange(len(self)) - first[self.prompt]
 
 
 # --- prompts and the full model's continuations ----------------------------------------------------
@@ -88,10 +106,31 @@ def continuations(lm: CausalLM, prompts: list[list[int]], new_tokens: int, batch
 
 
 # --- the table ---------------------------------------------------------------------------------------
-def _head_stats(logits: Tensor, with_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(n, V) logits -> confidence, entropy (NaN unless ``with_entropy``: it costs as much again), top-1."""
-    conf, top = torch.softmax(logits.float(), dim=-1).max(-1)
-    return conf, entropy(logits) if with_entropy else torch.full_like(conf, float("nan")), top
+def _head_stats(logits: Tensor, with_entropy: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(n, V) logits -> confidence, entropy (NaN unless ``with_entropy``: it costs as much again), top-1,
+    margin (top-1 minus top-2 probability)."""
+    conf, margin, top = head_stats(logits)
+    return conf, entropy(logits) if with_entropy else torch.full_like(conf, float("nan")), top, margin
+
+
+@torch.inference_mode()
+def states_table(head: ExitHead, full_head: Callable[[Tensor], Tensor], states: Tensor, prompt: Tensor,
+                 num_layers: int, chunk: int = 256, with_entropy: bool = True) -> LevelTable:
+    """The table of decode-step states (N, L+1, d): level 0 the embedding, 1..L-1 the exit levels,
+    L the final state (pre-norm); ``full_head`` maps final states to the model's logits."""
+    L = num_layers
+
+    def chunks(x: Tensor, fn: Callable[[Tensor], tuple[Tensor, ...]]) -> list[Tensor]:
+        parts = [fn(x[s : s + chunk]) for s in range(0, len(x), chunk)]
+        return [torch.cat(p) for p in zip(*parts, strict=True)]
+
+    final_conf, _, final_top, _ = chunks(states[:, L], lambda f: _head_stats(full_head(f.float()), False))
+    stats = [chunks(states[:, lv], lambda h, lv=lv: _head_stats(head(h.float(), lv), with_entropy))
+             for lv in range(1, L)]
+    conf, ent, top, margin = (torch.stack([s[k] for s in stats], dim=1).cpu() for k in range(4))
+    x = states.float()
+    delta = (x[:, 1:L] - x[:, : L - 1]).norm(dim=-1) / x[:, : L - 1].norm(dim=-1).clamp_min(1e-6)
+    return LevelTable(conf, ent, top, final_top.cpu(), prompt.cpu(), L, margin, delta.cpu(), final_conf.cpu())
 
 
 @torch.inference_mode()
@@ -99,20 +138,10 @@ def _batch_table(lm: CausalLM, head: ExitHead, prompts: list[list[int]], conts: 
                  chunk: int, with_entropy: bool) -> LevelTable:
     """Decode steps k = 1..K-1 of each continuation: the state at position len(prompt)+k-1 (fed
     token k-1) predicts token k. Step 0 is the prefill, always full depth, so it is left out."""
-    outputs = block_outputs(lm, [p + c for p, c in zip(prompts, conts, strict=True)])
+    outputs = all_levels(lm, [p + c for p, c in zip(prompts, conts, strict=True)])  # (B, T, L+1, d)
     rows = torch.cat([torch.full((len(c) - 1,), i) for i, c in enumerate(conts)]).to(lm.device)
     cols = torch.cat([torch.arange(len(p), len(p) + len(c) - 1) for p, c in zip(prompts, conts, strict=True)])
-    cols = cols.to(lm.device)
-    L = lm.num_layers
-    final = outputs[-1][rows, cols]
-    final_top = torch.cat([lm.head(final[s : s + chunk]).float().argmax(-1) for s in range(0, len(rows), chunk)])
-    stats = []
-    for level in range(1, L):
-        h = outputs[level - 1][rows, cols]
-        parts = [_head_stats(head(h[s : s + chunk], level), with_entropy) for s in range(0, len(rows), chunk)]
-        stats.append([torch.cat(p) for p in zip(*parts, strict=True)])
-    conf, ent, top = (torch.stack([s[k] for s in stats], dim=1).cpu() for k in range(3))
-    return LevelTable(conf, ent, top, final_top.cpu(), rows.cpu(), L)
+    return states_table(head, lm.head, outputs[rows, cols.to(lm.device)], rows, lm.num_layers, chunk, with_entropy)
 
 
 def level_table(lm: CausalLM, head: ExitHead, prompts: list[list[int]], conts: list[list[int]],
@@ -280,3 +309,147 @@ def calibrate(table: LevelTable, target: float, gates: tuple[str, ...] = ("confi
                                float(level.float().mean()), s.min_layer, stride, len(table), table.num_prompts,
                                speedup)
     return best
+
+
+# --- settings over any gate, the learned gate, the search ------------------------------------------------
+@dataclass(frozen=True)
+class Setting:
+    """One exit setting to replay: gate kind (confidence, entropy or learned), threshold, and the
+    checked levels min_layer, min_layer + stride, ... < L (a confidence or learned threshold of 1.0
+    checks none)."""
+
+    gate: str
+    threshold: float
+    min_layer: int = 1
+    stride: int = 1
+
+    def levels(self, num_layers: int) -> list[int]:
+        if self.gate in ("confidence", "learned") and self.threshold >= 1.0:
+            return []
+        return list(range(self.min_layer, num_layers, self.stride))
+
+    def exit_settings(self) -> ExitSettings:
+        return ExitSettings(mode="approximate", gate=self.gate, threshold=self.threshold,  # type: ignore[arg-type]
+                            min_layer=self.min_layer, stride=self.stride)
+
+
+def _prev_full_conf(table: LevelTable) -> Tensor:
+    """(N,) the full model's confidence at the previous step of the same prompt (a prompt's first step:
+    its own, standing in for the prefill's, which the table does not hold)."""
+    assert table.final_conf is not None
+    prev = torch.roll(table.final_conf, 1)
+    first = table.step_rank == 0
+    return torch.where(first, table.final_conf, prev)
+
+
+def _need_features(table: LevelTable) -> None:
+    if table.margin is None or table.delta is None or table.final_conf is None:
+        raise ValueError("this table has no learned-gate features (build it with level_table or states_table)")
+
+
+def gate_training_rows(table: LevelTable) -> tuple[Tensor, Tensor]:
+    """Every (step, level) of a table as a training row of the learned gate: features (N·(L-1), F) with
+    every level checked and the previous token decided at full depth, and the target (N·(L-1),): the
+    exit head's top-1 is the full model's."""
+    _need_features(table)
+    L, N = table.num_layers, len(table)
+    agree = torch.zeros_like(table.confidence)
+    agree[:, 1:] = (table.top[:, 1:] == table.top[:, :-1]).float()
+    lv = torch.arange(1, L).expand(N, L - 1)
+    prev = _prev_full_conf(table)[:, None].expand(N, L - 1)
+    x = build_features(table.confidence, table.margin, lv, agree, table.delta, prev, L)  # type: ignore[arg-type]
+    return x.reshape(N * (L - 1), -1), (table.top == table.final_top[:, None]).reshape(-1)
+
+
+def fit_learned_gate(table: LevelTable, l2: float = 1e-3) -> LearnedGate:
+    x, y = gate_training_rows(table)
+    return LearnedGate.fit(x, y, table.num_layers, l2=l2)
+
+
+def replay_learned(table: LevelTable, gate: LearnedGate, s: Setting) -> tuple[Tensor, Tensor]:
+    """Exit level and pick of each step under the learned gate at ``s.threshold`` over ``s``'s levels.
+    Steps go in order within each prompt: a step's ``prev_confidence`` is the confidence that
+    decided the previous step (exit head at its exit level, else the full model)."""
+    _need_features(table)
+    L, N = table.num_layers, len(table)
+    level, picked = torch.full((N,), L), table.final_top.clone()
+    levels = s.levels(L)
+    if not levels:
+        return level, picked
+    cols = torch.tensor(levels) - 1
+    conf, top = table.confidence[:, cols], table.top[:, cols]
+    agree = torch.zeros_like(conf)
+    agree[:, 1:] = (top[:, 1:] == top[:, :-1]).float()
+    lv = (cols + 1).expand(N, len(cols))
+    feats = build_features(conf, table.margin[:, cols], lv, agree, table.delta[:, cols],  # type: ignore[index]
+                           torch.zeros_like(conf), L)
+    base = gate.logit(feats)  # (N, C) without the prev_confidence term
+    w_prev = float(gate.weights[FEATURES.index("prev_confidence")])
+    cut = math.log(s.threshold / (1 - s.threshold)) if 0 < s.threshold < 1 else (-math.inf if s.threshold <= 0
+                                                                                  else math.inf)
+    used = table.final_conf.clone()  # type: ignore[union-attr]
+    rank = table.step_rank
+    for k in range(int(rank.max()) + 1):
+        idx = torch.nonzero(rank == k).flatten()
+        prev = table.final_conf[idx] if k == 0 else used[idx - 1]  # type: ignore[index]
+        fire = base[idx] + w_prev * prev[:, None] >= cut
+        hit, first = fire.any(-1), fire.float().argmax(-1)
+        level[idx] = torch.where(hit, cols[first] + 1, L)
+        picked[idx] = torch.where(hit, top[idx, first], table.final_top[idx])
+        used[idx] = torch.where(hit, conf[idx, first], table.final_conf[idx])  # type: ignore[index]
+    return level, picked
+
+
+def replay_setting(table: LevelTable, s: Setting, gate: LearnedGate | None = None) -> tuple[Tensor, Tensor]:
+    if s.gate == "learned":
+        if gate is None:
+            raise ValueError("the learned gate needs its weights")
+        return replay_learned(table, gate, s)
+    return replay(table, s.exit_settings())
+
+
+def setting_checks(level: Tensor, s: Setting, num_layers: int) -> Tensor:
+    """How many checks each token paid under ``s``: its checked levels up to its exit level."""
+    checked = torch.tensor(s.levels(num_layers) or [num_layers], dtype=torch.long)
+    return (checked[None, :] <= level[:, None]).sum(-1) if s.levels(num_layers) else torch.zeros_like(level)
+
+
+def predicted_speedup(cost: CostModel, level: Tensor, s: Setting, num_layers: int, skip: float = 0.0) -> float:
+    """Speed-up over full depth under ``cost``; each skipped layer still costs ``skip`` blocks (catch-up
+    runs it later in a chunk with the next deep token)."""
+    extra = skip * (num_layers - level).float()
+    return cost.speedup(level.float() + extra, setting_checks(level, s, num_layers), num_layers)
+
+
+def grid(table: LevelTable, gate: str) -> list[float]:
+    if gate == "learned":
+        return [round(x, 4) for x in (torch.linspace(0.1, 0.99, 90).tolist() + [0.992, 0.995, 0.997, 0.999])]
+    return _grid(table, gate)
+
+
+def search(table: LevelTable, target: float, costs: dict[str, CostModel], gate: LearnedGate | None = None,
+           min_layers: tuple[int, ...] = (1,), strides: tuple[int, ...] = (1,), skip: float = 0.0,
+           confidence: float = 0.95) -> dict[str, Calibration]:
+    """For each gate kind in ``costs`` (confidence, entropy, learned), over thresholds x first levels x
+    strides, the setting with the best predicted speed-up whose bootstrap lower bound on agreement
+    reaches ``target``; when none does, the never-exiting confidence threshold 1.0 (speed-up 1.0)."""
+    L, out = table.num_layers, {}
+    for g, cost in costs.items():
+        best = Calibration("confidence", 1.0, target, confidence, 1.0, 1.0, float(L), min(min_layers), 1, len(table),
+                           table.num_prompts, 1.0)
+        for m in min_layers:
+            for stride in strides:
+                for t in grid(table, g):
+                    s = Setting(g, t, m, stride)
+                    level, picked = replay_setting(table, s, gate)
+                    speed = predicted_speedup(cost, level, s, L, skip)
+                    if speed <= best.predicted_speedup:
+                        continue
+                    agree = picked == table.final_top
+                    bound = bootstrap_lower_bound(agree, table.prompt, confidence)
+                    if bound >= target:
+                        best = Calibration(g, t, target, confidence, float(agree.float().mean()), bound,
+                                           float(level.float().mean()), m, stride, len(table), table.num_prompts,
+                                           speed)
+        out[g] = best
+    return out
