@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+from torch import Tensor
 
 from shortcuts.engine.exit_head import ExitHead, entropy, max_probability
 from shortcuts.engine.learned_gate import LearnedGate, gate_features
@@ -20,6 +21,7 @@ from shortcuts.lab.bench import _median_seconds
 
 if TYPE_CHECKING:
     from shortcuts.adapter import CausalLM
+    from shortcuts.engine.runner import Chunk
 
 
 @torch.inference_mode()
@@ -28,24 +30,23 @@ def measure(lm: CausalLM, jump: LowRankJumps | None, gate: LearnedGate | None = 
     """Milliseconds per token: block, block x4 (4 tokens at once), full head, exit head and checks."""
     from shortcuts.engine.runner import LayerRunner
 
-    runner = LayerRunner(lm)
+    runner = LayerRunner(lm, 128)
     cache = runner.new_cache()
     ids = torch.randint(lm.vocab_size // 4, lm.vocab_size, (1, 65), generator=torch.Generator().manual_seed(0))
     runner.forward(ids[:, :64], cache)
     token, chunk4 = runner.embed(ids[:, 64:], 64), runner.embed(ids[:, 61:65], 64)
     h, h4 = token.h, chunk4.h
 
-    def block(chunk, state) -> None:  # noqa: ANN001
-        cache.crop(0, 64)
-        chunk.h = state
-        runner.layer(0, chunk, cache)
+    def block(chunk: Chunk, state: Tensor) -> None:
+        cache.crop_row(0, 64)
+        runner.block(0, state, chunk.call(), cache)
 
     head = ExitHead(lm, jump)
     state, level = h[0].float(), lm.num_layers // 2
     prev, conf = torch.zeros(1, dtype=torch.long), torch.ones(1)
     out = {"block": _median_seconds(lambda: block(token, h), repeats),
            "block x4": _median_seconds(lambda: block(chunk4, h4), repeats),
-           "full head": _median_seconds(lambda: lm.head(state), repeats),
+           "full head": _median_seconds(lambda: runner.full_logits(state), repeats),  # the engine's head
            "exit head": _median_seconds(lambda: head(state, level), repeats),
            "check confidence": _median_seconds(lambda: max_probability(head(state, level)[0]), repeats),
            "check entropy": _median_seconds(lambda: float(entropy(head(state, level)[0])), repeats)}
