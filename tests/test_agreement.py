@@ -159,3 +159,55 @@ def test_sweep_runs_every_section_on_a_tiny_model(tiny_folder: Path, word_corpus
     assert set(r["drift"]) == {"off", "catchup", "copy"}
     assert (out / "speedup_vs_agreement.png").stat().st_size > 1000
     assert "## Ceiling and calibration" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_learned_gate_in_the_decoder_equals_its_replay(arch: str) -> None:
+    """The decoder's learned gate (features built at each check from the exit logits, the states
+    before and after the block, the previous check's top-1) decides exactly as the table's replay,
+    step by step. The previous token's confidence is weighted 0 here: the table stands in the first
+    step's own confidence for the prefill's, which the decoder knows (tested apart below)."""
+    from shortcuts.engine.learned_gate import FEATURES, LearnedGate, feature_names
+    from shortcuts.lab.agreement import Setting, replay_learned
+
+    lm = sharpen(build_tiny(arch))
+    L = lm.num_layers
+    weights = torch.randn(len(feature_names(L)), generator=torch.Generator().manual_seed(3))
+    weights[FEATURES.index("prev_confidence")] = 0.0
+    weights[FEATURES.index("confidence")] = 6.0
+    gate = LearnedGate(weights, -2.0, L)
+    dec = EarlyExitDecoder(lm, fitted_jump(lm), learned_gate=gate)
+    prompts = _prompts(lm)
+    conts = continuations(lm, prompts, new_tokens=20)
+    table = level_table(lm, dec.exit_head, prompts, conts, batch_size=2)
+    exits = 0
+    for threshold, min_layer, stride in ((0.5, 1, 1), (0.3, 2, 1), (0.6, 1, 2)):
+        level, picked = replay_learned(table, gate, Setting("learned", threshold, min_layer, stride))
+        s = settings(mode="approximate", gate="learned", threshold=threshold, min_layer=min_layer, stride=stride)
+        followed = [t for p, c in zip(prompts, conts, strict=True) for t in dec.follow(p, c, s)]
+        assert level.tolist() == [t.exit_layer for t in followed]
+        assert picked.tolist() == [t.token for t in followed]
+        exits += int((level < L).sum())
+    assert 0 < exits < len(table) * 3
+
+
+def test_learned_gate_sees_the_confidence_that_decided_the_previous_token() -> None:
+    """prev_confidence is the trace's last confidence (the head that decided the token now fed), and
+    a gate that weighs it changes decisions; without a learned gate in the artifact the setting is refused."""
+    from shortcuts.engine.learned_gate import FEATURES, LearnedGate, feature_names
+
+    lm = sharpen(build_tiny("llama"))
+    L, jump = lm.num_layers, fitted_jump(lm)
+    names = feature_names(L)
+    only_prev = torch.zeros(len(names))
+    only_prev[FEATURES.index("prev_confidence")] = 40.0
+    gate = LearnedGate(only_prev, -12.0, L)  # leaves iff the previous token was decided with confidence > 0.3
+    dec = EarlyExitDecoder(lm, jump, learned_gate=gate)
+    gen = dec.generate(prompt_ids(lm), settings(16, mode="approximate", gate="learned", threshold=0.5))
+    outcomes = set()
+    for prev, t in zip(gen.trace, gen.trace[1:], strict=False):
+        assert (t.exit_layer == 1) == (prev.confidence > 0.3)
+        outcomes.add(t.exit_layer == 1)
+    assert outcomes == {True, False}
+    with pytest.raises(ValueError, match="learned gate"):
+        EarlyExitDecoder(lm, jump).generate(prompt_ids(lm), settings(mode="approximate", gate="learned"))

@@ -80,6 +80,7 @@ class BatchDecoder:
         self.runner = decoder.runner
         self.num_layers = decoder.num_layers
         self.exit_head = decoder.exit_head
+        self.learned = decoder.learned_gate
         self.max_batch_size = max_batch_size
         self.cache = self.runner.new_cache(max_batch_size)
         self.slots: list[SequenceRun | None] = [None] * max_batch_size
@@ -106,6 +107,9 @@ class BatchDecoder:
         settings = settings or GenerationSettings()
         ids = [int(t) for t in prompt_ids]
         self.decoder.check_prompt(ids)
+        if settings.exit.gate == "learned" and settings.exit.mode != "off" and self.learned is None:
+            raise ValueError("gate='learned' needs a jump artifact with a learned gate (onejump calibrate --gates "
+                             "learned); this decoder has none")
         if None not in self.slots:
             raise RuntimeError(f"the batch is full ({self.max_batch_size} sequences)")
         row = self.slots.index(None)
@@ -183,14 +187,16 @@ class BatchDecoder:
     def _climb(self, g: _Group | None) -> list[_Exit]:
         """Blocks 1..L for the rows still climbing; returns the copy-policy exits to fill."""
         copies: list[_Exit] = []
+        learned = g is not None and self.learned is not None and any(s.settings.exit.gate == "learned" for s in g.seqs)
         for i in range(self.num_layers):
             assert g is not None
             g = self._join(g, i)
+            h_in = g.last if learned else None  # the learned gate's feature: the state before the block
             self._block(i, g)
             for s, c in zip(g.seqs, g.counts, strict=True):
                 s.stats.layers_computed += c
             if i + 1 < self.num_layers:
-                g = self._check_exits(g, i + 1, copies)
+                g = self._check_exits(g, i + 1, copies, h_in)
                 if g is None:
                     return copies
         assert g is not None
@@ -217,13 +223,17 @@ class BatchDecoder:
         waiting = [w - n for w, n in zip(g.waiting, joined, strict=True)]
         return self._group(g.seqs, h, counts, starts, waiting)
 
-    def _check_exits(self, g: _Group, level: int, copies: list[_Exit]) -> _Group | None:
-        """Gate the rows that check ``level``; the ones that leave are handed their exit and dropped."""
+    def _check_exits(self, g: _Group, level: int, copies: list[_Exit], h_in: Tensor | None) -> _Group | None:
+        """Gate the rows that check ``level``; the ones that leave are handed their exit and dropped.
+        ``h_in``: each row's newest state before the block (the learned gate's feature), or None."""
         idx = [j for j, s in enumerate(g.seqs) if s.checks(level)]
         if not idx:
             return g
-        logits = self.exit_head(g.last[idx], level)  # (m, V)
-        leave = self._gates([g.seqs[j] for j in idx], logits)
+        h = g.last[idx]
+        logits = self.exit_head(h, level)  # (m, V)
+        seqs = [g.seqs[j] for j in idx]
+        score = None if h_in is None else self._learned_scores(seqs, logits, level, h, h_in[idx])
+        leave = self._gates(seqs, logits, score)
         if not any(x is not None for x in leave):
             return g
         for k, (j, top) in enumerate(zip(idx, leave, strict=True)):
@@ -234,20 +244,34 @@ class BatchDecoder:
         keep = [j for j in range(len(g.seqs)) if j not in gone]
         return self._select(g, keep) if keep else None
 
-    def _gates(self, seqs: list[SequenceRun], logits: Tensor) -> list[tuple[int, float] | None]:
+    def _learned_scores(self, seqs: list[SequenceRun], logits: Tensor, level: int, h: Tensor,
+                        h_in: Tensor) -> Tensor | None:
+        """The learned gate's score of every checked row (m,), or None when no row uses it."""
+        if self.learned is None or not any(s.settings.exit.gate == "learned" for s in seqs):
+            return None
+        from shortcuts.engine.learned_gate import gate_features
+
+        dev = logits.device
+        prev_top = torch.tensor([-1 if s.check_top is None else s.check_top for s in seqs], device=dev)
+        prev_conf = torch.tensor([s.prev_confidence for s in seqs], device=dev)
+        features, _, _ = gate_features(logits, level, self.num_layers, h.to(dev), h_in.to(dev), prev_top, prev_conf)
+        return self.learned.score(features)
+
+    def _gates(self, seqs: list[SequenceRun], logits: Tensor,
+               score: Tensor | None = None) -> list[tuple[int, float] | None]:
         """Each sequence's gate on its row of exit logits; (top-1, confidence) of those that leave, else None.
-        The rows' max-probability, top-1 (and entropy) cross to the host together: one sync per check."""
+        The rows' max-probability, top-1 (entropy, learned score) cross to the host together: one
+        sync per check."""
         logits = logits.float()
         top_logit, top = logits.max(-1)
         conf = 1.0 / torch.exp(logits - top_logit[:, None]).sum(-1)  # max softmax probability
         columns = [conf, top.to(conf.dtype)]
-        if any(s.settings.exit.gate == "entropy" for s in seqs):
-            columns.append(entropy(logits))
+        columns.append(entropy(logits) if any(s.settings.exit.gate == "entropy" for s in seqs) else conf)
+        columns.append(conf if score is None else score.to(conf))
         host = torch.stack(columns, dim=1).tolist()  # the one sync of this check
         out: list[tuple[int, float] | None] = []
-        for s, row in zip(seqs, host, strict=True):
-            c, t, e = row[0], int(row[1]), (row[2] if len(row) > 2 else None)
-            out.append((t, c) if s.fires(c, t, e) else None)
+        for s, (c, t, e, sc) in zip(seqs, host, strict=True):
+            out.append((int(t), c) if s.fires(c, int(t), e, sc) else None)
         return out
 
     def _leave(self, g: _Group, j: int, level: int, copies: list[_Exit]) -> None:

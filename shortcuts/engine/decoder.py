@@ -25,7 +25,7 @@ checks) and decodes a single sequence as a batch of one.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -38,6 +38,9 @@ from shortcuts.engine.runner import LayerRunner
 from shortcuts.engine.sequence import Generation, OnToken, Pending, SequenceRun, Stats, TokenTrace
 from shortcuts.engine.settings import GenerationSettings
 from shortcuts.jump import LowRankJumps
+
+if TYPE_CHECKING:
+    from shortcuts.engine.learned_gate import LearnedGate
 
 __all__ = ["DecodeState", "EarlyExitDecoder", "Generation", "Stats", "TokenTrace"]
 
@@ -78,8 +81,11 @@ class EarlyExitDecoder:
     ``compile`` runs the blocks under ``torch.compile`` (``runner.compiled_block``), compiled here."""
 
     def __init__(self, lm: CausalLM, jump: LowRankJumps | None = None, max_seq_len: int | None = None,
-                 check: bool = True, compile: bool = False):
+                 check: bool = True, compile: bool = False, learned_gate: LearnedGate | None = None):
         self.lm = lm
+        if learned_gate is not None and learned_gate.num_layers != lm.num_layers:
+            raise ValueError(f"the learned gate is for {learned_gate.num_layers} layers, the model has {lm.num_layers}")
+        self.learned_gate = learned_gate
         self.runner = LayerRunner(lm, max_seq_len or DEFAULT_MAX_SEQ_LEN, compile=compile)
         self.compile_seconds = self.runner.warm_up() if compile else 0.0
         if check:

@@ -138,11 +138,16 @@ class ExitGate:
         ent = float(entropy(logits)) if gate == "entropy" else None
         return self.decide(float(conf), int(top), ent), float(conf)
 
-    def decide(self, confidence: float, top: int | None = None, ent: float | None = None) -> bool:
-        """The decision from the head's max probability, top-1 (patience) and entropy (entropy gate)."""
+    def decide(self, confidence: float, top: int | None = None, ent: float | None = None,
+               score: float | None = None) -> bool:
+        """The decision from the head's max probability, top-1 (patience), entropy (entropy gate) or
+        the learned gate's score."""
         s = self.settings
         if s.gate == "confidence":
             return s.threshold < 1.0 and confidence >= s.threshold
+        if s.gate == "learned":
+            assert score is not None
+            return s.threshold < 1.0 and score >= s.threshold
         if s.gate == "entropy":
             assert ent is not None
             return ent <= s.threshold

@@ -110,6 +110,7 @@ class SequenceRun:
         self.pending: list[Pending] = []  # catch-up: fed tokens that still owe deeper blocks (the last fed)
         self.drafts: list[Draft] = []  # exact mode: drafts not yet verified
         self.check = False  # whether this step checks the gate
+        self.check_top: int | None = None  # the exit head's top-1 at this token's previous check
         self.tokens: list[int] = []
         self.trace: list[TokenTrace] = []
         self.picked: list[TokenTrace] = []
@@ -168,15 +169,22 @@ class SequenceRun:
         else:
             self.check = mode == "approximate"
         self.gate.reset()
+        self.check_top = None
         self.stats.steps += 1
 
     def checks(self, level: int) -> bool:
         return self.check and level in self.levels
 
-    def fires(self, confidence: float, top: int, ent: float | None) -> bool:
-        """The sequence's ``ExitGate`` on the head's max-probability, top-1 and entropy."""
+    def fires(self, confidence: float, top: int, ent: float | None, score: float | None = None) -> bool:
+        """The sequence's ``ExitGate`` on the head's max-probability, top-1, entropy, learned score."""
         self.stats.exit_checks += 1
-        return self.gate.decide(confidence, top, ent)
+        self.check_top = top
+        return self.gate.decide(confidence, top, ent, score)
+
+    @property
+    def prev_confidence(self) -> float:
+        """The confidence that decided the token fed now (a draft's, or the emitted token's)."""
+        return self.drafts[-1].confidence if self.drafts else self.trace[-1].confidence
 
     def exited(self, level: int, logits: Tensor, top: tuple[int, float]) -> None:
         """The fed token left at ``level`` with the exit head's ``logits`` (V,), (top-1, confidence)."""

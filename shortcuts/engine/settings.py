@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 Mode = Literal["off", "approximate", "exact"]
-Gate = Literal["confidence", "entropy", "patience"]
+Gate = Literal["confidence", "entropy", "patience", "learned"]
 KVPolicy = Literal["catchup", "copy"]
 
 MODES = ("off", "approximate", "exact")
-GATES = ("confidence", "entropy", "patience")
+GATES = ("confidence", "entropy", "patience", "learned")
 KV_POLICIES = ("catchup", "copy")
 
 
@@ -35,7 +35,9 @@ class ExitSettings:
         same distribution under sampling).
     gate: "confidence" exits when the exit head's softmax max-probability >= threshold (a
         threshold of 1.0 never exits); "entropy" when its entropy (nats) <= threshold;
-        "patience" when the exit head's top-1 token is the same for ``patience`` checks in a row.
+        "patience" when the exit head's top-1 token is the same for ``patience`` checks in a row;
+        "learned" when the artifact's learned gate (``learned_gate.LearnedGate``: a logistic model on
+        the check's free features) scores >= threshold (1.0 never exits).
     min_layer, stride: the gate is checked after blocks min_layer, min_layer + stride, ... < L.
     kv_policy: "catchup" keeps the exit state of a token and runs it through the layers it
         skipped together with the next token that goes deeper (exact keys/values, delayed);
@@ -59,8 +61,8 @@ class ExitSettings:
         threshold = self.threshold
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
             raise ValueError(f"{threshold=} must be a finite number")
-        if self.gate == "confidence" and not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"{threshold=} must be in [0, 1] for the confidence gate")
+        if self.gate in ("confidence", "learned") and not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"{threshold=} must be in [0, 1] for the {self.gate} gate")
         if self.gate == "entropy" and threshold < 0.0:
             raise ValueError(f"{threshold=} must be >= 0 (nats) for the entropy gate")
         _check_int("patience", self.patience, 1)
@@ -77,7 +79,7 @@ class ExitSettings:
         if not 1 <= self.min_layer <= num_layers - 1:
             raise ValueError(f"min_layer={self.min_layer} must be in [1, {num_layers - 1}] for a model with "
                              f"{num_layers} layers")
-        if self.gate == "confidence" and self.threshold >= 1.0:
+        if self.gate in ("confidence", "learned") and self.threshold >= 1.0:
             return []
         return list(range(self.min_layer, num_layers, self.stride))
 
