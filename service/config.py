@@ -25,8 +25,11 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on CUDA")
     quantization: Literal["none", "8bit", "4bit"] = "none"
     exit_mode: Literal["off", "approximate", "exact"] = "approximate"
-    exit_gate: Literal["confidence", "entropy", "patience"] = "confidence"
+    exit_gate: Literal["confidence", "entropy", "patience", "learned"] | None = Field(
+        None, description="default: the artifact's calibrated gate, else confidence")
     exit_threshold: float | None = Field(None, description="default: the artifact's calibrated value, else 0.9")
+    exit_stride: int | None = Field(None, ge=1, description="check every stride-th level; default: the artifact's "
+                                    "calibrated value, else 1")
     exit_min_layer: int | None = Field(None, ge=1, description="first exit level; default: the artifact's "
                                        "calibrated value, else 1")
     default_max_tokens: int = Field(16, ge=1, description="max_tokens when a request names none (OpenAI: 16)")
@@ -61,8 +64,10 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.quantization != "none" and self.device == "cpu":
             raise ValueError(f"quantization={self.quantization!r} needs CUDA (bitsandbytes); device is 'cpu'")
-        if self.exit_threshold is not None and self.exit_gate == "confidence" and not 0 <= self.exit_threshold <= 1:
-            raise ValueError(f"exit_threshold={self.exit_threshold} must be in [0, 1] for the confidence gate")
+        bounded = self.exit_gate in (None, "confidence", "learned")
+        if self.exit_threshold is not None and bounded and not 0 <= self.exit_threshold <= 1:
+            raise ValueError(f"exit_threshold={self.exit_threshold} must be in [0, 1] for the "
+                             f"{self.exit_gate or 'confidence'} gate")
         if self.default_max_tokens > self.max_new_tokens:
             raise ValueError(f"default_max_tokens={self.default_max_tokens} exceeds max_new_tokens="
                              f"{self.max_new_tokens}")

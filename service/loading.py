@@ -60,25 +60,30 @@ def preflight(settings: Settings) -> None:
 @dataclass(frozen=True)
 class ExitDefaults:
     """What a request's ``early_exit`` falls back to: flags/env first, then the artifact's
-    calibration (``onejump calibrate``) when it is for the configured gate, then built-ins."""
+    calibration (``onejump calibrate``: gate, threshold, first level, stride) when it is for the
+    gate in use, then built-ins."""
 
+    gate: str = "confidence"
     threshold: float = 0.9
     min_layer: int = 1
+    stride: int = 1
     source: str = "built-in"
 
 
 def exit_defaults(calibration: dict[str, Any], settings: Settings, num_layers: int) -> ExitDefaults:
-    usable = bool(calibration) and calibration.get("gate", "confidence") == settings.exit_gate
+    gate = settings.exit_gate or str(calibration.get("gate", "confidence"))
+    usable = bool(calibration) and calibration.get("gate", "confidence") == gate
     if calibration and not usable:
         log.warning("the jump is calibrated for the %s gate, the server uses %s: calibration ignored",
-                    calibration.get("gate"), settings.exit_gate)
-    base = ExitDefaults(float(calibration["threshold"]), int(calibration.get("min_layer", 1)),
-                        "calibration") if usable else ExitDefaults()
+                    calibration.get("gate"), gate)
+    base = ExitDefaults(gate, float(calibration["threshold"]), int(calibration.get("min_layer", 1)),
+                        int(calibration.get("stride", 1)), "calibration") if usable else ExitDefaults(gate)
     threshold = base.threshold if settings.exit_threshold is None else settings.exit_threshold
     min_layer = base.min_layer if settings.exit_min_layer is None else settings.exit_min_layer
+    stride = base.stride if settings.exit_stride is None else settings.exit_stride
     if not 1 <= min_layer < num_layers:
         raise ValueError(f"exit_min_layer={min_layer} must be in [1, {num_layers - 1}] for {settings.model}")
-    return ExitDefaults(threshold, min_layer, base.source)
+    return ExitDefaults(gate, threshold, min_layer, stride, base.source)
 
 
 def load_decoder(settings: Settings) -> tuple[Engine, ExitDefaults]:
@@ -90,17 +95,23 @@ def load_decoder(settings: Settings) -> tuple[Engine, ExitDefaults]:
     device = resolve_device(settings.device)
     lm = CausalLM.load(settings.model, dtype=resolve_dtype(settings, device), device=device,
                        quantization=settings.quantization)
-    jump, calibration = None, {}
+    jump, calibration, learned = None, {}, None
     if settings.jump:
         artifact = JumpArtifact.load(Path(settings.jump))
         artifact.check_model(lm)
         jump = artifact.jump.to(lm.device)
         calibration = artifact.extra.get("calibration", {})
+        if "gate" in artifact.extra:
+            from shortcuts.engine.learned_gate import LearnedGate
+
+            learned = LearnedGate.from_dict(artifact.extra["gate"])
     defaults = exit_defaults(calibration, settings, lm.num_layers)
+    if defaults.gate == "learned" and learned is None:
+        raise ValueError(f"exit_gate=learned, but {settings.jump or 'no jump artifact'} holds no learned gate")
     log.info("loaded %s on %s (%d layers), jump %s, exit defaults %s", settings.model, device,
              lm.num_layers, settings.jump or "none (identity)", defaults)
     decoder = EarlyExitDecoder(lm, jump, max_seq_len=settings.max_prompt_tokens + settings.max_new_tokens,
-                               compile=settings.compile)
+                               compile=settings.compile, learned_gate=learned)
     if settings.compile:
         log.info("compiled the decoder blocks in %.1fs", decoder.compile_seconds)
     return decoder, defaults

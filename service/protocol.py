@@ -27,7 +27,7 @@ class EarlyExit(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)  # no "threshold": false
 
     mode: Literal["off", "approximate", "exact"] | None = None
-    gate: Literal["confidence", "entropy", "patience"] | None = None
+    gate: Literal["confidence", "entropy", "patience", "learned"] | None = None
     threshold: float | None = Field(None, ge=0.0)
     min_layer: int | None = Field(None, ge=1)
     stride: int | None = Field(None, ge=1)

@@ -65,13 +65,13 @@ class Serving:
         defaults = self.engine.exit_defaults
         if defaults is None:
             raise NotReadyError("the model is still loading; try again when /ready answers 200")
-        exits: dict[str, Any] = {"mode": s.exit_mode, "gate": s.exit_gate, "threshold": defaults.threshold,
-                                 "min_layer": defaults.min_layer}
+        exits: dict[str, Any] = {"mode": s.exit_mode, "gate": defaults.gate, "threshold": defaults.threshold,
+                                 "min_layer": defaults.min_layer, "stride": defaults.stride}
         if ee is not None:
             exits |= ee.model_dump(exclude_none=True)
         try:
             exit_settings = ExitSettings(**exits)
-            exit_settings.check_levels(self.engine.model.num_layers)
+            self.engine.model.check_settings(GenerationSettings(exit=exit_settings))
         except ValueError as e:
             raise BadRequestError(f"early_exit: {e}", "early_exit") from e
         temperature = s.default_temperature if req.temperature is None else req.temperature

@@ -107,9 +107,7 @@ class BatchDecoder:
         settings = settings or GenerationSettings()
         ids = [int(t) for t in prompt_ids]
         self.decoder.check_prompt(ids)
-        if settings.exit.gate == "learned" and settings.exit.mode != "off" and self.learned is None:
-            raise ValueError("gate='learned' needs a jump artifact with a learned gate (onejump calibrate --gates "
-                             "learned); this decoder has none")
+        self.decoder.check_settings(settings)
         if None not in self.slots:
             raise RuntimeError(f"the batch is full ({self.max_batch_size} sequences)")
         row = self.slots.index(None)

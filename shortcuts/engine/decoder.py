@@ -168,6 +168,15 @@ class EarlyExitDecoder:
             h = self.runner.block(i, h, call, state.cache)
         pending.clear()
 
+    def check_settings(self, settings: GenerationSettings) -> None:
+        """ValueError for settings this decoder cannot honour: exit levels outside the model, a
+        learned gate it does not have."""
+        exits = settings.exit
+        exits.check_levels(self.num_layers)
+        if exits.mode != "off" and exits.gate == "learned" and self.learned_gate is None:
+            raise ValueError("gate='learned' needs a jump artifact with a learned gate (onejump calibrate --gates "
+                             "learned); this server's has none")
+
     def check_prompt(self, prompt_ids: list[int]) -> None:
         """ValueError for a prompt that cannot be decoded: empty, filling the context, unknown ids."""
         if not prompt_ids:
