@@ -135,3 +135,32 @@ def test_calibrate_stores_the_threshold_the_server_then_uses(tiny_folder: Path, 
     assert "target=1.5" in capsys.readouterr().err
     assert main([*args, "--gates", "entropy", "--min-layers", "9"]) == 2
     assert "min_layer [9]" in capsys.readouterr().err
+
+
+def test_a_learned_gate_in_the_artifact_is_the_servers_default(tiny_folder: Path, make_tiny, tmp_path: Path) -> None:
+    """An artifact calibrated for its learned gate: the server loads the gate, defaults to it with
+    the calibrated threshold, first level and stride, and decodes with it; without one it refuses."""
+    import torch
+    from test_adapter import _artifact
+
+    from service.config import Settings
+    from service.loading import load_decoder
+    from shortcuts.engine import ExitSettings, GenerationSettings
+    from shortcuts.engine.learned_gate import LearnedGate, feature_names
+
+    lm = make_tiny("llama")
+    artifact = _artifact(lm)
+    L = lm.num_layers
+    gate = LearnedGate(torch.linspace(-1, 1, len(feature_names(L))), 0.5, L)
+    artifact.extra["gate"] = gate.to_dict()
+    artifact.extra["calibration"] = {"gate": "learned", "threshold": 0.3, "min_layer": 2, "stride": 1}
+    path = artifact.save(tmp_path / "learned.safetensors")
+    decoder, defaults = load_decoder(Settings(model=str(tiny_folder), jump=str(path)))
+    assert (defaults.gate, defaults.threshold, defaults.min_layer, defaults.stride) == ("learned", 0.3, 2, 1)
+    assert decoder.learned_gate is not None
+    s = GenerationSettings(max_new_tokens=6, stop_token_ids=(),
+                           exit=ExitSettings(mode="approximate", gate="learned", threshold=0.3, min_layer=2))
+    assert len(decoder.generate([5, 6, 7], s).tokens) == 6
+    plain = _artifact(lm).save(tmp_path / "plain.safetensors")
+    with pytest.raises(ValueError, match="holds no learned gate"):
+        load_decoder(Settings(model=str(tiny_folder), jump=str(plain), exit_gate="learned"))
