@@ -166,7 +166,7 @@ def _speed_by_variant(lm: CausalLM, cfg: FitConfig, trained: dict[str, Trained],
         jump = t.bank.select(t.chosen).to(lm.device)
         table = level_table(lm, ExitHead(lm, jump), prompts, conts, with_entropy=False)
         found = calibrate_setting(table, measure(lm, jump, None, repeats=10), None, space)
-        out[v] = found["exit_setting"]
+        out[v] = found["calibration"]
     return out
 
 

@@ -267,9 +267,8 @@ def test_calibrate_learned_gate_and_strides_then_agreement_replays_it(tiny_folde
     extra = JumpArtifact.load(out).extra
     assert extra["gate"]["kind"] == "learned"
     assert set(extra["calibration_search"]) == {"confidence", "entropy", "learned"}
-    assert extra["calibration"]["gate"] in ("confidence", "entropy")
-    assert extra["calibration"]["stride"] == 1  # what the server reads today
-    best = extra["exit_setting"]
+    assert "exit_setting" not in extra
+    best = extra["calibration"]  # the best of every gate and stride: the server serves them all
     assert best["predicted_speedup"] == max(c["predicted_speedup"] for c in extra["calibration_search"].values())
     assert main(["agreement", "--model", str(tiny_folder), "--jump", str(out), "--prompts", str(word_corpus),
                  "--max-prompts", "4", "--new-tokens", "6", "--json"]) == 0

@@ -68,7 +68,7 @@ def run_calibrate(cfg: CalibrateConfig) -> tuple[Calibration, Path]:
     ms = measure(lm, artifact.jump.to(lm.device), gate)
     found = calibrate_setting(table, ms, gate, space)
     store(artifact, found, gate, ms, _provenance(cfg))
-    return Calibration(**found["exit_setting"]), artifact.save(cfg.out or cfg.jump)
+    return Calibration(**found["calibration"]), artifact.save(cfg.out or cfg.jump)
 
 
 def gate_prompts(lm: object, cfg: CalibrateConfig) -> list[list[int]]:

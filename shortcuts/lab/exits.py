@@ -10,10 +10,9 @@ perfect-gate ceiling, and the speed-up predicted from costs measured on this mac
 when the artifact has one, its learned gate) x thresholds x first level x stride, ranked by
 predicted speed with the lower bound >= target; what it stores in the artifact:
 
-- ``extra["exit_setting"]``: the best setting of any gate and stride (what ``onejump agreement``
-  replays by default);
-- ``extra["calibration"]``: the best the current server runs faithfully (confidence or entropy gate,
-  stride 1: ``service/loading.py`` reads gate, threshold and min_layer);
+- ``extra["calibration"]``: the best setting of any gate and stride: what the server defaults to
+  (``service/loading.py`` reads gate, threshold, min_layer and stride) and ``onejump agreement``
+  replays;
 - ``extra["gate"]``: the learned gate with its calibrated threshold and levels;
 - ``extra["calibration_search"]``: the best of each gate kind, and ``extra["costs_ms"]``.
 """
@@ -48,8 +47,8 @@ class AgreementConfig:
 
 
 def stored_setting(extra: dict[str, Any], num_layers: int) -> dict[str, Any]:
-    """The setting an artifact carries: exit_setting, else calibration, else confidence 0.9 from L/3."""
-    s = extra.get("exit_setting") or extra.get("calibration") or {}
+    """The setting an artifact carries (its calibration), else confidence 0.9 from L/3."""
+    s = extra.get("calibration") or {}
     return {"gate": s.get("gate", "confidence"), "threshold": float(s.get("threshold", 0.9)),
             "min_layer": int(s.get("min_layer", max(1, num_layers // 3))), "stride": int(s.get("stride", 1))}
 
@@ -157,7 +156,7 @@ class SearchSpace:
 
 def calibrate_setting(table: LevelTable, ms: dict[str, float], gate: LearnedGate | None,
                       space: SearchSpace) -> dict[str, Any]:
-    """Search; returns {"exit_setting", "calibration", "calibration_search", "skip"} as stored."""
+    """Search; returns {"calibration", "calibration_search", "skip"} as stored."""
     from shortcuts.lab.agreement import search
     from shortcuts.lab.costs import cost_models
 
@@ -166,19 +165,16 @@ def calibrate_setting(table: LevelTable, ms: dict[str, float], gate: LearnedGate
     L = table.num_layers
     best = search(table, space.target, {g: models[g] for g in gates}, gate, space.first_levels(L), space.strides,
                   skip, space.confidence)
-    servable = search(table, space.target, {g: models[g] for g in gates if g != "learned"}, gate,
-                      space.first_levels(L), (1,), skip, space.confidence)
     top = max(best.values(), key=lambda c: c.predicted_speedup)
-    top_servable = max(servable.values(), key=lambda c: c.predicted_speedup)
-    return {"exit_setting": top.as_dict(), "calibration": top_servable.as_dict(),
-            "calibration_search": {g: c.as_dict() for g, c in best.items()}, "skip": skip}
+    return {"calibration": top.as_dict(), "calibration_search": {g: c.as_dict() for g, c in best.items()},
+            "skip": skip}
 
 
 def store(artifact: JumpArtifact, found: dict[str, Any], gate: LearnedGate | None, ms: dict[str, float],
           provenance: dict[str, Any]) -> None:
     """Write a calibration's result into the artifact's metadata (see the module docstring)."""
     ex = artifact.extra
-    ex["exit_setting"] = {**found["exit_setting"], **provenance}
+    ex.pop("exit_setting", None)  # older artifacts kept the best setting apart from what the server ran
     ex["calibration"] = {**found["calibration"], **provenance}
     ex["calibration_search"] = found["calibration_search"]
     ex["costs_ms"] = {k: round(v, 4) for k, v in ms.items()}

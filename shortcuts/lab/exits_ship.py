@@ -75,13 +75,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ms = measure(lm, jump, gate, repeats=args.repeats)
         found = calibrate_setting(tables["val"], ms, gate, space)
         entry: dict[str, Any] = {"costs_ms": {k: round(v, 4) for k, v in ms.items()}, "skip": round(found["skip"], 4),
-                                 "chosen": found["calibration_search"], "exit_setting": found["exit_setting"]}
+                                 "chosen": found["calibration_search"], "calibration": found["calibration"]}
         for split in ("test", "ood"):
             first = oracle_levels(tables[split])["first_hit"].float().mean()
             entry[split] = {"ceiling_mean_exit": round(float(first), 3), "ceiling_speedup": round(L / float(first), 4),
                             **{g: report(tables[split], c, gate, ms) for g, c in found["calibration_search"].items()}}
         results[name] = entry
-        print(name, json.dumps({k: entry[k] for k in ("exit_setting", "test")}, default=str), flush=True)
+        print(name, json.dumps({k: entry[k] for k in ("calibration", "test")}, default=str), flush=True)
         if art is not None:
             store(art, found, gate, ms, {"corpus": "validation articles of wiki/train.jsonl (decode-matched traces)",
                                          "new_tokens": meta["new_tokens"]})
