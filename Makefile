@@ -38,7 +38,7 @@ test-fast: setup
 
 lint: setup
 	$(VENV)/bin/ruff check shortcuts service loadtest tests deploy
-	$(VENV)/bin/mypy service
+	$(VENV)/bin/mypy service shortcuts
 
 # prometheus + promtool for tests/test_deploy.py (Debian's package; needs root). Does nothing when both are
 # on PATH; without root it says so and the two Prometheus tests skip, naming the missing binary.

@@ -75,7 +75,7 @@ def _calibrate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-layers", type=int, nargs="+", default=[],
                    help="first exit levels to try (default: 1 and every sixth of the depth)")
     p.add_argument("--strides", type=int, nargs="+", default=[], help="check every k-th level; tries each")
-    p.add_argument("--gates", nargs="+", default=list(d["gates"].default), choices=["confidence", "entropy", "learned"])
+    p.add_argument("--gates", nargs="+", default=list(d["gates"].default), choices=["confidence", "entropy", "learned"])  # type: ignore[arg-type]
     p.add_argument("--gate-corpus", default=None,
                    help="training prompts of the learned gate (.jsonl with titles: its fit articles are used)")
     p.add_argument("--gate-prompts", type=int, default=d["gate_prompts"].default)
@@ -164,7 +164,7 @@ def _fit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target", type=float, default=d["target"].default,
                    help="the default variant is the one with the best predicted speed at this agreement")
     p.add_argument("--val-fraction", type=float, default=d["val_fraction"].default)
-    p.add_argument("--variants", nargs="+", default=list(d["variants"].default))
+    p.add_argument("--variants", nargs="+", default=list(d["variants"].default))  # type: ignore[arg-type]
     p.add_argument("--default-variant", default=None, help="force the saved default; else by predicted speed")
     p.add_argument("--no-plots", dest="plots", action="store_false")
     p.set_defaults(handler=_fit)

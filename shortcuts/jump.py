@@ -65,6 +65,9 @@ class JumpConfig:
 class LowRankJumps(nn.Module):
     """``n`` N-NJTC jumps: y = B·A·BN(x) + b (pure) or x + B·A·BN(x) + b (residual)."""
 
+    running_mean: Tensor  # buffers, (n, d)
+    running_var: Tensor
+
     def __init__(self, config: JumpConfig, n: int = 1):
         super().__init__()
         if n <= 0:
@@ -92,8 +95,9 @@ class LowRankJumps(nn.Module):
     @property
     def level_norm(self) -> tuple[Tensor, Tensor] | None:
         """Per-level input statistics (mean, var), each (m, d), or None."""
-        mean = getattr(self, "level_mean", None)
-        return None if mean is None else (mean, self.level_var)
+        mean: Tensor | None = getattr(self, "level_mean", None)
+        var: Tensor | None = getattr(self, "level_var", None)
+        return None if mean is None or var is None else (mean, var)
 
     def with_level_norm(self, mean: Tensor, var: Tensor) -> LowRankJumps:
         """A copy of this bank of one whose BatchNorm uses level i's own ``mean[i]``, ``var[i]`` (m, d) on

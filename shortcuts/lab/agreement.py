@@ -60,7 +60,7 @@ class LevelTable:
             parts = [getattr(t, k) for t in tables]
             return None if any(p is None for p in parts) else torch.cat(parts)
 
-        return LevelTable(*(cat(k) for k in ("confidence", "entropy", "top", "final_top")),  # type: ignore[arg-type]
+        return LevelTable(*(cat(k) for k in ("confidence", "entropy", "top", "final_top")),  # type: ignore[arg-type, call-arg]
                           torch.cat([t.prompt + o for t, o in zip(tables, offsets, strict=True)]),
                           tables[0].num_layers, cat("margin"), cat("delta"), cat("final_conf"))
 
@@ -125,7 +125,7 @@ def states_table(head: ExitHead, full_head: Callable[[Tensor], Tensor], states: 
         return [torch.cat(p) for p in zip(*parts, strict=True)]
 
     final_conf, _, final_top, _ = chunks(states[:, L], lambda f: _head_stats(full_head(f.float()), False))
-    stats = [chunks(states[:, lv], lambda h, lv=lv: _head_stats(head(h.float(), lv), with_entropy))
+    stats = [chunks(states[:, lv], lambda h, lv=lv: _head_stats(head(h.float(), lv), with_entropy))  # type: ignore[misc]
              for lv in range(1, L)]
     conf, ent, top, margin = (torch.stack([s[k] for s in stats], dim=1).cpu() for k in range(4))
     x = states.float()

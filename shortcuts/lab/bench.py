@@ -137,11 +137,11 @@ def decode_rows(lm: CausalLM, jump: LowRankJumps | None, args: argparse.Namespac
     for th in (float(t) for t in args.thresholds.split(",")):
         for mode, policy in (("approximate", "catchup"), ("approximate", "copy"), ("exact", "catchup")):
             name = f"{mode}{'-copy' if policy == 'copy' else ''} t={th}"
-            engine.append((name, ExitSettings(mode=mode, threshold=th, min_layer=min_layer, kv_policy=policy,
+            engine.append((name, ExitSettings(mode=mode, threshold=th, min_layer=min_layer, kv_policy=policy,  # type: ignore[arg-type]
                                               stride=args.stride, max_draft=args.max_draft)))
     for name, exit_settings in engine:
         s = GenerationSettings(max_new_tokens=n, stop_token_ids=(), exit=exit_settings)
-        timed(name, lambda s=s: dec.generate(ids, s))
+        timed(name, lambda s=s: dec.generate(ids, s))  # type: ignore[misc]
     return rows
 
 

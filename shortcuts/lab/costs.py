@@ -79,8 +79,8 @@ def rank_costs(lm: CausalLM, ranks: tuple[int, ...], repeats: int = 30) -> dict[
         with torch.no_grad():
             jump.lora_B.normal_()
         head = ExitHead(lm, jump)
-        t_head = 1000 * _median_seconds(lambda head=head: head(state, level), repeats)
-        t_check = 1000 * _median_seconds(lambda head=head: max_probability(head(state, level)[0]), repeats)
+        t_head = 1000 * _median_seconds(lambda head=head: head(state, level), repeats)  # type: ignore[misc]
+        t_check = 1000 * _median_seconds(lambda head=head: max_probability(head(state, level)[0]), repeats)  # type: ignore[misc]
         out[r] = {"head_ms": t_head, "check_ms": t_check, "head_blocks": t_head / ms_block,
                   "check_blocks": t_check / ms_block}
     return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     for m in (10, 15, 20):
         rows = level >= m
         gates[f"levels >= {m}"] = LearnedGate.fit(x[rows], y[rows], L)
-    out = {"confidence": None}
+    out: dict[str, Any] = {"confidence": None}
     for name, gate in {"confidence": None, **gates}.items():
         kind = "confidence" if gate is None else "learned"
         best = search(tables["val"], 0.95, {kind: models[kind]}, gate, (1, 5, 10, 15, 20, 25), (1, 2, 3, 4), skip)[kind]

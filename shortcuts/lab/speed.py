@@ -61,7 +61,7 @@ def engine_arms(lm: CausalLM, jump: Any, exits: ExitSettings, new_tokens: int, c
             print(f"compiled blocks in {dec.compile_seconds:.1f}s", file=sys.stderr)
         for mode in ("off", "approximate", "exact"):
             s = GenerationSettings(max_new_tokens=new_tokens, stop_token_ids=(), exit=replace(exits, mode=mode))
-            arms[mode + suffix] = lambda ids, dec=dec, s=s: dec.generate(ids, s).tokens
+            arms[mode + suffix] = lambda ids, dec=dec, s=s: dec.generate(ids, s).tokens  # type: ignore[misc]
     return arms
 
 
