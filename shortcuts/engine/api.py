@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from shortcuts.engine.sampling import TopLogprobs
 from shortcuts.engine.sequence import Generation, OnToken
 from shortcuts.engine.settings import GenerationSettings
 
@@ -53,3 +54,5 @@ class Engine(Protocol):
     def tokenizer(self) -> Any: ...
 
     def batch(self, max_batch_size: int) -> Batch: ...
+
+    def score(self, prompt_ids: list[int], top_n: int = 0) -> list[tuple[float, TopLogprobs]]: ...
