@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -68,7 +68,7 @@ class _Sampling(BaseModel):
     # vLLM's extensions
     top_k: int | None = Field(None, ge=-1, description="vLLM: -1 or 0 = all tokens")
     min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=100.0)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100.0)
     ignore_eos: bool = Field(False, description="vLLM's extension: generate max_tokens even past EOS")
     early_exit: EarlyExit | None = None
 
@@ -100,7 +100,8 @@ class _Sampling(BaseModel):
         raise NotImplementedError
 
 
-Prompt = str | list[int] | list[str] | list[list[int]]
+TokenId = Annotated[int, Field(ge=0)]
+Prompt = str | list[TokenId] | list[str] | list[list[TokenId]]
 
 
 class CompletionRequest(_Sampling):

@@ -199,6 +199,9 @@ class Serving:
         settings = self.generation_settings(req)
         choices = [Choice(k * req.n + i, p, TextAssembler(self.engine.model.tokenizer, req.stop_strings))
                    for k, p in enumerate(prompts) for i in range(req.n)]
+        if len(choices) > self.settings.queue_size:
+            raise BadRequestError(f"{len(prompts)} prompt(s) x n={req.n} = {len(choices)} choices exceeds this "
+                                  f"server's limit of {self.settings.queue_size} (ONEJUMP_QUEUE_SIZE)", "n")
         try:
             await self._score(req, choices)
             self._submit(req, choices, settings)  # 429/503 keep their HTTP status
