@@ -286,6 +286,8 @@ class Engine:
             if running:
                 self._step(batch, running)
             self._gauges(running=len(running))
+            if self.metrics is not None:
+                self.metrics.kv_usage.labels(self.metrics.model_name).set(batch.kv_usage())
 
     def _admit(self, batch: Batch, running: dict[int, tuple[Job, SequenceHandle]]) -> bool:
         """Start queued jobs while there is room (waiting for one when the batch is empty);
@@ -392,7 +394,9 @@ class Engine:
     def _finish(self, job: Job, generation: Generation) -> None:
         s = job.stats
         s.finished = time.monotonic()
-        s.layers_computed, s.layers_skipped = generation.stats.layers_computed, generation.stats.layers_skipped
+        st = generation.stats
+        s.layers_computed, s.layers_skipped, s.drafted, s.accepted = (st.layers_computed, st.layers_skipped,
+                                                                      st.drafted, st.accepted)
         if generation.finish_reason == "abort" and not job.stop_hit:
             s.failure = "cancelled"  # the client went away
         else:

@@ -302,3 +302,36 @@ def test_openapi_lists_real_errors_and_event_streams(server: str) -> None:
     assert page.status_code == 200
     assert "/v1/completions" in page.text
     assert "<script" not in page.text  # nothing to fetch from a CDN: it works offline
+
+
+# ---------------------------------------------------------------- metrics an SRE expects
+
+def test_metrics_have_spec_decode_kv_process_and_build_series(server: str) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def samples() -> dict[str, float]:
+        text = httpx.get(f"{server}/metrics").text
+        return {f"{s.name}{json.dumps(s.labels, sort_keys=True)}": s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    before = samples()
+    assert not [k for k in before if "_created" in k]
+    for reason in ("queue_full", "timeout", "cancelled", "error", "shutdown"):
+        assert f'onejump_request_failure_total{{"model_name": "tiny-llama", "reason": "{reason}"}}' in before
+    for kind in ("early", "full", "verified"):
+        assert f'onejump_tokens_total{{"exit": "{kind}", "model_name": "tiny-llama"}}' in before
+    assert any(k.startswith("process_resident_memory_bytes") for k in before)
+    assert any(k.startswith("python_info") for k in before)
+    assert any(k.startswith("onejump_build_info") for k in before)
+    assert 0.0 <= before['onejump_kv_cache_usage_perc{"model_name": "tiny-llama"}'] <= 1.0
+    resp = complete(server, max_tokens=8, ignore_eos=True, **EXACT)
+    after = samples()
+
+    def grew(name: str) -> float:
+        key = f'{name}{{"model_name": "tiny-llama"}}'
+        return after[key] - before[key]
+
+    drafted, accepted = grew("onejump_spec_decode_num_draft_tokens_total"), grew(
+        "onejump_spec_decode_num_accepted_tokens_total")
+    assert drafted > 0
+    assert accepted / drafted == pytest.approx(resp["early_exit"]["acceptance_rate"])
