@@ -249,7 +249,7 @@ class Serving:
         left = len(choices)
         try:
             for c in choices:  # the role (chat) or an empty text (the echo), before the first token
-                yield _frame(self._chunk(base, c, c.prompt.text if _echo(req) else "", []))
+                yield _frame(self._chunk(base, c, c.prompt.text if _echo(req) else "", [], echo=_echo(req)))
             while left:
                 try:
                     c, event = await asyncio.wait_for(events.get(), timeout=KEEPALIVE_S)
@@ -325,7 +325,9 @@ class Serving:
                           layers_skipped=skipped, acceptance_rate=accepted / drafted if drafted else None)
 
     def _chunk(self, base: Any, c: Choice, delta: str, traces: list[Any], finish: str | None = None,
-               final: Any = None) -> dict[str, Any]:
+               final: Any = None, echo: bool = False) -> dict[str, Any]:
+        """One SSE body: choice ``c``'s text ``delta`` with the logprobs of ``traces`` (or, for the echo,
+        of the prompt) when asked, its finish reason, and on the last frame usage and the exit report."""
         req_logprobs = None
         body: dict[str, Any] = {"id": base.id, "created": base.created, "model": base.model, "object": _object(base)}
         if isinstance(base, ChatCompletionResponse):
@@ -334,10 +336,12 @@ class Serving:
             body["choices"] = [{"index": c.index, "delta": {"role": "assistant", "content": delta},
                                 "logprobs": req_logprobs, "finish_reason": finish}]
         else:
-            if traces and c.job is not None and c.job.settings.logprobs is not None:
+            tok, layers = self.engine.model.tokenizer, self.engine.model.num_layers
+            if echo and c.scores is not None:
+                req_logprobs = completion_logprobs(tok, [], c.prompt.ids, c.scores, 0, layers).model_dump()
+            elif traces and c.job is not None and c.job.settings.logprobs is not None:
                 start = len(c.text.text) - len(delta)
-                req_logprobs = completion_logprobs(self.engine.model.tokenizer, traces, None, None, start,
-                                                   self.engine.model.num_layers).model_dump()
+                req_logprobs = completion_logprobs(tok, traces, None, None, start, layers).model_dump()
             body["choices"] = [{"index": c.index, "text": delta, "finish_reason": finish, "logprobs": req_logprobs}]
         if final is not None:
             body |= {"usage": final.usage.model_dump(),

@@ -208,6 +208,11 @@ def test_echo_scores_the_prompt(server: str) -> None:
     assert len(lp["tokens"]) == len(ids) + 3
     assert lp["token_logprobs"][0] is None
     assert lp["token_logprobs"][-3:] == pytest.approx(gen["logprobs"]["token_logprobs"], abs=1e-4)
+    with httpx.stream("POST", f"{server}/v1/completions", json={"prompt": ids + gen_ids, "max_tokens": 0,
+                                                                 "echo": True, "logprobs": 2, "stream": True}) as r:
+        frames = [json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: {")]
+    streamed = [x for f in frames for ch in f["choices"] if ch["logprobs"] for x in ch["logprobs"]["token_logprobs"]]
+    assert streamed == lp["token_logprobs"]
     echoed = complete(server, max_tokens=2, echo=True)["choices"][0]["text"]
     assert echoed.startswith(PROMPT)
     r = post(server, {"prompt": PROMPT, "max_tokens": 0})
