@@ -3,8 +3,8 @@ sentences (``.cache/onejump/data/wiki/test.jsonl``, `onejump assets`):
 
 - ``onejump_wiki_lastword`` (loglikelihood, multiple choice): a sentence without its last word; the
   choices are that word and three last words of other sentences; accuracy.
-- ``onejump_wiki_continue`` (generate_until): the first words of a sentence; the target is its next
-  word; exact match on the first word generated.
+- ``onejump_wiki_continue`` (generate_until): the first half of a sentence; the target is its next
+  four words; exact match on the first four words generated.
 
 ``python evals/build_wiki_tasks.py [--n 100]`` rewrites ``evals/wiki/*.jsonl`` (deterministic)."""
 
@@ -42,7 +42,8 @@ def build(n: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
         choices = [s[-1], *others]
         rng.shuffle(choices)
         lastword.append({"context": " ".join(s[:-1]), "choices": choices, "label": choices.index(s[-1])})
-    cont = [{"context": " ".join(s[: len(s) // 2]), "target": s[len(s) // 2]} for s in pool[n : 2 * n]]
+    cont = [{"context": " ".join(s[: len(s) // 2]), "target": " ".join(s[len(s) // 2 : len(s) // 2 + 4])}
+            for s in pool[n : 2 * n]]
     return lastword, cont
 
 

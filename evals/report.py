@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {  # name -> server flags
     "off": ["--exit-mode", "off"],
     "calibrated": ["--exit-mode", "approximate"],
-    "aggressive": ["--exit-mode", "approximate", "--exit-threshold", "0.5", "--exit-min-layer", "8"],
+    "aggressive": ["--exit-mode", "approximate", "--exit-threshold", "0.5", "--exit-min-layer", "4"],
 }
 TASKS = ["onejump_wiki_lastword", "onejump_wiki_continue"]
 
@@ -67,7 +67,7 @@ def evaluate(name: str, port: int, limit: int, tasks: list[str]) -> dict[str, An
         seconds = time.perf_counter() - t0
         gens = [s["filtered_resps"][0] for s in out["samples"]["onejump_wiki_continue"]]
         return {"acc": out["results"].get("onejump_wiki_lastword", {}).get("acc,none"),
-                "em": out["results"]["onejump_wiki_continue"]["exact_match,first-word"],
+                "em": out["results"]["onejump_wiki_continue"]["exact_match,first-words"],
                 "gens": gens, "exit": mean_exit_layer(url), "seconds": seconds}
     finally:
         proc.terminate()
@@ -84,8 +84,8 @@ def main() -> None:
     # task runs once, with exits off
     runs = {name: evaluate(name, args.port, args.limit, TASKS if name == "off" else TASKS[1:]) for name in SETTINGS}
     ref = runs["off"]["gens"]
-    lines = ["| setting | server flags | last word (acc, loglikelihood) | next word (exact match, generate_until) "
-             "| first words equal to exits off | mean exit layer (generated tokens) | seconds |",
+    lines = ["| setting | server flags | last word (acc, loglikelihood) | next 4 words (exact match, generate_until) "
+             "| four words equal to exits off | mean exit layer (generated tokens) | seconds |",
              "|---|---|---|---|---|---|---|"]
     for name, r in runs.items():
         agree = sum(a == b for a, b in zip(r["gens"], ref, strict=True)) / len(ref)
