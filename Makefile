@@ -37,7 +37,7 @@ test-fast: setup
 	$(PY) -m pytest -m "not real"
 
 lint: setup
-	$(VENV)/bin/ruff check shortcuts service loadtest tests deploy
+	$(VENV)/bin/ruff check shortcuts service loadtest tests deploy evals
 	$(VENV)/bin/mypy service shortcuts
 
 # prometheus + promtool for tests/test_deploy.py (Debian's package; needs root). Does nothing when both are

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -15,6 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.config import Settings
+from service.docs import docs_page, published_openapi
 from service.engine import Engine
 from service.errors import NotReadyError, install_handlers, send_error
 from service.protocol import (
@@ -22,18 +24,24 @@ from service.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
 )
 from service.serving import Serving
+from shortcuts import __version__
 
 OPEN_PATHS = ("/health", "/metrics")  # liveness probes and Prometheus need no key
 # what the OpenAPI schema publishes for the completion routes (a stream is text/event-stream)
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": what} for code, what in (
-        (400, "bad input"), (401, "missing or wrong API key"), (413, "request body too large"),
-        (429, "queue full"), (503, "loading or shutting down"), (504, "queued past the request timeout"))}
+        (400, "bad input"), (401, "missing or wrong API key"), (404, "unknown model name"),
+        (413, "request body too large"), (429, "queue full"), (503, "loading or shutting down"),
+        (504, "queued past the request timeout"))}
 
 
 def _published(model: type) -> dict[int | str, dict[str, Any]]:
@@ -87,6 +95,45 @@ class BodyLimitMiddleware:
         return await self.app(scope, limited, send)
 
 
+def _info_routes(app: FastAPI, engine: Engine, serving: Serving) -> None:
+    """Models (served names and aliases, each with a card), version, tokenizer and the docs page."""
+    settings = serving.settings
+    created = int(time.time())  # the model cards' stable creation time: the server's start
+
+    def card(name: str) -> ModelCard:
+        length = engine.model.context_length if engine.ready else None
+        return ModelCard(id=name, created=created, root=settings.model, max_model_len=length)
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return ModelList(data=[card(name) for name in settings.served_names])
+
+    @app.get("/v1/models/{model_id:path}", responses={404: {"model": ErrorResponse}})
+    async def model(model_id: str) -> ModelCard:
+        serving.check_model(model_id)
+        return card(model_id)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
+    @app.post("/tokenize", responses={**_ERRORS})
+    async def tokenize(req: TokenizeRequest) -> TokenizeResponse:
+        engine.check_admitting()
+        serving.check_model(req.model)
+        return await asyncio.to_thread(serving.tokenize, req)
+
+    @app.post("/detokenize", responses={**_ERRORS})
+    async def detokenize(req: DetokenizeRequest) -> DetokenizeResponse:
+        engine.check_admitting()
+        serving.check_model(req.model)
+        return await asyncio.to_thread(serving.detokenize, req)
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> Response:
+        return Response(docs_page(app.openapi()), media_type="text/html")
+
+
 def create_app(settings: Settings, on_fatal: Callable[[str], None] | None = None) -> FastAPI:
     engine = Engine(settings, on_fatal=on_fatal)
 
@@ -96,7 +143,8 @@ def create_app(settings: Settings, on_fatal: Callable[[str], None] | None = None
         yield
         await asyncio.to_thread(engine.stop)  # cancels what still runs, off the event loop
 
-    app = FastAPI(title="onejump", version="0.1.0", lifespan=lifespan)
+    # /docs is a self-contained page (no CDN assets: it works offline); no /redoc, which needs a CDN
+    app = FastAPI(title="onejump", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.engine, app.state.settings = engine, settings
     serving = Serving(engine, settings)
     install_handlers(app)
@@ -121,9 +169,7 @@ def create_app(settings: Settings, on_fatal: Callable[[str], None] | None = None
         body = generate_latest(engine.metrics.registry) if engine.metrics else b""
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
-    async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=settings.model_name)])
+    _info_routes(app, engine, serving)
 
     @app.post("/v1/completions", response_model=None, responses=_published(CompletionResponse))
     async def completions(req: CompletionRequest, request: Request) -> Any:
@@ -137,4 +183,5 @@ def create_app(settings: Settings, on_fatal: Callable[[str], None] | None = None
     async def root() -> JSONResponse:
         return JSONResponse({"service": "onejump", "docs": "/docs", "model": settings.model_name})
 
+    app.openapi = lambda: published_openapi(app)  # type: ignore[method-assign]
     return app

@@ -21,6 +21,8 @@ class Settings(BaseSettings):
     model: str = Field(DEFAULT_MODEL, description="hub id, local folder or .gguf file")
     jump: str | None = Field(DEFAULT_JUMP, description="jump artifact (.safetensors); empty: identity exit head")
     served_model_name: str | None = Field(None, description="name in /v1/models (default: the model's folder name)")
+    served_model_aliases: str = Field("", description="comma-separated names also accepted as 'model' (any "
+                                      "other name gets 404)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on CUDA")
     quantization: Literal["none", "8bit", "4bit"] = "none"
@@ -76,6 +78,11 @@ class Settings(BaseSettings):
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model.rstrip("/").split("/")[-1]
+
+    @property
+    def served_names(self) -> list[str]:
+        """The names a request's ``model`` may take: the served name, then the aliases."""
+        return [self.model_name, *(a.strip() for a in self.served_model_aliases.split(",") if a.strip())]
 
 
 def describe_error(e: ValidationError) -> str:

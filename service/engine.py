@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # the engine's types; torch loads in the worker thread, never
     from service.loading import ExitDefaults
     from shortcuts.engine.api import Batch, SequenceHandle
     from shortcuts.engine.api import Engine as Decoder
+    from shortcuts.engine.sampling import TopLogprobs
     from shortcuts.engine.sequence import Generation, TokenTrace
     from shortcuts.engine.settings import GenerationSettings
 
@@ -41,6 +42,7 @@ _KIND = {"exited": "early", "full": "full", "accepted": "verified", "corrected":
 @dataclass
 class Done:
     generation: Generation
+    scores: list[tuple[float, TopLogprobs]] | None = None  # a scoring job's prompt logprobs
 
 
 @dataclass
@@ -57,6 +59,7 @@ class Job:
     queue_timeout: float | None = None  # seconds it may wait to be admitted (Settings.request_timeout_s)
     timed_out: bool = False  # it waited longer: the worker drops it if it already took it off the queue
     on_timeout: Callable[[Job], None] | None = None  # frees its queue slot (Engine._expire)
+    score_top_n: int | None = None  # a scoring job (echo with logprobs): the prompt's logprobs, no generation
 
     def post(self, event: Any) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -206,10 +209,11 @@ class Engine:
         if self.draining:
             raise NotReadyError("the server is shutting down")
 
-    def submit(self, prompt_ids: list[int], gen_settings: GenerationSettings) -> Job:
+    def submit(self, prompt_ids: list[int], gen_settings: GenerationSettings, score_top_n: int | None = None) -> Job:
+        """Queue a generation, or with ``score_top_n`` a scoring of the prompt (one full forward pass)."""
         self.check_admitting()
         job = Job(prompt_ids, gen_settings, asyncio.get_running_loop(), RequestStats(arrival=time.monotonic()),
-                  queue_timeout=self.settings.request_timeout_s, on_timeout=self._expire)
+                  queue_timeout=self.settings.request_timeout_s, on_timeout=self._expire, score_top_n=score_top_n)
         job.stats.prompt_tokens = len(prompt_ids)
         try:
             self._queue.put_nowait(job)
@@ -282,6 +286,8 @@ class Engine:
             if running:
                 self._step(batch, running)
             self._gauges(running=len(running))
+            if self.metrics is not None:
+                self.metrics.kv_usage.labels(self.metrics.model_name).set(batch.kv_usage())
 
     def _admit(self, batch: Batch, running: dict[int, tuple[Job, SequenceHandle]]) -> bool:
         """Start queued jobs while there is room (waiting for one when the batch is empty);
@@ -311,6 +317,9 @@ class Engine:
                                               f"the {self.settings.request_timeout_s:g}s request timeout"), "timeout")
             return None
         try:
+            if job.score_top_n is not None:
+                self._score(job)
+                return None
             seq = batch.add(job.prompt_ids, job.settings, on_token=lambda t: self._token(job, t))
         except Exception as e:
             log.exception("generation failed")
@@ -320,6 +329,16 @@ class Engine:
             self._finish(job, seq.generation)
             return None
         return seq
+
+    def _score(self, job: Job) -> None:
+        """A scoring job: the full model's logprobs of the prompt, done at once (no slot held)."""
+        from shortcuts.engine.sequence import Generation, Stats
+
+        scores = self.model.score(job.prompt_ids, job.score_top_n or 0)
+        job.stats.finished, job.stats.finish_reason = time.monotonic(), "length"
+        assert self.metrics is not None
+        self.metrics.record(job.stats)
+        job.post(Done(Generation([], [], "length", Stats()), scores))
 
     def _abort_if_due(self, batch: Batch, running: dict[int, tuple[Job, SequenceHandle]]) -> None:
         """Past the shutdown grace period: fail what still runs or waits with a 503 (an error frame
@@ -375,7 +394,9 @@ class Engine:
     def _finish(self, job: Job, generation: Generation) -> None:
         s = job.stats
         s.finished = time.monotonic()
-        s.layers_computed, s.layers_skipped = generation.stats.layers_computed, generation.stats.layers_skipped
+        st = generation.stats
+        s.layers_computed, s.layers_skipped, s.drafted, s.accepted = (st.layers_computed, st.layers_skipped,
+                                                                      st.drafted, st.accepted)
         if generation.finish_reason == "abort" and not job.stop_hit:
             s.failure = "cancelled"  # the client went away
         else:

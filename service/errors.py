@@ -32,6 +32,10 @@ class UnauthorizedError(ServiceError):
     status, kind = 401, "authentication_error"
 
 
+class ModelNotFoundError(ServiceError):
+    status, kind = 404, "not_found_error"
+
+
 class OverloadedError(ServiceError):
     status, kind = 429, "rate_limit_error"
 

@@ -1,12 +1,28 @@
 """Prometheus metrics, in two steps as vLLM does: the engine fills ``RequestStats``, and
 ``Metrics.record`` turns one finished request into metric updates. Names follow vLLM's, with
-the ``onejump_`` namespace, units in the names, explicit buckets and a ``model_name`` label."""
+the ``onejump_`` namespace, units in the names, explicit buckets and a ``model_name`` label.
+No ``_created`` series; every labelled series exists (at zero) from the start; the process, platform
+and build-info collectors sit beside the engine's metrics."""
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass, field
+from importlib import metadata
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
+
+FINISH_REASONS = ("stop", "length", "abort")
+FAILURE_REASONS = ("queue_full", "timeout", "cancelled", "error", "shutdown")
+EXIT_KINDS = ("early", "full", "verified")
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
                    20.0, 40.0, 80.0)
@@ -29,13 +45,25 @@ class RequestStats:
     kinds: list[str] = field(default_factory=list)  # early | full | verified, per generated token
     layers_computed: int = 0
     layers_skipped: int = 0
+    drafted: int = 0  # exact mode: tokens drafted by exits, and those the full model accepted
+    accepted: int = 0
     finish_reason: str | None = None  # stop | length | abort
     failure: str | None = None  # timeout | cancelled | error | ...
 
 
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 class Metrics:
     def __init__(self, model_name: str, num_layers: int, registry: CollectorRegistry | None = None):
+        disable_created_metrics()  # process-wide: no <counter>_created series
         self.registry = registry or CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
         self.model_name = model_name
         m, reg, lbl = "onejump_", self.registry, ["model_name"]
         self.ttft = Histogram(m + "time_to_first_token_seconds", "Time to first token", lbl, registry=reg,
@@ -62,8 +90,30 @@ class Metrics:
                                       registry=reg)
         self.tokens = Counter(m + "tokens", "Generated tokens by how they were decided", [*lbl, "exit"],
                               registry=reg)
-        for gauge in (self.running, self.waiting):
-            gauge.labels(model_name).set(0)
+        self.drafted = Counter(m + "spec_decode_num_draft_tokens", "Exact mode: tokens drafted by early exits",
+                               lbl, registry=reg)
+        self.accepted = Counter(m + "spec_decode_num_accepted_tokens", "Exact mode: drafted tokens the full "
+                                "model accepted", lbl, registry=reg)
+        self.kv_usage = Gauge(m + "kv_cache_usage_perc", "Fraction of the batch's static KV cache holding keys "
+                              "(1 = full)", lbl, registry=reg)
+        self.build = Gauge(m + "build_info", "Versions of this server (value 1)", ["version", "torch",
+                           "transformers", "python"], registry=reg)
+        self.build.labels(_version("onejump"), _version("torch"), _version("transformers"),
+                          platform.python_version()).set(1)
+        self._zeros(model_name)
+
+    def _zeros(self, name: str) -> None:
+        """Every series at zero from the start, so a rate() or an absent() works before the first event."""
+        for metric in (self.ttft, self.itl, self.e2e, self.queue, self.prompt_tokens, self.generation_tokens,
+                       self.running, self.waiting, self.exit_layer, self.exit_confidence, self.layers_computed,
+                       self.layers_skipped, self.drafted, self.accepted, self.kv_usage):
+            metric.labels(name)
+        for reason in FINISH_REASONS:
+            self.success.labels(name, reason)
+        for reason in FAILURE_REASONS:
+            self.failure.labels(name, reason)
+        for kind in EXIT_KINDS:
+            self.tokens.labels(name, kind)
 
     def record(self, s: RequestStats) -> None:
         name = self.model_name
@@ -81,6 +131,8 @@ class Metrics:
             self.tokens.labels(name, kind).inc()
         self.layers_computed.labels(name).inc(s.layers_computed)
         self.layers_skipped.labels(name).inc(s.layers_skipped)
+        self.drafted.labels(name).inc(s.drafted)
+        self.accepted.labels(name).inc(s.accepted)
         if s.failure is not None:
             self.failure.labels(name, s.failure).inc()
             return

@@ -247,7 +247,7 @@ def test_dashboard_metrics_exist_in_the_service(dashboard: dict[str, Any]) -> No
     assert not unknown, f"the dashboard names metrics service/metrics.py does not define: {unknown}"
     titles = " ".join(p["title"].lower() for p in all_panels(dashboard))
     for needed in ("exit layer", "skipped", "exit kind", "first token", "inter-token", "end-to-end",
-                   "requests per second", "tokens per second", "running", "failures"):
+                   "requests per second", "tokens per second", "running", "failures", "acceptance rate", "kv cache"):
         assert needed in titles
 
 

@@ -32,7 +32,9 @@ BUDGET_S = float(os.environ.get("ONEJUMP_FUZZ_BUDGET_S", "12"))  # per test: the
 ROUTES = {"/v1/completions": "CompletionRequest", "/v1/chat/completions": "ChatCompletionRequest"}
 # 400s that a schema-valid request may get: limits the schema does not (or cannot) express
 SERVER_LIMITS = ("exceeds this server's limit", "the limit is", "has no tokens", "must not be empty",
-                 "exactly one prompt", "early_exit", "lone surrogate")
+                 "exactly one prompt", "early_exit", "lone surrogate", "outside the vocabulary", "not supported",
+                 "needs echo", "needs logprobs", "only for stored completions", "chat template", "logit_bias",
+                 "content may be null")
 FUZZ: dict[str, Any] = {"deadline": None, "database": None, "suppress_health_check": list(HealthCheck),
                         "max_examples": EXAMPLES}
 TALLY: Counter[str] = Counter()
@@ -69,7 +71,7 @@ def response_schema(openapi: dict[str, Any], path: str, status: int) -> dict[str
 
 def from_schema(schema: dict[str, Any], root: dict[str, Any] | None = None) -> st.SearchStrategy[Any]:
     """Values valid under ``schema``: the JSON-schema subset pydantic writes for the request models
-    ($ref, anyOf, enum, null, boolean, integer and number with bounds, string, array, object)."""
+    ($ref, anyOf, enum, const, null, boolean, integer and number with bounds, string, array, object)."""
     root = root or schema
     if "$ref" in schema:
         name = schema["$ref"].rsplit("/", 1)[1]
@@ -78,6 +80,8 @@ def from_schema(schema: dict[str, Any], root: dict[str, Any] | None = None) -> s
         return st.one_of([from_schema(s, root) for s in schema["anyOf"]])
     if "enum" in schema:
         return st.sampled_from(schema["enum"])
+    if "const" in schema:
+        return st.just(schema["const"])
     kind = schema.get("type")
     low, high = schema.get("minimum"), schema.get("maximum")
     if kind == "integer":
@@ -138,6 +142,9 @@ def check_valid(openapi: dict[str, Any], path: str, status: int, body: Any, fram
         jsonschema.validate(body, response_schema(openapi, path, 200))
     elif status == 200:
         assert "usage" in frames[-1] or "error" in frames[-1], frames[-1]
+    elif status == 404:  # a model name the server does not serve
+        assert check_error(body)
+        assert body["error"]["param"] == "model", body
     else:
         assert status == 400, (status, body)
         message = check_error(body)
@@ -163,7 +170,9 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_
                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
                     max_leaves=12)
 FIELDS = ("prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
-          "stream", "n", "ignore_eos", "early_exit", "model")
+          "stream", "n", "ignore_eos", "early_exit", "model", "logprobs", "echo", "top_logprobs", "top_k", "min_p",
+          "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias", "best_of", "stream_options",
+          "tools", "response_format")
 EXIT_FIELDS = ("mode", "gate", "threshold", "min_layer", "stride", "patience")
 ODD = st.sampled_from(["\ud800", "\udfff", "\x00", "\u202e", "\ufeff", "é" * 3, "🙂", "the\nking", " "])
 

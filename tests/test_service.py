@@ -22,7 +22,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_settings(folder: Path, **kw) -> Settings:
-    base = {"model": str(folder), "jump": "", "device": "cpu", "exit_mode": "off", "default_max_tokens": 8}
+    base = {"model": str(folder), "jump": "", "device": "cpu", "exit_mode": "off", "default_max_tokens": 8,
+            "served_model_aliases": "m"}
     return Settings(**(base | kw))
 
 
@@ -104,7 +105,7 @@ BAD = [
     ("/v1/completions", {"prompt": "a", "early_exit": {"gate": "vibes"}}, "gate"),
     ("/v1/completions", {"prompt": "a", "early_exit": {"mode": "fast"}}, "mode"),
     ("/v1/completions", {"prompt": "a", "early_exit": {"min_layer": 9}}, "min_layer"),
-    ("/v1/completions", {"prompt": "a", "n": 2}, "n"),
+    ("/v1/completions", {"prompt": "a", "n": 17}, "n"),
     ("/v1/completions", {"max_tokens": 2}, "prompt"),
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "role"),
@@ -138,7 +139,7 @@ def test_stop_strings(server: str) -> None:
 def test_models_health_ready(server: str) -> None:
     assert httpx.get(f"{server}/health").json() == {"status": "ok"}
     assert httpx.get(f"{server}/ready").status_code == 200
-    assert [m.id for m in client(server).models.list()] == ["tiny-llama"]
+    assert [m.id for m in client(server).models.list()] == ["tiny-llama", "m"]  # the served name, then aliases
 
 
 def test_metrics_count_the_generated_tokens(server: str) -> None:

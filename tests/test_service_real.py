@@ -17,7 +17,8 @@ pytestmark = [pytest.mark.real, pytest.mark.usefixtures("one_torch_thread")]
 
 @pytest.fixture(scope="module")
 def url(smollm2) -> Iterator[str]:  # smollm2: fail early and clearly if the assets are missing
-    with running_server(Settings(device="cpu", exit_mode="approximate", exit_threshold=0.9)) as base:
+    with running_server(Settings(device="cpu", exit_mode="approximate", exit_threshold=0.9,
+                                         served_model_aliases="smollm2")) as base:
         yield base
 
 

@@ -125,6 +125,21 @@ def replica_panels() -> list[dict[str, Any]]:
     ]
 
 
+def engine_panels() -> list[dict[str, Any]]:
+    """Exact mode's draft acceptance and the batch's KV-cache use, beside vLLM's equivalents."""
+    drafted, accepted = (f"sum({rate(f'onejump_spec_decode_num_{k}_tokens_total')})" for k in ("draft", "accepted"))
+    return [
+        panel("Draft acceptance rate (exact mode)", (0, 41, 12, 8), [("accepted", f"{accepted} / {drafted}")],
+              "percentunit", "Share of the tokens drafted by early exits that the full model accepted "
+                             "(onejump_spec_decode_num_accepted_tokens / _draft_tokens); no data without exact-mode "
+                             "traffic."),
+        panel("KV cache usage", (12, 41, 12, 8), [("{{instance}}", f"max by (instance) "
+                                                                   f"(onejump_kv_cache_usage_perc{SEL})")],
+              "percentunit", "Fraction of each replica's static KV cache (max_batch_size rows of the context "
+                             "length) holding keys."),
+    ]
+
+
 def model_variable() -> dict[str, Any]:
     query = "label_values(onejump_num_requests_running, model_name)"
     return {"name": "model_name", "label": "model", "type": "query", "datasource": DATASOURCE, "query": query,
@@ -133,7 +148,7 @@ def model_variable() -> dict[str, Any]:
 
 
 def dashboard() -> dict[str, Any]:
-    panels = early_exit_panels() + traffic_panels() + latency_panels() + replica_panels()
+    panels = early_exit_panels() + traffic_panels() + latency_panels() + replica_panels() + engine_panels()
     for i, p in enumerate(sorted(panels, key=lambda p: (p["gridPos"]["y"], p["gridPos"]["x"])), start=1):
         p["id"] = i
     return {

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from shortcuts.engine.sampling import TopLogprobs
 from shortcuts.engine.sequence import Generation, OnToken
 from shortcuts.engine.settings import GenerationSettings
 
@@ -55,3 +56,5 @@ class Engine(Protocol):
     def batch(self, max_batch_size: int) -> Batch: ...
 
     def check_settings(self, settings: GenerationSettings) -> None: ...
+
+    def score(self, prompt_ids: list[int], top_n: int = 0) -> list[tuple[float, TopLogprobs]]: ...

@@ -113,7 +113,7 @@ class BatchDecoder:
         row = self.slots.index(None)
         dec = self.decoder
         seq = SequenceRun(row, len(ids), settings, self.num_layers, self.runner.context_length, dec.eos_ids,
-                          dec.lm.device, on_token, forced)
+                          dec.lm.device, on_token, forced, prompt=ids)
         self.cache.reset_row(row)
         logits = self._prefill(row, ids)
         if not seq.emit(seq.pick_full(logits, top_and_confidence(logits[None])[0])):

@@ -35,6 +35,7 @@ from shortcuts.engine.batch import BatchDecoder
 from shortcuts.engine.cache import KVCache, RowCall
 from shortcuts.engine.exit_head import ExitHead
 from shortcuts.engine.runner import LayerRunner
+from shortcuts.engine.sampling import TopLogprobs
 from shortcuts.engine.sequence import Generation, OnToken, Pending, SequenceRun, Stats, TokenTrace
 from shortcuts.engine.settings import GenerationSettings
 from shortcuts.jump import LowRankJumps
@@ -146,6 +147,23 @@ class EarlyExitDecoder:
         while not seq.done:
             batch.step()
         return seq.picked[1:]
+
+    @torch.inference_mode()
+    def score(self, prompt_ids: list[int], top_n: int = 0) -> list[tuple[float, TopLogprobs]]:
+        """The full model's log-probability of each token of ``prompt_ids`` after the first, given the
+        tokens before it, with the ``top_n`` most likely (token, logprob) there: one forward pass in a
+        cache of its own (prompt scoring, OpenAI's ``echo`` with ``max_tokens`` 0)."""
+        self.check_prompt(prompt_ids)
+        ids = torch.tensor([prompt_ids])
+        logits = self.runner.forward(ids, self.runner.new_cache(1, capacity=len(prompt_ids)), start=0)  # (1, n, V)
+        lp = torch.log_softmax(logits[0, :-1].float(), dim=-1)  # (n-1, V)
+        targets = ids[0, 1:].to(lp.device)
+        chosen = lp.gather(1, targets[:, None])[:, 0].tolist()
+        if not top_n:
+            return [(c, ()) for c in chosen]
+        top = lp.topk(min(top_n, lp.shape[-1]), dim=-1)
+        pairs = [tuple(zip(i, v, strict=True)) for i, v in zip(top.indices.tolist(), top.values.tolist(), strict=True)]
+        return list(zip(chosen, pairs, strict=True))
 
     @torch.inference_mode()
     def flush(self, state: DecodeState) -> None:

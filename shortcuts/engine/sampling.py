@@ -1,9 +1,18 @@
-"""Picking tokens: greedy, temperature + top-p sampling, and the speculative accept/reject rule."""
+"""Picking tokens: logits processors (penalties, bias), greedy, temperature + top-k/top-p/min-p
+sampling, the speculative accept/reject rule, and log-probabilities."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from shortcuts.engine.settings import GenerationSettings
+
+TopLogprobs = tuple[tuple[int, float], ...]
 
 
 def make_generator(seed: int | None, device: str | torch.device = "cpu") -> torch.Generator:
@@ -18,14 +27,42 @@ def make_generator(seed: int | None, device: str | torch.device = "cpu") -> torc
     return gen
 
 
-def distribution(logits: Tensor, temperature: float, top_p: float = 1.0) -> Tensor:
-    """The sampling distribution: softmax(logits / T) cut to the smallest set with mass >= top_p
-    (the most likely token is always kept) and renormalised. (V,) -> (V,) float32.
+def penalize(logits: Tensor, s: GenerationSettings, prompt: Sequence[int], output: Sequence[int]) -> Tensor:
+    """vLLM's logits processors on one row (V,): the repetition penalty on every token of the prompt
+    and the output, the frequency and presence penalties on the output's tokens, then the bias.
+    Returns a new float32 row (the input is not changed)."""
+    logits = logits.float().clone()
+    dev, vocab = logits.device, logits.shape[-1]
+    if s.repetition_penalty != 1.0 and (prompt or output):
+        seen = torch.tensor(sorted(set(prompt) | set(output)), device=dev)
+        v = logits[seen]
+        logits[seen] = torch.where(v > 0, v / s.repetition_penalty, v * s.repetition_penalty)
+    if output and (s.frequency_penalty or s.presence_penalty):
+        ids, counts = torch.unique(torch.tensor(list(output), device=dev), return_counts=True)
+        logits[ids] -= s.frequency_penalty * counts.float() + s.presence_penalty
+    for token, bias in s.logit_bias:
+        if token < vocab:
+            logits[token] += bias
+    return logits
+
+
+def distribution(logits: Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0,
+                 min_p: float = 0.0) -> Tensor:
+    """The sampling distribution: softmax(logits / T), cut to the ``top_k`` most likely tokens (0:
+    all), to those with at least ``min_p`` times the top probability, and to the smallest set with
+    mass >= top_p (the most likely token is always kept), renormalised. (V,) -> (V,) float32.
     temperature 0 (or one too small for float32, < 1e-30) gives the one-hot of the argmax."""
     logits = logits.float()
     if temperature < 1e-30:
         return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     probs = torch.softmax((logits - logits.max(-1, keepdim=True).values) / temperature, dim=-1)  # no inf - inf
+    if 0 < top_k < probs.shape[-1]:
+        kth = probs.topk(top_k).values[..., -1:]
+        probs = probs.masked_fill(probs < kth, 0.0)
+    if min_p > 0.0:
+        probs = probs.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, 0.0)
+    if top_k or min_p > 0.0:
+        probs = probs / probs.sum(-1, keepdim=True)
     if top_p >= 1.0:
         return probs
     sorted_p, order = probs.sort(descending=True)
@@ -40,11 +77,22 @@ def sample(probs: Tensor, generator: torch.Generator) -> int:
     return int(torch.multinomial(probs.float(), 1, generator=generator))
 
 
-def pick(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+def pick(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator, top_k: int = 0,
+         min_p: float = 0.0) -> int:
     """Greedy (temperature 0) or sampled token from logits (V,)."""
     if temperature < 1e-30:
         return int(logits.argmax())
-    return sample(distribution(logits, temperature, top_p), generator)
+    return sample(distribution(logits, temperature, top_p, top_k, min_p), generator)
+
+
+def logprobs(logits: Tensor, token: int, n: int) -> tuple[float, TopLogprobs]:
+    """log softmax(logits) (V,) at ``token``, and the ``n`` most likely (token, logprob) pairs."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    top = lp.topk(min(n, lp.shape[-1])) if n else None
+    chosen = float(lp[token])
+    if top is None:
+        return chosen, ()
+    return chosen, tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True))
 
 
 def speculative_accept(p: Tensor, q: Tensor, token: int, generator: torch.Generator) -> int | None:

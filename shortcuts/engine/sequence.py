@@ -9,7 +9,7 @@ is a batch of one.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -17,7 +17,16 @@ import torch
 from torch import Tensor
 
 from shortcuts.engine.exit_head import ExitGate
-from shortcuts.engine.sampling import distribution, make_generator, pick, sample, speculative_accept
+from shortcuts.engine.sampling import (
+    TopLogprobs,
+    distribution,
+    logprobs,
+    make_generator,
+    penalize,
+    pick,
+    sample,
+    speculative_accept,
+)
 from shortcuts.engine.settings import GenerationSettings
 
 TokenKind = Literal["full", "exited", "accepted", "corrected"]
@@ -34,12 +43,17 @@ class TokenTrace:
     kind: "full" (full model), "exited" (approximate mode, exit head), "accepted" (exact mode: a
         draft from the exit head that the full model confirmed), "corrected" (exact mode: the
         full model's token replacing a rejected draft).
+    logprob, top_logprobs: only when ``GenerationSettings.logprobs`` asks: log softmax of the
+        deciding head's raw logits (the head at ``exit_layer``) at the token, and that head's most
+        likely (token, logprob) pairs.
     """
 
     token: int
     exit_layer: int
     confidence: float
     kind: TokenKind
+    logprob: float | None = None
+    top_logprobs: TopLogprobs | None = None
 
 
 @dataclass
@@ -85,18 +99,22 @@ class Draft:
     level: int
     confidence: float
     q: Tensor | None  # (V,) draft distribution, for speculative sampling
+    logprob: float | None = None
+    top_logprobs: TopLogprobs | None = None
 
 
 class SequenceRun:
     """The rules of one sequence in a batch row; see the module docstring.
 
     ``forced`` (teacher forcing): the sequence feeds these tokens whatever it picks; ``picked``
-    then records what it would have picked at each step (``EarlyExitDecoder.follow``)."""
+    then records what it would have picked at each step (``EarlyExitDecoder.follow``).
+    ``prompt``: the prompt's ids, for the repetition penalty."""
 
     def __init__(self, row: int, prompt_len: int, settings: GenerationSettings, num_layers: int,
                  context_length: int, eos_ids: tuple[int, ...], device: str | torch.device = "cpu",
-                 on_token: OnToken | None = None, forced: list[int] | None = None):
+                 on_token: OnToken | None = None, forced: list[int] | None = None, prompt: Sequence[int] = ()):
         self.row, self.settings, self.on_token, self.num_layers = row, settings, on_token, num_layers
+        self.prompt = tuple(prompt)
         self.generator = make_generator(settings.seed, device)
         self.gate = ExitGate(settings.exit)
         exits = settings.exit
@@ -134,9 +152,35 @@ class SequenceRun:
         """How many fed tokens layer ``layer`` (0-based) has no keys/values for yet."""
         return sum(p.level <= layer for p in self.pending)
 
-    def choose(self, logits: Tensor) -> int:
+    # --- picking (the logits processors apply to every head alike) --------------------------------
+    def adjusted(self, logits: Tensor, drafted: int = 0) -> Tensor:
+        """A head's logits (V,) after the penalties and bias, the output being the tokens so far and
+        the first ``drafted`` unverified drafts."""
         s = self.settings
-        return pick(logits, s.temperature, s.top_p, self.generator)
+        if not s.penalized:
+            return logits
+        return penalize(logits, s, self.prompt, self.tokens + [d.token for d in self.drafts[:drafted]])
+
+    def choose(self, logits: Tensor, top: tuple[int, float], drafted: int = 0) -> int:
+        """The token from a head's logits (V,) given their (top-1, max-probability): the top-1 under plain
+        greedy decoding (no extra work), else picked from the processed logits."""
+        s = self.settings
+        if s.greedy and not s.penalized:
+            return top[0]
+        return pick(self.adjusted(logits, drafted), s.temperature, s.top_p, self.generator, s.top_k, s.min_p)
+
+    def distribution(self, logits: Tensor, drafted: int = 0) -> Tensor:
+        """The sampling distribution (V,) of a head's logits, processors applied."""
+        s = self.settings
+        return distribution(self.adjusted(logits, drafted), s.temperature, s.top_p, s.top_k, s.min_p)
+
+    def scored(self, t: TokenTrace, logits: Tensor) -> TokenTrace:
+        """``t`` with its log-probabilities under ``logits`` (V,) when the settings ask for them."""
+        n = self.settings.logprobs
+        if n is None:
+            return t
+        lp, top = logprobs(logits, t.token, n)
+        return replace(t, logprob=lp, top_logprobs=top)
 
     def emit(self, t: TokenTrace) -> bool:
         """Append a token; True when generation is over."""
@@ -190,18 +234,20 @@ class SequenceRun:
         """The fed token left at ``level`` with the exit head's ``logits`` (V,), (top-1, confidence)."""
         self.length += 1
         self.stats.layers_skipped += self.num_layers - level
-        s = self.settings
-        q = None if s.greedy else distribution(logits, s.temperature, s.top_p)
-        token = top[0] if q is None else sample(q, self.generator)
-        if s.exit.mode == "exact":
-            self.drafts.append(Draft(token, level, top[1], q))
+        drafted = len(self.drafts)
+        q = None if self.settings.greedy else self.distribution(logits, drafted)
+        token = self.choose(logits, top, drafted) if q is None else sample(q, self.generator)
+        t = self.scored(TokenTrace(token, level, top[1], "exited"), logits)
+        if self.settings.exit.mode == "exact":
+            self.drafts.append(Draft(token, level, top[1], q, t.logprob, t.top_logprobs))
         else:
-            self.emit(TokenTrace(token, level, top[1], "exited"))
+            self.emit(t)
 
-    def pick_full(self, logits: Tensor, top: tuple[int, float]) -> TokenTrace:
-        """The full model's token from its logits (V,), given their (top-1, max-probability)."""
-        token = top[0] if self.settings.greedy else self.choose(logits)
-        return TokenTrace(token, self.num_layers, top[1], "full")
+    def pick_full(self, logits: Tensor, top: tuple[int, float], drafted: int = 0) -> TokenTrace:
+        """The full model's token from its logits (V,), given their (top-1, max-probability), after
+        the first ``drafted`` drafts."""
+        token = self.choose(logits, top, drafted)
+        return self.scored(TokenTrace(token, self.num_layers, top[1], "full"), logits)
 
     def reached_top(self, full_logits: Tensor, tops: list[tuple[int, float]], start: int) -> None:
         """The fed token (with every pending token) went through all blocks; ``full_logits`` (q, V)
@@ -229,15 +275,14 @@ class SequenceRun:
         out: list[TokenTrace] = []
         self.stats.drafted += len(drafts)
         for k, d in enumerate(drafts):
-            top, confidence = tops[k]
             if s.greedy:
-                fix = None if top == d.token else top
+                best = self.choose(full_logits[k], tops[k], k)
+                fix = None if best == d.token else best
             else:
                 assert d.q is not None
-                p = distribution(full_logits[k], s.temperature, s.top_p)
-                fix = speculative_accept(p, d.q, d.token, self.generator)
+                fix = speculative_accept(self.distribution(full_logits[k], k), d.q, d.token, self.generator)
             if fix is not None:
-                return [*out, TokenTrace(fix, L, confidence, "corrected")], k
+                return [*out, self.scored(TokenTrace(fix, L, tops[k][1], "corrected"), full_logits[k])], k
             self.stats.accepted += 1
-            out.append(TokenTrace(d.token, d.level, d.confidence, "accepted"))
-        return [*out, self.pick_full(full_logits[-1], tops[-1])], None
+            out.append(TokenTrace(d.token, d.level, d.confidence, "accepted", d.logprob, d.top_logprobs))
+        return [*out, self.pick_full(full_logits[-1], tops[-1], len(drafts))], None

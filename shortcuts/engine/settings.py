@@ -25,6 +25,12 @@ def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} must be one of {', '.join(choices)}")
 
 
+def _check_number(name: str, value: object, low: float, high: float) -> None:
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or not low <= value <= high):
+        raise ValueError(f"{name}={value!r} must be a number in [{low:g}, {high:g}]")
+
+
 @dataclass(frozen=True)
 class ExitSettings:
     """When a token may leave the forward pass early, and what happens to the layers it skips.
@@ -91,6 +97,15 @@ class GenerationSettings:
     temperature 0 is greedy decoding; otherwise tokens are sampled from softmax(logits / T)
     restricted to the smallest top-p set, with a ``torch.Generator`` seeded by ``seed``.
     stop_token_ids None stops at the model's EOS token(s); an empty tuple never stops early.
+
+    Logits processors (vLLM's meaning, applied to the deciding head's logits before a token is
+    picked, in exact mode to the draft's and the full model's alike): ``repetition_penalty`` divides
+    the positive logits (multiplies the negative ones) of every token in the prompt or the output;
+    ``frequency_penalty`` subtracts its value times each token's count in the output,
+    ``presence_penalty`` its value once per token present; ``logit_bias`` adds (token id, bias);
+    ``top_k`` keeps the k most likely tokens (0: all), ``min_p`` those with at least min_p times the
+    top probability. ``logprobs``: each token also reports its log-probability under the head that
+    decided it and that head's ``logprobs`` most likely tokens (None: nothing is computed).
     """
 
     max_new_tokens: int = 32
@@ -98,6 +113,13 @@ class GenerationSettings:
     top_p: float = 1.0
     seed: int | None = None
     stop_token_ids: tuple[int, ...] | None = None
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None
     exit: ExitSettings = field(default_factory=ExitSettings)
 
     def __post_init__(self) -> None:
@@ -114,9 +136,29 @@ class GenerationSettings:
                 object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
             for t_id in self.stop_token_ids:  # type: ignore[union-attr]
                 _check_int("stop_token_ids entry", t_id, 0)
+        self._check_processors()
         if not isinstance(self.exit, ExitSettings):
             raise ValueError(f"exit must be an ExitSettings; got {type(self.exit).__name__}")
+
+    def _check_processors(self) -> None:
+        _check_int("top_k", self.top_k, 0)
+        _check_number("min_p", self.min_p, 0.0, 1.0)
+        _check_number("repetition_penalty", self.repetition_penalty, 1e-6, math.inf)
+        _check_number("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _check_number("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        object.__setattr__(self, "logit_bias", tuple((t, b) for t, b in self.logit_bias))
+        for t_id, bias in self.logit_bias:
+            _check_int("logit_bias token id", t_id, 0)
+            _check_number(f"logit_bias[{t_id}]", bias, -100.0, 100.0)
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, 0)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the logits change before a token is picked (penalties or a bias)."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or bool(self.logit_bias))
