@@ -155,7 +155,7 @@ class Serving:
         return max_tokens
 
     def exit_settings(self, req: AnyRequest) -> Any:
-        from shortcuts.engine import ExitSettings
+        from shortcuts.engine import ExitSettings, GenerationSettings
 
         s, ee = self.settings, req.early_exit
         defaults = self.engine.exit_defaults
