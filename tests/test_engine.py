@@ -590,3 +590,14 @@ def test_distribution_survives_extreme_temperature_and_top_p() -> None:
         assert torch.isfinite(d).all()
         assert int(d.argmax()) == int(logits.argmax())
         assert float(d.sum()) == pytest.approx(1.0)
+
+
+def test_quantized_weights_are_refused_with_a_message(make_tiny: Callable[..., CausalLM]) -> None:
+    """Integer (bitsandbytes-style) weights in the blocks: refused by name, never decoded wrongly."""
+    from shortcuts.errors import UnsupportedModelError
+
+    lm = make_tiny("llama")
+    proj = lm.layers[0].self_attn.q_proj
+    proj.weight = torch.nn.Parameter(proj.weight.detach().to(torch.int8), requires_grad=False)
+    with pytest.raises(UnsupportedModelError, match="8/4-bit"):
+        LayerRunner(lm)

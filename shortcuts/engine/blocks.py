@@ -237,6 +237,11 @@ def kv_forward(g: Geometry, w: BlockWeights, h: Tensor, cos: Tensor | None,
     return ks, vs
 
 
+def quantized(lm: CausalLM) -> bool:
+    """Whether the blocks hold quantized weights (bitsandbytes 8/4-bit: integer storage)."""
+    return any(not p.dtype.is_floating_point for p in lm.layers.parameters())
+
+
 class Blocks:
     """Every decoder block of a ``CausalLM`` as ``BlockWeights``, plus the attention geometry."""
 
@@ -244,6 +249,9 @@ class Blocks:
         config = lm.config
         if problems := unsupported(config):
             raise UnsupportedModelError(f"{lm.name}: onejump's engine does not handle {', '.join(problems)}")
+        if quantized(lm):
+            raise UnsupportedModelError(f"{lm.name}: the engine's block math needs dense weights; 8/4-bit "
+                                        "(bitsandbytes) models are not served yet (issue: the GPU path)")
         self.gpt2 = config.model_type == "gpt2"
         gemma = config.model_type.startswith("gemma")
         act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None) or \
