@@ -2,7 +2,7 @@
 
 ``BatchDecoder`` decodes up to ``max_batch_size`` sequences together, one token step at a time.
 In a step every running sequence feeds its next token; block i runs once for all the sequences
-still climbing (the active rows of a ``BatchKVCache``); after a checked level each sequence's own
+still climbing (the active rows of a ``KVCache``); after a checked level each sequence's own
 gate decides whether it leaves, and the ones that leave drop out of the rows that run the deeper
 blocks. Sequences keep their own settings (mode, gate, threshold, min_layer, stride, KV policy,
 sampling, budget, stop tokens), so a sequence decodes exactly as ``EarlyExitDecoder.generate``
