@@ -30,15 +30,21 @@ def hf_greedy(smollm2: CausalLM) -> tuple[list[int], list[int]]:
     return ids, out[0, len(ids):].tolist()
 
 
+def _close(out: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Equal up to fp32 rounding: oneDNN's packed products sum in another order than nn.Linear's, so
+    the difference is measured against the logits' scale (1e-5 of it, ~3e-4 here), not absolutely."""
+    return float((out - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+
+
 def test_real_runner_reproduces_hf_logits(smollm2: CausalLM) -> None:
     ids = torch.tensor([smollm2.tokenizer(PROMPT).input_ids])
     with torch.no_grad():
         ref = smollm2.model(ids).logits
     runner = LayerRunner(smollm2)
-    assert torch.allclose(runner.forward(ids, runner.new_cache()), ref, atol=1e-4)
+    assert _close(runner.forward(ids, runner.new_cache()), ref)
     cache = runner.new_cache()
     steps = [runner.forward(ids[:, :5], cache)] + [runner.forward(ids[:, t : t + 1], cache) for t in range(5, 12)]
-    assert torch.allclose(torch.cat(steps, dim=1), ref, atol=1e-4)
+    assert _close(torch.cat(steps, dim=1), ref)
 
 
 def test_real_mode_off_matches_hf_generate(smollm2: CausalLM, hf_greedy: tuple[list[int], list[int]]) -> None:
