@@ -82,13 +82,23 @@ def make_tiny() -> Callable[..., CausalLM]:
     return build_tiny
 
 
-@pytest.fixture
-def tiny_folder(tmp_path: Path) -> Path:
+def save_tiny(folder: Path) -> Path:
     """A tiny Llama saved as an ordinary model folder (config, safetensors, tokenizer)."""
     lm = build_tiny("llama")
-    lm.model.save_pretrained(tmp_path / "tiny-llama")
-    lm.tokenizer.save_pretrained(tmp_path / "tiny-llama")
-    return tmp_path / "tiny-llama"
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def tiny_folder(tmp_path: Path) -> Path:
+    return save_tiny(tmp_path / "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama folder a test module's servers share."""
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "tiny-llama")
 
 
 @pytest.fixture

@@ -31,17 +31,6 @@ ERROR_KEYS = {"message", "type", "param", "code"}
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from conftest import build_tiny
-
-    folder = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    lm = build_tiny("llama")
-    lm.model.save_pretrained(folder)
-    lm.tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def server(tiny_model_dir: Path) -> Iterator[str]:
     with running_server(tiny_settings(tiny_model_dir, queue_size=4)) as url:
         yield url

@@ -52,17 +52,6 @@ VLLM_FIELDS: dict[str, tuple[Any, str]] = {  # vLLM's sampling extensions, honou
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from conftest import build_tiny
-
-    folder = tmp_path_factory.mktemp("parity") / "tiny-llama"
-    lm = build_tiny("llama")
-    lm.model.save_pretrained(folder)
-    lm.tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def server(tiny_model_dir: Path) -> Iterator[str]:
     with running_server(tiny_settings(tiny_model_dir, queue_size=32, served_model_aliases="m, gpt-local")) as url:
         yield url
