@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 from service_utils import running_server
-from test_openai_parity import tiny_model_dir  # noqa: F401  (the fixture)
 from test_service import tiny_settings
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]
