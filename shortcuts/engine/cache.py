@@ -36,6 +36,7 @@ class RowCall:
         self.rows_t = torch.tensor(self.rows, device=device)
         self.positions = torch.tensor(self.starts, device=device).unsqueeze(1) + torch.arange(q, device=device)
         self._masks: dict[int | None, Tensor | None] = {}
+        self.rope: dict[str | None, tuple[Tensor, Tensor]] = {}  # rotary cos/sin per kind (runner._rotary)
 
     def mask(self, window: int | None) -> Tensor | None:
         """Boolean mask (n, 1, q, kv_len), True where query j of a row (position start + j) sees key k:

@@ -98,12 +98,16 @@ class LayerRunner:
 
     # --- blocks ---------------------------------------------------------------------------------------
     def _rotary(self, i: int, call: RowCall, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
-        """cos/sin (n, q, D) at the call's positions for block i; (None, None) without rotary."""
+        """cos/sin (n, q, D) at the call's positions for block i, looked up once per call and rotary
+        kind (every block of a step reuses them); (None, None) without rotary."""
         if not self.rope:
             return None, None
-        cos, sin = self.rope[self.layer_types[i] if self.typed_rope else None]
-        pos = call.positions.clamp(max=self.context_length - 1).to(cos.device)  # padding stays in the table
-        return cos[pos].to(device), sin[pos].to(device)  # (n, q, D)
+        kind = self.layer_types[i] if self.typed_rope else None
+        if kind not in call.rope:
+            cos, sin = self.rope[kind]
+            pos = call.positions.clamp(max=self.context_length - 1).to(cos.device)  # padding stays in the table
+            call.rope[kind] = (cos[pos].to(device), sin[pos].to(device))  # (n, q, D)
+        return call.rope[kind]
 
     @torch.inference_mode()
     def block(self, i: int, h: Tensor, call: RowCall, cache: KVCache) -> Tensor:
