@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from shortcuts.engine.cache import RowCall
-from shortcuts.engine.exit_head import entropy, top_and_confidence
+from shortcuts.engine.exit_head import confidence_and_top, entropy, top_and_confidence
 from shortcuts.engine.sequence import Generation, OnToken, Pending, SequenceRun
 from shortcuts.engine.settings import GenerationSettings
 
@@ -260,9 +260,7 @@ class BatchDecoder:
         """Each sequence's gate on its row of exit logits; (top-1, confidence) of those that leave, else None.
         The rows' max-probability, top-1 (entropy, learned score) cross to the host together: one
         sync per check."""
-        logits = logits.float()
-        top_logit, top = logits.max(-1)
-        conf = 1.0 / torch.exp(logits - top_logit[:, None]).sum(-1)  # max softmax probability
+        conf, top = confidence_and_top(logits)
         columns = [conf, top.to(conf.dtype)]
         columns.append(entropy(logits) if any(s.settings.exit.gate == "entropy" for s in seqs) else conf)
         columns.append(conf if score is None else score.to(conf))

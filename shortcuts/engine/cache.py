@@ -77,10 +77,6 @@ class KVCache:
             self.values = [torch.zeros(shape, dtype=dtype, device=dev) for dev in devices]
         self.lengths: list[list[int]] = [[0] * num_rows for _ in range(num_layers)]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
-
     def length(self, layer: int, row: int = 0) -> int:
         return self.lengths[layer][row]
 

@@ -104,10 +104,16 @@ def max_probability(logits: Tensor) -> float:
 def top_and_confidence(logits: Tensor) -> list[tuple[int, float]]:
     """Top-1 token and max softmax probability of each row of (n, V) logits, brought to the host
     together: one device sync for all rows."""
+    conf, top = confidence_and_top(logits)
+    return [(int(t), c) for t, c in torch.stack([top.to(conf.dtype), conf], dim=1).tolist()]
+
+
+def confidence_and_top(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Max softmax probability and top-1 of each row of (n, V) logits, on their device:
+    1 / sum exp(l - max l), no normalised copy."""
     logits = logits.float()
     top_logit, top = logits.max(-1)
-    conf = 1.0 / torch.exp(logits - top_logit[:, None]).sum(-1)
-    return [(int(t), c) for t, c in torch.stack([top.to(conf.dtype), conf], dim=1).tolist()]
+    return 1.0 / torch.exp(logits - top_logit[:, None]).sum(-1), top
 
 
 def entropy(logits: Tensor) -> Tensor:

@@ -71,7 +71,6 @@ class LayerRunner:
         self.typed_rope = len(self.rope) > 1 or None not in self.rope
         head = lm.lm_head.weight
         self.unembedding = prepare(head, pack=True) if head.device.type == "cpu" else None
-        self.compiled = compile
         self._block_fn: Callable[..., Tensor] = compiled_block() if compile else block_forward
 
     def new_cache(self, rows: int = 1, capacity: int | None = None) -> KVCache:

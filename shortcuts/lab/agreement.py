@@ -26,7 +26,7 @@ from shortcuts.collect import read_corpus
 from shortcuts.engine.exit_head import ExitHead, entropy
 from shortcuts.engine.learned_gate import FEATURES, LearnedGate, build_features, head_stats
 from shortcuts.engine.settings import ExitSettings
-from shortcuts.lab.traces import all_levels
+from shortcuts.lab.traces import all_levels, first_usable
 
 
 @dataclass
@@ -79,13 +79,9 @@ def held_out_prompts(lm: CausalLM, corpus: str | Path, n: int, offset: int = 0, 
     ``seed``, skipping the first ``offset`` (so calibration and sweep use disjoint slices), tokenized."""
     texts = read_corpus(corpus)
     random.Random(seed).shuffle(texts)
-    out: list[list[int]] = []
-    for text in texts[offset:]:
-        ids = lm.tokenizer(text)["input_ids"][:max_tokens]
-        if len(ids) >= min_tokens:
-            out.append(ids)
-        if len(out) == n:
-            return out
+    out = first_usable(lm, texts[offset:], n, min_tokens, max_tokens)
+    if len(out) == n:
+        return out
     raise ValueError(f"{corpus} has only {len(out)} usable sentences after offset {offset}; {n} asked")
 
 

@@ -14,7 +14,6 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -22,15 +21,6 @@ if TYPE_CHECKING:
     from shortcuts.engine.settings import ExitSettings
 
 Arm = Callable[[list[int]], list[int]]
-
-
-def read_prompts(path: str | Path, tokenizer: Any, max_prompts: int | None, max_tokens: int = 256) -> list[list[int]]:
-    """Token ids of the prompts of a .jsonl ({"text": ...} per line) or text file (one per line)."""
-    from shortcuts.collect import read_corpus
-
-    texts = read_corpus(path)[: max_prompts or None]
-    prompts = [tokenizer(t)["input_ids"][-max_tokens:] for t in texts]
-    return [p for p in prompts if p]
 
 
 def stored_exit(extra: dict[str, Any], args: argparse.Namespace, num_layers: int) -> ExitSettings:
@@ -98,6 +88,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from shortcuts.adapter import CausalLM
     from shortcuts.artifact import JumpArtifact
     from shortcuts.lab.bench import hf_generate
+    from shortcuts.lab.traces import read_prompts
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -105,7 +96,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     lm = CausalLM.load(args.model, dtype=args.dtype, device=args.device)
     artifact.check_model(lm)
     exits = stored_exit(artifact.extra, args, lm.num_layers)
-    prompts = read_prompts(args.prompts, lm.tokenizer, args.max_prompts)
+    prompts = read_prompts(lm, args.prompts, args.max_prompts, max_tokens=256)
     arms: dict[str, Arm] = {"hf_generate": lambda ids: hf_generate(lm, ids, args.new_tokens)}
     arms.update(engine_arms(lm, artifact.jump.to(lm.device), exits, args.new_tokens, args.compile))
     result = summarize(time_arms(arms, prompts))

@@ -94,14 +94,23 @@ def tokenize_prompts(lm: CausalLM, texts: list[str], n: int, seed: int, min_toke
     """``n`` shuffled texts, tokenized and cut to ``max_tokens``; shorter than ``min_tokens`` skipped."""
     texts = list(texts)
     random.Random(seed).shuffle(texts)
+    out = first_usable(lm, texts, n, min_tokens, max_tokens)
+    if len(out) < n:
+        raise ValueError(f"only {len(out)} usable texts; {n} asked")
+    return out
+
+
+def first_usable(lm: CausalLM, texts: list[str], n: int, min_tokens: int, max_tokens: int) -> list[list[int]]:
+    """The first ``n`` texts (in order) with at least ``min_tokens`` tokens, cut to ``max_tokens``
+    (fewer when the texts run out)."""
     out: list[list[int]] = []
     for text in texts:
         ids = lm.tokenizer(text)["input_ids"][:max_tokens]
         if len(ids) >= min_tokens:
             out.append(ids)
         if len(out) == n:
-            return out
-    raise ValueError(f"only {len(out)} usable texts; {n} asked")
+            break
+    return out
 
 
 def read_prompts(lm: CausalLM, path: str | Path, n: int | None = None, max_tokens: int = 64) -> list[list[int]]:
