@@ -60,17 +60,25 @@ def preflight(settings: Settings) -> None:
 @dataclass(frozen=True)
 class ExitDefaults:
     """What a request's ``early_exit`` falls back to: flags/env first, then the artifact's
-    calibration (``onejump calibrate``: gate, threshold, first level, stride) when it is for the
-    gate in use, then built-ins."""
+    calibration (gate, threshold, first level, stride) when it is for the gate in use, then
+    built-ins. ``exact``: exact mode's own calibration (``extra["calibration_exact"]``: threshold,
+    first level, stride, max_draft), used for exact requests unless flags/env set the exit fields."""
 
     gate: str = "confidence"
     threshold: float = 0.9
     min_layer: int = 1
     stride: int = 1
     source: str = "built-in"
+    exact: dict[str, Any] | None = None
+
+    def fields(self, mode: str) -> dict[str, Any]:
+        """The exit fields a request in ``mode`` starts from."""
+        base = {"gate": self.gate, "threshold": self.threshold, "min_layer": self.min_layer, "stride": self.stride}
+        return base | self.exact if mode == "exact" and self.exact is not None else base
 
 
-def exit_defaults(calibration: dict[str, Any], settings: Settings, num_layers: int) -> ExitDefaults:
+def exit_defaults(calibration: dict[str, Any], settings: Settings, num_layers: int,
+                  exact: dict[str, Any] | None = None) -> ExitDefaults:
     gate = settings.exit_gate or str(calibration.get("gate", "confidence"))
     usable = bool(calibration) and calibration.get("gate", "confidence") == gate
     if calibration and not usable:
@@ -83,7 +91,12 @@ def exit_defaults(calibration: dict[str, Any], settings: Settings, num_layers: i
     stride = base.stride if settings.exit_stride is None else settings.exit_stride
     if not 1 <= min_layer < num_layers:
         raise ValueError(f"exit_min_layer={min_layer} must be in [1, {num_layers - 1}] for {settings.model}")
-    return ExitDefaults(gate, threshold, min_layer, stride, base.source)
+    overridden = (settings.exit_threshold, settings.exit_min_layer, settings.exit_stride) != (None, None, None)
+    own = None
+    if exact and not overridden and exact.get("gate", "confidence") == gate:
+        own = {"threshold": float(exact["threshold"]), "min_layer": int(exact["min_layer"]),
+               "stride": int(exact["stride"]), "max_draft": int(exact["max_draft"])}
+    return ExitDefaults(gate, threshold, min_layer, stride, base.source, own)
 
 
 def load_decoder(settings: Settings) -> tuple[Engine, ExitDefaults]:
@@ -95,17 +108,18 @@ def load_decoder(settings: Settings) -> tuple[Engine, ExitDefaults]:
     device = resolve_device(settings.device)
     lm = CausalLM.load(settings.model, dtype=resolve_dtype(settings, device), device=device,
                        quantization=settings.quantization)
-    jump, calibration, learned = None, {}, None
+    jump, calibration, learned, exact = None, {}, None, None
     if settings.jump:
         artifact = JumpArtifact.load(Path(settings.jump))
         artifact.check_model(lm)
         jump = artifact.jump.to(lm.device)
         calibration = artifact.extra.get("calibration", {})
+        exact = artifact.extra.get("calibration_exact")
         if "gate" in artifact.extra:
             from shortcuts.engine.learned_gate import LearnedGate
 
             learned = LearnedGate.from_dict(artifact.extra["gate"])
-    defaults = exit_defaults(calibration, settings, lm.num_layers)
+    defaults = exit_defaults(calibration, settings, lm.num_layers, exact)
     if defaults.gate == "learned" and learned is None:
         raise ValueError(f"exit_gate=learned, but {settings.jump or 'no jump artifact'} holds no learned gate")
     log.info("loaded %s on %s (%d layers), jump %s, exit defaults %s", settings.model, device,

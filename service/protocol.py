@@ -32,6 +32,7 @@ class EarlyExit(BaseModel):
     min_layer: int | None = Field(None, ge=1)
     stride: int | None = Field(None, ge=1)
     patience: int | None = Field(None, ge=1)
+    max_draft: int | None = Field(None, ge=1, le=16, description="exact mode: most drafts verified at once")
 
 
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs

@@ -161,8 +161,8 @@ class Serving:
         defaults = self.engine.exit_defaults
         if defaults is None:
             raise NotReadyError("the model is still loading; try again when /ready answers 200")
-        exits: dict[str, Any] = {"mode": s.exit_mode, "gate": defaults.gate, "threshold": defaults.threshold,
-                                 "min_layer": defaults.min_layer, "stride": defaults.stride}
+        mode = ee.mode if ee is not None and ee.mode is not None else s.exit_mode
+        exits: dict[str, Any] = {"mode": mode, **defaults.fields(mode)}
         if ee is not None:
             exits |= ee.model_dump(exclude_none=True)
         try:

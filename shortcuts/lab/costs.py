@@ -1,18 +1,22 @@
 """Per-token costs measured on the machine at hand, in decoder blocks: what calibration ranks by.
 
-A block (one token, 64 cached positions), a block on 4 tokens at once (what catch-up runs the
-skipped layers in), the full LM head, and an exit check per gate kind (the fused exit head plus
+A block (one token, 64 cached positions, timed over a pass through every block as decoding reads
+them), a block on 4 tokens at once (what catch-up runs the skipped layers in), the full LM head,
+and an exit check per gate kind (timed right after a pass, with cold caches as in decoding) (the fused exit head plus
 the gate: max probability, entropy, or the learned gate's features and score). Medians of
 ``repeats`` runs, so one busy moment on a shared machine does not set the figure.
 """
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
 
+from shortcuts.engine.cache import RowCall
 from shortcuts.engine.exit_head import ExitHead, entropy, max_probability
 from shortcuts.engine.learned_gate import LearnedGate, gate_features
 from shortcuts.jump import JumpConfig, LowRankJumps
@@ -21,41 +25,72 @@ from shortcuts.lab.bench import _median_seconds
 
 if TYPE_CHECKING:
     from shortcuts.adapter import CausalLM
-    from shortcuts.engine.runner import Chunk
+    from shortcuts.engine.runner import LayerRunner
+
+
+class _Pass:
+    """Every block of a runner in turn on one row's q tokens after ``ctx`` cached positions: what one
+    decoding step reads. Timing one block alone keeps its weights in the CPU's caches (4-16x faster
+    than in decoding, where ~L blocks' weights pass between two reads of the same block); so blocks
+    are timed over a whole pass, and the head and checks right after a pass, cold as in decoding."""
+
+    def __init__(self, runner: LayerRunner, q: int, ctx: int = 64):
+        self.runner, self.ctx = runner, ctx
+        self.cache = runner.new_cache(1, ctx + q + 1)
+        dev = runner.lm.device
+        self.h = torch.randn(1, q, runner.lm.hidden_size, generator=torch.Generator().manual_seed(q)).to(dev)
+        self.call = RowCall([0], [ctx], [q], q, dev)
+
+    def __call__(self) -> None:
+        for lengths in self.cache.lengths:
+            lengths[0] = self.ctx
+        for i in range(self.runner.num_layers):
+            self.runner.block(i, self.h, self.call, self.cache)
+
+
+def _interleaved(passes: dict[str, _Pass], after_pass: dict[str, Callable[[], object]], evict: _Pass,
+                 repeats: int) -> dict[str, float]:
+    """Median seconds per block of each pass and of each ``after_pass`` call right after ``evict``
+    (untimed), all interleaved repeat by repeat, so a busy moment on a shared machine moves every
+    figure alike; the first repeat warms up."""
+    times: dict[str, list[float]] = {k: [] for k in (*passes, *after_pass)}
+    for _ in range(repeats + 1):
+        for name, p in passes.items():
+            t0 = time.perf_counter()
+            p()
+            times[name].append((time.perf_counter() - t0) / p.runner.num_layers)
+        for name, fn in after_pass.items():
+            evict()
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v[1:]) for k, v in times.items()}
 
 
 @torch.inference_mode()
 def measure(lm: CausalLM, jump: LowRankJumps | None, gate: LearnedGate | None = None,
             repeats: int = 30) -> dict[str, float]:
-    """Milliseconds per token: block, block x4 (4 tokens at once), full head, exit head and checks."""
+    """Milliseconds per token: block, block x4 (per block, 4 tokens of a row at once), full head, exit
+    head and checks; blocks over whole passes, the rest right after one (see ``_Pass``)."""
     from shortcuts.engine.runner import LayerRunner
 
     runner = LayerRunner(lm, 128)
-    cache = runner.new_cache()
-    ids = torch.randint(lm.vocab_size // 4, lm.vocab_size, (1, 65), generator=torch.Generator().manual_seed(0))
-    runner.forward(ids[:, :64], cache)
-    token, chunk4 = runner.embed(ids[:, 64:], 64), runner.embed(ids[:, 61:65], 64)
-    h, h4 = token.h, chunk4.h
-
-    def block(chunk: Chunk, state: Tensor) -> None:
-        cache.crop_row(0, 64)
-        runner.block(0, state, chunk.call(), cache)
-
+    one, four = _Pass(runner, 1), _Pass(runner, 4)
     head = ExitHead(lm, jump)
-    state, level = h[0].float(), lm.num_layers // 2
+    state, level = one.h[0].float(), lm.num_layers // 2
     prev, conf = torch.zeros(1, dtype=torch.long), torch.ones(1)
-    out = {"block": _median_seconds(lambda: block(token, h), repeats),
-           "block x4": _median_seconds(lambda: block(chunk4, h4), repeats),
-           "full head": _median_seconds(lambda: runner.full_logits(state), repeats),  # the engine's head
-           "exit head": _median_seconds(lambda: head(state, level), repeats),
-           "check confidence": _median_seconds(lambda: max_probability(head(state, level)[0]), repeats),
-           "check entropy": _median_seconds(lambda: float(entropy(head(state, level)[0])), repeats)}
+    after: dict[str, Callable[[], object]] = {
+        "full head": lambda: runner.full_logits(state),  # the engine's head
+        "exit head": lambda: head(state, level),
+        "check confidence": lambda: max_probability(head(state, level)[0]),
+        "check entropy": lambda: float(entropy(head(state, level)[0]))}
     if gate is not None:
         def learned() -> None:
             f, _, _ = gate_features(head(state, level), level, lm.num_layers, state, state, prev, conf)
             gate.score(f)
 
-        out["check learned"] = _median_seconds(learned, repeats)
+        after["check learned"] = learned
+    out = _interleaved({"block": one, "block x4": four}, after, one, max(3, repeats // 3))
     return {k: 1000 * v for k, v in out.items()}
 
 

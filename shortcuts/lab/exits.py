@@ -112,17 +112,33 @@ def run_agreement(cfg: AgreementConfig) -> dict[str, Any]:
     agree = picked == table.final_top
     costs, skip, ms = _costs(cfg.costs, lm, jump, gate, setting.gate)
     first = oracle_levels(table)["first_hit"].float().mean()
+    exact = _exact_replay(artifact.extra, table, costs, skip, given)
     return {
         "agreement": float(agree.float().mean()), "agreement_lower": bootstrap_lower_bound(agree, table.prompt),
         "mean_exit_layer": float(level.float().mean()), "num_layers": L,
         "exit_rate": float((level < L).float().mean()), "ceiling_mean_exit_layer": float(first),
         "ceiling_speedup": L / float(first),
         "predicted_speedup": predicted_speedup(costs, level, setting, L, skip),
-        "setting": asdict(setting), "tokens": len(table), "prompts": table.num_prompts,
+        "setting": asdict(setting), "exact": exact, "tokens": len(table), "prompts": table.num_prompts,
         "costs": {"source": cfg.costs, "check_blocks": costs.check, "head_blocks": costs.head,
                   "skipped_layer_blocks": skip, "ms": ms},
         "jump": cfg.jump, "model": lm.name,
     }
+
+
+def _exact_replay(extra: dict[str, Any], table: LevelTable, costs: Any, skip: float,
+                  given: dict[str, Any]) -> dict[str, Any] | None:
+    """Exact mode's stored setting (``extra["calibration_exact"]``) replayed on the table: predicted
+    speed-up and acceptance; None without one, or when flags set the exit fields."""
+    from shortcuts.lab.exact import ExactCalibration, replay_exact
+
+    own = extra.get("calibration_exact")
+    if own is None or any(v is not None for v in given.values()):
+        return None
+    c = ExactCalibration(own.get("gate", "confidence"), float(own["threshold"]), int(own["min_layer"]),
+                         int(own["stride"]), int(own["max_draft"]), 0.0, 0, 0)
+    return {"setting": {k: v for k, v in c.as_dict().items() if k in ("threshold", "min_layer", "stride", "max_draft")},
+            **replay_exact(table, c, costs, skip)}
 
 
 def _costs(kind: str, lm: CausalLM, jump: Any, gate: LearnedGate | None,

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from shortcuts.adapter import CausalLM
-    from shortcuts.engine.settings import ExitSettings
+    from shortcuts.engine.settings import ExitSettings, Mode
 
 Arm = Callable[[list[int]], list[int]]
 
@@ -37,7 +37,21 @@ def stored_exit(extra: dict[str, Any], args: argparse.Namespace, num_layers: int
     return s
 
 
-def engine_arms(lm: CausalLM, jump: Any, exits: ExitSettings, new_tokens: int, compile: bool) -> dict[str, Arm]:
+def stored_exact(extra: dict[str, Any], args: argparse.Namespace, approximate: ExitSettings) -> ExitSettings:
+    """Exact mode's setting: the flags given (as for approximate), else the artifact's exact
+    calibration (``extra["calibration_exact"]``), else the approximate setting."""
+    from dataclasses import replace
+
+    own = extra.get("calibration_exact")
+    flags = (args.gate, args.threshold, args.min_layer, args.stride)
+    if own is None or flags != (None, None, None, None) or own.get("gate", "confidence") != approximate.gate:
+        return replace(approximate, mode="exact")
+    return replace(approximate, mode="exact", threshold=float(own["threshold"]), min_layer=int(own["min_layer"]),
+                   stride=int(own["stride"]), max_draft=int(own["max_draft"]))
+
+
+def engine_arms(lm: CausalLM, jump: Any, exits: ExitSettings, exact: ExitSettings, new_tokens: int,
+                compile: bool) -> dict[str, Arm]:
     from dataclasses import replace
 
     from shortcuts.engine.decoder import EarlyExitDecoder
@@ -49,8 +63,9 @@ def engine_arms(lm: CausalLM, jump: Any, exits: ExitSettings, new_tokens: int, c
         dec = EarlyExitDecoder(lm, jump, compile=compiled)
         if compiled:
             print(f"compiled blocks in {dec.compile_seconds:.1f}s", file=sys.stderr)
-        for mode in ("off", "approximate", "exact"):
-            s = GenerationSettings(max_new_tokens=new_tokens, stop_token_ids=(), exit=replace(exits, mode=mode))
+        runs: tuple[tuple[Mode, ExitSettings], ...] = (("off", exits), ("approximate", exits), ("exact", exact))
+        for mode, setting in runs:
+            s = GenerationSettings(max_new_tokens=new_tokens, stop_token_ids=(), exit=replace(setting, mode=mode))
             arms[mode + suffix] = lambda ids, dec=dec, s=s: dec.generate(ids, s).tokens  # type: ignore[misc]
     return arms
 
@@ -96,17 +111,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     lm = CausalLM.load(args.model, dtype=args.dtype, device=args.device)
     artifact.check_model(lm)
     exits = stored_exit(artifact.extra, args, lm.num_layers)
+    exact = stored_exact(artifact.extra, args, exits)
     prompts = read_prompts(lm, args.prompts, args.max_prompts, max_tokens=256)
     arms: dict[str, Arm] = {"hf_generate": lambda ids: hf_generate(lm, ids, args.new_tokens)}
-    arms.update(engine_arms(lm, artifact.jump.to(lm.device), exits, args.new_tokens, args.compile))
+    arms.update(engine_arms(lm, artifact.jump.to(lm.device), exits, exact, args.new_tokens, args.compile))
     result = summarize(time_arms(arms, prompts))
-    return {**result, "setting": {k: getattr(exits, k) for k in ("gate", "threshold", "min_layer", "stride")},
+    keys = ("gate", "threshold", "min_layer", "stride")
+    return {**result, "setting": {k: getattr(exits, k) for k in keys},
+            "exact_setting": {k: getattr(exact, k) for k in (*keys, "max_draft")},
             "model": str(args.model), "jump": str(args.jump), "num_layers": lm.num_layers, "prompts": len(prompts),
             "new_tokens": args.new_tokens, "threads": torch.get_num_threads()}
 
 
 def text_report(r: dict[str, Any]) -> str:
-    lines = [f"{r['prompts']} prompts x {r['new_tokens']} tokens, {r['threads']} thread(s), setting {r['setting']}",
+    lines = [f"{r['prompts']} prompts x {r['new_tokens']} tokens, {r['threads']} thread(s), setting {r['setting']}, "
+             f"exact {r['exact_setting']}",
              f"{'arm':<22} {'tok/s':>8} {'vs off':>7} {'same as off':>12}"]
     for name, v in r["tok_s"].items():
         lines.append(f"{name:<22} {v:8.2f} {r['speedup'][name]:7.2f} {r['same_as_off'][name]:12.3f}")
