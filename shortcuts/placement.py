@@ -44,8 +44,10 @@ class OffloadError(OnejumpError):
 
 
 def device_list(spec: str | Sequence[Device]) -> list[Device]:
-    """``"cuda:0,cuda:1"`` (or a list) -> the devices, at least one, none of them an offload target."""
-    items: list[Device] = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    """``"cuda:0,cuda:1"`` (or ``"0,1"``, or a list) -> the devices, at least one, none of them an
+    offload target; a bare integer is a CUDA index (accelerate's spelling)."""
+    items: list[Device] = [int(s) if s.strip().isdigit() else s.strip() for s in spec.split(",")] \
+        if isinstance(spec, str) else list(spec)
     if not items or any(d == "" for d in items):
         raise ValueError(f"a device list needs one or more comma-separated devices (cuda:0,cuda:1); got {spec!r}")
     bad = [d for d in items if str(d) in OFFLOAD]
@@ -53,7 +55,7 @@ def device_list(spec: str | Sequence[Device]) -> list[Device]:
         raise OffloadError(f"device map {spec!r} offloads to {', '.join(map(str, bad))}: the engine reads the weights "
                            "directly, so every module must be on a device (cuda:N or cpu)")
     for d in items:
-        torch.device(d)  # RuntimeError for a misspelled device
+        as_device(d)  # RuntimeError for a misspelled device
     return items
 
 

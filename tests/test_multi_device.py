@@ -1,0 +1,259 @@
+"""One model split over several devices (accelerate device maps), on a machine with one CPU.
+
+torch has one CPU device, so the tests give the engine two *device keys* instead:
+``torch.device("cpu", 0)`` and ``torch.device("cpu", 1)`` are different devices to every dict and
+comparison in the engine (so it makes a copy of the exit head, the rotary tables and a moved call
+per key, and moves the states at the cut), while tensors sent to either land in CPU memory. A
+recording dispatch mode then maps every storage an op reads back to its owner (block weights,
+KV buffers, exit-head copies, rotary copies, the full head) and checks that a token which exits
+at level l read nothing owned by a later device. Real GPUs have not run this (docs/scale.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import build_tiny
+from test_engine import fitted_jump, sharpen
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from shortcuts.adapter import CausalLM
+from shortcuts.engine.decoder import EarlyExitDecoder
+from shortcuts.engine.settings import ExitSettings, GenerationSettings
+from shortcuts.jump import LowRankJumps
+from shortcuts.placement import (
+    OffloadError,
+    Placement,
+    device_list,
+    map_device,
+    refuse_offload,
+    resolve_map,
+    split_map,
+)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+CPU0, CPU1 = torch.device("cpu", 0), torch.device("cpu", 1)
+PROMPTS = ["the king of the north city was old", "a river of gold and the sea", "the band and the song"]
+
+
+def two_devices(lm: CausalLM, cut: int = 2) -> list[torch.device]:
+    """Blocks 0..cut-1 on "cpu:0", the rest on "cpu:1", as the engine sees them."""
+    devices = [CPU0] * cut + [CPU1] * (lm.num_layers - cut)
+    lm.block_devices = lambda: devices  # type: ignore[method-assign]
+    return devices
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[CausalLM, CausalLM, LowRankJumps]:
+    """The same sharpened tiny Llama twice: plain, and loaded with a device map (blocks split over
+    two CPU entries, accelerate's hooks installed as a multi-GPU load would), seen as two devices."""
+    from accelerate import dispatch_model
+
+    plain = sharpen(build_tiny("llama"))
+    folder = Path(tmp_path_factory.mktemp("split")) / "tiny"
+    plain.model.save_pretrained(folder)
+    plain.tokenizer.save_pretrained(folder)
+    split = CausalLM.load(folder, device_map="cpu,cpu")
+    dispatch_model(split.model, split_map(split.config, ["cpu", "cpu"]), main_device="cpu", force_hooks=True)
+    assert hasattr(split.layers[0], "_hf_hook")
+    two_devices(split)
+    return plain, split, fitted_jump(plain)
+
+
+def gen_settings(mode: str, threshold: float, kv_policy: str = "catchup", **kw: Any) -> GenerationSettings:
+    return GenerationSettings(**{"max_new_tokens": 20, **kw}, stop_token_ids=(),
+                              exit=ExitSettings(mode=mode, threshold=threshold, kv_policy=kv_policy))
+
+
+# --- the plan, from names alone -------------------------------------------------------------------------
+def test_split_map_cuts_the_blocks_evenly_over_named_devices() -> None:
+    from conftest import tiny_config
+
+    config = tiny_config("llama", layers=5)  # untied head
+    m = split_map(config, ["cuda:0", "cuda:1"])
+    assert [m[f"model.layers.{i}"] for i in range(5)] == ["cuda:0"] * 3 + ["cuda:1"] * 2
+    assert (m["model.embed_tokens"], m["model.norm"], m["lm_head"]) == ("cuda:0", "cuda:1", "cuda:1")
+    assert resolve_map("cuda:0, cuda:1", config) == m
+    plan = Placement.from_map(config, m)
+    cuda0, cuda1 = torch.device("cuda", 0), torch.device("cuda", 1)
+    assert plan.blocks == (cuda0,) * 3 + (cuda1,) * 2
+    assert [plan.check(level) for level in range(1, 5)] == [cuda0, cuda0, cuda0, cuda1]  # level 3 reads block 3
+    assert plan.head == cuda1
+    assert plan.stages() == [(cuda0, range(0, 3)), (cuda1, range(3, 5))]
+    with torch.device("meta"):  # every weight of the model has an entry (what accelerate needs)
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(config)
+    assert {str(map_device(m, n.rpartition(".")[0])) for n, _ in model.named_parameters()} == {"cuda:0", "cuda:1"}
+
+
+def test_a_tied_head_stays_with_the_embedding_and_integers_are_cuda() -> None:
+    from conftest import tiny_config
+
+    config = tiny_config("gpt2", layers=4)  # GPT-2 ties lm_head to wte
+    m = split_map(config, [0, 1])
+    assert m["transformer.wte"] == m["lm_head"] == 0
+    assert m["transformer.ln_f"] == 1
+    plan = Placement.from_map(config, m)
+    assert plan.head == torch.device("cuda", 0)
+    assert plan.devices == [torch.device("cuda", 0), torch.device("cuda", 1)]
+
+
+@pytest.mark.parametrize(("spec", "error", "match"), [
+    ("", ValueError, "one or more"),
+    ("cuda:0,disk", OffloadError, "disk"),
+    ("cuda:0,gpu7", RuntimeError, "gpu7"),
+])
+def test_device_lists_are_checked(spec: str, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        device_list(spec)
+
+
+def test_offloading_is_refused_by_name(tmp_path: Path) -> None:
+    lm = build_tiny("llama")
+    lm.model.save_pretrained(tmp_path)
+    lm.tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(OffloadError, match=r"\(the whole model\) -> disk"):
+        CausalLM.load(tmp_path, device_map={"": "disk"})
+    with pytest.raises(OffloadError, match="model.norm -> meta"):
+        CausalLM.load(tmp_path, device_map={"model.embed_tokens": "cpu", "model.layers": "cpu", "model.norm": "meta",
+                                            "model.rotary_emb": "cpu", "lm_head": "cpu"})
+    with pytest.raises(OffloadError, match=r"model.layers.3.mlp.up_proj.weight \(meta\)"):  # accelerate's CPU offload
+        refuse_offload({"model.layers.3": "cpu"}, ["model.layers.3.mlp.up_proj.weight"])
+    assert resolve_map("balanced", lm.config) == "balanced"
+
+
+# --- the engine over two device keys ---------------------------------------------------------------------
+def test_each_check_has_its_head_copy_on_its_blocks_device(models: tuple[CausalLM, CausalLM, LowRankJumps]) -> None:
+    _, split, jump = models
+    dec = EarlyExitDecoder(split, jump)
+    assert dec.runner.blocks.devices == (CPU0, CPU0, CPU1, CPU1)
+    head = dec.exit_head
+    assert [head.levels[level].device for level in (1, 2, 3)] == [CPU0, CPU0, CPU1]
+    assert head.levels[1].W is head.levels[2].W  # one copy per device for a bank of one jump
+    ptr = [head.levels[level].W.untyped_storage().data_ptr() for level in (1, 3)]  # type: ignore[union-attr]
+    assert ptr[0] != ptr[1]
+    assert set(dec.runner.rope) == {CPU0, CPU1}
+    identity = EarlyExitDecoder(split, None, check=False).exit_head
+    assert identity.levels[3].ctx is not identity.levels[1].ctx  # the logit lens copies W_U and the norm
+
+
+@pytest.mark.parametrize(("mode", "kv_policy"), [("approximate", "catchup"), ("approximate", "copy"),
+                                                 ("exact", "catchup")])
+def test_split_model_decodes_token_identically(models: tuple[CausalLM, CausalLM, LowRankJumps], mode: str,
+                                               kv_policy: str) -> None:
+    """Alone and in a batch, greedy, exits on: the same tokens and the same exit levels."""
+    plain, split, jump = models
+    ref, dec = EarlyExitDecoder(plain, jump), EarlyExitDecoder(split, jump)
+    ids = [plain.tokenizer(p).input_ids for p in PROMPTS]
+    levels: set[int] = set()
+    for threshold in (0.3, 0.6):
+        s = gen_settings(mode, threshold, kv_policy)
+        for p in ids:
+            a, b = ref.generate(p, s), dec.generate(p, s)
+            assert a.tokens == b.tokens
+            assert [t.exit_layer for t in a.trace] == [t.exit_layer for t in b.trace]
+            levels |= {t.exit_layer for t in b.trace}
+        together = dec.batch(3).generate(ids, s)
+        assert [g.tokens for g in together] == [ref.generate(p, s).tokens for p in ids]
+    assert levels & {1, 2}  # tokens left on device 0
+    assert split.num_layers in levels  # others went to the top
+    assert mode == "exact" or 3 in levels  # and on device 1 (exact mode: only the drafts the top accepted show)
+
+
+def test_split_model_samples_like_the_plain_one(models: tuple[CausalLM, CausalLM, LowRankJumps]) -> None:
+    plain, split, jump = models
+    s = gen_settings("exact", 0.3, temperature=0.8, seed=5)
+    ids = plain.tokenizer(PROMPTS[0]).input_ids
+    ours = EarlyExitDecoder(split, jump).generate(ids, s)
+    assert ours.tokens == EarlyExitDecoder(plain, jump).generate(ids, s).tokens
+    assert ours.stats.drafted > 0
+
+
+# --- what a step reads -----------------------------------------------------------------------------------
+def storage_key(t: torch.Tensor) -> tuple[str, int] | None:
+    if t.is_mkldnn:
+        return "id", id(t)  # oneDNN-packed weights have no storage; the op gets the tensor itself
+    if t.device.type == "meta" or t.numel() == 0:
+        return None
+    return "ptr", t.untyped_storage().data_ptr()
+
+
+class StorageReads(TorchDispatchMode):
+    """The storages every op reads (its tensor arguments)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.keys: set[tuple[str, int]] = set()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        for a in tree_flatten((args, kwargs or {}))[0]:
+            if isinstance(a, torch.Tensor) and (key := storage_key(a)) is not None:
+                self.keys.add(key)
+        return func(*args, **(kwargs or {}))
+
+
+def owners(dec: EarlyExitDecoder, cache: Any, devices: list[torch.device]) -> dict[tuple[str, int], tuple[str, Any]]:
+    """storage -> (what, where): block weights and KV buffers by block, head and rotary copies by
+    device, the full head ("full")."""
+    out: dict[tuple[str, int], tuple[str, Any]] = {}
+
+    def own(tensors: Any, owner: tuple[str, Any]) -> None:
+        for t in tree_flatten(tensors)[0]:
+            if isinstance(t, torch.Tensor) and (key := storage_key(t)) is not None:
+                assert out.setdefault(key, owner) == owner, (owner, out[key])
+
+    for i, w in enumerate(dec.runner.blocks.weights):
+        own(list(w), ("block", i))
+        own([cache.keys[i], cache.values[i]], ("kv", i))
+    for head in dec.exit_head.levels.values():
+        own(head.tensors(), ("head", head.device))
+    for dev, tables in dec.runner.rope.items():
+        own(list(tables.values()), ("rope", dev))
+    own([dec.runner.unembedding, dec.lm.norm.weight], ("full", None))
+    return out
+
+
+def device_of(owner: tuple[str, Any], devices: list[torch.device]) -> torch.device:
+    what, where = owner
+    return devices[where] if what in ("block", "kv") else devices[-1] if what == "full" else where
+
+
+@pytest.mark.parametrize("mode", ["approximate", "exact"])
+def test_an_exited_token_reads_nothing_of_a_later_device(models: tuple[CausalLM, CausalLM, LowRankJumps],
+                                                         mode: str) -> None:
+    """Every step of a decode, recorded: a token that leaves at level l reads only blocks 1..l and
+    their KV buffers, the head copy on block l's device, and nothing on a later device (no full
+    head). Steps that reach the top do read block L and the full head (the recording sees them)."""
+    _, split, jump = models
+    devices = split.block_devices()
+    dec = EarlyExitDecoder(split, jump)
+    batch = dec.single
+    L = split.num_layers
+    seq = batch.add(split.tokenizer(PROMPTS[0]).input_ids, gen_settings(mode, 0.4, max_new_tokens=24))
+    table = owners(dec, batch.cache, devices)
+    seen: dict[int, int] = {}
+    while not seq.done:
+        skipped = seq.stats.layers_skipped
+        with StorageReads() as reads:
+            batch.step()
+        level = L - (seq.stats.layers_skipped - skipped)
+        read = {table[k] for k in reads.keys if k in table}
+        seen[level] = seen.get(level, 0) + 1
+        blocks = {i for what, i in read if what == "block"}
+        assert blocks == set(range(level)), (level, read)
+        assert {i for what, i in read if what == "kv"} <= blocks
+        if level < L:
+            assert ("full", None) not in read
+            assert ("head", devices[level - 1]) in read  # the check at l used the copy on l's device
+            assert {device_of(o, devices) for o in read} <= set(devices[:level]), (level, read)
+        else:
+            assert ("full", None) in read
+            assert ("block", L - 1) in read
+    assert any(level <= 2 for level in seen), seen  # exits on device 0
+    assert L in seen, seen  # and full-depth steps
