@@ -55,8 +55,40 @@ def device_list(spec: str | Sequence[Device]) -> list[Device]:
         raise OffloadError(f"device map {spec!r} offloads to {', '.join(map(str, bad))}: the engine reads the weights "
                            "directly, so every module must be on a device (cuda:N or cpu)")
     for d in items:
-        as_device(d)  # RuntimeError for a misspelled device
+        try:
+            as_device(d)
+        except RuntimeError:
+            raise ValueError(f"{d!r} in device map {spec!r} is not a device (cuda:0, cuda:1, 0, cpu, ...)") from None
     return items
+
+
+def parse_device_map(text: str) -> DeviceMap:
+    """A device map as a user writes it (a setting, a flag): a strategy name, a JSON object
+    ``{"module": device}``, or a comma-separated device list. Offload targets are refused."""
+    text = text.strip()
+    if text in STRATEGIES:
+        return text
+    if text.startswith("{"):
+        import json
+
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"the device map is not valid JSON: {e}") from None
+        if not isinstance(value, dict) or not all(isinstance(d, int | str) for d in value.values()):
+            raise ValueError("a JSON device map is an object of module name -> device (\"cuda:1\" or 1)")
+        refuse_offload(value)
+        return value
+    return device_list(text)
+
+
+def map_main_device(device_map: DeviceMap) -> str:
+    """The device a map starts on (embeddings, the first blocks), for defaults such as the dtype:
+    a strategy means CUDA when there is one."""
+    if isinstance(device_map, str) and device_map in STRATEGIES:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    items = device_list(device_map) if not isinstance(device_map, Mapping) else list(device_map.values())
+    return str(as_device(items[0]))
 
 
 def resolve_map(device_map: DeviceMap, config: Any) -> str | dict[str, Device]:
@@ -167,6 +199,13 @@ class Placement:
                 out.append((self.blocks[start], range(start, i)))
                 start = i
         return out
+
+    def describe(self) -> str:
+        """``cuda:0`` on one device; ``blocks 0-14 on cuda:0, 15-29 on cuda:1, head on cuda:1`` on several."""
+        if len(self.devices) == 1:
+            return str(self.head)
+        runs = [f"{r.start}-{r.stop - 1} on {dev}" if len(r) > 1 else f"{r.start} on {dev}" for dev, r in self.stages()]
+        return f"blocks {', '.join(runs)}, head on {self.head}"
 
     @classmethod
     def from_map(cls, config: Any, device_map: Mapping[str, Device]) -> Placement:

@@ -85,6 +85,7 @@ def test_split_map_cuts_the_blocks_evenly_over_named_devices() -> None:
     assert [plan.check(level) for level in range(1, 5)] == [cuda0, cuda0, cuda0, cuda1]  # level 3 reads block 3
     assert plan.head == cuda1
     assert plan.stages() == [(cuda0, range(0, 3)), (cuda1, range(3, 5))]
+    assert plan.describe() == "blocks 0-2 on cuda:0, 3-4 on cuda:1, head on cuda:1"
     with torch.device("meta"):  # every weight of the model has an entry (what accelerate needs)
         from transformers import AutoModelForCausalLM
 
@@ -107,7 +108,7 @@ def test_a_tied_head_stays_with_the_embedding_and_integers_are_cuda() -> None:
 @pytest.mark.parametrize(("spec", "error", "match"), [
     ("", ValueError, "one or more"),
     ("cuda:0,disk", OffloadError, "disk"),
-    ("cuda:0,gpu7", RuntimeError, "gpu7"),
+    ("cuda:0,gpu7", ValueError, "'gpu7' in device map"),
 ])
 def test_device_lists_are_checked(spec: str, error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
@@ -257,3 +258,29 @@ def test_an_exited_token_reads_nothing_of_a_later_device(models: tuple[CausalLM,
             assert ("block", L - 1) in read
     assert any(level <= 2 for level in seen), seen  # exits on device 0
     assert L in seen, seen  # and full-depth steps
+
+
+# --- the server setting ----------------------------------------------------------------------------------
+def test_the_device_map_setting(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    from service.config import Settings, parse_args
+    from service.loading import load_decoder
+
+    assert parse_args(["--device-map", "cuda:0,cuda:1"]).device_map_value == ["cuda:0", "cuda:1"]
+    assert Settings(device_map="0,1").device_map_value == [0, 1]
+    assert Settings(device_map=" ").device_map is None
+    assert Settings(device_map='{"": "cuda:1"}').device_map_value == {"": "cuda:1"}
+    monkeypatch.setenv("ONEJUMP_DEVICE_MAP", "balanced")
+    assert parse_args([]).device_map_value == "balanced"
+    for bad, match in (("cuda:0,disk", "offloads to disk"), ('{"model.norm": "meta"}', "model.norm -> meta"),
+                       ("{nope", "not valid JSON"), ("gpu0", "not a device")):
+        with pytest.raises(ValidationError, match=match):
+            Settings(device_map=bad)
+    lm = build_tiny("llama")
+    lm.model.save_pretrained(tmp_path)
+    lm.tokenizer.save_pretrained(tmp_path)
+    decoder, _ = load_decoder(Settings(model=str(tmp_path), jump="", device_map="cpu,cpu"))
+    ids = lm.tokenizer(PROMPTS[0]).input_ids
+    off = gen_settings("off", 1.0)
+    assert decoder.generate(ids, off).tokens == EarlyExitDecoder(lm, None).generate(ids, off).tokens
