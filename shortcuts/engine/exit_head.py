@@ -113,7 +113,6 @@ class ExitHead:
     @torch.no_grad()
     def __init__(self, lm: CausalLM, jump: LowRankJumps | None):
         self.num_layers = lm.num_layers
-        self.device = lm.device
         self.placement = lm.placement()
         self.ctx = HeadContext.from_model(lm).to(lm.device)
         self.jump = None if jump is None else jump.eval().to(lm.device)
@@ -149,7 +148,7 @@ class ExitHead:
         shift = fused.M_aug[..., r + 1]  # (n, V): W_U·β, zero for RMSNorm
         if bool(shift.abs().max() > 0):
             terms["shift"] = shift
-        self.eps, self.softcap = fused.eps, fused.softcap
+        self.eps: float = fused.eps
         if jump.level_norm is not None:  # per-level normalisation: z = A·(h ⊙ scale_l) + c_l
             scale, c_l = jump.level_folded()  # (L-1, d), (L-1, r)
             terms.update(A_T=jump.lora_A.detach().float().transpose(1, 2), scale=scale.float(), c=c_l.float())
@@ -168,7 +167,7 @@ class ExitHead:
 
         return LevelHead(dev, "fused", A_T=term("A_T", 0 if per_level else j),
                          c=term("c", level - 1 if per_level else j), scale=term("scale", level - 1),
-                         W=term("W", j), Q=term("Q", j), shift=term("shift", j), eps=self.eps, softcap=self.softcap)
+                         W=term("W", j), Q=term("Q", j), shift=term("shift", j), eps=self.eps, softcap=self.ctx.softcap)
 
     def index(self, level: int) -> int:
         """Which jump of the bank serves ``level`` (1..L-1)."""

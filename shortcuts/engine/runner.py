@@ -89,7 +89,7 @@ class LayerRunner:
             raise ValueError(f"positions up to {int(positions.max())} exceed the context {self.context_length}")
         h = self.lm.embed_tokens(ids.to(self.lm.embed_tokens.weight.device))
         if self.wpe is not None:
-            h = h + self.wpe(positions.to(h.device))
+            h = h + self.wpe(positions.to(self.wpe.weight.device)).to(h.device)
         return h
 
     def embed(self, ids: Tensor, start: int) -> Chunk:
