@@ -18,6 +18,7 @@ import pytest
 import torch
 from conftest import build_tiny
 from test_engine import fitted_jump, sharpen
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -284,3 +285,77 @@ def test_the_device_map_setting(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     ids = lm.tokenizer(PROMPTS[0]).input_ids
     off = gen_settings("off", 1.0)
     assert decoder.generate(ids, off).tokens == EarlyExitDecoder(lm, None).generate(ids, off).tokens
+
+
+# --- no op mixes two devices -----------------------------------------------------------------------------
+class VirtualDevices(TorchDispatchMode):
+    """Each tensor carries the device key it would live on (``tags``): a move (``.to(key)``, which
+    dispatches a copy because the key is not the tensor's real device) or a factory call with a
+    ``device=key`` sets it, any other op passes its inputs' key on. An op whose non-scalar inputs
+    carry two different keys is recorded in ``mixed``: on real GPUs it would raise. Tensors with no
+    key are on the plain CPU, the model's main device here (embeddings, the full head, host-made
+    indices), and mix with anything: the check is that the two block devices never meet."""
+
+    def __init__(self) -> None:
+        from torch.utils.weak import WeakTensorKeyDictionary
+
+        super().__init__()
+        self.tags = WeakTensorKeyDictionary()
+        self.mixed: list[tuple[str, set[torch.device]]] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        keys = {self.tags.get(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t.dim()}
+        keys.discard(None)
+        if len(keys) > 1:
+            self.mixed.append((str(func), keys))
+        out = func(*args, **kwargs)
+        dev = kwargs.get("device")
+        key = (dev if dev.index is not None else None) if isinstance(dev, torch.device) else \
+            next(iter(keys)) if len(keys) == 1 else None
+        if key is not None:
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    self.tags[t] = key
+        return out
+
+
+class MovesToMain(TorchFunctionMode):
+    """``t.to("cpu")`` of a keyed tensor is a move to the main device (on GPUs, the LM head's
+    device, say), though torch sees no move: the result loses its key."""
+
+    def __init__(self, devices: VirtualDevices) -> None:
+        super().__init__()
+        self.devices = devices
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is torch.Tensor.to and isinstance(out, torch.Tensor):
+            target = [a for a in (*args[1:], kwargs.get("device")) if isinstance(a, torch.device | str)]
+            if target and torch.device(target[0]) == torch.device("cpu"):
+                out = out.view_as(out) if out is args[0] else out
+                self.devices.tags.pop(out, None)
+        return out
+
+
+@pytest.mark.parametrize(("mode", "kv_policy"), [("approximate", "catchup"), ("approximate", "copy"),
+                                                 ("exact", "catchup")])
+def test_no_op_mixes_two_devices(models: tuple[CausalLM, CausalLM, LowRankJumps], mode: str, kv_policy: str) -> None:
+    """The engine built and run with the blocks' weights keyed cpu:0 / cpu:1: no op of loading,
+    prefill, checks, catch-up, copy fills, verification or sampling takes tensors of both."""
+    _, split, jump = models
+    devices = split.block_devices()
+    ids = [split.tokenizer(p).input_ids for p in PROMPTS]
+    with VirtualDevices() as vd, MovesToMain(vd):
+        for layer, dev in zip(split.layers, devices, strict=True):
+            for p in layer.parameters():
+                vd.tags[p] = dev
+        dec = EarlyExitDecoder(split, jump, check=False)
+        for threshold in (0.3, 0.6):
+            s = gen_settings(mode, threshold, kv_policy, temperature=0.7, seed=1) if mode == "exact" else \
+                gen_settings(mode, threshold, kv_policy)
+            dec.generate(ids[0], s)
+            dec.batch(3).generate(ids, s)
+    assert vd.mixed == []
+    assert set(vd.tags.values()) >= {CPU0, CPU1}
