@@ -359,3 +359,22 @@ def test_no_op_mixes_two_devices(models: tuple[CausalLM, CausalLM, LowRankJumps]
             dec.batch(3).generate(ids, s)
     assert vd.mixed == []
     assert set(vd.tags.values()) >= {CPU0, CPU1}
+
+
+def test_bench_takes_a_device_map(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from test_adapter import _artifact
+
+    from shortcuts.cli import main
+
+    lm = build_tiny("llama")
+    lm.model.save_pretrained(tmp_path / "tiny")
+    lm.tokenizer.save_pretrained(tmp_path / "tiny")
+    jump = _artifact(lm).save(tmp_path / "jump.safetensors")
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS[:2]) + "\n")
+    assert main(["bench", "--model", str(tmp_path / "tiny"), "--jump", str(jump), "--prompts",
+                 str(tmp_path / "prompts.txt"), "--new-tokens", "4", "--device-map", "cpu,cpu", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["placement"] == "cpu"  # two CPU entries are one device to torch
+    assert result["prompts"] == 2
