@@ -138,6 +138,7 @@ def test_each_check_has_its_head_copy_on_its_blocks_device(models: tuple[CausalL
     head = dec.exit_head
     assert [head.levels[level].device for level in (1, 2, 3)] == [CPU0, CPU0, CPU1]
     assert head.levels[1].W is head.levels[2].W  # one copy per device for a bank of one jump
+    assert all(head.levels[level].W.is_contiguous() for level in (1, 3))  # type: ignore[union-attr]
     ptr = [head.levels[level].W.untyped_storage().data_ptr() for level in (1, 3)]  # type: ignore[union-attr]
     assert ptr[0] != ptr[1]
     assert set(dec.runner.rope) == {CPU0, CPU1}

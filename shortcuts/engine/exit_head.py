@@ -71,17 +71,18 @@ class LevelHead:
 
 
 class _Copies:
-    """One copy per (device, name) of tensors made on the model's device; the source itself where
-    the device is the source's and ``always`` is False."""
+    """One copy per (device, name) of what the exit head made on the model's device: always for the
+    fused terms (one jump's slice of the bank, so the stacked bank is freed), only on another device
+    for the norm, unembedding and jump module (the model's own)."""
 
     def __init__(self, source: torch.device):
         self.source = source
         self.made: dict[tuple[torch.device, str], object] = {}
 
-    def tensor(self, device: torch.device, name: str, t: Tensor, always: bool = True) -> Tensor:
+    def tensor(self, device: torch.device, name: str, t: Tensor) -> Tensor:
         key = (device, name)
         if key not in self.made:
-            self.made[key] = t if device == self.source and not always else t.to(device, copy=True)
+            self.made[key] = t.to(device, copy=True, memory_format=torch.contiguous_format)  # row-major: read once
         out = self.made[key]
         assert isinstance(out, Tensor)
         return out
@@ -163,7 +164,7 @@ class ExitHead:
         per_level = "scale" in fused  # A shared by every level, c and scale per level
 
         def term(name: str, k: int) -> Tensor | None:
-            return None if name not in fused else copies.tensor(dev, f"{name}{k}", fused[name][k].contiguous())
+            return None if name not in fused else copies.tensor(dev, f"{name}{k}", fused[name][k])
 
         return LevelHead(dev, "fused", A_T=term("A_T", 0 if per_level else j),
                          c=term("c", level - 1 if per_level else j), scale=term("scale", level - 1),
