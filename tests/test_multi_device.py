@@ -379,3 +379,27 @@ def test_bench_takes_a_device_map(tmp_path: Path, capsys: pytest.CaptureFixture[
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["placement"] == "cpu"  # two CPU entries are one device to torch
     assert result["prompts"] == 2
+
+
+@pytest.mark.parametrize("arch", ["gemma3_text", "gpt2"])  # rotary per layer type and sliding windows; positions
+def test_other_architectures_split_the_same_way(arch: str) -> None:
+    plain = sharpen(build_tiny(arch))
+    split = sharpen(build_tiny(arch))
+    devices = two_devices(split)
+    jump = fitted_jump(plain)
+    ids = [plain.tokenizer(p).input_ids for p in PROMPTS]
+    ref = EarlyExitDecoder(plain, jump)
+    with VirtualDevices() as vd, MovesToMain(vd):
+        for layer, dev in zip(split.layers, devices, strict=True):
+            for p in layer.parameters():
+                vd.tags[p] = dev
+        dec = EarlyExitDecoder(split, jump, check=False)
+        levels: set[int] = set()
+        for mode in ("approximate", "exact"):
+            s = gen_settings(mode, 0.4)
+            gens = dec.batch(3).generate(ids, s)
+            assert [g.tokens for g in gens] == [ref.generate(p, s).tokens for p in ids]
+            levels |= {t.exit_layer for g in gens for t in g.trace}
+    assert levels & {1, 2}  # tokens left on the first device
+    assert vd.mixed == []
+    assert set(dec.runner.rope) == {CPU0, CPU1}
