@@ -403,3 +403,22 @@ def test_other_architectures_split_the_same_way(arch: str) -> None:
     assert levels & {1, 2}  # tokens left on the first device
     assert vd.mixed == []
     assert set(dec.runner.rope) == {CPU0, CPU1}
+
+
+def test_a_sequence_has_one_generator_per_device() -> None:
+    """Draws happen where the logits are: a second device gets its own generator, seeded from the
+    sequence's seed, the same one at every later draw there."""
+    from shortcuts.engine.sequence import SequenceRun
+
+    def run(seed: int | None) -> SequenceRun:
+        return SequenceRun(0, 3, GenerationSettings(seed=seed, temperature=1.0), 4, 64, (3,), device="cpu")
+
+    seq = run(7)
+    assert seq.generator_on(torch.device("cpu")) is seq.generator
+    other = seq.generator_on(CPU1)
+    assert other is not seq.generator
+    assert seq.generator_on(CPU1) is other
+    draws = [torch.rand(4, generator=g).tolist() for g in (seq.generator, other)]
+    assert draws[0] != draws[1]  # not the same stream twice
+    again = run(7)
+    assert torch.rand(4, generator=again.generator_on(CPU1)).tolist() == draws[1]
