@@ -6,7 +6,9 @@ comparison in the engine (so it makes a copy of the exit head, the rotary tables
 per key, and moves the states at the cut), while tensors sent to either land in CPU memory. A
 recording dispatch mode then maps every storage an op reads back to its owner (block weights,
 KV buffers, exit-head copies, rotary copies, the full head) and checks that a token which exits
-at level l read nothing owned by a later device. Real GPUs have not run this (docs/scale.md).
+at level l read nothing owned by a later device; a second mode carries each tensor's device key
+through every op and checks that no op takes tensors of both block devices (which real GPUs
+refuse, and the CPU does not notice). Real GPUs have not run this (docs/scale.md).
 """
 
 from __future__ import annotations
