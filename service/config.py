@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from shortcuts.placement import DeviceMap
 
 DEFAULT_MODEL = ".cache/onejump/models/smollm2-135m-instruct"
 DEFAULT_JUMP = "docs/results/smollm2-135m/jump.safetensors"
@@ -24,6 +27,10 @@ class Settings(BaseSettings):
     served_model_aliases: str = Field("", description="comma-separated names also accepted as 'model' (any "
                                       "other name gets 404)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    device_map: str | None = Field(None, description="one model over several devices (replaces device): "
+                                   "cuda:0,cuda:1 splits the blocks evenly over those devices, in order; or "
+                                   "auto, balanced, balanced_low_0, sequential (accelerate's); or a JSON object "
+                                   "module -> device. Offloading to disk/meta is refused")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on CUDA")
     quantization: Literal["none", "8bit", "4bit"] = "none"
     exit_mode: Literal["off", "approximate", "exact"] = "approximate"
@@ -61,6 +68,24 @@ class Settings(BaseSettings):
         if isinstance(v, SecretStr):
             v = v.get_secret_value()
         return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("device_map", mode="before")
+    @classmethod
+    def _valid_map(cls, v: object) -> object:
+        """Empty is no map; anything else must parse (``device_map_value``) and offload nothing."""
+        if v is None or (isinstance(v, str) and not v.strip()):
+            return None
+        from shortcuts.placement import parse_device_map  # torch: only when a map is set
+
+        parse_device_map(str(v))
+        return str(v).strip()
+
+    @property
+    def device_map_value(self) -> DeviceMap | None:
+        """``device_map`` as ``CausalLM.load`` takes it (a strategy, a device list or a dict)."""
+        from shortcuts.placement import parse_device_map
+
+        return None if self.device_map is None else parse_device_map(self.device_map)
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

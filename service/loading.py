@@ -104,10 +104,12 @@ def load_decoder(settings: Settings) -> tuple[Engine, ExitDefaults]:
     from shortcuts.adapter import CausalLM, resolve_device
     from shortcuts.artifact import JumpArtifact
     from shortcuts.engine import EarlyExitDecoder
+    from shortcuts.placement import map_main_device
 
-    device = resolve_device(settings.device)
+    device_map = settings.device_map_value
+    device = resolve_device(settings.device) if device_map is None else map_main_device(device_map)
     lm = CausalLM.load(settings.model, dtype=resolve_dtype(settings, device), device=device,
-                       quantization=settings.quantization)
+                       quantization=settings.quantization, device_map=device_map)
     jump, calibration, learned, exact = None, {}, None, None
     if settings.jump:
         artifact = JumpArtifact.load(Path(settings.jump))
@@ -122,7 +124,7 @@ def load_decoder(settings: Settings) -> tuple[Engine, ExitDefaults]:
     defaults = exit_defaults(calibration, settings, lm.num_layers, exact)
     if defaults.gate == "learned" and learned is None:
         raise ValueError(f"exit_gate=learned, but {settings.jump or 'no jump artifact'} holds no learned gate")
-    log.info("loaded %s on %s (%d layers), jump %s, exit defaults %s", settings.model, device,
+    log.info("loaded %s on %s (%d layers), jump %s, exit defaults %s", settings.model, lm.placement().describe(),
              lm.num_layers, settings.jump or "none (identity)", defaults)
     decoder = EarlyExitDecoder(lm, jump, max_seq_len=settings.max_prompt_tokens + settings.max_new_tokens,
                                compile=settings.compile, learned_gate=learned)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from shortcuts.errors import UnsupportedModelError
+from shortcuts.placement import DeviceMap, Placement, refuse_offload, resolve_map
 
 Quantization = Literal["none", "8bit", "4bit"]
 
@@ -146,19 +147,27 @@ class CausalLM:
 
     @classmethod
     def load(cls, spec: str | Path, dtype: str = "float32", device: str = "cpu",
-             quantization: Quantization = "none") -> CausalLM:
-        """Load a hub id, a local folder or a ``.gguf`` file; refuse unknown architectures early."""
+             quantization: Quantization = "none", device_map: DeviceMap | None = None) -> CausalLM:
+        """Load a hub id, a local folder or a ``.gguf`` file; refuse unknown architectures early.
+        ``device_map`` (``shortcuts.placement``) spreads the modules over several devices instead of
+        putting the model on ``device``: a strategy ("auto", "balanced", "sequential"), a device list
+        ("cuda:0,cuda:1": the blocks split evenly) or a dict; offloading to disk or meta is refused."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        cls.load_config(spec)  # fail before loading any weights
+        config = cls.load_config(spec)  # fail before loading any weights
         source, extra = _split_spec(spec)
-        device = resolve_device(device)
+        device = resolve_device(device) if device_map is None else "cuda"  # a map places every module itself
         kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), **extra, **_gguf_dense(extra),
                                   **_quantization_config(quantization, device)}
-        if quantization != "none":
+        if device_map is not None:
+            kwargs["device_map"] = resolve_map(device_map, config)
+        elif quantization != "none":
             kwargs["device_map"] = device
         model: Any = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        if quantization == "none":
+        if device_map is not None:
+            refuse_offload(getattr(model, "hf_device_map", None) or {},
+                           [n for n, p in model.named_parameters() if p.device.type == "meta"])
+        elif quantization == "none":
             model = model.to(device)
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
         if tokenizer.pad_token_id is None:
@@ -182,6 +191,14 @@ class CausalLM:
     def device(self) -> torch.device:
         return self.lm_head.weight.device
 
+    def block_devices(self) -> list[torch.device]:
+        """The device of each decoder block (its weights'), in order."""
+        return [next(layer.parameters()).device for layer in self.layers]
+
+    def placement(self) -> Placement:
+        """Where the engine runs each block, each exit check and the full head (``shortcuts.placement``)."""
+        return Placement(tuple(self.block_devices()), self.device)
+
     @property
     def exit_levels(self) -> list[int]:
         """Levels a token may leave at: after blocks 1..L-1 (level L is the full model)."""
@@ -202,7 +219,8 @@ class CausalLM:
 
     def head(self, h: Tensor) -> Tensor:
         """Logits from a final-state estimate: lm_head(final_norm(h)). (..., d) -> (..., V)."""
-        logits = self.lm_head(self.norm(h.to(self.lm_head.weight.dtype)))
+        x = self.norm(h.to(self.norm.weight.device, self.lm_head.weight.dtype))
+        logits = self.lm_head(x.to(self.lm_head.weight.device))  # norm and head may sit on two devices
         return soft_cap(logits, self.softcap)
 
     # --- identity of the weights ---------------------------------------------------------------

@@ -34,11 +34,12 @@ class HeadContext:
     def from_model(cls, lm: CausalLM) -> HeadContext:
         return cls(lm.norm_spec(), lm.unembedding(), lm.softcap)
 
-    def to(self, device: str | torch.device) -> HeadContext:
+    def to(self, device: str | torch.device, copy: bool = False) -> HeadContext:
+        """On ``device``; ``copy``: new tensors even where they already are there."""
         n = self.norm
-        bias = None if n.bias is None else n.bias.to(device)
-        return HeadContext(NormSpec(n.kind, n.weight.to(device), bias, n.eps), self.unembedding.to(device),
-                           self.softcap)
+        bias = None if n.bias is None else n.bias.to(device, copy=copy)
+        return HeadContext(NormSpec(n.kind, n.weight.to(device, copy=copy), bias, n.eps),
+                           self.unembedding.to(device, copy=copy), self.softcap)
 
     @property
     def hidden_size(self) -> int:

@@ -317,7 +317,8 @@ class BatchDecoder:
             if n != members:
                 members = n
                 part = exits[:n]
-                h = torch.cat([e.h for e in part], dim=0)  # (n, 1, d)
+                dev = self.runner.blocks.devices[layer]  # exits from several levels: maybe several devices
+                h = torch.cat([e.h.to(dev) for e in part], dim=0)  # (n, 1, d)
                 g = self._group([e.seq for e in part], h, [1] * n, [e.start for e in part], [0] * n)
             assert g is not None
             self.runner.fill_kv(layer, g.h, g.call, self.cache)

@@ -269,11 +269,7 @@ class Blocks:
         offset = lm.spec.norm_offset
         self.weights = [_gpt2_block(layer, pack) if self.gpt2 else _decoder_block(layer, offset, gemma, pack)
                         for layer in lm.layers]
-        self.devices = [layer_device(layer) for layer in lm.layers]
-
-
-def layer_device(layer: Any) -> torch.device:
-    return next(layer.parameters()).device
+        self.devices = lm.placement().blocks  # block i runs where its weights are
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

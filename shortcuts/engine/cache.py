@@ -37,6 +37,7 @@ class RowCall:
         self.positions = torch.tensor(self.starts, device=device).unsqueeze(1) + torch.arange(q, device=device)
         self._masks: dict[int | None, Tensor | None] = {}
         self.rope: dict[str | None, tuple[Tensor, Tensor]] = {}  # rotary cos/sin per kind (runner._rotary)
+        self._moved: dict[torch.device, RowCall] = {device: self}
 
     def mask(self, window: int | None) -> Tensor | None:
         """Boolean mask (n, 1, q, kv_len), True where query j of a row (position start + j) sees key k:
@@ -57,8 +58,12 @@ class RowCall:
         return visible.unsqueeze(1)  # (n, 1, q, kv)
 
     def moved(self, device: torch.device) -> RowCall:
-        """The same call with its index tensors on another device (blocks split over devices)."""
-        return self if device == self.device else RowCall(self.rows, self.starts, self.counts, self.q, device)
+        """The same call with its index tensors on another device (blocks split over devices); made
+        once per device, so the blocks of a device share its masks and rotary lookups."""
+        if device not in self._moved:
+            self._moved[device] = RowCall(self.rows, self.starts, self.counts, self.q, device)
+            self._moved[device]._moved = self._moved
+        return self._moved[device]
 
 
 class KVCache:

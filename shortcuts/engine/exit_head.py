@@ -7,6 +7,8 @@ d·r + V·r multiply-adds instead of the full head's V·d. Everything is precomp
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -20,20 +22,109 @@ from shortcuts.jump import LowRankJumps
 HeadKind = Literal["fused", "full", "identity"]
 
 
+@dataclass(frozen=True)
+class LevelHead:
+    """The exit head at one level, on the device of the block whose state it reads: the fused
+    terms of the level's jump (``fused``), or the final norm and unembedding (``identity``), plus the
+    jump module (``full``). Several levels on one device share one copy of what they share."""
+
+    device: torch.device
+    kind: HeadKind
+    ctx: HeadContext | None = None  # identity and full kinds
+    jump: LowRankJumps | None = None  # full kind, with ``j`` its index in the bank
+    j: int = 0
+    A_T: Tensor | None = None  # fused: (d, r), z = A_eff·(h ⊙ scale) + c
+    c: Tensor | None = None  # (r,)
+    scale: Tensor | None = None  # (d,) per-level normalisation, else None
+    W: Tensor | None = None  # (r+1, V)
+    Q: Tensor | None = None  # (r+1, r+1)
+    shift: Tensor | None = None  # (V,), None for RMSNorm
+    eps: float = 0.0
+    softcap: float | None = None
+
+    def tensors(self) -> list[Tensor]:
+        """Every tensor this level's check reads (for placement checks)."""
+        own = [self.A_T, self.c, self.scale, self.W, self.Q, self.shift]
+        if self.ctx is not None:
+            n = self.ctx.norm
+            own += [n.weight, n.bias, self.ctx.unembedding]
+        if self.jump is not None:
+            own += list(self.jump.parameters())
+        return [t for t in own if t is not None]
+
+    def __call__(self, h: Tensor) -> Tensor:
+        """Exit logits for states h (B, d), already on this device -> (B, V) float32."""
+        if self.kind != "fused":
+            assert self.ctx is not None
+            return self.ctx.full(h if self.jump is None else self.jump(h.unsqueeze(0), slice(self.j, self.j + 1))[0])
+        assert self.A_T is not None
+        assert self.c is not None
+        assert self.W is not None
+        assert self.Q is not None
+        z = torch.addmm(self.c, h if self.scale is None else h * self.scale, self.A_T)  # (B, r)
+        z1 = torch.cat([z, torch.ones_like(z[:, :1])], dim=-1)  # (B, r+1)
+        inv = torch.rsqrt(((z1 @ self.Q) * z1).sum(-1, keepdim=True).clamp_min(0) + self.eps)  # (B, 1)
+        logits = (z1 @ self.W).mul_(inv)  # (B, V)
+        if self.shift is not None:
+            logits += self.shift
+        return soft_cap(logits, self.softcap)
+
+
+class _Copies:
+    """One copy per (device, name) of what the exit head made on the model's device: always for the
+    fused terms (one jump's slice of the bank, so the stacked bank is freed), only on another device
+    for the norm, unembedding and jump module (the model's own)."""
+
+    def __init__(self, source: torch.device):
+        self.source = source
+        self.made: dict[tuple[torch.device, str], object] = {}
+
+    def tensor(self, device: torch.device, name: str, t: Tensor) -> Tensor:
+        key = (device, name)
+        if key not in self.made:
+            self.made[key] = t.to(device, copy=True, memory_format=torch.contiguous_format)  # row-major: read once
+        out = self.made[key]
+        assert isinstance(out, Tensor)
+        return out
+
+    def ctx(self, device: torch.device, ctx: HeadContext) -> HeadContext:
+        if (device, "ctx") not in self.made:
+            self.made[device, "ctx"] = ctx if device == self.source else ctx.to(device, copy=True)
+        out = self.made[device, "ctx"]
+        assert isinstance(out, HeadContext)
+        return out
+
+    def jump(self, device: torch.device, jump: LowRankJumps) -> LowRankJumps:
+        if (device, "jump") not in self.made:
+            self.made[device, "jump"] = jump if device == self.source else copy.deepcopy(jump).to(device)
+        out = self.made[device, "jump"]
+        assert isinstance(out, LowRankJumps)
+        return out
+
+
 class ExitHead:
     """Logits at an exit level: head(jump(h_l)). ``jump`` None is the identity shortcut
     (the logit lens, head(h_l)). A bank of one jump serves every level; a bank of L-1 jumps
-    uses jump l-1 at level l."""
+    uses jump l-1 at level l.
+
+    Each level's check runs on the device of block l (``Placement.check``): its tensors are copied
+    there once, at construction (``levels``), so a token that exits at level l touches no device
+    of a later block. On one device nothing is copied but the fused terms (one per jump)."""
 
     @torch.no_grad()
     def __init__(self, lm: CausalLM, jump: LowRankJumps | None):
         self.num_layers = lm.num_layers
-        self.device = lm.device
+        self.placement = lm.placement()
         self.ctx = HeadContext.from_model(lm).to(lm.device)
         self.jump = None if jump is None else jump.eval().to(lm.device)
         self.kind: HeadKind = "identity" if jump is None else "fused" if jump.is_pure else "full"
-        if jump is None:
-            return
+        if jump is not None:
+            self._check(lm, jump)
+        fused = self._fuse(jump) if jump is not None and self.kind == "fused" else {}
+        copies = _Copies(lm.device)
+        self.levels = {level: self._level(level, copies, fused) for level in range(1, self.num_layers)}
+
+    def _check(self, lm: CausalLM, jump: LowRankJumps) -> None:
         if jump.config.hidden_size != lm.hidden_size:
             raise ValueError(f"the jump is for d={jump.config.hidden_size}, the model has d={lm.hidden_size}")
         if jump.n not in (1, lm.num_layers - 1):
@@ -41,30 +132,43 @@ class ExitHead:
         if jump.level_norm is not None and (self.kind != "fused" or len(jump.level_norm[0]) != lm.num_layers - 1):
             raise ValueError(f"a per-level normalised jump must be pure, with statistics for {lm.num_layers - 1} "
                              "levels")
-        if self.kind == "fused":
-            self._fuse(jump)
 
-    def _fuse(self, jump: LowRankJumps) -> None:
+    def _fuse(self, jump: LowRankJumps) -> dict[str, Tensor]:
         """Per jump j, with z1 = [z, 1] and z = A_eff·h + c: logits = inv(z1)·(z1 @ W) + shift, where
         W = [M; m0]ᵀ (r+1, V), stored row-major so a check reads it once, and inv(z1) =
-        rsqrt(z1ᵀ·Q·z1 + eps) with Q = [[G, g], [gᵀ, g0]] / d the final norm's mean square of B·z + b."""
+        rsqrt(z1ᵀ·Q·z1 + eps) with Q = [[G, g], [gᵀ, g0]] / d the final norm's mean square of B·z + b.
+        Returns the terms of every jump (stacked on a first axis) on the model's device."""
         A_eff, c = (t.float() for t in jump.folded())  # (n, r, d), (n, r)
         fused = self.ctx.low_rank(jump.lora_B.detach().float(), jump.bias.detach().float())
         r = jump.config.rank
-        self.A_T = A_eff.transpose(1, 2).contiguous()  # (n, d, r)
-        self.c = c
-        self.W = fused.M_aug[..., : r + 1].transpose(1, 2).contiguous()  # (n, r+1, V)
-        shift = fused.M_aug[..., r + 1]  # (n, V): W_U·β, zero for RMSNorm
-        self.shift = shift.contiguous() if bool(shift.abs().max() > 0) else None
         top = torch.cat([fused.G, fused.g.unsqueeze(-1)], dim=-1)  # (n, r, r+1)
         bottom = torch.cat([fused.g, fused.g0.unsqueeze(-1)], dim=-1).unsqueeze(1)  # (n, 1, r+1)
-        self.Q = torch.cat([top, bottom], dim=1) / fused.hidden_size  # (n, r+1, r+1)
-        self.eps, self.softcap = fused.eps, fused.softcap
-        self.level_scale: Tensor | None = None  # per-level normalisation: z = A·(h ⊙ scale_l) + c_l
-        if jump.level_norm is not None:
+        terms = {"A_T": A_eff.transpose(1, 2), "c": c,  # (n, d, r), (n, r)
+                 "W": fused.M_aug[..., : r + 1].transpose(1, 2),  # (n, r+1, V)
+                 "Q": torch.cat([top, bottom], dim=1) / fused.hidden_size}  # (n, r+1, r+1)
+        shift = fused.M_aug[..., r + 1]  # (n, V): W_U·β, zero for RMSNorm
+        if bool(shift.abs().max() > 0):
+            terms["shift"] = shift
+        self.eps: float = fused.eps
+        if jump.level_norm is not None:  # per-level normalisation: z = A·(h ⊙ scale_l) + c_l
             scale, c_l = jump.level_folded()  # (L-1, d), (L-1, r)
-            self.A_T = jump.lora_A.detach().float().transpose(1, 2).contiguous()  # (1, d, r)
-            self.level_scale, self.c = scale.float().contiguous(), c_l.float()
+            terms.update(A_T=jump.lora_A.detach().float().transpose(1, 2), scale=scale.float(), c=c_l.float())
+        return terms
+
+    def _level(self, level: int, copies: _Copies, fused: dict[str, Tensor]) -> LevelHead:
+        """The head at ``level`` on its block's device, from the copies made there so far."""
+        dev, j = self.placement.check(level), self.index(level)
+        if self.kind != "fused":
+            jump = None if self.jump is None else copies.jump(dev, self.jump)
+            return LevelHead(dev, self.kind, ctx=copies.ctx(dev, self.ctx), jump=jump, j=j)
+        per_level = "scale" in fused  # A shared by every level, c and scale per level
+
+        def term(name: str, k: int) -> Tensor | None:
+            return None if name not in fused else copies.tensor(dev, f"{name}{k}", fused[name][k])
+
+        return LevelHead(dev, "fused", A_T=term("A_T", 0 if per_level else j),
+                         c=term("c", level - 1 if per_level else j), scale=term("scale", level - 1),
+                         W=term("W", j), Q=term("Q", j), shift=term("shift", j), eps=self.eps, softcap=self.ctx.softcap)
 
     def index(self, level: int) -> int:
         """Which jump of the bank serves ``level`` (1..L-1)."""
@@ -74,24 +178,10 @@ class ExitHead:
 
     @torch.inference_mode()
     def __call__(self, h: Tensor, level: int) -> Tensor:
-        """Exit logits for states h (B, d) after block ``level`` -> (B, V) float32, on the head's device."""
-        h = h.to(self.device, torch.float32)
-        j = self.index(level)
-        if self.kind == "identity":
-            return self.ctx.full(h)
-        if self.kind == "full":
-            assert self.jump is not None
-            return self.ctx.full(self.jump(h.unsqueeze(0), slice(j, j + 1))[0])
-        if self.level_scale is not None:  # per-level normalisation: a d-sized elementwise op, c per level
-            z = torch.addmm(self.c[level - 1], h * self.level_scale[level - 1], self.A_T[0])  # (B, r)
-        else:
-            z = torch.addmm(self.c[j], h, self.A_T[j])  # (B, r)
-        z1 = torch.cat([z, torch.ones_like(z[:, :1])], dim=-1)  # (B, r+1)
-        inv = torch.rsqrt(((z1 @ self.Q[j]) * z1).sum(-1, keepdim=True).clamp_min(0) + self.eps)  # (B, 1)
-        logits = (z1 @ self.W[j]).mul_(inv)  # (B, V)
-        if self.shift is not None:
-            logits += self.shift[j]
-        return soft_cap(logits, self.softcap)
+        """Exit logits for states h (B, d) after block ``level`` -> (B, V) float32, on that block's device."""
+        self.index(level)  # a level outside 1..L-1 is a ValueError
+        head = self.levels[level]
+        return head(h.to(head.device, torch.float32))
 
 
 def max_probability(logits: Tensor) -> float:

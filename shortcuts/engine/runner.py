@@ -67,8 +67,11 @@ class LayerRunner:
         self.wpe = getattr(lm.decoder, "wpe", None)  # GPT-2's absolute positions
         model_context = int(getattr(config, "max_position_embeddings", None) or config.n_positions)
         self.context_length = min(model_context, max_seq_len or model_context)
-        self.rope = rope_tables(lm, self.context_length, self.blocks.head_dim)
-        self.typed_rope = len(self.rope) > 1 or None not in self.rope
+        tables = rope_tables(lm, self.context_length, self.blocks.head_dim)
+        self.typed_rope = len(tables) > 1 or None not in tables
+        # a copy of the rotary tables on every block's device: a block never reads another device's
+        self.rope = {dev: {kind: (cos.to(dev, copy=True), sin.to(dev, copy=True))
+                           for kind, (cos, sin) in tables.items()} for dev in dict.fromkeys(self.blocks.devices)}
         head = lm.lm_head.weight
         self.unembedding = prepare(head, pack=True) if head.device.type == "cpu" else None
         self._block_fn: Callable[..., Tensor] = compiled_block() if compile else block_forward
@@ -86,7 +89,7 @@ class LayerRunner:
             raise ValueError(f"positions up to {int(positions.max())} exceed the context {self.context_length}")
         h = self.lm.embed_tokens(ids.to(self.lm.embed_tokens.weight.device))
         if self.wpe is not None:
-            h = h + self.wpe(positions.to(h.device))
+            h = h + self.wpe(positions.to(self.wpe.weight.device)).to(h.device)
         return h
 
     def embed(self, ids: Tensor, start: int) -> Chunk:
@@ -99,13 +102,14 @@ class LayerRunner:
     def _rotary(self, i: int, call: RowCall, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
         """cos/sin (n, q, D) at the call's positions for block i, looked up once per call and rotary
         kind (every block of a step reuses them); (None, None) without rotary."""
-        if not self.rope:
+        tables = self.rope[device]
+        if not tables:
             return None, None
         kind = self.layer_types[i] if self.typed_rope else None
-        if kind not in call.rope:
-            cos, sin = self.rope[kind]
-            pos = call.positions.clamp(max=self.context_length - 1).to(cos.device)  # padding stays in the table
-            call.rope[kind] = (cos[pos].to(device), sin[pos].to(device))  # (n, q, D)
+        if kind not in call.rope:  # the call is on ``device`` (block moves it), so is its lookup
+            cos, sin = tables[kind]
+            pos = call.positions.clamp(max=self.context_length - 1)  # padding stays in the table
+            call.rope[kind] = (cos[pos], sin[pos])  # (n, q, D)
         return call.rope[kind]
 
     @torch.inference_mode()
@@ -131,10 +135,10 @@ class LayerRunner:
     def full_logits(self, h: Tensor) -> Tensor:
         """The model's own head on final states: (..., d) -> (..., V) float32. On a CPU the
         unembedding is ``prepare``d as the blocks' matrices are; elsewhere the model's head module."""
-        h = h.to(self.lm.device)
+        h = h.to(self.lm.norm.weight.device)  # the final norm may sit with the last block, the head elsewhere
         if self.unembedding is None:
             return self.lm.head(h).float()
-        x = self.lm.norm(h.to(self.lm.lm_head.weight.dtype))
+        x = self.lm.norm(h.to(self.lm.lm_head.weight.dtype)).to(self.lm.device)
         logits = affine(x, self.unembedding, getattr(self.lm.lm_head, "bias", None))
         return soft_cap(logits, self.lm.softcap).float()
 
@@ -182,7 +186,7 @@ class LayerRunner:
         largest difference relative to the logits' scale."""
         vocab = self.lm.vocab_size
         ids = (torch.arange(tokens) * 7919 % max(vocab - 1, 1)).unsqueeze(0) + 1
-        ref = self.lm.model(ids.to(self.lm.device)).logits.float()
+        ref = self.lm.model(ids.to(self.lm.embed_tokens.weight.device)).logits.float()
         cache = self.new_cache(1)
         ours = torch.cat([self.forward(ids[:, :-1], cache), self.forward(ids[:, -1:], cache)], dim=1)
         scale = float(ref.abs().max().clamp_min(1e-6))

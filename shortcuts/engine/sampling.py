@@ -99,7 +99,7 @@ def speculative_accept(p: Tensor, q: Tensor, token: int, generator: torch.Genera
     """Leviathan et al.'s rule for a token drawn from the draft distribution q (V,) when the target
     is p (V,): keep it with probability min(1, p/q); return None if kept, else a replacement
     drawn from normalise(max(p - q, 0)). The result is distributed exactly as p."""
-    p, q = p.float(), q.float()
+    p, q = p.float(), q.float().to(p.device)  # a draft's distribution may come from an earlier device
     ratio = float(p[token]) / max(float(q[token]), 1e-30)
     if ratio >= 1.0 or float(torch.rand((), generator=generator, device=p.device)) < ratio:
         return None

@@ -116,6 +116,7 @@ class SequenceRun:
         self.row, self.settings, self.on_token, self.num_layers = row, settings, on_token, num_layers
         self.prompt = tuple(prompt)
         self.generator = make_generator(settings.seed, device)
+        self._generators = {torch.device(device): self.generator}
         self.gate = ExitGate(settings.exit)
         exits = settings.exit
         self.levels = frozenset(exits.check_levels(num_layers)) if exits.mode != "off" else frozenset()
@@ -167,7 +168,17 @@ class SequenceRun:
         s = self.settings
         if s.greedy and not s.penalized:
             return top[0]
-        return pick(self.adjusted(logits, drafted), s.temperature, s.top_p, self.generator, s.top_k, s.min_p)
+        return pick(self.adjusted(logits, drafted), s.temperature, s.top_p, self.generator_on(logits.device), s.top_k,
+                    s.min_p)
+
+    def generator_on(self, device: torch.device) -> torch.Generator:
+        """The sequence's generator on ``device`` (draws happen where the logits are: an exit head's on
+        its block's device, the full head's on the LM head's). One device: the one generator; each
+        further device gets its own, seeded from the seed and how many came before."""
+        if device not in self._generators:
+            seed = self.settings.seed
+            self._generators[device] = make_generator(None if seed is None else seed + len(self._generators), device)
+        return self._generators[device]
 
     def distribution(self, logits: Tensor, drafted: int = 0) -> Tensor:
         """The sampling distribution (V,) of a head's logits, processors applied."""
@@ -236,7 +247,7 @@ class SequenceRun:
         self.stats.layers_skipped += self.num_layers - level
         drafted = len(self.drafts)
         q = None if self.settings.greedy else self.distribution(logits, drafted)
-        token = self.choose(logits, top, drafted) if q is None else sample(q, self.generator)
+        token = self.choose(logits, top, drafted) if q is None else sample(q, self.generator_on(q.device))
         t = self.scored(TokenTrace(token, level, top[1], "exited"), logits)
         if self.settings.exit.mode == "exact":
             self.drafts.append(Draft(token, level, top[1], q, t.logprob, t.top_logprobs))
@@ -280,7 +291,8 @@ class SequenceRun:
                 fix = None if best == d.token else best
             else:
                 assert d.q is not None
-                fix = speculative_accept(self.distribution(full_logits[k], k), d.q, d.token, self.generator)
+                p = self.distribution(full_logits[k], k)
+                fix = speculative_accept(p, d.q, d.token, self.generator_on(p.device))
             if fix is not None:
                 return [*out, self.scored(TokenTrace(fix, L, tops[k][1], "corrected"), full_logits[k])], k
             self.stats.accepted += 1

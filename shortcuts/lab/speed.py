@@ -104,11 +104,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from shortcuts.artifact import JumpArtifact
     from shortcuts.lab.bench import hf_generate
     from shortcuts.lab.traces import read_prompts
+    from shortcuts.placement import parse_device_map
 
     if args.threads:
         torch.set_num_threads(args.threads)
     artifact = JumpArtifact.load(args.jump)
-    lm = CausalLM.load(args.model, dtype=args.dtype, device=args.device)
+    device_map = parse_device_map(args.device_map) if args.device_map else None
+    lm = CausalLM.load(args.model, dtype=args.dtype, device=args.device, device_map=device_map)
     artifact.check_model(lm)
     exits = stored_exit(artifact.extra, args, lm.num_layers)
     exact = stored_exact(artifact.extra, args, exits)
@@ -119,13 +121,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("gate", "threshold", "min_layer", "stride")
     return {**result, "setting": {k: getattr(exits, k) for k in keys},
             "exact_setting": {k: getattr(exact, k) for k in (*keys, "max_draft")},
-            "model": str(args.model), "jump": str(args.jump), "num_layers": lm.num_layers, "prompts": len(prompts),
+            "model": str(args.model), "jump": str(args.jump), "placement": lm.placement().describe(),
+            "num_layers": lm.num_layers, "prompts": len(prompts),
             "new_tokens": args.new_tokens, "threads": torch.get_num_threads()}
 
 
 def text_report(r: dict[str, Any]) -> str:
-    lines = [f"{r['prompts']} prompts x {r['new_tokens']} tokens, {r['threads']} thread(s), setting {r['setting']}, "
-             f"exact {r['exact_setting']}",
+    lines = [f"{r['prompts']} prompts x {r['new_tokens']} tokens, {r['threads']} thread(s), on {r['placement']}, "
+             f"setting {r['setting']}, exact {r['exact_setting']}",
              f"{'arm':<22} {'tok/s':>8} {'vs off':>7} {'same as off':>12}"]
     for name, v in r["tok_s"].items():
         lines.append(f"{name:<22} {v:8.2f} {r['speedup'][name]:7.2f} {r['same_as_off'][name]:12.3f}")
@@ -136,6 +139,8 @@ def add_parser(sub: argparse._SubParsersAction, model_args: Callable[[argparse.A
     p = sub.add_parser("bench", help="time HF generate, full depth, approximate and exact side by side on prompts")
     model_args(p)
     p.add_argument("--jump", required=True, help="jump artifact (its stored exit setting is timed)")
+    p.add_argument("--device-map", default=None, help="one model over several devices instead of --device: "
+                   "cuda:0,cuda:1 (blocks split evenly), auto, balanced, sequential, or a JSON map (docs/scale.md)")
     p.add_argument("--prompts", required=True, help=".jsonl ({\"text\": ...} per line) or text, one prompt per line")
     p.add_argument("--max-prompts", type=int, default=None)
     p.add_argument("--new-tokens", type=int, default=32)
