@@ -59,6 +59,18 @@ def test_completion_with_the_openai_client(server: str) -> None:
     assert resp.choices[0].finish_reason == "length"
 
 
+def test_exact_mode_drafts_up_to_the_requests_max_draft(server: str) -> None:
+    """max_draft bounds the drafts one verification checks: with 1 every other step verifies."""
+    reports = {}
+    for d in (1, 4):
+        resp = client(server).completions.create(model="tiny-llama", prompt="the king of the", max_tokens=9,
+                                                 extra_body={"early_exit": {"mode": "exact", "threshold": 0.0,
+                                                                            "max_draft": d}})
+        reports[d] = resp.model_extra["early_exit"]["exit_layers"]
+    assert reports[1] != reports[4]
+    assert all(a == 4 or b == 4 for a, b in zip(reports[1][1:], reports[1][2:], strict=False))  # no 2 drafts in a row
+
+
 def test_chat_and_stream_agree(server: str) -> None:
     c = client(server)
     messages = [{"role": "user", "content": "the city of the river"}]
@@ -94,6 +106,7 @@ BAD = [
     ("/v1/completions", {"prompt": "a", "early_exit": {"gate": "vibes"}}, "gate"),
     ("/v1/completions", {"prompt": "a", "early_exit": {"mode": "fast"}}, "mode"),
     ("/v1/completions", {"prompt": "a", "early_exit": {"min_layer": 9}}, "min_layer"),
+    ("/v1/completions", {"prompt": "a", "early_exit": {"mode": "exact", "max_draft": 0}}, "max_draft"),
     ("/v1/completions", {"prompt": "a", "n": 17}, "n"),
     ("/v1/completions", {"max_tokens": 2}, "prompt"),
     ("/v1/chat/completions", {"messages": []}, "messages"),
