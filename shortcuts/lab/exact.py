@@ -149,13 +149,11 @@ def main(argv: list[str] | None = None) -> None:
 
     from shortcuts.adapter import CausalLM
     from shortcuts.artifact import JumpArtifact
-    from shortcuts.assets import wiki_split
-    from shortcuts.collect import read_corpus
     from shortcuts.engine.exit_head import ExitHead
     from shortcuts.lab.agreement import bootstrap_lower_bound, continuations, level_table, predicted_speedup
     from shortcuts.lab.costs import cost_models, measure
     from shortcuts.lab.exits import SearchSpace, as_setting, calibrate_setting, resolve_model, store
-    from shortcuts.lab.traces import article_split, tokenize_prompts
+    from shortcuts.lab.traces import val_test_prompts
 
     p = argparse.ArgumentParser(prog="python -m shortcuts.lab.exact", description=__doc__.split("\n\n")[0])
     p.add_argument("--jump", required=True)
@@ -176,9 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     lm = CausalLM.load(resolve_model(a.model, art))
     art.check_model(lm)
     head = ExitHead(lm, art.jump.to(lm.device))
-    _, val_texts = article_split(wiki_split("train"))
-    prompts = {"val": tokenize_prompts(lm, val_texts, a.val, seed=1),
-               "test": tokenize_prompts(lm, read_corpus(wiki_split("test")), a.test, seed=2)}
+    prompts = val_test_prompts(lm, a.val, a.test)
     tables = {k: level_table(lm, head, v, continuations(lm, v, a.new_tokens), with_entropy=False)
               for k, v in prompts.items()}
     ms = measure(lm, art.jump, None, repeats=20)

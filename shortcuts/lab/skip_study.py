@@ -237,10 +237,9 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from shortcuts.assets import default_model_dir, wiki_split
-    from shortcuts.collect import read_corpus
+    from shortcuts.assets import default_model_dir
     from shortcuts.lab.agreement import continuations
-    from shortcuts.lab.traces import article_split, tokenize_prompts
+    from shortcuts.lab.traces import val_test_prompts
 
     p = argparse.ArgumentParser(prog="python -m shortcuts.lab.skip_study", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(default_model_dir()))
@@ -258,9 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     lm = CausalLM.load(a.model)
     runner = LayerRunner(lm)
-    _, val_texts = article_split(wiki_split("train"))
-    split = {"val": tokenize_prompts(lm, val_texts, a.val, seed=1),
-             "test": tokenize_prompts(lm, read_corpus(wiki_split("test")), a.test, seed=2)}
+    split = val_test_prompts(lm, a.val, a.test)
     benches = {name: SkipBench(runner, ids, continuations(lm, ids, a.new_tokens)) for name, ids in split.items()}
     rounds = greedy_sets(benches["val"], a.max_skip, a.floor, list(range(1, lm.num_layers - 1)))
     (out / "search.json").write_text(json.dumps(rounds, indent=1))

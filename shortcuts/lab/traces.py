@@ -113,6 +113,18 @@ def first_usable(lm: CausalLM, texts: list[str], n: int, min_tokens: int, max_to
     return out
 
 
+def val_test_prompts(lm: CausalLM, val: int, test: int) -> dict[str, list[list[int]]]:
+    """Validation prompts (the validation articles of ``train.jsonl``, seed 1) and test prompts
+    (``test.jsonl``'s articles, seed 2), as the traces split them: what a calibration chooses on and
+    what reports its choice."""
+    from shortcuts.assets import wiki_split
+    from shortcuts.collect import read_corpus
+
+    _, val_texts = article_split(wiki_split("train"))
+    return {"val": tokenize_prompts(lm, val_texts, val, seed=1),
+            "test": tokenize_prompts(lm, read_corpus(wiki_split("test")), test, seed=2)}
+
+
 def read_prompts(lm: CausalLM, path: str | Path, n: int | None = None, max_tokens: int = 64) -> list[list[int]]:
     """Prompts from a .jsonl (``{"text": ...}`` per line) or a text file (one prompt per line), in order."""
     from shortcuts.collect import read_corpus
