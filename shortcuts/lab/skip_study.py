@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,34 +109,16 @@ def greedy_sets(bench: SkipBench, max_skip: int, floor: float, candidates: list[
 
 
 @torch.inference_mode()
-def block_costs(runner: LayerRunner, qs: tuple[int, ...] = tuple(range(1, 10)), ctx: int = 64,
-                repeats: int = 10) -> dict[str, float]:
-    """Milliseconds of one block on q tokens of one row after ``ctx`` cached positions (every block in
-    turn, as decoding reads them: one block timed alone stays in the CPU's cache), and of the full head."""
-    out: dict[str, float] = {}
-    dev = runner.lm.device
-    d, L = runner.lm.hidden_size, runner.num_layers
-    for q in qs:
-        cache = runner.new_cache(1, ctx + q + 1)
-        h = torch.randn(1, q, d, device=dev)
-        call = RowCall([0], [ctx], [q], q, dev)
-        times = []
-        for _ in range(repeats + 1):  # the first pass warms up
-            for lengths in cache.lengths:
-                lengths[0] = ctx
-            t0 = time.perf_counter()
-            for i in range(L):
-                runner.block(i, h, call, cache)
-            times.append((time.perf_counter() - t0) / L)
-        out[f"block_q{q}"] = 1e3 * sorted(times[1:])[len(times) // 2]
-    for q in qs:
-        times = []
-        x = torch.randn(q, d, device=dev)
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            runner.full_logits(x)
-            times.append(time.perf_counter() - t0)
-        out[f"head_q{q}"] = 1e3 * sorted(times)[len(times) // 2]
+def block_costs(runner: LayerRunner, qs: tuple[int, ...] = tuple(range(1, 10)), repeats: int = 10) -> dict[str, float]:
+    """Milliseconds of one block on q tokens of one row (over passes through every block, as decoding
+    reads them) and of the full head on q rows (right after a pass), interleaved (``costs._interleaved``)."""
+    from shortcuts.lab.costs import _interleaved, _Pass
+
+    passes = {f"block_q{q}": _Pass(runner, q) for q in qs}
+    d, dev = runner.lm.hidden_size, runner.lm.device
+    states = {q: torch.randn(q, d, device=dev) for q in qs}
+    heads: dict[str, Callable[[], object]] = {f"head_q{q}": lambda q=q: runner.full_logits(states[q]) for q in qs}
+    out = {k: 1e3 * v for k, v in _interleaved(passes, heads, passes["block_q1"], repeats).items()}
     out["head"] = out["head_q1"]
     return out
 
