@@ -26,6 +26,7 @@ import argparse
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -117,7 +118,7 @@ def block_costs(runner: LayerRunner, qs: tuple[int, ...] = tuple(range(1, 10)), 
     passes = {f"block_q{q}": _Pass(runner, q) for q in qs}
     d, dev = runner.lm.hidden_size, runner.lm.device
     states = {q: torch.randn(q, d, device=dev) for q in qs}
-    heads: dict[str, Callable[[], object]] = {f"head_q{q}": lambda q=q: runner.full_logits(states[q]) for q in qs}
+    heads: dict[str, Callable[[], object]] = {f"head_q{q}": partial(runner.full_logits, states[q]) for q in qs}
     out = {k: 1e3 * v for k, v in _interleaved(passes, heads, passes["block_q1"], repeats).items()}
     out["head"] = out["head_q1"]
     return out
