@@ -73,11 +73,16 @@ class KLToModel:
         return kl.sum(-1).mean(-1).sum()
 
 
-def _step(jumps: LowRankJumps, objective: Objective, x: Tensor, final: Tensor, chunk: int | None) -> float:
+def _step(jumps: LowRankJumps, objective: Objective, x: Tensor, final: Tensor, chunk: int | None,
+          repeat: int = 1) -> float:
     """Forward and backward one batch; with ``chunk``, levels go through in slices (same gradient,
-    less memory: KL's logits are (levels, batch, V))."""
+    less memory: KL's logits are (levels, batch, V)). ``repeat``: x holds that many copies (levels)
+    of the batch, level-major, and ``final`` one: the target is computed once and repeated (KL's is a
+    pass of the full head, the cost that dominates a joint step at a large vocabulary)."""
     with torch.no_grad():
         target = objective.target(final)
+        if repeat > 1:
+            target = target.repeat(repeat, *([1] * (target.dim() - 1)))
     chunk = chunk or x.shape[0]
     total = 0.0
     for start in range(0, x.shape[0], chunk):
@@ -128,9 +133,9 @@ def train_bank(jumps: LowRankJumps, inputs: Tensor, final: Tensor, objective: Ob
                 continue  # BatchNorm needs two samples
             x, y = inputs[:, idx], final[idx]
             if joint:
-                x, y = x.reshape(1, -1, x.shape[-1]), y.repeat(inputs.shape[0], 1)
+                x = x.reshape(1, -1, x.shape[-1])
             opt.zero_grad(set_to_none=True)
-            total += _step(jumps, objective, x, y, None if joint else chunk)
+            total += _step(jumps, objective, x, y, None if joint else chunk, inputs.shape[0] if joint else 1)
             opt.step()
             steps += 1
         history.append(total / max(steps, 1))

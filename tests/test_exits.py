@@ -289,3 +289,34 @@ def test_article_split_never_shares_an_article(tmp_path) -> None:
     assert val
     fit_titles = {t.rsplit(" ", 1)[-1] for t in fit}
     assert not fit_titles & {t.rsplit(" ", 1)[-1] for t in val}
+
+
+def test_exits_ship_keeps_each_artifacts_base_model(tiny_folder, word_corpus, tmp_path) -> None:
+    """The calibrated artifact names the model it was fitted on (it used to be stamped SmolLM2's
+    folder by default, whatever the traces' model), unless --base-model says otherwise."""
+    import json
+
+    from test_adapter import _artifact
+
+    from shortcuts.adapter import CausalLM
+    from shortcuts.lab import exits_ship
+    from shortcuts.lab.agreement import continuations
+    from shortcuts.lab.traces import first_usable, trace_states
+
+    lm = CausalLM.load(tiny_folder)
+    prompts = first_usable(lm, word_corpus.read_text().splitlines(), 6, 3, 12)
+    traces = trace_states(lm, prompts, continuations(lm, prompts, 5))
+    src = tmp_path / "traces"
+    for split in ("fit", "val", "test", "ood"):
+        traces.save(src / f"traces-{split}.safetensors")
+    (src / "traces.json").write_text(json.dumps({"model": str(tiny_folder), "new_tokens": 5}))
+    art = _artifact(lm)
+    art.base_model = "elsewhere/tiny-llama"
+    path = art.save(tmp_path / "jump.safetensors")
+    args = ["--traces", str(src), "--jumps", f"j={path}", "--gates", "confidence", "--strides", "1", "--repeats", "2"]
+    exits_ship.main([*args, "--out", str(tmp_path / "a")])
+    shipped = JumpArtifact.load(tmp_path / "a" / "j.safetensors")
+    assert shipped.base_model == "elsewhere/tiny-llama"
+    assert shipped.extra["calibration"]["gate"] == "confidence"
+    exits_ship.main([*args, "--out", str(tmp_path / "b"), "--base-model", "named/here"])
+    assert JumpArtifact.load(tmp_path / "b" / "j.safetensors").base_model == "named/here"

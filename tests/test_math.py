@@ -186,3 +186,24 @@ def test_fast_kl_equals_plain_kl(kind: str) -> None:
     logp = torch.log_softmax(ctx.full(bank(x)), -1)
     plain = torch.nn.functional.kl_div(logp, target.expand_as(logp), log_target=True, reduction="none")
     assert fast.item() == pytest.approx(plain.sum(-1).mean(-1).sum().item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("objective", ["mse", "kl"])
+def test_joint_step_computes_the_target_once(objective: str) -> None:
+    """A joint batch (every level of the same samples, level-major) gets the same loss and gradient
+    from one target repeated per level as from the target of the repeated final states."""
+    from shortcuts.train import _step
+
+    g = torch.Generator().manual_seed(5)
+    ctx = HeadContext(NormSpec("rms", 1 + torch.rand(D, generator=g), None, 1e-6), torch.randn(40, D, generator=g))
+    obj = MSEToFinal() if objective == "mse" else KLToModel(ctx)
+    levels, batch = 3, 6
+    x, final = torch.randn(levels, batch, D, generator=g), torch.randn(batch, D, generator=g)
+    grads, losses = [], []
+    for y, repeat in ((final.repeat(levels, 1), 1), (final, levels)):
+        torch.manual_seed(6)
+        bank = randomized(LowRankJumps(JumpConfig(D, R, objective="kl"), n=1), seed=6).train()
+        losses.append(_step(bank, obj, x.reshape(1, -1, D), y, None, repeat))
+        grads.append(torch.cat([p.grad.flatten() for p in bank.parameters() if p.grad is not None]))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)

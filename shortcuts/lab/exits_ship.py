@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--model", default=None)
     p.add_argument("--jumps", default="", help="name=artifact,... ")
-    p.add_argument("--base-model", default=".cache/onejump/models/smollm2-135m-instruct",
-                   help="the base model id written into the saved artifacts")
+    p.add_argument("--base-model", default=None,
+                   help="the base model id written into the saved artifacts (default: each artifact's own)")
     p.add_argument("--identity", action="store_true", help="also the identity exit head (logit lens)")
     p.add_argument("--gates", nargs="+", default=["confidence", "entropy", "learned"])
     p.add_argument("--min-layers", type=int, nargs="+", default=[])
