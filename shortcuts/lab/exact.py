@@ -57,7 +57,7 @@ def exact_speedup(table: LevelTable, level: Tensor, right: Tensor, checks: Tenso
     step_cost = (level.float() + cost.check * checks.float()).tolist()
     catchup = (skip * (L - level).float()).tolist()
     lv, ok = level.tolist(), right.tolist()
-    spent = made = tokens = drafted = accepted = 0.0
+    spent = made = drafted = accepted = 0.0
     for p in range(table.num_prompts):
         rows = torch.nonzero(table.prompt == p).flatten().tolist()
         t = 0
@@ -73,7 +73,6 @@ def exact_speedup(table: LevelTable, level: Tensor, right: Tensor, checks: Tenso
             drafted += m
             accepted += wrong
             out = wrong + 1
-            tokens += out
             made += out * (L + cost.head)
             t += out
     return made / spent, int(drafted), int(accepted)
