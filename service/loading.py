@@ -78,7 +78,9 @@ class ExitDefaults:
 
 
 def exit_defaults(calibration: dict[str, Any], settings: Settings, num_layers: int,
-                  exact: dict[str, Any] | None = None) -> ExitDefaults:
+                  calibration_exact: dict[str, Any] | None = None) -> ExitDefaults:
+    from shortcuts.artifact import exact_setting
+
     gate = settings.exit_gate or str(calibration.get("gate", "confidence"))
     usable = bool(calibration) and calibration.get("gate", "confidence") == gate
     if calibration and not usable:
@@ -92,10 +94,7 @@ def exit_defaults(calibration: dict[str, Any], settings: Settings, num_layers: i
     if not 1 <= min_layer < num_layers:
         raise ValueError(f"exit_min_layer={min_layer} must be in [1, {num_layers - 1}] for {settings.model}")
     overridden = (settings.exit_threshold, settings.exit_min_layer, settings.exit_stride) != (None, None, None)
-    own = None
-    if exact and not overridden and exact.get("gate", "confidence") == gate:
-        own = {"threshold": float(exact["threshold"]), "min_layer": int(exact["min_layer"]),
-               "stride": int(exact["stride"]), "max_draft": int(exact["max_draft"])}
+    own = None if overridden else exact_setting(calibration_exact, gate)
     return ExitDefaults(gate, threshold, min_layer, stride, base.source, own)
 
 
@@ -116,7 +115,7 @@ def load_decoder(settings: Settings) -> tuple[Engine, ExitDefaults]:
         artifact.check_model(lm)
         jump = artifact.jump.to(lm.device)
         calibration = artifact.extra.get("calibration", {})
-        exact = artifact.extra.get("calibration_exact")
+        exact = artifact.extra.get("calibration_exact")  # exact mode's own setting
         if "gate" in artifact.extra:
             from shortcuts.engine.learned_gate import LearnedGate
 

@@ -130,15 +130,16 @@ def _exact_replay(extra: dict[str, Any], table: LevelTable, costs: Any, skip: fl
                   given: dict[str, Any]) -> dict[str, Any] | None:
     """Exact mode's stored setting (``extra["calibration_exact"]``) replayed on the table: predicted
     speed-up and acceptance; None without one, or when flags set the exit fields."""
+    from shortcuts.artifact import exact_setting
     from shortcuts.lab.exact import ExactCalibration, replay_exact
 
-    own = extra.get("calibration_exact")
-    if own is None or any(v is not None for v in given.values()):
+    stored = extra.get("calibration_exact") or {}
+    gate = stored.get("gate", "confidence")
+    own = None if any(v is not None for v in given.values()) else exact_setting(stored, gate)
+    if own is None:
         return None
-    c = ExactCalibration(own.get("gate", "confidence"), float(own["threshold"]), int(own["min_layer"]),
-                         int(own["stride"]), int(own["max_draft"]), 0.0, 0, 0)
-    return {"setting": {k: v for k, v in c.as_dict().items() if k in ("threshold", "min_layer", "stride", "max_draft")},
-            **replay_exact(table, c, costs, skip)}
+    c = ExactCalibration(gate, **own, predicted_speedup=0.0, drafted=0, accepted=0)
+    return {"setting": own, **replay_exact(table, c, costs, skip)}
 
 
 def _costs(kind: str, lm: CausalLM, jump: Any, gate: LearnedGate | None,

@@ -42,12 +42,11 @@ def stored_exact(extra: dict[str, Any], args: argparse.Namespace, approximate: E
     calibration (``extra["calibration_exact"]``), else the approximate setting."""
     from dataclasses import replace
 
-    own = extra.get("calibration_exact")
+    from shortcuts.artifact import exact_setting
+
     flags = (args.gate, args.threshold, args.min_layer, args.stride)
-    if own is None or flags != (None, None, None, None) or own.get("gate", "confidence") != approximate.gate:
-        return replace(approximate, mode="exact")
-    return replace(approximate, mode="exact", threshold=float(own["threshold"]), min_layer=int(own["min_layer"]),
-                   stride=int(own["stride"]), max_draft=int(own["max_draft"]))
+    own = exact_setting(extra.get("calibration_exact"), approximate.gate) if flags == (None, None, None, None) else None
+    return replace(approximate, mode="exact", **(own or {}))
 
 
 def engine_arms(lm: CausalLM, jump: Any, exits: ExitSettings, exact: ExitSettings, new_tokens: int,
