@@ -152,23 +152,17 @@ def main(argv: list[str] | None = None) -> None:
     from shortcuts.lab.agreement import bootstrap_lower_bound, continuations, level_table, predicted_speedup
     from shortcuts.lab.costs import cost_models, measure
     from shortcuts.lab.exits import SearchSpace, as_setting, calibrate_setting, resolve_model, store
-    from shortcuts.lab.traces import val_test_prompts
+    from shortcuts.lab.traces import parse_study, split_args, val_test_prompts
 
     p = argparse.ArgumentParser(prog="python -m shortcuts.lab.exact", description=__doc__.split("\n\n")[0])
     p.add_argument("--jump", required=True)
     p.add_argument("--model", default=None)
     p.add_argument("--out", required=True, help="folder for exact.json (and the artifact with --write)")
-    p.add_argument("--val", type=int, default=96)
-    p.add_argument("--test", type=int, default=100)
-    p.add_argument("--new-tokens", type=int, default=24)
+    split_args(p, val=96)
     p.add_argument("--timed", type=int, default=12, help="validation prompts the exact candidates are timed on")
     p.add_argument("--candidates", type=int, default=4)
     p.add_argument("--write", action="store_true", help="store both calibrations in a copy of the artifact")
-    p.add_argument("--threads", type=int, default=1)
-    a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    a, out = parse_study(p, argv)
     art = JumpArtifact.load(a.jump)
     lm = CausalLM.load(resolve_model(a.model, art))
     art.check_model(lm)

@@ -222,22 +222,16 @@ def plot(result: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     from shortcuts.assets import default_model_dir
     from shortcuts.lab.agreement import continuations
-    from shortcuts.lab.traces import val_test_prompts
+    from shortcuts.lab.traces import parse_study, split_args, val_test_prompts
 
     p = argparse.ArgumentParser(prog="python -m shortcuts.lab.skip_study", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(default_model_dir()))
     p.add_argument("--out", required=True)
-    p.add_argument("--val", type=int, default=48)
-    p.add_argument("--test", type=int, default=100)
-    p.add_argument("--new-tokens", type=int, default=24)
+    split_args(p, val=48)
     p.add_argument("--max-skip", type=int, default=10)
     p.add_argument("--floor", type=float, default=0.7, help="stop the search below this validation agreement")
     p.add_argument("--max-draft", type=int, nargs="+", default=[2, 4, 8])
-    p.add_argument("--threads", type=int, default=1)
-    a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    a, out = parse_study(p, argv)
     lm = CausalLM.load(a.model)
     runner = LayerRunner(lm)
     split = val_test_prompts(lm, a.val, a.test)

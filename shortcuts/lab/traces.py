@@ -125,6 +125,23 @@ def val_test_prompts(lm: CausalLM, val: int, test: int) -> dict[str, list[list[i
             "test": tokenize_prompts(lm, read_corpus(wiki_split("test")), test, seed=2)}
 
 
+def split_args(p: argparse.ArgumentParser, val: int, test: int = 100, new_tokens: int = 24) -> None:
+    """The arguments of a study over ``val_test_prompts``: sizes, new tokens, threads."""
+    p.add_argument("--val", type=int, default=val)
+    p.add_argument("--test", type=int, default=test)
+    p.add_argument("--new-tokens", type=int, default=new_tokens)
+    p.add_argument("--threads", type=int, default=1)
+
+
+def parse_study(p: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, Path]:
+    """Parse, set torch's threads, make the ``--out`` folder."""
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return a, out
+
+
 def read_prompts(lm: CausalLM, path: str | Path, n: int | None = None, max_tokens: int = 64) -> list[list[int]]:
     """Prompts from a .jsonl (``{"text": ...}`` per line) or a text file (one prompt per line), in order."""
     from shortcuts.collect import read_corpus
