@@ -191,6 +191,8 @@ class EarlyExitDecoder:
         learned gate it does not have."""
         exits = settings.exit
         exits.check_levels(self.num_layers)
+        if exits.mode == "exact" and exits.draft in ("ngram", "auto"):
+            raise ValueError(f"draft={exits.draft!r} is not implemented by this engine yet; use 'exit' or 'none'")
         if exits.mode != "off" and exits.gate == "learned" and self.learned_gate is None:
             raise ValueError("gate='learned' needs a jump artifact with a learned gate (onejump calibrate --gates "
                              "learned); this server's has none")

@@ -119,7 +119,8 @@ class SequenceRun:
         self._generators = {torch.device(device): self.generator}
         self.gate = ExitGate(settings.exit)
         exits = settings.exit
-        self.levels = frozenset(exits.check_levels(num_layers)) if exits.mode != "off" else frozenset()
+        drafts = exits.mode != "exact" or exits.draft != "none"
+        self.levels = frozenset(exits.check_levels(num_layers)) if exits.mode != "off" and drafts else frozenset()
         self.forced = forced
         self.stop = set(eos_ids if settings.stop_token_ids is None else settings.stop_token_ids)
         self.budget = min(settings.max_new_tokens, context_length - prompt_len)

@@ -9,10 +9,16 @@ from typing import Literal
 Mode = Literal["off", "approximate", "exact"]
 Gate = Literal["confidence", "entropy", "patience", "learned"]
 KVPolicy = Literal["catchup", "copy"]
+DraftPolicy = Literal["auto", "ngram", "exit", "none"]
+Quantization = Literal["none", "int8", "int4", "bnb-8bit", "bnb-4bit"]
 
 MODES = ("off", "approximate", "exact")
 GATES = ("confidence", "entropy", "patience", "learned")
 KV_POLICIES = ("catchup", "copy")
+DRAFT_POLICIES = ("auto", "ngram", "exit", "none")
+# weight formats of the engine's block math: dense (the model's dtype), torch's CPU weight-only int8 (per output
+# channel) and int4 (groupwise), bitsandbytes LLM.int8 and 4-bit (nf4)
+QUANTIZATIONS = ("none", "int8", "int4", "bnb-8bit", "bnb-4bit")
 
 
 def _check_int(name: str, value: object, low: int) -> None:
@@ -49,6 +55,9 @@ class ExitSettings:
         skipped together with the next token that goes deeper (exact keys/values, delayed);
         "copy" fills the skipped layers' keys/values at once from the exit state.
     max_draft: in exact mode, the most drafted tokens verified by one full-depth pass.
+    draft: in exact mode, where drafts come from: "exit" (the exit head, self-speculation), "ngram"
+        (the longest suffix match in the prompt and output), "auto" (per step, whichever source is
+        predicted to pay), "none" (never draft: full depth).
     """
 
     mode: Mode = "exact"
@@ -59,9 +68,11 @@ class ExitSettings:
     stride: int = 1
     kv_policy: KVPolicy = "catchup"
     max_draft: int = 4
+    draft: DraftPolicy = "exit"
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
+        _check_choice("draft", self.draft, DRAFT_POLICIES)
         _check_choice("gate", self.gate, GATES)
         _check_choice("kv_policy", self.kv_policy, KV_POLICIES)
         threshold = self.threshold
