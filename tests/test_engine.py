@@ -500,7 +500,7 @@ def test_sampling_is_seeded_and_works_with_exits(sharp: tuple[CausalLM, EarlyExi
 
 
 def test_bench_runs_end_to_end_on_a_tiny_model(make_tiny: Callable[..., CausalLM]) -> None:
-    from shortcuts.lab import bench
+    from shortcuts.lab import micro_bench as bench
 
     lm = sharpen(make_tiny("llama"))
     args = bench.parse_args(["--new-tokens", "6", "--thresholds", "0.3", "--min-layer", "1", "--repeats", "2",
