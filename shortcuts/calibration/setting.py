@@ -139,9 +139,9 @@ class StoredCalibration:
         """Read an artifact's ``extra``: the schema, or the keys written before it (precision "none")."""
         if KEY in extra:
             data = extra[KEY]
-            if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-                raise ValueError(f"extra[{KEY!r}] has schema {data.get('schema') if isinstance(data, dict) else None!r};"
-                                 f" this release reads schema {SCHEMA}")
+            schema = data.get("schema") if isinstance(data, dict) else None
+            if schema != SCHEMA:
+                raise ValueError(f"extra[{KEY!r}] has schema {schema!r}; this release reads schema {SCHEMA}")
             return cls({str(p): PrecisionCalibration.from_dict(c) for p, c in data.get("by_precision", {}).items()})
         approximate = _legacy(extra.get("calibration"), exact=False)
         exact = _legacy(extra.get("calibration_exact"), exact=True)
@@ -209,8 +209,8 @@ class Resolved:
                 "overridden": list(self.overridden)}
 
 
-def resolve(stored: StoredCalibration | None, overrides: Overrides, num_layers: int, precision: Quantization | str = "none",
-            default_mode: Mode = "approximate") -> Resolved:
+def resolve(stored: StoredCalibration | None, overrides: Overrides, num_layers: int,
+            precision: Quantization | str = "none", default_mode: Mode = "approximate") -> Resolved:
     """The exit setting a mode runs with (see the module docstring for the precedence); ValueError
     for fields the engine would refuse, or levels outside a model of ``num_layers`` layers."""
     if precision not in PRECISIONS:

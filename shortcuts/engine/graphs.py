@@ -158,7 +158,8 @@ class SegmentGraphs:
         for i in range(first, last):
             cache.claim(i, call)
         rows, tokens = bucket(h.shape[0], self.row_buckets), bucket(h.shape[1], TOKEN_BUCKETS)
-        assert rows is not None and tokens is not None
+        assert rows is not None
+        assert tokens is not None
         kv = kv_bucket(max(call.starts) + tokens - 1, cache.capacity + cache.slack)
         shape = Shape(first, last, rows, tokens, kv)
         key = (id(cache), shape)
