@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -69,10 +69,12 @@ class _Segment:
 
     def __init__(self, runner: LayerRunner, cache: KVCache, shape: Shape, device: torch.device):
         self.runner, self.cache, self.shape = runner, cache, shape
+        assert cache.spare_row is not None
+        self.spare = cache.spare_row
         d = runner.lm.hidden_size
         dtype = cache.keys[shape.first].dtype
         self.h = torch.zeros(shape.rows, shape.tokens, d, dtype=dtype, device=device)
-        self.rows = torch.full((shape.rows,), cache.spare_row, dtype=torch.long, device=device)
+        self.rows = torch.full((shape.rows,), self.spare, dtype=torch.long, device=device)
         self.positions = torch.arange(shape.tokens, device=device).repeat(shape.rows, 1)
         self.out: Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -103,7 +105,7 @@ class _Segment:
                            self.rows, self.positions, s.kv, cos, sin, masks[window])
         return h
 
-    def capture(self, pool: object) -> None:
+    def capture(self, pool: Any) -> None:
         """Warm up on a side stream (cuBLAS workspaces, lazy inits), then capture the body."""
         stream = torch.cuda.Stream(self.h.device)
         stream.wait_stream(torch.cuda.current_stream(self.h.device))
@@ -120,7 +122,7 @@ class _Segment:
         n, q = h.shape[:2]
         self.h.zero_()
         self.h[:n, :q] = h
-        self.rows.fill_(self.cache.spare_row)
+        self.rows.fill_(self.spare)
         self.rows[:n] = call.rows_t
         self.positions.copy_(torch.arange(self.shape.tokens, device=h.device).expand_as(self.positions))
         self.positions[:n] = call.positions[:, :1] + torch.arange(self.shape.tokens, device=h.device)
