@@ -92,9 +92,10 @@ def full_depth(lm: CausalLM, prompts: list[list[int]], new_tokens: int) -> dict[
                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
 
     arms: dict[str, Callable[[list[int]], object]] = {
-        "hf_generate": hf, "off_eager": lambda ids: eager.generate(ids, s), "off_graphs": lambda ids: graphed.generate(ids, s)}
+        "hf_generate": hf, "off_eager": lambda ids: eager.generate(ids, s),
+        "off_graphs": lambda ids: graphed.generate(ids, s)}
     seconds = dict.fromkeys(arms, 0.0)
-    for name, arm in arms.items():  # warm-up: graphs captured, kernels loaded
+    for arm in arms.values():  # warm-up: graphs captured, kernels loaded
         arm(prompts[0])
     for k, ids in enumerate(prompts):
         names = list(arms)[k % len(arms):] + list(arms)[: k % len(arms)]
