@@ -140,9 +140,9 @@ class StoredCalibration:
         """Read an artifact's ``extra``: the schema, or the keys written before it (precision "none")."""
         if KEY in extra:
             data = extra[KEY]
-            if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-                found = data.get("schema") if isinstance(data, dict) else None
-                raise ValueError(f"extra[{KEY!r}] has schema {found!r}; this release reads schema {SCHEMA}")
+            schema = data.get("schema") if isinstance(data, dict) else None
+            if schema != SCHEMA:
+                raise ValueError(f"extra[{KEY!r}] has schema {schema!r}; this release reads schema {SCHEMA}")
             return cls({str(p): PrecisionCalibration.from_dict(c) for p, c in data.get("by_precision", {}).items()})
         approximate = _legacy(extra.get("calibration"), exact=False)
         exact = _legacy(extra.get("calibration_exact"), exact=True)

@@ -161,10 +161,6 @@ class BatchDecoder:
         return _Group(seqs, h, counts, starts, waiting, RowCall([s.row for s in seqs], starts, counts, h.shape[1],
                                                                 h.device))
 
-    def _block(self, layer: int, g: _Group) -> None:
-        """Run block ``layer`` on the group's rows, appending their keys/values."""
-        g.h = self.runner.block(layer, g.h, g.call, self.cache)
-
     def _prefill(self, row: int, ids: list[int]) -> Tensor:
         """The prompt through every block in its own row (a batch of one); the last logits (V,)."""
         n = len(ids)
@@ -182,24 +178,40 @@ class BatchDecoder:
         h = self.runner.embed_rows(ids, torch.tensor(starts).unsqueeze(1))
         return self._group(seqs, h, [1] * len(seqs), starts, [len(s.pending) for s in seqs])
 
-    def _climb(self, g: _Group | None) -> list[_Exit]:
-        """Blocks 1..L for the rows still climbing; returns the copy-policy exits to fill."""
+    def _climb(self, g: _Group) -> list[_Exit]:
+        """Blocks 1..L for the rows still climbing, a run of blocks at a time (``runner.segment``) from one
+        event to the next: a level where a row checks its gate, or where pending tokens join. Returns the
+        copy-policy exits to fill."""
         copies: list[_Exit] = []
-        learned = g is not None and self.learned is not None and any(s.settings.exit.gate == "learned" for s in g.seqs)
-        for i in range(self.num_layers):
-            assert g is not None
+        learned = self.learned is not None and any(s.settings.exit.gate == "learned" for s in g.seqs)
+        i = 0
+        while True:
             g = self._join(g, i)
+            end = i + 1 if learned else self._next_event(g, i)
             h_in = g.last if learned else None  # the learned gate's feature: the state before the block
-            self._block(i, g)
+            g.h = self.runner.segment(i, end, g.h, g.call, self.cache)
             for s, c in zip(g.seqs, g.counts, strict=True):
-                s.stats.layers_computed += c
-            if i + 1 < self.num_layers:
-                g = self._check_exits(g, i + 1, copies, h_in)
-                if g is None:
-                    return copies
-        assert g is not None
+                s.stats.layers_computed += c * (end - i)
+            i = end
+            if i == self.num_layers:
+                break
+            checked = self._check_exits(g, i, copies, h_in)
+            if checked is None:
+                return copies
+            g = checked
         self._top(g)
         return copies
+
+    def _next_event(self, g: _Group, i: int) -> int:
+        """The first level after ``i`` where a row of the group checks its gate or a pending token of a
+        row joins (pending levels never increase with position: the last not yet joined joins first), else L."""
+        end = self.num_layers
+        for s, w in zip(g.seqs, g.waiting, strict=True):
+            if s.check:
+                end = min(end, s.next_check(i))
+            if w:
+                end = min(end, s.pending[w - 1].level)
+        return end
 
     def _join(self, g: _Group, layer: int) -> _Group:
         """Prepend to each row its pending tokens whose next block is ``layer``."""
