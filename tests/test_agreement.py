@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ARCHS, build_tiny
-from test_engine import fitted_jump, prompt_ids, settings, sharpen
+from support.models import ARCHS, build_tiny, fitted_jump, prompt_ids, settings, sharpen
 
 from shortcuts.adapter import CausalLM
 from shortcuts.calibration.costs import CostModel
@@ -136,11 +135,11 @@ def test_sweep_runs_every_section_on_a_tiny_model(tiny_folder: Path, word_corpus
                                                   make_tiny: Callable[..., CausalLM]) -> None:
     import json
 
-    from test_adapter import _artifact
+    from support.models import tiny_artifact
 
     from shortcuts.lab import sweep
 
-    jump = _artifact(make_tiny("llama")).save(tmp_path / "jump.safetensors")
+    jump = tiny_artifact(make_tiny("llama")).save(tmp_path / "jump.safetensors")
     out = tmp_path / "sweep"
     args = ["--model", str(tiny_folder), "--jumps", f"tiny={jump}", "--corpus", str(word_corpus), "--prompts", "4",
             "--new-tokens", "6", "--thresholds", "0.05,0.5", "--speed-prompts", "1", "--speed-thresholds", "0.05",

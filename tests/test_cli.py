@@ -75,11 +75,11 @@ def test_fit_refuses_bad_input(args: list[str], message: str, tiny_folder: Path,
     assert "Traceback" not in err
 
 
-def test_evaluate_refuses_a_mismatched_or_corrupt_artifact(tiny_folder: Path, word_corpus: Path, tmp_path: Path,
+def test_evaluate_refuses_a_mismatched_or_corrupttiny_artifact(tiny_folder: Path, word_corpus: Path, tmp_path: Path,
                                                            make_tiny, capsys: pytest.CaptureFixture[str]) -> None:
-    from test_adapter import _artifact
+    from support.models import tiny_artifact
 
-    wrong = _artifact(make_tiny("llama", seed=7)).save(tmp_path / "wrong.safetensors")
+    wrong = tiny_artifact(make_tiny("llama", seed=7)).save(tmp_path / "wrong.safetensors")
     assert main(["evaluate", "--model", str(tiny_folder), "--jump", str(wrong), "--corpus", str(word_corpus)]) == 2
     assert "weights differ" in capsys.readouterr().err
     (tmp_path / "bad.safetensors").write_bytes(b"garbage")
@@ -104,12 +104,12 @@ def test_fit_refuses_unknown_architecture_and_missing_model(tmp_path: Path, word
 
 def test_calibrate_stores_the_threshold_the_server_then_uses(tiny_folder: Path, word_corpus: Path, tmp_path: Path,
                                                               make_tiny, capsys: pytest.CaptureFixture[str]) -> None:
-    from test_adapter import _artifact
+    from support.models import tiny_artifact
 
     from service.config import Settings
     from service.loading import load_decoder
 
-    jump = _artifact(make_tiny("llama")).save(tmp_path / "jump.safetensors")
+    jump = tiny_artifact(make_tiny("llama")).save(tmp_path / "jump.safetensors")
     out = tmp_path / "calibrated.safetensors"
     args = ["calibrate", "--model", str(tiny_folder), "--jump", str(jump), "--corpus", str(word_corpus),
             "--prompts", "12", "--new-tokens", "8", "--offset", "0", "--out", str(out)]
@@ -146,7 +146,7 @@ def test_a_learned_gate_in_the_artifact_is_the_servers_default(tiny_folder: Path
     """An artifact calibrated for its learned gate: the server loads the gate, defaults to it with
     the calibrated threshold, first level and stride, and decodes with it; without one it refuses."""
     import torch
-    from test_adapter import _artifact
+    from support.models import tiny_artifact
 
     from service.config import Settings
     from service.loading import load_decoder
@@ -154,7 +154,7 @@ def test_a_learned_gate_in_the_artifact_is_the_servers_default(tiny_folder: Path
     from shortcuts.engine.learned_gate import LearnedGate, feature_names
 
     lm = make_tiny("llama")
-    artifact = _artifact(lm)
+    artifact = tiny_artifact(lm)
     L = lm.num_layers
     gate = LearnedGate(torch.linspace(-1, 1, len(feature_names(L))), 0.5, L)
     artifact.extra["gate"] = gate.to_dict()
@@ -167,6 +167,6 @@ def test_a_learned_gate_in_the_artifact_is_the_servers_default(tiny_folder: Path
     s = GenerationSettings(max_new_tokens=6, stop_token_ids=(),
                            exit=ExitSettings(mode="approximate", gate="learned", threshold=0.3, min_layer=2))
     assert len(decoder.generate([5, 6, 7], s).tokens) == 6
-    plain = _artifact(lm).save(tmp_path / "plain.safetensors")
+    plain = tiny_artifact(lm).save(tmp_path / "plain.safetensors")
     with pytest.raises(ValueError, match="holds no learned gate"):
         load_decoder(Settings(model=str(tiny_folder), jump=str(plain), exit_gate="learned"))

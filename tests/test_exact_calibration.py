@@ -7,8 +7,7 @@ import argparse
 
 import pytest
 import torch
-from conftest import build_tiny
-from test_engine import fitted_jump, prompt_ids, settings, sharpen
+from support.models import build_tiny, fitted_jump, prompt_ids, settings, sharpen
 
 from shortcuts.calibration.costs import CostModel
 from shortcuts.calibration.exact import NEVER, ExactCalibration, exact_speedup, replay_exact, search_exact, timed_choice

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny
-from test_math import randomized
+from support.models import build_tiny, randomized
 
 from shortcuts.artifact import JumpArtifact
 from shortcuts.calibration import StoredCalibration
@@ -219,11 +218,11 @@ def test_agreement_command_on_a_tiny_model(tiny_folder, word_corpus, tmp_path, m
     """From another working directory, plain-text and .jsonl prompts, the stored setting or the flags."""
     import json
 
-    from test_adapter import _artifact
+    from support.models import tiny_artifact
 
     from shortcuts.cli import main
 
-    jump = _artifact(make_tiny("llama")).save(tmp_path / "jump.safetensors")
+    jump = tiny_artifact(make_tiny("llama")).save(tmp_path / "jump.safetensors")
     jsonl = tmp_path / "prompts.jsonl"
     jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in word_corpus.read_text().splitlines()[:5]))
     elsewhere = tmp_path / "elsewhere"
@@ -257,11 +256,11 @@ def test_calibrate_learned_gate_and_strides_then_agreement_replays_it(tiny_folde
                                                                       make_tiny, capsys) -> None:
     import json
 
-    from test_adapter import _artifact
+    from support.models import tiny_artifact
 
     from shortcuts.cli import main
 
-    jump = _artifact(make_tiny("llama")).save(tmp_path / "jump.safetensors")
+    jump = tiny_artifact(make_tiny("llama")).save(tmp_path / "jump.safetensors")
     out = tmp_path / "calibrated.safetensors"
     args = ["calibrate", "--model", str(tiny_folder), "--jump", str(jump), "--corpus", str(word_corpus),
             "--prompts", "10", "--new-tokens", "6", "--offset", "0", "--out", str(out), "--target", "0.5",
@@ -306,7 +305,7 @@ def test_exits_ship_keeps_each_artifacts_base_model(tiny_folder, word_corpus, tm
     folder by default, whatever the traces' model), unless --base-model says otherwise."""
     import json
 
-    from test_adapter import _artifact
+    from support.models import tiny_artifact
 
     from shortcuts.adapter import CausalLM
     from shortcuts.calibration.table import continuations
@@ -321,7 +320,7 @@ def test_exits_ship_keeps_each_artifacts_base_model(tiny_folder, word_corpus, tm
     for split in ("fit", "val", "test", "ood"):
         traces.save(src / f"traces-{split}.safetensors")
     (src / "traces.json").write_text(json.dumps({"model": str(tiny_folder), "new_tokens": 5}))
-    art = _artifact(lm)
+    art = tiny_artifact(lm)
     art.base_model = "elsewhere/tiny-llama"
     path = art.save(tmp_path / "jump.safetensors")
     args = ["--traces", str(src), "--jumps", f"j={path}", "--gates", "confidence", "--strides", "1", "--repeats", "2"]

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny
-from test_engine import prompt_ids, sharpen
+from support.models import build_tiny, prompt_ids, sharpen
 
 from shortcuts.calibration.table import continuations
 from shortcuts.engine.cache import RowCall
