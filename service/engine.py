@@ -25,10 +25,10 @@ from prometheus_client import Histogram
 
 from service.config import Settings
 from service.errors import NotReadyError, OverloadedError, QueueTimeoutError, ServiceError
+from service.loading import ExitPolicy, load_decoder
 from service.metrics import Metrics, RequestStats
 
 if TYPE_CHECKING:  # the engine's types; torch loads in the worker thread, never at import
-    from service.loading import ExitPolicy
     from shortcuts.engine.api import Batch, SequenceHandle
     from shortcuts.engine.api import Engine as Decoder
     from shortcuts.engine.sampling import TopLogprobs
@@ -256,8 +256,6 @@ class Engine:
         self._serve()
 
     def _load(self) -> None:
-        from service.loading import load_decoder
-
         self.decoder, self.exit_policy = load_decoder(self.settings)
         self.metrics = Metrics(self.settings.model_name, self.model.num_layers)
         buckets = tuple(float(n) for n in range(1, self.settings.max_batch_size + 1))

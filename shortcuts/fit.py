@@ -23,6 +23,7 @@ from shortcuts.evaluate import LevelScores, Method, choose, evaluate_method, mod
 from shortcuts.heads import HeadContext
 from shortcuts.jump import JumpConfig, LowRankJumps
 from shortcuts.prompts import article_split
+from shortcuts.report import plot_methods, summary_markdown, write_plots
 from shortcuts.train import KLToModel, MSEToFinal, TrainConfig, train_bank
 
 
@@ -196,8 +197,6 @@ def _save_artifacts(out: Path, lm: CausalLM, cfg: FitConfig, trained: dict[str, 
 
 
 def write_outputs(out: Path, results: dict[str, Any], plots: bool = True) -> None:
-    from shortcuts.report import summary_markdown, write_plots
-
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "summary.md").write_text(summary_markdown(results))
@@ -226,7 +225,5 @@ def run_evaluate(model: str, jump_path: str, corpus: str, out_dir: str, n: int =
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "evaluation.json").write_text(json.dumps(results, indent=1))
-    from shortcuts.report import plot_methods
-
     plot_methods(results, list(methods), f"{Path(jump_path).name} on {Path(corpus).name}", out / "evaluation.png")
     return results

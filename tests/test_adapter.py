@@ -9,7 +9,8 @@ import pytest
 import torch
 from support.models import build_tiny, tiny_artifact
 
-from shortcuts.adapter import ARCHITECTURES, CausalLM, arch_spec
+from shortcuts.adapter import CausalLM
+from shortcuts.architectures import ARCHITECTURES, arch_spec
 from shortcuts.artifact import JumpArtifact
 from shortcuts.collect import StateSet, collect_states, read_corpus, sample_sentences
 from shortcuts.errors import ArtifactError, CorpusError, UnsupportedModelError

@@ -26,18 +26,34 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
+from shortcuts.adapter import CausalLM
 from shortcuts.engine.cache import RowCall
-from shortcuts.engine.exit_head import confidence_and_top, entropy, top_and_confidence
+from shortcuts.engine.exit_head import ExitHead, confidence_and_top, entropy, top_and_confidence
+from shortcuts.engine.learned_gate import LearnedGate, gate_features
+from shortcuts.engine.runner import LayerRunner
 from shortcuts.engine.sequence import Generation, OnToken, Pending, SequenceRun
 from shortcuts.engine.settings import GenerationSettings
 
-if TYPE_CHECKING:
-    from shortcuts.engine.decoder import EarlyExitDecoder
+
+class Model(Protocol):
+    """What a batch decodes with: the model-facing half of ``EarlyExitDecoder`` (its runner, exit head,
+    learned gate and checks), which builds batches of itself."""
+
+    lm: CausalLM
+    runner: LayerRunner
+    num_layers: int
+    exit_head: ExitHead
+    learned_gate: LearnedGate | None
+    eos_ids: tuple[int, ...]
+
+    def check_prompt(self, prompt_ids: list[int]) -> None: ...
+
+    def check_settings(self, settings: GenerationSettings) -> None: ...
 
 
 @dataclass
@@ -73,7 +89,7 @@ class BatchDecoder:
     Shares the model, runner and exit head of ``decoder``. Use ``add`` / ``step`` / ``cancel``
     for continuous batching, or ``generate`` to run a list of prompts to completion."""
 
-    def __init__(self, decoder: EarlyExitDecoder, max_batch_size: int = 8):
+    def __init__(self, decoder: Model, max_batch_size: int = 8):
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"{max_batch_size=} must be an integer >= 1")
         self.decoder = decoder
@@ -259,8 +275,6 @@ class BatchDecoder:
         """The learned gate's score of every checked row (m,), or None when no row uses it."""
         if self.learned is None or not any(s.settings.exit.gate == "learned" for s in seqs):
             return None
-        from shortcuts.engine.learned_gate import gate_features
-
         dev = logits.device
         prev_top = torch.tensor([-1 if s.check_top is None else s.check_top for s in seqs], device=dev)
         prev_conf = torch.tensor([s.prev_confidence for s in seqs], device=dev)

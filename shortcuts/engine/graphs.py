@@ -26,15 +26,28 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
+from shortcuts.adapter import CausalLM
+from shortcuts.engine.blocks import Blocks
 from shortcuts.engine.cache import KVCache, RowCall
 
-if TYPE_CHECKING:
-    from shortcuts.engine.runner import LayerRunner
+
+class Stack(Protocol):
+    """What a segment runs: the blocks of a ``LayerRunner`` with their masks' windows and rotary tables
+    (a protocol, so that the runner, which owns the segments, is not imported here)."""
+
+    lm: CausalLM
+    blocks: Blocks
+    context_length: int
+    windows: list[int | None]
+    layer_types: list[str | None]
+    typed_rope: bool
+    rope: dict[torch.device, dict[str | None, tuple[Tensor, Tensor]]]
+    block_fn: Callable[..., Tensor]
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16)
@@ -67,7 +80,7 @@ class Shape:
 class _Segment:
     """Blocks first..last-1 at one static shape: static inputs, the body, and its graph (if captured)."""
 
-    def __init__(self, runner: LayerRunner, cache: KVCache, shape: Shape, device: torch.device):
+    def __init__(self, runner: Stack, cache: KVCache, shape: Shape, device: torch.device):
         self.runner, self.cache, self.shape = runner, cache, shape
         assert cache.spare_row is not None
         self.spare = cache.spare_row
@@ -141,7 +154,7 @@ class SegmentGraphs:
     ``supports(first, last, call)`` says whether a call can take this path: its blocks on one
     device, its rows and tokens within the buckets, and its positions within the cache's slack."""
 
-    def __init__(self, runner: LayerRunner, capture: bool, max_rows: int = 8):
+    def __init__(self, runner: Stack, capture: bool, max_rows: int = 8):
         self.runner = runner
         self.capture = capture
         self.row_buckets = tuple(b for b in ROW_BUCKETS if b < max_rows) + (max_rows,)
