@@ -4,8 +4,7 @@ of every family. On a CPU the static-shape body runs eagerly; ``test_cuda.py`` c
 from __future__ import annotations
 
 import pytest
-from conftest import ARCHS, build_tiny
-from test_engine import fitted_jump, sharpen
+from support.models import ARCHS, build_tiny, fitted_jump, sharpen
 
 from shortcuts.engine import EarlyExitDecoder, ExitSettings, GenerationSettings
 from shortcuts.engine.graphs import bucket, kv_bucket

@@ -42,6 +42,7 @@ from shortcuts.engine.settings import (
 SCHEMA = 1
 KEY = "exit"
 PRECISIONS = QUANTIZATIONS
+DENSE: Quantization = "none"  # the model's own dtype: the precision the commands measure and run at
 BUILTIN_THRESHOLD: dict[str, float] = {"confidence": 0.9, "learned": 0.9, "entropy": 0.5, "patience": 0.9}
 Source = Literal["calibration", "built-in"]
 
@@ -234,3 +235,11 @@ def resolve(stored: StoredCalibration | None, overrides: Overrides, num_layers: 
     if mode != "off":
         settings.check_levels(num_layers)
     return Resolved(settings, source, measured_at, str(precision), tuple(sorted(given)))
+
+
+def resolve_modes(stored: StoredCalibration | None, overrides: Overrides, num_layers: int,
+                  precision: Quantization | str = "none") -> dict[Mode, Resolved]:
+    """Approximate and exact mode's settings for these overrides, each as a request in that mode runs
+    it: what ``/v1/models/{id}``, ``onejump bench`` and ``onejump agreement`` report."""
+    modes: tuple[Mode, ...] = ("approximate", "exact")
+    return {m: resolve(stored, overrides, num_layers, precision, default_mode=m) for m in modes}
