@@ -41,6 +41,8 @@ def test_static_segments_give_the_eager_tokens(arch: str, mode: str) -> None:
         assert a.stats == b.stats
         exited += sum(t.exit_layer < eager.num_layers for t in a.trace)
     assert mode == "off" or exited > 0  # exits happened, so segments were cut at checks and joins
+    fused = [level for _, _, level in static.runner.graphs.segments if level is not None]
+    assert mode == "off" or fused  # the checks ran fused to the end of their segments
     assert static.runner.graphs is not None
     assert static.runner.graphs.segments
 
@@ -54,6 +56,6 @@ def test_static_segments_in_a_batch_with_catch_up_and_sampling(arch: str) -> Non
     a = eager.batch(3).generate(PROMPTS, settings)
     b = static.batch(3).generate(PROMPTS, settings)
     assert [g.tokens for g in a] == [g.tokens for g in b]
-    shapes = {shape for _, shape in static.runner.graphs.segments}
+    shapes = {shape for _, shape, _ in static.runner.graphs.segments}
     assert any(s.rows > 1 for s in shapes)
     assert any(s.tokens > 1 for s in shapes)

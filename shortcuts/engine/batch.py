@@ -34,6 +34,7 @@ from torch import Tensor
 from shortcuts.adapter import CausalLM
 from shortcuts.engine.cache import RowCall
 from shortcuts.engine.exit_head import ExitHead, confidence_and_top, entropy, top_and_confidence
+from shortcuts.engine.graphs import Checked, ExitCheck
 from shortcuts.engine.learned_gate import LearnedGate, gate_features
 from shortcuts.engine.runner import LayerRunner
 from shortcuts.engine.sequence import Generation, OnToken, Pending, SequenceRun
@@ -205,16 +206,22 @@ class BatchDecoder:
             g = self._join(g, i)
             end = i + 1 if learned else self._next_event(g, i)
             h_in = g.last if learned else None  # the learned gate's feature: the state before the block
-            g.h = self.runner.segment(i, end, g.h, g.call, self.cache)
+            rows = [j for j, s in enumerate(g.seqs) if s.checks(end)] if end < self.num_layers else []
+            checked = None
+            if rows and not learned:  # the check runs with the segment (in its graph, when it is one)
+                check = ExitCheck(self.exit_head.levels[end], end, rows, [c - 1 for c in g.counts])
+                g.h, checked = self.runner.checked_segment(i, end, g.h, g.call, self.cache, check)
+            else:
+                g.h = self.runner.segment(i, end, g.h, g.call, self.cache)
             for s, c in zip(g.seqs, g.counts, strict=True):
                 s.stats.layers_computed += c * (end - i)
             i = end
             if i == self.num_layers:
                 break
-            checked = self._check_exits(g, i, copies, h_in)
-            if checked is None:
+            left = self._check_exits(g, i, copies, h_in, checked)
+            if left is None:
                 return copies
-            g = checked
+            g = left
         self._top(g)
         return copies
 
@@ -249,17 +256,23 @@ class BatchDecoder:
         waiting = [w - n for w, n in zip(g.waiting, joined, strict=True)]
         return self._group(g.seqs, h, counts, starts, waiting)
 
-    def _check_exits(self, g: _Group, level: int, copies: list[_Exit], h_in: Tensor | None) -> _Group | None:
+    def _check_exits(self, g: _Group, level: int, copies: list[_Exit], h_in: Tensor | None,
+                     checked: Checked | None = None) -> _Group | None:
         """Gate the rows that check ``level``; the ones that leave are handed their exit and dropped.
-        ``h_in``: each row's newest state before the block (the learned gate's feature), or None."""
+        ``h_in``: each row's newest state before the block (the learned gate's feature), or None;
+        ``checked``: the exit head's outputs for those rows when the segment computed them."""
         idx = [j for j, s in enumerate(g.seqs) if s.checks(level)]
         if not idx:
             return g
-        h = g.last[idx]
-        logits = self.exit_head(h, level)  # (m, V)
         seqs = [g.seqs[j] for j in idx]
-        score = None if h_in is None else self._learned_scores(seqs, logits, level, h, h_in[idx])
-        leave = self._gates(seqs, logits, score)
+        if checked is None:
+            h = g.last[idx]
+            logits = self.exit_head(h, level)  # (m, V)
+            score = None if h_in is None else self._learned_scores(seqs, logits, level, h, h_in[idx])
+            leave = self._gates(seqs, logits, score)
+        else:
+            logits = checked.logits
+            leave = self._gates(seqs, logits, None, (checked.conf, checked.top))
         if not any(x is not None for x in leave):
             return g
         for k, (j, top) in enumerate(zip(idx, leave, strict=True)):
@@ -281,12 +294,12 @@ class BatchDecoder:
         features, _, _ = gate_features(logits, level, self.num_layers, h.to(dev), h_in.to(dev), prev_top, prev_conf)
         return self.learned.score(features)
 
-    def _gates(self, seqs: list[SequenceRun], logits: Tensor,
-               score: Tensor | None = None) -> list[tuple[int, float] | None]:
+    def _gates(self, seqs: list[SequenceRun], logits: Tensor, score: Tensor | None = None,
+               conf_top: tuple[Tensor, Tensor] | None = None) -> list[tuple[int, float] | None]:
         """Each sequence's gate on its row of exit logits; (top-1, confidence) of those that leave, else None.
         The rows' max-probability, top-1 (entropy, learned score) cross to the host together: one
-        sync per check."""
-        conf, top = confidence_and_top(logits)
+        sync per check. ``conf_top``: max-probability and top-1 already computed (a fused check)."""
+        conf, top = confidence_and_top(logits) if conf_top is None else conf_top
         columns = [conf, top.to(conf.dtype)]
         columns.append(entropy(logits) if any(s.settings.exit.gate == "entropy" for s in seqs) else conf)
         columns.append(conf if score is None else score.to(conf))

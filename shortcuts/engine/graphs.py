@@ -34,6 +34,7 @@ from torch import Tensor
 from shortcuts.adapter import CausalLM
 from shortcuts.engine.blocks import Blocks
 from shortcuts.engine.cache import KVCache, RowCall
+from shortcuts.engine.exit_head import LevelHead, confidence_and_top
 
 
 class Stack(Protocol):
@@ -69,6 +70,26 @@ def kv_bucket(last_position: int, limit: int) -> int:
 
 
 @dataclass(frozen=True)
+class ExitCheck:
+    """An exit check at the end of a segment: ``head`` (the exit head of level ``level``) on the newest state
+    of the group rows ``rows``; ``last`` holds every group row's newest-token index."""
+
+    head: LevelHead
+    level: int
+    rows: list[int]
+    last: list[int]
+
+
+@dataclass
+class Checked:
+    """What the check gave for its rows: exit logits (m, V) float32, max probability and top-1 (m,)."""
+
+    logits: Tensor
+    conf: Tensor
+    top: Tensor
+
+
+@dataclass(frozen=True)
 class Shape:
     first: int
     last: int
@@ -80,8 +101,9 @@ class Shape:
 class _Segment:
     """Blocks first..last-1 at one static shape: static inputs, the body, and its graph (if captured)."""
 
-    def __init__(self, runner: Stack, cache: KVCache, shape: Shape, device: torch.device):
-        self.runner, self.cache, self.shape = runner, cache, shape
+    def __init__(self, runner: Stack, cache: KVCache, shape: Shape, device: torch.device,
+                 head: LevelHead | None = None):
+        self.runner, self.cache, self.shape, self.head = runner, cache, shape, head
         assert cache.spare_row is not None
         self.spare = cache.spare_row
         d = runner.lm.hidden_size
@@ -89,11 +111,21 @@ class _Segment:
         self.h = torch.zeros(shape.rows, shape.tokens, d, dtype=dtype, device=device)
         self.rows = torch.full((shape.rows,), self.spare, dtype=torch.long, device=device)
         self.positions = torch.arange(shape.tokens, device=device).repeat(shape.rows, 1)
-        self.out: Tensor | None = None
+        self.newest = torch.zeros(shape.rows, dtype=torch.long, device=device)  # each row's newest token
+        self.out: tuple[Tensor, ...] = ()
         self.graph: torch.cuda.CUDAGraph | None = None
 
-    def body(self) -> Tensor:
-        """The blocks on the static inputs (pure device work: no host reads, so it can be captured)."""
+    def body(self) -> tuple[Tensor, ...]:
+        """The blocks on the static inputs, then the exit check if the segment has one (pure device work: no
+        host reads, so it can be captured). Returns (states,) or (states, logits, conf, top)."""
+        h = self.blocks()
+        if self.head is None:
+            return (h,)
+        logits = self.head(h[torch.arange(self.shape.rows, device=h.device), self.newest].float())
+        conf, top = confidence_and_top(logits)
+        return h, logits, conf, top
+
+    def blocks(self) -> Tensor:
         r, s = self.runner, self.shape
         keys = torch.arange(s.kv, device=self.positions.device)
         causal = keys <= self.positions.unsqueeze(-1)  # (n, q, kv)
@@ -140,12 +172,16 @@ class _Segment:
         self.positions.copy_(torch.arange(self.shape.tokens, device=h.device).expand_as(self.positions))
         self.positions[:n] = call.positions[:, :1] + torch.arange(self.shape.tokens, device=h.device)
         if self.graph is None:
-            out = self.body()
+            self.out = self.body()
         else:
             self.graph.replay()
-            assert self.out is not None
-            out = self.out
-        return out[:n, :q].clone()
+        return self.out[0][:n, :q].clone()
+
+    def checked(self, check: ExitCheck) -> Checked:
+        """The fused check's outputs for the check's rows (after ``run``, which needs ``newest`` set first)."""
+        rows = torch.tensor(check.rows, device=self.newest.device)
+        _, logits, conf, top = self.out
+        return Checked(logits[rows], conf[rows], top[rows])
 
 
 class SegmentGraphs:
@@ -158,18 +194,35 @@ class SegmentGraphs:
         self.runner = runner
         self.capture = capture
         self.row_buckets = tuple(b for b in ROW_BUCKETS if b < max_rows) + (max_rows,)
-        self.segments: dict[tuple[int, Shape], _Segment] = {}
+        self.segments: dict[tuple[int, Shape, int | None], _Segment] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.captured = 0
 
-    def supports(self, first: int, last: int, h: Tensor, call: RowCall, cache: KVCache) -> bool:
+    def supports(self, first: int, last: int, h: Tensor, call: RowCall, cache: KVCache,
+                 head: LevelHead | None = None) -> bool:
         devices = self.runner.blocks.devices
+        if head is not None and head.device != devices[first]:
+            return False
         return (cache.spare_row is not None and len(set(devices[first:last])) == 1
                 and bucket(h.shape[0], self.row_buckets) is not None and bucket(h.shape[1], TOKEN_BUCKETS) is not None
                 and max(call.starts) + h.shape[1] <= cache.capacity)
 
     def run(self, first: int, last: int, h: Tensor, call: RowCall, cache: KVCache) -> Tensor:
         """Blocks first..last-1 on the call's rows (the host books the cache lengths, the segment writes keys)."""
+        return self._segment(first, last, h, call, cache, None).run(h, call)
+
+    def run_checked(self, first: int, last: int, h: Tensor, call: RowCall, cache: KVCache,
+                    check: ExitCheck) -> tuple[Tensor, Checked]:
+        """``run`` with the exit check of level ``last`` fused to the end of the segment."""
+        seg = self._segment(first, last, h, call, cache, check)
+        seg.newest.zero_()
+        seg.newest[: len(check.last)] = torch.tensor(check.last, device=seg.newest.device)
+        out = seg.run(h, call)
+        return out, seg.checked(check)
+
+    def _segment(self, first: int, last: int, h: Tensor, call: RowCall, cache: KVCache,
+                 check: ExitCheck | None) -> _Segment:
+        """The segment of this shape (captured on first use), the cache's lengths booked for the call."""
         for i in range(first, last):
             cache.claim(i, call)
         rows, tokens = bucket(h.shape[0], self.row_buckets), bucket(h.shape[1], TOKEN_BUCKETS)
@@ -177,14 +230,15 @@ class SegmentGraphs:
         assert tokens is not None
         kv = kv_bucket(max(call.starts) + tokens - 1, cache.capacity + cache.slack)
         shape = Shape(first, last, rows, tokens, kv)
-        key = (id(cache), shape)
+        key = (id(cache), shape, None if check is None else check.level)
         seg = self.segments.get(key)
         if seg is None:
-            seg = self.segments[key] = _Segment(self.runner, cache, shape, h.device)
+            seg = self.segments[key] = _Segment(self.runner, cache, shape, h.device,
+                                                None if check is None else check.head)
             if self.capture:
                 seg.capture(self.pool)
                 self.captured += 1
-        return seg.run(h, call)
+        return seg
 
 
 Runner = Callable[[int, int, Tensor, RowCall, KVCache], Tensor]

@@ -23,7 +23,8 @@ from torch import Tensor
 from shortcuts.adapter import CausalLM, soft_cap
 from shortcuts.engine.blocks import Blocks, affine, block_forward, kv_forward, prepare, rope_tables
 from shortcuts.engine.cache import KVCache, RowCall
-from shortcuts.engine.graphs import SLACK, SegmentGraphs
+from shortcuts.engine.exit_head import confidence_and_top
+from shortcuts.engine.graphs import SLACK, Checked, ExitCheck, SegmentGraphs
 from shortcuts.errors import UnsupportedModelError
 
 
@@ -142,6 +143,22 @@ class LayerRunner:
         for i in range(first, last):
             h = self.block(i, h, call, cache)
         return h
+
+    @torch.inference_mode()
+    def checked_segment(self, first: int, last: int, h: Tensor, call: RowCall, cache: KVCache,
+                        check: ExitCheck) -> tuple[Tensor, Checked]:
+        """``segment``, then the exit check at level ``last`` on the newest state of the rows ``check.rows``:
+        fused into the segment's graph when it runs as one (no launches of its own), else right after."""
+        graphs = self.graphs
+        if graphs is not None and graphs.supports(first, last, h, call, cache, check.head):
+            dev = self.blocks.devices[first]
+            return graphs.run_checked(first, last, h.to(dev), call.moved(dev), cache, check)
+        h = self.segment(first, last, h, call, cache)
+        rows = torch.tensor(check.rows, device=h.device)
+        newest = torch.tensor([check.last[j] for j in check.rows], device=h.device)
+        logits = check.head(h[rows, newest].to(check.head.device, torch.float32))
+        conf, top = confidence_and_top(logits)
+        return h, Checked(logits, conf, top)
 
     @torch.inference_mode()
     def fill_kv(self, i: int, h: Tensor, call: RowCall, cache: KVCache) -> None:
