@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.config import Settings
 from service.docs import docs_page, published_openapi
-from service.engine import Engine
+from service.engine import Worker
 from service.errors import NotReadyError, install_handlers, send_error
 from service.protocol import (
     ChatCompletionRequest,
@@ -95,7 +95,7 @@ class BodyLimitMiddleware:
         return await self.app(scope, limited, send)
 
 
-def _info_routes(app: FastAPI, engine: Engine, serving: Serving) -> None:
+def _info_routes(app: FastAPI, engine: Worker, serving: Serving) -> None:
     """Models (served names and aliases, each with a card), version, tokenizer and the docs page."""
     settings = serving.settings
     created = int(time.time())  # the model cards' stable creation time: the server's start
@@ -137,7 +137,7 @@ def _info_routes(app: FastAPI, engine: Engine, serving: Serving) -> None:
 
 
 def create_app(settings: Settings, on_fatal: Callable[[str], None] | None = None) -> FastAPI:
-    engine = Engine(settings, on_fatal=on_fatal)
+    engine = Worker(settings, on_fatal=on_fatal)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -279,12 +279,12 @@ def test_a_queued_stream_gets_headers_and_a_first_frame_at_once(tiny_model_dir: 
 # ---------------------------------------------------------------- graceful shutdown
 
 def test_draining_refuses_new_requests_with_503(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import service_utils
+    from support import server
 
     from service.app import create_app
 
     apps = []
-    monkeypatch.setattr(service_utils, "create_app", lambda s: apps.append(create_app(s)) or apps[-1])
+    monkeypatch.setattr(server, "create_app", lambda s: apps.append(create_app(s)) or apps[-1])
     with running_server(tiny_settings(tiny_model_dir)) as url:
         apps[0].state.engine.drain()  # what SIGTERM does
         err = openai_error(post(url, {"prompt": "the"}), 503)

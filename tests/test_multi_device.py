@@ -240,6 +240,7 @@ def test_an_exited_token_reads_nothing_of_a_later_device(models: tuple[CausalLM,
     batch = dec.single
     L = split.num_layers
     seq = batch.add(split.tokenizer(PROMPTS[0]).input_ids, gen_settings(mode, 0.4, max_new_tokens=24))
+    assert [out.seq for out in batch.step()] == [seq]  # the first token's report: nothing is decoded
     table = owners(dec, batch.cache, devices)
     seen: dict[int, int] = {}
     while not seq.done:

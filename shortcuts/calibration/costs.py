@@ -23,7 +23,7 @@ from torch import Tensor
 from shortcuts.adapter import CausalLM
 from shortcuts.calibration.replay import checks
 from shortcuts.engine.cache import RowCall
-from shortcuts.engine.exit_head import ExitHead, entropy, max_probability
+from shortcuts.engine.exit_head import ExitHead, confidence_and_top, entropy, to_host
 from shortcuts.engine.learned_gate import LearnedGate, gate_features
 from shortcuts.engine.runner import LayerRunner
 from shortcuts.engine.settings import ExitSettings
@@ -115,7 +115,7 @@ def measure(lm: CausalLM, jump: LowRankJumps | None, gate: LearnedGate | None = 
     after: dict[str, Callable[[], object]] = {
         "full head": lambda: runner.full_logits(state),  # the engine's head
         "exit head": lambda: head(state, level),
-        "check confidence": lambda: max_probability(head(state, level)[0]),
+        "check confidence": lambda: to_host(*confidence_and_top(head(state, level))),  # as the engine reads it
         "check entropy": lambda: float(entropy(head(state, level)[0]))}
     if gate is not None:
         def learned() -> None:

@@ -17,9 +17,12 @@ would decode it alone, up to float rounding of batched matrix products:
 - exact (self-speculative): drafts are exits; a step that goes to full depth verifies the row's
   caught-up drafts with the full head on all of its tokens and crops the row on a rejection.
 
-Continuous: ``add`` prefills a new prompt on its own (a batch of one, in its slot) and emits its
-first token; the sequence joins the next ``step``. Finished or cancelled sequences leave and
-free their slot for the next ``add``.
+Continuous: ``add`` prefills a new prompt on its own (a batch of one, in its slot) and picks its
+first token; the sequence joins the token steps after that. Tokens and finishes reach the caller by
+one route, ``step``'s ``SequenceOutput``s: the next ``step`` after an ``add`` reports the new
+sequences' first tokens (before anything else is computed, so a first token is never held back by
+the others' step), every other ``step`` decodes one token for every running sequence and reports
+that. Finished or cancelled sequences leave and free their slot for the next ``add``.
 """
 
 from __future__ import annotations
@@ -33,11 +36,11 @@ from torch import Tensor
 
 from shortcuts.adapter import CausalLM
 from shortcuts.engine.cache import RowCall
-from shortcuts.engine.exit_head import ExitHead, confidence_and_top, entropy, top_and_confidence
+from shortcuts.engine.exit_head import ExitHead, confidence_and_top, entropy, to_host
 from shortcuts.engine.graphs import Checked, ExitCheck
 from shortcuts.engine.learned_gate import LearnedGate, gate_features
 from shortcuts.engine.runner import LayerRunner
-from shortcuts.engine.sequence import Generation, OnToken, Pending, SequenceRun
+from shortcuts.engine.sequence import Generation, Pending, SequenceOutput, SequenceRun
 from shortcuts.engine.settings import GenerationSettings
 
 
@@ -101,6 +104,7 @@ class BatchDecoder:
         self.max_batch_size = max_batch_size
         self.cache = self.runner.new_cache(max_batch_size)
         self.slots: list[SequenceRun | None] = [None] * max_batch_size
+        self._added: list[SequenceRun] = []  # added since the last ``step``: their first token is unreported
 
     # --- public API ------------------------------------------------------------------------------
     @property
@@ -117,10 +121,10 @@ class BatchDecoder:
 
     @torch.inference_mode()
     def add(self, prompt_ids: Sequence[int], settings: GenerationSettings | None = None,
-            on_token: OnToken | None = None, forced: list[int] | None = None) -> SequenceRun:
-        """Prefill a prompt in a free slot and emit its first token; it decodes from the next ``step``.
-        A sequence done at once (one token, or a stop token) frees its slot before returning.
-        ``forced``: teacher forcing (see ``SequenceRun``)."""
+            forced: list[int] | None = None) -> SequenceRun:
+        """Prefill a prompt in a free slot and pick its first token (the next ``step`` reports it); the
+        sequence decodes in the steps after. A sequence done at once (one token, or a stop token)
+        frees its slot before returning. ``forced``: teacher forcing (see ``SequenceRun``)."""
         settings = settings or GenerationSettings()
         ids = [int(t) for t in prompt_ids]
         self.decoder.check_prompt(ids)
@@ -130,22 +134,31 @@ class BatchDecoder:
         row = self.slots.index(None)
         dec = self.decoder
         seq = SequenceRun(row, len(ids), settings, self.num_layers, self.runner.context_length, dec.eos_ids,
-                          dec.lm.device, on_token, forced, prompt=ids)
+                          dec.lm.device, forced, prompt=ids)
         self.cache.reset_row(row)
         logits = self._prefill(row, ids)
-        if not seq.emit(seq.pick_full(logits, top_and_confidence(logits[None])[0])):
+        if not seq.emit(seq.pick_full(logits, to_host(*confidence_and_top(logits[None]))[0])):
             self.slots[row] = seq
+        self._added.append(seq)
         return seq
 
     def cancel(self, seq: SequenceRun) -> None:
-        """Stop a sequence (finish reason "abort" unless it had finished) and free its slot."""
+        """Stop a sequence (finish reason "abort" unless it had finished) and free its slot; ``step``
+        reports nothing more of it."""
         if seq.finish is None:
             seq.finish = "abort"
         self._release(seq)
+        if seq in self._added:
+            self._added.remove(seq)
 
     @torch.inference_mode()
-    def step(self) -> list[SequenceRun]:
-        """One token step for every running sequence; returns the ones that finished (slots freed)."""
+    def step(self) -> list[SequenceOutput]:
+        """What is new, per sequence: after ``add``, the added sequences' first tokens (nothing is
+        decoded then); else one token step for every running sequence, whose new tokens and finishes
+        it reports (finished sequences have freed their slots)."""
+        if self._added:
+            added, self._added = self._added, []
+            return [out for s in added if (out := s.report()) is not None]
         seqs = self.running
         if not seqs:
             return []
@@ -153,10 +166,10 @@ class BatchDecoder:
             s.begin_step()
         exits = self._climb(self._start(seqs))
         self._fill_copies(exits)
-        done = [s for s in seqs if s.done]
-        for s in done:
-            self._release(s)
-        return done
+        for s in seqs:
+            if s.done:
+                self._release(s)
+        return [out for s in seqs if (out := s.report()) is not None]
 
     def generate(self, prompts: Sequence[Sequence[int]],
                  settings: GenerationSettings | Sequence[GenerationSettings] | None = None) -> list[Generation]:
@@ -166,7 +179,7 @@ class BatchDecoder:
         if len(settings) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(settings)} settings")
         seqs: list[SequenceRun] = []
-        while len(seqs) < len(prompts) or self.running:
+        while len(seqs) < len(prompts) or self.running or self._added:
             while len(seqs) < len(prompts) and self.free_slots:
                 seqs.append(self.add(prompts[len(seqs)], settings[len(seqs)]))
             self.step()
@@ -337,7 +350,7 @@ class BatchDecoder:
             toks += list(range(first, g.counts[j]))
         dev = g.h.device
         logits = self.runner.full_logits(g.h[torch.tensor(rows, device=dev), torch.tensor(toks, device=dev)])
-        tops = top_and_confidence(logits)  # one sync for every row of the step
+        tops = to_host(*confidence_and_top(logits))  # one sync for every row of the step
         for j, (s, (a, b)) in enumerate(zip(g.seqs, spans, strict=True)):
             assert g.waiting[j] == 0
             s.reached_top(logits[a:b], tops[a:b], g.starts[j])
@@ -365,6 +378,6 @@ class BatchDecoder:
             e.seq.stats.kv_fills += self.num_layers - e.level
 
     def _release(self, seq: SequenceRun) -> None:
-        """Free the slot; the row's keys stay readable (``EarlyExitDecoder.state``) until the next ``add``."""
+        """Free the slot; the row's keys stay in ``cache`` (readable for inspection) until the next ``add``."""
         if 0 <= seq.row < len(self.slots) and self.slots[seq.row] is seq:
             self.slots[seq.row] = None

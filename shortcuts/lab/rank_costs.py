@@ -13,7 +13,7 @@ import torch
 from shortcuts.adapter import CausalLM
 from shortcuts.assets import default_model_dir
 from shortcuts.calibration.costs import measure
-from shortcuts.engine.exit_head import ExitHead, max_probability
+from shortcuts.engine.exit_head import ExitHead, confidence_and_top, to_host
 from shortcuts.jump import JumpConfig, LowRankJumps
 from shortcuts.timing import median_seconds
 
@@ -30,7 +30,7 @@ def rank_costs(lm: CausalLM, ranks: tuple[int, ...], repeats: int = 30) -> dict[
             jump.lora_B.normal_()
         head = ExitHead(lm, jump)
         t_head = 1000 * median_seconds(lambda head=head: head(state, level), repeats)  # type: ignore[misc]
-        t_check = 1000 * median_seconds(lambda head=head: max_probability(head(state, level)[0]), repeats)  # type: ignore[misc]
+        t_check = 1000 * median_seconds(lambda head=head: to_host(*confidence_and_top(head(state, level))), repeats)  # type: ignore[misc]
         out[r] = {"head_ms": t_head, "check_ms": t_check, "head_blocks": t_head / ms_block,
                   "check_blocks": t_check / ms_block}
     return out
