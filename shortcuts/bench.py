@@ -98,8 +98,8 @@ def engine_arms(lm: CausalLM, jump: LowRankJumps, learned: LearnedGate | None, e
 
     traces = traces or Traces()
     arms: dict[str, Callable[[Any], Any]] = {}
-    variants: list[tuple[str, dict[str, bool]]] = [("", {})]
-    variants += [("_compiled", {"compile": True})] if compile else []
+    variants: list[tuple[str, dict[str, bool]]] = [("", {"graphs": False})]  # the eager engine
+    variants += [("_compiled", {"compile": True, "graphs": False})] if compile else []
     variants += [("_graphs", {"graphs": True})] if graphs else []
     for suffix, kw in variants:
         dec = EarlyExitDecoder(lm, jump, learned_gate=learned, **kw)  # type: ignore[arg-type]

@@ -85,7 +85,7 @@ class EarlyExitDecoder:
 
     def __init__(self, lm: CausalLM, jump: LowRankJumps | None = None, max_seq_len: int | None = None,
                  check: bool = True, compile: bool = False, learned_gate: LearnedGate | None = None,
-                 graphs: bool | str = False):
+                 graphs: bool | str = "auto"):
         self.lm = lm
         if learned_gate is not None and learned_gate.num_layers != lm.num_layers:
             raise ValueError(f"the learned gate is for {learned_gate.num_layers} layers, the model has {lm.num_layers}")
