@@ -94,7 +94,7 @@ class EarlyExitDecoder:
         self.compile_seconds = self.runner.warm_up() if compile else 0.0
         if check:
             self.runner.self_check()
-        if graphs is True or (graphs == "auto" and lm.device.type == "cuda"):
+        if graphs is True or (graphs == "auto" and lm.device.type == "cuda" and not compile):
             self.runner.use_graphs(max_rows=64)
         self.num_layers = lm.num_layers
         self.exit_head = ExitHead(lm, jump)
