@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from tqdm import tqdm
 
 Arm = Callable[[list[int]], list[int]]  # a prompt's ids -> the generated tokens
+U = TypeVar("U")
 
 
-def time_arms(arms: dict[str, Arm], prompts: list[list[int]]) -> dict[str, dict[str, Any]]:
-    """Seconds and tokens per arm, arms interleaved prompt by prompt with the order rotating (so a noisy
-    neighbour hits every arm alike), after one warm-up prompt."""
+def time_arms(arms: dict[str, Callable[[U], Any]], prompts: Sequence[U]) -> dict[str, dict[str, Any]]:
+    """Seconds and outputs per arm, arms interleaved prompt by prompt (or batch by batch: a unit is what an
+    arm takes) with the order rotating (so a noisy neighbour hits every arm alike), after one warm-up unit."""
     names = list(arms)
     for name in names:
         arms[name](prompts[0])

@@ -57,7 +57,7 @@ class EarlyExitDecoder:
 
     def __init__(self, lm: CausalLM, jump: LowRankJumps | None = None, max_seq_len: int | None = None,
                  check: bool = True, compile: bool = False, learned_gate: LearnedGate | None = None,
-                 graphs: bool | str = False):
+                 graphs: bool | str = "auto"):
         self.lm = lm
         if learned_gate is not None and learned_gate.num_layers != lm.num_layers:
             raise ValueError(f"the learned gate is for {learned_gate.num_layers} layers, the model has {lm.num_layers}")
@@ -66,7 +66,7 @@ class EarlyExitDecoder:
         self.compile_seconds = self.runner.warm_up() if compile else 0.0
         if check:
             self.runner.self_check()
-        if graphs is True or (graphs == "auto" and lm.device.type == "cuda"):
+        if graphs is True or (graphs == "auto" and lm.device.type == "cuda" and not compile):
             self.runner.use_graphs(max_rows=64)
         self.num_layers = lm.num_layers
         self.exit_head = ExitHead(lm, jump)
