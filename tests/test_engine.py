@@ -135,6 +135,30 @@ def test_runner_refuses_non_contiguous_positions(tiny_lm: CausalLM) -> None:
         runner.layer(0, chunk, cache)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 5])
+def test_warm_up_runs_every_call_kind_on_any_number_of_rows(rows: int, make_tiny: Callable[..., CausalLM]) -> None:
+    """Every call kind of the warm-up fits the rows asked for (it once built a 3-row call whatever the
+    number), eagerly here: the compiled path is the same calls (``test_compiled_blocks_decode_the_same_tokens``)."""
+    runner = LayerRunner(make_tiny("qwen2"))
+    assert runner.warm_up(rows) >= 0.0
+
+
+def test_compiling_scopes_its_settings() -> None:
+    """Compiling raises dynamo's per-function graph limit and points inductor's cache at onejump's, for the
+    compile only: both are as they were afterwards."""
+    import os
+
+    import torch._dynamo
+
+    from shortcuts.engine.runner import INDUCTOR_CACHE, compiling
+
+    limit, cache = torch._dynamo.config.cache_size_limit, os.environ.get(INDUCTOR_CACHE)
+    with compiling():
+        assert torch._dynamo.config.cache_size_limit >= 64
+        assert os.environ[INDUCTOR_CACHE] == cache or os.environ[INDUCTOR_CACHE].endswith("inductor")
+    assert (torch._dynamo.config.cache_size_limit, os.environ.get(INDUCTOR_CACHE)) == (limit, cache)
+
+
 def test_fill_kv_writes_the_layers_own_keys_and_values(tiny_lm: CausalLM) -> None:
     """The copy policy's fill, given a layer's true input, writes what the layer itself writes."""
     runner = LayerRunner(tiny_lm)

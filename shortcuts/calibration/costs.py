@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from shortcuts.adapter import CausalLM
+from shortcuts.calibration.config import CALIBRATED_GATES
 from shortcuts.calibration.replay import checks
 from shortcuts.engine.cache import RowCall
 from shortcuts.engine.exit_head import ExitHead, confidence_and_top, entropy, to_host
@@ -131,6 +132,6 @@ def cost_models(ms: dict[str, float]) -> tuple[dict[str, CostModel], float]:
     """A cost model per gate kind, in blocks, and what a skipped layer still costs with catch-up: the
     marginal block cost of one more token in a chunk, (block x4 - block) / 3, in blocks."""
     b = ms["block"]
-    models = {g: CostModel(check=ms[f"check {g}"] / b, head=ms["full head"] / b)
-              for g in ("confidence", "entropy", "learned") if f"check {g}" in ms}
+    models: dict[str, CostModel] = {g: CostModel(check=ms[f"check {g}"] / b, head=ms["full head"] / b)
+              for g in CALIBRATED_GATES if f"check {g}" in ms}
     return models, max(0.0, (ms["block x4"] - b) / 3 / b)

@@ -136,7 +136,8 @@ class BatchDecoder:
         seq = SequenceRun(row, len(ids), settings, self.num_layers, self.runner.context_length, dec.eos_ids,
                           dec.lm.device, forced, prompt=ids)
         self.cache.reset_row(row)
-        logits = self._prefill(row, ids)
+        with self.runner.scope():
+            logits = self._prefill(row, ids)
         if not seq.emit(seq.pick_full(logits, to_host(*confidence_and_top(logits[None]))[0])):
             self.slots[row] = seq
         self._added.append(seq)
@@ -164,8 +165,8 @@ class BatchDecoder:
             return []
         for s in seqs:
             s.begin_step()
-        exits = self._climb(self._start(seqs))
-        self._fill_copies(exits)
+        with self.runner.scope():
+            self._fill_copies(self._climb(self._start(seqs)))
         for s in seqs:
             if s.done:
                 self._release(s)

@@ -61,7 +61,7 @@ class ExitSettings:
         predicted to pay), "none" (never draft: full depth).
     """
 
-    mode: Mode = "exact"
+    mode: Mode = DEFAULT_MODE
     gate: Gate = "confidence"
     threshold: float = 0.9
     patience: int = 2
