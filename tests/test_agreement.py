@@ -131,6 +131,7 @@ def test_calibrate_weighs_check_cost_against_depth() -> None:
     assert checks(level, s, 4).tolist() == [2, 2]
 
 
+@pytest.mark.slow
 def test_sweep_runs_every_section_on_a_tiny_model(tiny_folder: Path, word_corpus: Path, tmp_path: Path,
                                                   make_tiny: Callable[..., CausalLM]) -> None:
     import json

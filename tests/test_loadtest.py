@@ -160,6 +160,7 @@ def test_refusals(args: list[str], message: str, prompts: Path, capsys: pytest.C
     assert err.count("\n") == 1, err
 
 
+@pytest.mark.subprocess
 def test_refusal_from_the_command_line_has_no_traceback() -> None:
     proc = subprocess.run([sys.executable, "-m", "loadtest", "--rates", "0"], capture_output=True, text=True,
                           timeout=60, cwd=Path(__file__).parents[1])

@@ -12,11 +12,14 @@ from pathlib import Path
 
 import httpx
 import openai
+import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
 from service.config import Settings
+from shortcuts.engine.batch import BatchDecoder
+from shortcuts.engine.sequence import SequenceOutput
 
 
 @contextmanager
@@ -65,3 +68,30 @@ def metrics(url: str) -> dict[str, float]:
 def metric(url: str, name: str, **labels: str) -> float:
     return sum(v for k, v in metrics(url).items()
                if k.startswith(name + "{") and all(f'"{a}": "{b}"' in k for a, b in labels.items()))
+
+
+class StepGate:
+    """Holds the in-process servers' token steps until ``open``: a generation that has started holds its
+    batch slot for as long as a test needs, with no sleeps to order things. ``entered`` is set once a
+    step is waiting (a sequence is in the batch)."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.go = threading.Event()
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        step = BatchDecoder.step
+
+        def gated(batch: BatchDecoder) -> list[SequenceOutput]:
+            self.entered.set()
+            if not self.go.wait(120):
+                raise RuntimeError("the test never opened the step gate")
+            return step(batch)
+
+        monkeypatch.setattr(BatchDecoder, "step", gated)
+
+    def wait_entered(self) -> None:
+        assert self.entered.wait(60), "no generation reached a step"
+
+    def open(self) -> None:
+        self.go.set()
