@@ -22,8 +22,8 @@ mkdir -p "$OUT" "$WORK"
 export PYTHONPATH="$WORK/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 MODEL="$WORK/models/smollm2-135m-instruct"
 JUMP=docs/results/smollm2-135m/jump.safetensors
-PROMPTS=${GPU_PROMPTS:-evals/workloads/grounded.jsonl}
-OPEN_PROMPTS=${GPU_OPEN_PROMPTS:-evals/workloads/open.jsonl}
+PROMPTS=${GPU_PROMPTS:-evals/workloads/grounded-heldout.jsonl}
+OPEN_PROMPTS=${GPU_OPEN_PROMPTS:-evals/workloads/open-heldout.jsonl}
 NEW_TOKENS=${GPU_NEW_TOKENS:-64}
 failed=()
 
