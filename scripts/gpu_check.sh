@@ -75,7 +75,7 @@ print(convert_gguf(Path('$gguf'), Path('$MODEL')))"
 
 bench() {  # bench NAME QUANTIZATION BATCH PROMPTS MAX_PROMPTS
   "$PY" -m shortcuts.cli bench --model "$MODEL" --jump "$JUMP" --prompts "$4" --max-prompts "$5" \
-    --new-tokens "$NEW_TOKENS" --device cuda --dtype bfloat16 --quantization "$2" --batch-size "$3" --graphs \
+    --new-tokens "$NEW_TOKENS" --device cuda --dtype bfloat16 --quantization "$2" --batch-size "$3" --graphs --keep-going \
     --json > "$OUT/bench-$1.json"
   tail -c 2000 "$OUT/bench-$1.json"; echo
 }

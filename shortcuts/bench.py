@@ -154,7 +154,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             modes["approximate"].settings, modes["exact"].settings, args.new_tokens, args.compile,
                             args.graphs, bs, traces))
     units: list[Any] = prompts if bs == 1 else [prompts[i : i + bs] for i in range(0, len(prompts), bs)]
-    timed = time_arms(arms, units)
+    failed: dict[str, str] = {}
+    timed = time_arms(arms, units, failed if args.keep_going else None)
+    for name, error in failed.items():
+        print(f"bench: arm {name} failed and is left out: {error}", file=sys.stderr)
     if bs > 1:  # one list of tokens per prompt, as at batch 1
         for r in timed.values():
             r["tokens"] = [seq for batch in r["tokens"] for seq in batch]
@@ -164,7 +167,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "model": str(args.model), "jump": str(args.jump), "placement": lm.placement().describe(),
             "num_layers": lm.num_layers, "prompts": len(prompts), "batch_size": bs,
             "new_tokens": args.new_tokens, "threads": torch.get_num_threads(), "dtype": args.dtype,
-            "gpu_memory_gb": memory, "traces": traces.report(lm.num_layers)}
+            "gpu_memory_gb": memory, "traces": traces.report(lm.num_layers), "failed_arms": failed}
 
 
 def text_report(r: dict[str, Any]) -> str:
@@ -192,6 +195,8 @@ def add_parser(sub: argparse._SubParsersAction, model_args: Callable[[argparse.A
     p.add_argument("--compile", action="store_true", help="also time the engine arms with compiled blocks")
     p.add_argument("--graphs", action="store_true",
                    help="also time the engine arms through CUDA graphs (*_graphs)")
+    p.add_argument("--keep-going", action="store_true",
+                   help="leave out an arm that fails (its error in failed_arms) instead of stopping")
     p.add_argument("--batch-size", type=int, default=1,
                    help="prompts decoded together (the engine's continuous batch; HF generate left-padded)")
     p.add_argument("--gate", choices=GATES, default=None, help="exit flags: override the artifact's stored setting")
