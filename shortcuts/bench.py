@@ -74,6 +74,7 @@ class Traces:
     def __init__(self) -> None:
         self.levels: dict[str, list[int]] = {}
         self.checks: dict[str, int] = {}
+        self.graphs: dict[str, Any] = {}  # decoder variant -> its SegmentGraphs (captures, a capture's error)
 
     def record(self, name: str, generations: list[Generation]) -> list[list[int]]:
         for g in generations:
@@ -82,10 +83,13 @@ class Traces:
         return [g.tokens for g in generations]
 
     def report(self, num_layers: int) -> dict[str, dict[str, Any]]:
-        return {name: {"exit_levels": lv, "num_layers": num_layers,
-                       "checks_per_token": self.checks[name] / max(len(lv), 1),
-                       "exit_rate": sum(x < num_layers for x in lv) / max(len(lv), 1)}
-                for name, lv in self.levels.items()}
+        out: dict[str, dict[str, Any]] = {
+            name: {"exit_levels": lv, "num_layers": num_layers, "checks_per_token": self.checks[name] / max(len(lv), 1),
+                   "exit_rate": sum(x < num_layers for x in lv) / max(len(lv), 1)} for name, lv in self.levels.items()}
+        for variant, g in self.graphs.items():
+            out[f"graphs{variant}"] = {"captured": g.captured, "capture": g.capture, "capture_error": g.capture_error,
+                                       "segments": len(g.segments)}
+        return out
 
 
 def engine_arms(lm: CausalLM, jump: LowRankJumps, learned: LearnedGate | None, exits: ExitSettings,
@@ -105,6 +109,8 @@ def engine_arms(lm: CausalLM, jump: LowRankJumps, learned: LearnedGate | None, e
         dec = EarlyExitDecoder(lm, jump, learned_gate=learned, **kw)  # type: ignore[arg-type]
         if kw.get("compile"):
             print(f"compiled blocks in {dec.compile_seconds:.1f}s", file=sys.stderr)
+        if dec.runner.graphs is not None:
+            traces.graphs[suffix] = dec.runner.graphs
         batch = dec.batch(batch_size) if batch_size > 1 else None
         runs: tuple[tuple[Mode, ExitSettings], ...] = (("off", exits), ("approximate", exits), ("exact", exact))
         for mode, setting in runs:
