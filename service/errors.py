@@ -48,6 +48,12 @@ class QueueTimeoutError(ServiceError):
     status, kind = 504, "timeout"
 
 
+class ClientGoneError(ServiceError):
+    """The client went away (its work was stopped): nobody reads this answer (nginx's 499)."""
+
+    status, kind = 499, "client_closed_request"
+
+
 # what Starlette's own errors (unknown route, wrong method, unreadable body) become
 _HTTP_KINDS = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
@@ -68,9 +74,18 @@ async def send_error(send: Send, status: int, kind: str, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "tagged-union", "union"}
+
+
+def _is_tag(part: object) -> bool:
+    """A step of pydantic's error location that names a union member (``str``, ``list[int]``,
+    ``function-after[check_text(), str]``), not a field or an index."""
+    return isinstance(part, str) and (part in _TYPE_TAGS or any(c in part for c in "[]()-,"))
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = exc.errors()[0] if exc.errors() else {}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_tag(p)]
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
         return "request body is not valid JSON", None
@@ -81,7 +96,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        if exc.status >= 500:
+        if exc.status >= 500 and exc.status != 499:
             log.warning("%s: %s", exc.kind, exc.message)
         return error_response(exc.status, exc.kind, exc.message, exc.param)
 

@@ -34,7 +34,7 @@ from service.protocol import (
     Usage,
 )
 from service.support import check_supported
-from service.text import TextAssembler
+from service.text import StopMatcher, TextAssembler
 
 AnyRequest = CompletionRequest | ChatCompletionRequest
 KEEPALIVE_S = 10.0  # an SSE comment this often while a stream waits for its first or next token
@@ -54,6 +54,7 @@ class Choice:
     prompt: Prompt
     text: TextAssembler
     job: Job | None = None
+    score_job: Job | None = None  # echo with logprobs: the prompt's scoring (on the first choice of a prompt)
     scores: list[Any] | None = None  # echo with logprobs: the prompt's (logprob, top) after its first token
     traces: list[Any] = field(default_factory=list)  # the tokens whose text was returned (up to a stop string)
     done: Done | None = None
@@ -128,7 +129,7 @@ class Serving:
         s = self.settings
         max_tokens = self.max_tokens(req)
         temperature = s.default_temperature if req.temperature is None else req.temperature
-        bias = tuple((int(k), v) for k, v in (req.logit_bias or {}).items())
+        bias = req.bias
         vocab = len(self.engine.model.tokenizer)
         if any(t >= vocab for t, _ in bias):
             raise BadRequestError(f"logit_bias names token ids outside the vocabulary [0, {vocab})", "logit_bias")
@@ -191,37 +192,46 @@ class Serving:
         return DetokenizeResponse(prompt=self.engine.model.tokenizer.decode(req.tokens))
 
     # --- running -------------------------------------------------------------------------------
+    def _prepare(self, req: AnyRequest) -> tuple[list[Prompt], Any, StopMatcher]:
+        """Everything that grows with the body, in a worker thread: the prompts tokenized (a 4 MiB
+        prompt takes a while), the generation settings (logit_bias checked), the stop strings compiled."""
+        return self.prompts(req), self.generation_settings(req), StopMatcher(req.stop_strings)
+
     async def handle(self, req: AnyRequest, request: Request) -> Any:
         self.engine.check_admitting()  # 503 before any work
         self.check_model(req.model)
         check_supported(req)
-        prompts = await asyncio.to_thread(self.prompts, req)  # a 4 MiB prompt takes a while to tokenize
-        settings = self.generation_settings(req)
-        choices = [Choice(k * req.n + i, p, TextAssembler(self.engine.model.tokenizer, req.stop_strings))
+        prompts, settings, stops = await asyncio.to_thread(self._prepare, req)
+        choices = [Choice(k * req.n + i, p, TextAssembler(self.engine.model.tokenizer, stops))
                    for k, p in enumerate(prompts) for i in range(req.n)]
         if len(choices) > self.settings.queue_size:
             raise BadRequestError(f"{len(prompts)} prompt(s) x n={req.n} = {len(choices)} choices exceeds this "
                                   f"server's limit of {self.settings.queue_size} (ONEJUMP_QUEUE_SIZE)", "n")
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, choices))  # scoring included
         try:
             await self._score(req, choices)
             self._submit(req, choices, settings)  # 429/503 keep their HTTP status
         except BaseException:
+            watcher.cancel()
             _cancel(choices)
             raise
         if req.stream:  # headers and a first frame at once; a later error (504 included) is an error frame
+            watcher.cancel()  # the stream's own end (a client that left included) cancels its choices
             return StreamingResponse(self._sse(req, choices), media_type="text/event-stream")
-        return await self._collect(req, request, choices)
+        return await self._collect(req, choices, watcher)
 
     async def _score(self, req: AnyRequest, choices: list[Choice]) -> None:
-        """echo with logprobs: the full model scores each prompt once (a job of its own)."""
+        """echo with logprobs: the full model scores each prompt once (a job of its own, which a client
+        that leaves cancels between two chunks)."""
         if not (isinstance(req, CompletionRequest) and req.echo and req.logprobs is not None):
             return
         from shortcuts.engine import GenerationSettings
 
+        scores = None
         for c in choices:
             if c.index % req.n == 0:
-                job = self.engine.submit(c.prompt.ids, GenerationSettings(), score_top_n=req.logprobs)
-                scores = next(e for e in [e async for e in job.stream()] if isinstance(e, Done)).scores
+                c.score_job = self.engine.submit(c.prompt.ids, GenerationSettings(), score_top_n=req.logprobs)
+                scores = next(e for e in [e async for e in c.score_job.stream()] if isinstance(e, Done)).scores
             c.scores = scores
 
     def _submit(self, req: AnyRequest, choices: list[Choice], settings: Any) -> None:
@@ -231,8 +241,7 @@ class Serving:
             seed = None if settings.seed is None else (settings.seed + c.index % req.n) % (2**63)
             c.job = self.engine.submit(c.prompt.ids, dataclasses.replace(settings, seed=seed))
 
-    async def _collect(self, req: AnyRequest, request: Request, choices: list[Choice]) -> Any:
-        watcher = asyncio.create_task(_cancel_on_disconnect(request, choices))
+    async def _collect(self, req: AnyRequest, choices: list[Choice], watcher: asyncio.Task[None]) -> Any:
         try:
             await asyncio.gather(*(_run(c) for c in choices))
         finally:
@@ -240,7 +249,7 @@ class Serving:
             _cancel(choices)
         for c in choices:
             c.text.finish()
-        return self._response(req, choices)
+        return await asyncio.to_thread(self._response, req, choices)  # logprobs of long echoes take a while
 
     async def _sse(self, req: AnyRequest, choices: list[Choice]) -> AsyncIterator[str]:
         base = self._response(req, [])
@@ -248,8 +257,9 @@ class Serving:
         pumps = [asyncio.create_task(_pump(c, events)) for c in choices]
         left = len(choices)
         try:
-            for c in choices:  # the role (chat) or an empty text (the echo), before the first token
-                yield _frame(self._chunk(base, c, c.prompt.text if _echo(req) else "", [], echo=_echo(req)))
+            for c in choices:  # the role (chat) or the echo, before the first token (in a thread: long logprobs)
+                echo = c.prompt.text if _echo(req) else ""
+                yield _frame(await asyncio.to_thread(self._chunk, base, c, echo, [], echo=_echo(req)))
             while left:
                 try:
                     c, event = await asyncio.wait_for(events.get(), timeout=KEEPALIVE_S)
@@ -261,7 +271,9 @@ class Serving:
                 if event is None or isinstance(event, Done):
                     left -= 1
                     c.done = event
-                    final = self._response(req, choices) if not left and not _include_usage(req) else None
+                    final = None
+                    if not left and not _include_usage(req):
+                        final = await asyncio.to_thread(self._response, req, choices)
                     yield _frame(self._chunk(base, c, c.text.finish(), [], c.finish_reason, final))
                     continue
                 n = len(c.traces)
@@ -269,10 +281,10 @@ class Serving:
                 if delta or len(c.traces) > n and req.top_n is not None:
                     yield _frame(self._chunk(base, c, delta, c.traces[n:]))
             if _include_usage(req):
-                final = self._response(req, choices)
+                last = await asyncio.to_thread(self._response, req, choices)
                 yield _frame(base.model_dump(include={"id", "created", "model"})
-                             | {"object": _object(base), "choices": [], "usage": final.usage.model_dump(),
-                                "early_exit": final.early_exit.model_dump() if final.early_exit else None})
+                             | {"object": _object(base), "choices": [], "usage": last.usage.model_dump(),
+                                "early_exit": last.early_exit.model_dump() if last.early_exit else None})
         except ServiceError as e:  # after the first byte an error becomes an error frame
             yield _frame({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.status}})
         finally:
@@ -385,8 +397,9 @@ async def _pump(c: Choice, events: asyncio.Queue[Any]) -> None:
 
 def _cancel(choices: list[Choice]) -> None:
     for c in choices:
-        if c.job is not None:
-            c.job.cancel()
+        for job in (c.score_job, c.job):
+            if job is not None:
+                job.cancel()
 
 
 def _frame(body: dict[str, Any]) -> str:

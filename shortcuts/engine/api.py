@@ -7,7 +7,7 @@ engine that would break the server fails type checking, not a request. ``EarlyEx
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from shortcuts.engine.sampling import TopLogprobs
@@ -32,7 +32,8 @@ class Batch(Protocol):
     def free_slots(self) -> int: ...
 
     def add(self, prompt_ids: Sequence[int], settings: GenerationSettings | None = None,
-            on_token: OnToken | None = None) -> Any: ...
+            on_token: OnToken | None = None, *, stop: Callable[[], bool] | None = None, chunk: int = ...) -> Any:
+        """Prefill ``chunk`` tokens at a time; ``stop`` (asked between chunks) raises ``Cancelled``."""
 
     def step(self) -> Sequence[Any]: ...
 
@@ -57,4 +58,6 @@ class Engine(Protocol):
 
     def check_settings(self, settings: GenerationSettings) -> None: ...
 
-    def score(self, prompt_ids: list[int], top_n: int = 0) -> list[tuple[float, TopLogprobs]]: ...
+    def score(self, prompt_ids: list[int], top_n: int = 0, stop: Callable[[], bool] | None = None,
+              chunk: int = ...) -> list[tuple[float, TopLogprobs]]:
+        """Prompt logprobs, ``chunk`` tokens a pass; ``stop`` (asked between chunks) raises ``Cancelled``."""

@@ -24,7 +24,7 @@ free their slot for the next ``add``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -35,9 +35,13 @@ from shortcuts.engine.cache import RowCall
 from shortcuts.engine.exit_head import confidence_and_top, entropy, top_and_confidence
 from shortcuts.engine.sequence import Generation, OnToken, Pending, SequenceRun
 from shortcuts.engine.settings import GenerationSettings
+from shortcuts.errors import Cancelled
 
 if TYPE_CHECKING:
     from shortcuts.engine.decoder import EarlyExitDecoder
+
+PREFILL_CHUNK = 256  # prompt tokens per forward pass in prefill and scoring; ``stop`` is asked between chunks
+Stop = Callable[[], bool]  # True: stop the work (raises ``Cancelled`` between two chunks)
 
 
 @dataclass
@@ -100,10 +104,13 @@ class BatchDecoder:
 
     @torch.inference_mode()
     def add(self, prompt_ids: Sequence[int], settings: GenerationSettings | None = None,
-            on_token: OnToken | None = None, forced: list[int] | None = None) -> SequenceRun:
+            on_token: OnToken | None = None, forced: list[int] | None = None, stop: Stop | None = None,
+            chunk: int = PREFILL_CHUNK) -> SequenceRun:
         """Prefill a prompt in a free slot and emit its first token; it decodes from the next ``step``.
         A sequence done at once (one token, or a stop token) frees its slot before returning.
-        ``forced``: teacher forcing (see ``SequenceRun``)."""
+        ``forced``: teacher forcing (see ``SequenceRun``). The prompt goes through the blocks ``chunk``
+        tokens at a time; ``stop`` is asked before each chunk (``Cancelled`` when it says so: the slot
+        stays free)."""
         settings = settings or GenerationSettings()
         ids = [int(t) for t in prompt_ids]
         self.decoder.check_prompt(ids)
@@ -115,7 +122,7 @@ class BatchDecoder:
         seq = SequenceRun(row, len(ids), settings, self.num_layers, self.runner.context_length, dec.eos_ids,
                           dec.lm.device, on_token, forced, prompt=ids)
         self.cache.reset_row(row)
-        logits = self._prefill(row, ids)
+        logits = self._prefill(row, ids, stop, chunk)
         if not seq.emit(seq.pick_full(logits, top_and_confidence(logits[None])[0])):
             self.slots[row] = seq
         return seq
@@ -165,13 +172,21 @@ class BatchDecoder:
         """Run block ``layer`` on the group's rows, appending their keys/values."""
         g.h = self.runner.block(layer, g.h, g.call, self.cache)
 
-    def _prefill(self, row: int, ids: list[int]) -> Tensor:
-        """The prompt through every block in its own row (a batch of one); the last logits (V,)."""
-        n = len(ids)
-        h = self.runner.embed_rows(torch.tensor([ids]), torch.arange(n).unsqueeze(0))
-        call = RowCall([row], [0], [n], n, h.device)
-        for i in range(self.num_layers):
-            h = self.runner.block(i, h, call, self.cache)
+    def _prefill(self, row: int, ids: list[int], stop: Stop | None = None, chunk: int = PREFILL_CHUNK) -> Tensor:
+        """The prompt through every block in its own row (a batch of one), ``chunk`` tokens at a time;
+        the last logits (V,)."""
+        n, size = len(ids), max(chunk, 1)
+        h = None
+        for a in range(0, n, size):
+            if stop is not None and stop():
+                self.cache.reset_row(row)
+                raise Cancelled(f"prefill stopped after {a} of {n} tokens")
+            q = min(size, n - a)
+            h = self.runner.embed_rows(torch.tensor([ids[a : a + q]]), torch.arange(a, a + q).unsqueeze(0))
+            call = RowCall([row], [a], [q], q, h.device)
+            for i in range(self.num_layers):
+                h = self.runner.block(i, h, call, self.cache)
+        assert h is not None
         return self.runner.full_logits(h[0, -1])
 
     # --- one step --------------------------------------------------------------------------------
