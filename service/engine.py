@@ -39,6 +39,12 @@ log = logging.getLogger("onejump.service")
 _KIND = {"exited": "early", "full": "full", "accepted": "verified", "corrected": "full"}
 
 
+def layers_saved(stats: Any, num_layers: int) -> int:
+    """Block evaluations never run: every token fed after the prompt would cost ``num_layers`` at full
+    depth; catch-up and verification count as computed (``Stats.layers_computed``)."""
+    return max(num_layers * stats.steps - stats.layers_computed, 0)
+
+
 @dataclass
 class Done:
     generation: Generation
@@ -425,6 +431,7 @@ class Engine:
         st = generation.stats
         s.layers_computed, s.layers_skipped, s.drafted, s.accepted = (st.layers_computed, st.layers_skipped,
                                                                       st.drafted, st.accepted)
+        s.layers_saved = layers_saved(st, self.model.num_layers)
         if generation.finish_reason == "abort" and not job.stop_hit:
             s.failure = "cancelled"  # the client went away
         else:

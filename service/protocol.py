@@ -325,8 +325,11 @@ class ExitReport(BaseModel):
     num_layers: int
     exit_layers: list[int]
     mean_exit_layer: float
-    layers_computed: int
-    layers_skipped: int
+    layers_computed: int = Field(description="decoder-layer evaluations after the prompt, catch-up and "
+                                 "verification included")
+    layers_skipped: int = Field(description="evaluations generated tokens did not run in their own step (exits); "
+                                "catch-up may run them later")
+    layers_saved: int = Field(0, description="evaluations never run: layers x tokens fed - layers_computed")
     acceptance_rate: float | None = None
 
 

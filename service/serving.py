@@ -15,7 +15,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from service.config import Settings
-from service.engine import Done, Engine, Job
+from service.engine import Done, Engine, Job, layers_saved
 from service.errors import BadRequestError, ModelNotFoundError, NotReadyError, ServiceError
 from service.logprobs import chat_logprobs, completion_logprobs
 from service.protocol import (
@@ -329,12 +329,13 @@ class Serving:
         gens = [c.done.generation for c in choices if c.done is not None]
         computed = sum(g.stats.layers_computed for g in gens)
         skipped = sum(g.stats.layers_skipped for g in gens)
+        saved = sum(layers_saved(g.stats, self.engine.model.num_layers) for g in gens)
         drafted = sum(g.stats.drafted for g in gens)
         accepted = sum(g.stats.accepted for g in gens)
         mode = choices[0].job.settings.exit.mode if choices[0].job else "off"
         return ExitReport(mode=mode, num_layers=self.engine.model.num_layers, exit_layers=layers,
                           mean_exit_layer=sum(layers) / max(len(layers), 1), layers_computed=computed,
-                          layers_skipped=skipped, acceptance_rate=accepted / drafted if drafted else None)
+                          layers_skipped=skipped, layers_saved=saved, acceptance_rate=accepted / drafted if drafted else None)
 
     def _chunk(self, base: Any, c: Choice, delta: str, traces: list[Any], finish: str | None = None,
                final: Any = None, echo: bool = False) -> dict[str, Any]:
