@@ -335,7 +335,8 @@ class Serving:
         mode = choices[0].job.settings.exit.mode if choices[0].job else "off"
         return ExitReport(mode=mode, num_layers=self.engine.model.num_layers, exit_layers=layers,
                           mean_exit_layer=sum(layers) / max(len(layers), 1), layers_computed=computed,
-                          layers_skipped=skipped, layers_saved=saved, acceptance_rate=accepted / drafted if drafted else None)
+                          layers_skipped=skipped, layers_saved=saved,
+                          acceptance_rate=accepted / drafted if drafted else None)
 
     def _chunk(self, base: Any, c: Choice, delta: str, traces: list[Any], finish: str | None = None,
                final: Any = None, echo: bool = False) -> dict[str, Any]:

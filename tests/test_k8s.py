@@ -231,7 +231,8 @@ def test_probes(objects: dict[str, dict[str, Any]]) -> None:
 
 
 def test_without_an_api_key_the_probes_are_plain_http() -> None:
-    deployment = by_kind(render(flavor="cpu", apiKey={"existingSecret": "", "allowUnauthenticated": True}))["Deployment"]
+    no_key = {"existingSecret": "", "allowUnauthenticated": True}
+    deployment = by_kind(render(flavor="cpu", apiKey=no_key))["Deployment"]
     c = container(deployment)
     assert "ONEJUMP_API_KEY" not in env(deployment)
     assert "ONEJUMP_API_KEY_FILE" not in env(deployment)
