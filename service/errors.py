@@ -83,8 +83,22 @@ def _is_tag(part: object) -> bool:
     return isinstance(part, str) and (part in _TYPE_TAGS or any(c in part for c in "[]()-,"))
 
 
+def _most_telling(errors: list[dict]) -> dict:
+    """Of the errors pydantic lists (one per union member when a value fits none), the one that says most:
+    a check's own message (value_error), then a broken limit (too_long, greater_than, ...) before a type
+    mismatch (string_type, ...), then the deepest location (the member the value was meant for got furthest)."""
+    if not errors:
+        return {}
+
+    def rank(e: dict) -> tuple[bool, bool, int, int]:
+        kind = str(e.get("type", ""))
+        return kind == "value_error", not kind.endswith("_type"), len(e.get("loc", ())), -errors.index(e)
+
+    return max(errors, key=rank)
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    first = exc.errors()[0] if exc.errors() else {}
+    first = _most_telling(list(exc.errors()))
     loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_tag(p)]
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
