@@ -5,15 +5,18 @@ is free (the socket is bound here and handed to uvicorn, so it stays ours), that
 files are readable and fit. On SIGTERM (or Ctrl-C) the server drains: it keeps listening, answers
 every new request 503 (``/ready`` too; ``/health`` and ``/metrics`` 200), lets running requests finish
 for up to ``shutdown_timeout_s``, cancels the rest (503, or an error frame for a stream), and exits
-once no request is left. A second signal exits at once."""
+once no request is left. A second Ctrl-C (SIGINT) exits at once; a repeated SIGTERM changes nothing."""
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import socket
 import sys
 import time
 from types import FrameType
+from typing import NoReturn
 
 from pydantic import ValidationError
 
@@ -78,8 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         drained_by: float | None = None  # when the drain gives up waiting (past the engine's grace period)
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            if engine.draining or not self.started:  # a second signal, or still starting: exit now
+            if not self.started or (engine.draining and sig == signal.SIGINT):  # starting, or Ctrl-C twice: now
                 super().handle_exit(sig, frame)
+                return
+            if engine.draining:  # a repeated SIGTERM does not cut the drain short
                 return
             engine.drain()  # new requests get 503 at once; running ones finish or are cancelled at the deadline
             self.drained_by = time.monotonic() + settings.shutdown_timeout_s + 2
@@ -99,5 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failures or not server.started else 0
 
 
+def run(argv: list[str] | None = None) -> NoReturn:
+    """``main``, then exit at once: the logs flushed, without tearing the interpreter down (with torch loaded
+    that takes seconds, which count against the orchestrator's grace period)."""
+    code = main(argv)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

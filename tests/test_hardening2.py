@@ -471,3 +471,137 @@ def test_the_default_artifacts_are_found_from_any_folder(tmp_path: Path) -> None
     assert model == found  # what the CLI uses
     assert Path(jump).is_file(), jump
     assert Path(jump) == ROOT / "docs/results/smollm2-135m/jump.safetensors"
+
+
+# ---------------------------------------------------------------- drain: a real SIGTERM to a real process
+
+LAUNCH = """
+import sys, time
+from shortcuts.engine.batch import BatchDecoder
+from shortcuts.engine.runner import LayerRunner
+step, block = BatchDecoder.step, LayerRunner.block
+BatchDecoder.step = lambda self: (time.sleep(0.05), step(self))[1]  # 50 ms a token
+LayerRunner.block = lambda self, *a: (time.sleep(0.005), block(self, *a))[1]  # 20 ms a chunk of 4 blocks
+from service.__main__ import run
+run(sys.argv[1:])
+"""
+
+
+def _serve(folder: Path, *flags: str) -> tuple[subprocess.Popen, str]:
+    from test_hardening import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ONEJUMP_")} | {"PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCH, "--model", str(folder), "--jump", "", "--device", "cpu",
+                             "--port", str(port), "--max-new-tokens", "120", "--prefill-chunk-tokens", "8", *flags],
+                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.monotonic() < deadline, "the server never became ready"
+        try:
+            if httpx.get(f"{url}/ready").status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+
+
+def _raw(conn: object, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+    """One request on an http.client connection (kept alive between calls)."""
+    import http.client
+
+    assert isinstance(conn, http.client.HTTPConnection)
+    conn.request(method, path, body=json.dumps(body) if body is not None else None,
+                 headers={"content-type": "application/json"})
+    r = conn.getresponse()
+    return r.status, json.loads(r.read())
+
+
+def _during_drain(url: str, kept: object) -> list[tuple[str, int]]:
+    """Every kind of request, on fresh connections and on one kept alive from before the signal."""
+    seen = []
+    for _ in range(3):
+        for name, r in (("completion", post(url, {"prompt": "the", "max_tokens": 1})),
+                        ("chat", post(url, {"messages": [{"role": "user", "content": "the"}]}, "/v1/chat/completions")),
+                        ("tokenize", post(url, {"prompt": "the"}, "/tokenize")),
+                        ("models", httpx.get(f"{url}/v1/models", timeout=10))):
+            err = openai_error(r, 503)
+            assert "shutting down" in err["message"], err
+            seen.append((name, r.status_code))
+        openai_error(httpx.get(f"{url}/ready", timeout=10), 503)
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+        assert httpx.get(f"{url}/metrics", timeout=10).status_code == 200
+        status, body = _raw(kept, "POST", "/v1/completions", {"prompt": "the", "max_tokens": 1})
+        assert (status, body["error"]["code"], body["error"]["type"]) == (503, 503, "service_unavailable"), body
+        seen.append(("kept-alive", status))
+        time.sleep(0.1)
+    return seen
+
+
+@pytest.mark.slow
+def test_sigterm_drains_with_the_socket_open(tiny_model_dir: Path) -> None:
+    """SIGTERM during a stream: new requests on fresh and kept-alive connections get 503 with the OpenAI body,
+    /ready 503, /health 200, the stream finishes, then the process exits (it refused connections before)."""
+    import http.client
+
+    proc, url = _serve(tiny_model_dir, "--shutdown-timeout-s", "20")
+    try:
+        kept = http.client.HTTPConnection("127.0.0.1", int(url.rsplit(":", 1)[1]), timeout=10)
+        assert _raw(kept, "GET", "/v1/models")[0] == 200  # the connection is open before the signal
+        body = {"prompt": "the", "max_tokens": 40, "ignore_eos": True, "stream": True}
+        frames, seen = [], []
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    frames.append(line)
+                if len(frames) == 2 and not seen:  # the first frame, then the first token: 2 s of work left
+                    t0 = time.monotonic()
+                    proc.terminate()
+                    time.sleep(0.2)
+                    seen = _during_drain(url, kept)
+        assert frames[-1] == "data: [DONE]"
+        final = json.loads(frames[-2].removeprefix("data: "))
+        assert final["usage"]["completion_tokens"] == 40  # the running stream finished
+        out, _ = proc.communicate(timeout=30)
+        took = time.monotonic() - t0
+        assert proc.returncode == 0, out
+        assert "Traceback" not in out, out
+        assert len(seen) == 15
+        assert took < 20, took
+        with pytest.raises(httpx.TransportError):  # gone now
+            httpx.get(f"{url}/health", timeout=5)
+    finally:
+        proc.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("state", ["idle", "scoring", "prefill", "queued"])
+def test_sigterm_ends_within_the_shutdown_timeout_in_every_state(tiny_model_dir: Path, state: str) -> None:
+    """With a 1 s grace period: work that would take 5 s more (scoring or prefilling 16 long prompts, or a
+    generation with 15 more waiting behind it) is cut at 1 s; each client gets a 503; the process exits."""
+    proc, url = _serve(tiny_model_dir, "--shutdown-timeout-s", "1", "--max-batch-size", "1", "--queue-size", "16")
+    answers: list[httpx.Response] = []
+    bodies = {"scoring": {"prompt": [[7] * 120] * 16, "echo": True, "logprobs": 1, "max_tokens": 0},
+              "prefill": {"prompt": [[7] * 120] * 16, "max_tokens": 2},
+              "queued": {"prompt": [[7] * 8] * 16, "max_tokens": 20, "ignore_eos": True}}
+    try:
+        if state != "idle":
+            client = threading.Thread(target=lambda: answers.append(post(url, bodies[state])))
+            client.start()
+            time.sleep(0.5)
+        t0 = time.monotonic()
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+        took = time.monotonic() - t0
+        if state != "idle":
+            client.join(10)
+            err = openai_error(answers[0], 503)
+            assert "shutting down" in err["message"], err
+        print(f"\n{state}: exited {took:.2f}s after SIGTERM (grace period 1 s)")
+        assert proc.returncode == 0, out
+        assert "Traceback" not in out, out
+        assert took < 1 + 2 + 1, (took, out)  # the grace period, the 2 s the server allows itself, slack
+    finally:
+        proc.kill()
