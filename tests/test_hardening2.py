@@ -21,9 +21,8 @@ from pathlib import Path
 import httpx
 import pytest
 from pydantic import ValidationError
-from service_utils import running_server
-from test_hardening import openai_error, post
-from test_service import metric, tiny_settings
+from support.deploy import free_port
+from support.server import metric, openai_error, post, running_server, tiny_settings
 
 from service.config import Settings, is_loopback
 from service.protocol import MAX_LOGIT_BIAS, MAX_STOP_CHARS, MAX_STOP_STRINGS, parse_token_id
@@ -425,16 +424,13 @@ def test_a_file_key_guards_the_routes(tiny_model_dir: Path, tmp_path: Path) -> N
 def test_a_jump_of_another_model_is_refused_before_the_weights_load(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Same depth and width, another MLP: the config half of the fingerprint differs; nothing loads."""
-    from conftest import build_tiny, save_tiny, tiny_config
-    from test_hardening import _tiny_artifact
+    from support.models import build_tiny, save_tiny, tiny_artifact, tiny_config
     from transformers import AutoModelForCausalLM
 
     from service.loading import preflight
     from shortcuts.adapter import CausalLM
 
-    artifact = _tiny_artifact()
-    artifact.fingerprint = build_tiny("llama").fingerprint()
-    jump = artifact.save(tmp_path / "jump.safetensors")
+    jump = tiny_artifact(build_tiny("llama")).save(tmp_path / "jump.safetensors")
     same = save_tiny(tmp_path / "same")
     preflight(Settings(model=str(same), jump=str(jump)))  # its own model passes
     other = tmp_path / "other"
@@ -488,8 +484,6 @@ run(sys.argv[1:])
 
 
 def _serve(folder: Path, *flags: str) -> tuple[subprocess.Popen, str]:
-    from test_hardening import free_port
-
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ONEJUMP_")} | {"PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-c", LAUNCH, "--model", str(folder), "--jump", "", "--device", "cpu",
