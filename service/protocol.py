@@ -11,7 +11,16 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 from pydantic.json_schema import SkipJsonSchema
 
 from shortcuts.engine.settings import Gate, Mode
@@ -36,6 +45,15 @@ def check_text(value: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(check_text)]  # every string of a request that may reach the tokenizer
+
+
+def integral(v: object) -> object:
+    """JSON Schema's integer: a number with no fraction (``0.0``, ``1e3``) is one; strict pydantic would
+    refuse it. Booleans and strings stay refused."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+JsonInt = Annotated[int, BeforeValidator(integral)]
 
 
 def parse_token_id(key: object) -> int:
@@ -83,10 +101,10 @@ class EarlyExit(BaseModel):
     mode: Mode | None = None
     gate: Gate | None = None
     threshold: float | None = Field(None, ge=0.0)
-    min_layer: int | None = Field(None, ge=1)
-    stride: int | None = Field(None, ge=1)
-    patience: int | None = Field(None, ge=1)
-    max_draft: int | None = Field(None, ge=1, le=16, description="exact mode: most drafts verified at once")
+    min_layer: JsonInt | None = Field(None, ge=1)
+    stride: JsonInt | None = Field(None, ge=1)
+    patience: JsonInt | None = Field(None, ge=1)
+    max_draft: JsonInt | None = Field(None, ge=1, le=16, description="exact mode: most drafts verified at once")
 
 
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs
@@ -106,28 +124,30 @@ class _Sampling(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     model: Text | None = Field(None, description="the served name or an alias (another name gets 404)")
-    max_tokens: int | None = Field(None, ge=0, description="0 only with echo (prompt scoring); at most the server's "
-                                   "ONEJUMP_MAX_NEW_TOKENS (400 beyond)")
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: JsonInt | None = Field(None, ge=0, description="0 only with echo (prompt scoring); at most the "
+                                       "server's ONEJUMP_MAX_NEW_TOKENS (400 beyond)")
+    max_completion_tokens: JsonInt | None = Field(None, ge=1, description="as max_tokens, which it replaces")
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
+    seed: JsonInt | None = Field(None, ge=0, lt=SEED_LIMIT)
     stop: Stop | None = Field(None, description=f"at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} "
                               "characters; the text ends before the first one generated")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=16, description="choices per prompt; with a seed, choice i uses seed + i")
-    best_of: int | None = Field(None, ge=1, le=16, description="only equal to n (no reranking)")
+    n: JsonInt = Field(1, ge=1, le=16, description="choices per prompt; with a seed, choice i uses seed + i; prompts "
+                       "x n at most the server's ONEJUMP_QUEUE_SIZE (400 beyond)")
+    best_of: JsonInt | None = Field(None, ge=1, le=16, description="only equal to n (no reranking)")
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: LogitBias | None = None
     user: Text | None = Field(None, description="recorded nowhere; accepted for compatibility")
     # vLLM's extensions
-    top_k: int | None = Field(None, ge=-1, description="vLLM: -1 or 0 = all tokens")
+    top_k: JsonInt | None = Field(None, ge=-1, description="vLLM: -1 or 0 = all tokens")
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, ge=0.01, le=100.0)
     ignore_eos: bool = Field(False, description="vLLM's extension: generate max_tokens even past EOS")
-    early_exit: EarlyExit | None = None
+    early_exit: EarlyExit | None = Field(None, description="onejump's exit settings; levels the model does not have, "
+                                         "or a learned gate the artifact lacks, get 400")
 
     @field_validator("logit_bias", mode="before")
     @classmethod
@@ -150,7 +170,7 @@ class _Sampling(BaseModel):
         raise NotImplementedError
 
 
-TokenId = Annotated[int, Field(ge=0)]
+TokenId = Annotated[JsonInt, Field(ge=0)]
 PromptText = Annotated[Text, Field(min_length=1)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 Prompt = PromptText | TokenIds | Annotated[list[PromptText], Field(min_length=1)] | Annotated[list[TokenIds],
@@ -161,7 +181,7 @@ PROMPT_FORMS = "a string, a list of token ids, a list of strings or a list of to
 def _kind(item: object) -> str:
     if isinstance(item, str):
         return "strings"
-    if isinstance(item, int) and not isinstance(item, bool):
+    if isinstance(integral(item), int) and not isinstance(item, bool):
         return "token ids"
     if isinstance(item, list):
         return "token-id lists"
@@ -170,8 +190,9 @@ def _kind(item: object) -> str:
 
 def _check_ids(ids: list[Any], where: str) -> None:
     for i, t in enumerate(ids):
+        t = integral(t)
         if isinstance(t, bool) or not isinstance(t, int) or t < 0:
-            raise ValueError(f"{where}item {i}: token ids are integers >= 0; got {t!r}")
+            raise ValueError(f"{where}item {i}: token ids are integers >= 0; got {ids[i]!r}")
 
 
 def check_prompt(v: object) -> object:
@@ -210,7 +231,7 @@ class CompletionRequest(_Sampling):
     prompt: Prompt = Field(description=f"{PROMPT_FORMS}; token ids below the vocabulary size; each prompt at most "
                        "ONEJUMP_MAX_PROMPT_TOKENS tokens (400 beyond, or when a text makes no token)")
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    logprobs: JsonInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
     suffix: Text | None = Field(None, description="refused unless empty (no fill-in-the-middle)")
 
     @field_validator("prompt", mode="before")
@@ -287,9 +308,12 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, description="content may be null only in an assistant message "
+                                        "with tool_calls; 400 when the model has no chat template or it cannot "
+                                        "render these messages (e.g. roles out of order), or beyond "
+                                        "ONEJUMP_MAX_PROMPT_TOKENS")
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: JsonInt | None = Field(None, ge=0, le=MAX_LOGPROBS, description="needs logprobs=true")
     # OpenAI fields this server refuses unless they ask for nothing (Serving.check_supported)
     tools: list[dict[str, Any]] | None = Field(None, description="refused unless empty (no tool calling)")
     tool_choice: str | dict[str, Any] | None = Field(None, description="only 'none' or 'auto' without tools")
