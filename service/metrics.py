@@ -45,6 +45,7 @@ class RequestStats:
     kinds: list[str] = field(default_factory=list)  # early | full | verified, per generated token
     layers_computed: int = 0
     layers_skipped: int = 0
+    layers_saved: int = 0  # L x tokens fed - layers_computed: block evaluations never run
     drafted: int = 0  # exact mode: tokens drafted by exits, and those the full model accepted
     accepted: int = 0
     finish_reason: str | None = None  # stop | length | abort
@@ -84,10 +85,15 @@ class Metrics:
                                     registry=reg, buckets=tuple(float(i) for i in range(1, num_layers + 1)))
         self.exit_confidence = Histogram(m + "exit_confidence", "Confidence of the head that decided each token",
                                          lbl, registry=reg, buckets=CONFIDENCE_BUCKETS)
-        self.layers_computed = Counter(m + "layers_computed", "Decoder-layer evaluations (token x layer)", lbl,
-                                       registry=reg)
-        self.layers_skipped = Counter(m + "layers_skipped", "Decoder-layer evaluations saved by exits", lbl,
-                                      registry=reg)
+        self.layers_computed = Counter(m + "layers_computed", "Decoder-layer evaluations (token x layer), catch-up "
+                                       "and verification included", lbl, registry=reg)
+        self.layers_skipped = Counter(m + "layers_skipped", "Decoder-layer evaluations a generated token did not "
+                                      "run in its own step because it exited; catch-up (and exact mode's "
+                                      "verification) may run them later, so this is not work saved: see "
+                                      "onejump_layers_saved_total", lbl, registry=reg)
+        self.layers_saved = Counter(m + "layers_saved", "Decoder-layer evaluations never run: layers x tokens fed "
+                                    "minus onejump_layers_computed_total (the work early exits really saved)", lbl,
+                                    registry=reg)
         self.tokens = Counter(m + "tokens", "Generated tokens by how they were decided", [*lbl, "exit"],
                               registry=reg)
         self.drafted = Counter(m + "spec_decode_num_draft_tokens", "Exact mode: tokens drafted by early exits",
@@ -106,7 +112,7 @@ class Metrics:
         """Every series at zero from the start, so a rate() or an absent() works before the first event."""
         for metric in (self.ttft, self.itl, self.e2e, self.queue, self.prompt_tokens, self.generation_tokens,
                        self.running, self.waiting, self.exit_layer, self.exit_confidence, self.layers_computed,
-                       self.layers_skipped, self.drafted, self.accepted, self.kv_usage):
+                       self.layers_skipped, self.layers_saved, self.drafted, self.accepted, self.kv_usage):
             metric.labels(name)
         for reason in FINISH_REASONS:
             self.success.labels(name, reason)
@@ -131,6 +137,7 @@ class Metrics:
             self.tokens.labels(name, kind).inc()
         self.layers_computed.labels(name).inc(s.layers_computed)
         self.layers_skipped.labels(name).inc(s.layers_skipped)
+        self.layers_saved.labels(name).inc(s.layers_saved)
         self.drafted.labels(name).inc(s.drafted)
         self.accepted.labels(name).inc(s.accepted)
         if s.failure is not None:

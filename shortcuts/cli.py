@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from shortcuts.errors import OnejumpError
 
@@ -95,6 +96,9 @@ def _agreement(args: argparse.Namespace) -> int:
     from shortcuts.calibration.agreement import run_agreement
     from shortcuts.calibration.config import AgreementConfig
 
+    if not Path(args.prompts).is_file():  # before the model loads; a prompts file is yours, not an asset
+        raise FileNotFoundError(f"--prompts {args.prompts}: no such file (.jsonl with {{\"text\": ...}} per line, "
+                                "or text with one prompt a line)")
     fields = {k: v for k, v in vars(args).items() if k not in ("command", "handler", "verbose", "json")}
     result = run_agreement(AgreementConfig(**fields))
     if args.json:

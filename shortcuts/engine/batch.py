@@ -27,7 +27,7 @@ that. Finished or cancelled sequences leave and free their slot for the next ``a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -42,6 +42,7 @@ from shortcuts.engine.learned_gate import LearnedGate, gate_features
 from shortcuts.engine.runner import LayerRunner
 from shortcuts.engine.sequence import Generation, Pending, SequenceOutput, SequenceRun
 from shortcuts.engine.settings import GenerationSettings
+from shortcuts.errors import Cancelled
 
 
 class Model(Protocol):
@@ -58,6 +59,9 @@ class Model(Protocol):
     def check_prompt(self, prompt_ids: list[int]) -> None: ...
 
     def check_settings(self, settings: GenerationSettings) -> None: ...
+
+PREFILL_CHUNK = 256  # prompt tokens per forward pass in prefill and scoring; ``stop`` is asked between chunks
+Stop = Callable[[], bool]  # True: stop the work (raises ``Cancelled`` between two chunks)
 
 
 @dataclass
@@ -121,10 +125,12 @@ class BatchDecoder:
 
     @torch.inference_mode()
     def add(self, prompt_ids: Sequence[int], settings: GenerationSettings | None = None,
-            forced: list[int] | None = None) -> SequenceRun:
+            forced: list[int] | None = None, stop: Stop | None = None, chunk: int = PREFILL_CHUNK) -> SequenceRun:
         """Prefill a prompt in a free slot and pick its first token (the next ``step`` reports it); the
         sequence decodes in the steps after. A sequence done at once (one token, or a stop token)
-        frees its slot before returning. ``forced``: teacher forcing (see ``SequenceRun``)."""
+        frees its slot before returning. ``forced``: teacher forcing (see ``SequenceRun``). The prompt
+        goes through the blocks ``chunk`` tokens at a time; ``stop`` is asked before each chunk
+        (``Cancelled`` when it says so: the slot stays free)."""
         settings = settings or GenerationSettings()
         ids = [int(t) for t in prompt_ids]
         self.decoder.check_prompt(ids)
@@ -136,7 +142,7 @@ class BatchDecoder:
         seq = SequenceRun(row, len(ids), settings, self.num_layers, self.runner.context_length, dec.eos_ids,
                           dec.lm.device, forced, prompt=ids)
         self.cache.reset_row(row)
-        logits = self._prefill(row, ids)
+        logits = self._prefill(row, ids, stop, chunk)
         if not seq.emit(seq.pick_full(logits, to_host(*confidence_and_top(logits[None]))[0])):
             self.slots[row] = seq
         self._added.append(seq)
@@ -191,13 +197,21 @@ class BatchDecoder:
         return _Group(seqs, h, counts, starts, waiting, RowCall([s.row for s in seqs], starts, counts, h.shape[1],
                                                                 h.device))
 
-    def _prefill(self, row: int, ids: list[int]) -> Tensor:
-        """The prompt through every block in its own row (a batch of one); the last logits (V,)."""
-        n = len(ids)
-        h = self.runner.embed_rows(torch.tensor([ids]), torch.arange(n).unsqueeze(0))
-        call = RowCall([row], [0], [n], n, h.device)
-        for i in range(self.num_layers):
-            h = self.runner.block(i, h, call, self.cache)
+    def _prefill(self, row: int, ids: list[int], stop: Stop | None = None, chunk: int = PREFILL_CHUNK) -> Tensor:
+        """The prompt through every block in its own row (a batch of one), ``chunk`` tokens at a time;
+        the last logits (V,)."""
+        n, size = len(ids), max(chunk, 1)
+        h = None
+        for a in range(0, n, size):
+            if stop is not None and stop():
+                self.cache.reset_row(row)
+                raise Cancelled(f"prefill stopped after {a} of {n} tokens")
+            q = min(size, n - a)
+            h = self.runner.embed_rows(torch.tensor([ids[a : a + q]]), torch.arange(a, a + q).unsqueeze(0))
+            call = RowCall([row], [a], [q], q, h.device)
+            for i in range(self.num_layers):
+                h = self.runner.block(i, h, call, self.cache)
+        assert h is not None
         return self.runner.full_logits(h[0, -1])
 
     # --- one step --------------------------------------------------------------------------------

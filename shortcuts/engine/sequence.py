@@ -18,11 +18,11 @@ from torch import Tensor
 
 from shortcuts.engine.exit_head import ExitGate
 from shortcuts.engine.sampling import (
+    Processors,
     TopLogprobs,
     distribution,
     logprobs,
     make_generator,
-    penalize,
     pick,
     sample,
     speculative_accept,
@@ -129,6 +129,7 @@ class SequenceRun:
                  forced: list[int] | None = None, prompt: Sequence[int] = ()):
         self.row, self.settings, self.num_layers = row, settings, num_layers
         self.prompt = tuple(prompt)
+        self.processors = Processors(settings, self.prompt) if settings.penalized else None
         self.generator = make_generator(settings.seed, device)
         self._generators = {torch.device(device): self.generator}
         self.gate = ExitGate(settings.exit)
@@ -184,10 +185,9 @@ class SequenceRun:
     def adjusted(self, logits: Tensor, drafted: int = 0) -> Tensor:
         """A head's logits (V,) after the penalties and bias, the output being the tokens so far and
         the first ``drafted`` unverified drafts."""
-        s = self.settings
-        if not s.penalized:
+        if self.processors is None:
             return logits
-        return penalize(logits, s, self.prompt, self.tokens + [d.token for d in self.drafts[:drafted]])
+        return self.processors(logits, self.tokens + [d.token for d in self.drafts[:drafted]])
 
     def choose(self, logits: Tensor, top: tuple[int, float], drafted: int = 0) -> int:
         """The token from a head's logits (V,) given their (top-1, max-probability): the top-1 under plain
