@@ -325,7 +325,8 @@ def test_exact_mode_equals_off(sharp: tuple[CausalLM, EarlyExitDecoder]) -> None
     ref = _off(dec, ids).tokens
     drafted = rejected = 0
     for threshold, min_layer, max_draft in ((0.0, 1, 4), (0.3, 1, 4), (0.5, 2, 2), (0.7, 1, 8), (1.0, 1, 4)):
-        gen = dec.generate(ids, settings(mode="exact", threshold=threshold, min_layer=min_layer, max_draft=max_draft))
+        gen = dec.generate(ids, settings(mode="exact", draft="exit", threshold=threshold, min_layer=min_layer,
+                                         max_draft=max_draft))
         assert gen.tokens == ref, threshold
         s = gen.stats
         assert s.accepted == sum(t.kind == "accepted" for t in gen.trace)
@@ -395,7 +396,7 @@ def test_catchup_caches_cover_every_token_exactly(sharp: tuple[CausalLM, EarlyEx
 def test_exact_mode_keeps_caches_consistent(sharp: tuple[CausalLM, EarlyExitDecoder]) -> None:
     lm, dec = sharp
     ids = prompt_ids(lm)
-    gen, state = dec.generate_with_state(ids, settings(mode="exact", threshold=0.3))
+    gen, state = dec.generate_with_state(ids, settings(mode="exact", draft="exit", threshold=0.3))
     assert gen.stats.drafted > gen.stats.accepted  # some rejections, so some crops happened
     _check_catchup_invariants(dec, state)
     dec.flush(state)
@@ -426,11 +427,12 @@ def test_without_exits_every_mode_equals_off(sharp: tuple[CausalLM, EarlyExitDec
     ref = _off(dec, ids).tokens
     modes = ["approximate", "exact"] if kv_policy == "catchup" else ["approximate"]
     for mode in modes:
-        gen = dec.generate(ids, settings(mode=mode, threshold=1.0, kv_policy=kv_policy))
+        gen = dec.generate(ids, settings(mode=mode, threshold=1.0, kv_policy=kv_policy, draft="exit"))
         assert gen.tokens == ref
         assert gen.stats.exit_checks == 0  # a confidence threshold of 1.0 cannot fire: nothing is checked
         assert gen.stats.layers_skipped == gen.stats.kv_fills == gen.stats.drafted == 0
-        unreachable = dec.generate(ids, settings(mode=mode, gate="entropy", threshold=0.0, kv_policy=kv_policy))
+        unreachable = dec.generate(ids, settings(mode=mode, gate="entropy", threshold=0.0, kv_policy=kv_policy,
+                                                 draft="exit"))
         assert unreachable.tokens == ref
         assert unreachable.stats.exit_checks > 0
 

@@ -98,7 +98,8 @@ def test_replayed_exact_mode_drafts_and_accepts_what_the_engine_does(arch: str) 
     for threshold in (0.3, 0.5, 0.7):
         c = ExactCalibration("confidence", threshold, 2, 1, 1, 0.0, 0, 0)
         replayed = replay_exact(table, c, CostModel(check=0.1, head=1.0), 0.0)
-        engine = [dec.generate(p, settings(n=16, mode="exact", threshold=threshold, min_layer=2, max_draft=1))
+        engine = [dec.generate(p, settings(n=16, mode="exact", draft="exit", threshold=threshold, min_layer=2,
+                                             max_draft=1))
                   for p in prompts]
         assert [g.tokens for g in engine] == conts
         assert replayed["drafted"] == sum(g.stats.drafted for g in engine)

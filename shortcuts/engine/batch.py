@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from shortcuts.engine.cache import RowCall
+from shortcuts.engine.drafts import Plan, batch_cap
 from shortcuts.engine.exit_head import confidence_and_top, entropy, top_and_confidence
 from shortcuts.engine.sequence import Generation, OnToken, Pending, SequenceRun
 from shortcuts.engine.settings import GenerationSettings
@@ -112,8 +113,10 @@ class BatchDecoder:
             raise RuntimeError(f"the batch is full ({self.max_batch_size} sequences)")
         row = self.slots.index(None)
         dec = self.decoder
+        exits = settings.exit
+        costs = dec.step_costs if exits.mode == "exact" and exits.draft == "auto" else None
         seq = SequenceRun(row, len(ids), settings, self.num_layers, self.runner.context_length, dec.eos_ids,
-                          dec.lm.device, on_token, forced, prompt=ids)
+                          dec.lm.device, on_token, forced, prompt=ids, costs=costs, draft_stats=dec.draft_stats)
         self.cache.reset_row(row)
         logits = self._prefill(row, ids)
         if not seq.emit(seq.pick_full(logits, top_and_confidence(logits[None])[0])):
@@ -132,8 +135,8 @@ class BatchDecoder:
         seqs = self.running
         if not seqs:
             return []
-        for s in seqs:
-            s.begin_step()
+        plans = [s.begin_step() for s in seqs]
+        self._cap_drafts(seqs, plans)
         exits = self._climb(self._start(seqs))
         self._fill_copies(exits)
         done = [s for s in seqs if s.done]
@@ -159,7 +162,7 @@ class BatchDecoder:
     def _group(self, seqs: list[SequenceRun], h: Tensor, counts: list[int], starts: list[int],
                waiting: list[int]) -> _Group:
         return _Group(seqs, h, counts, starts, waiting, RowCall([s.row for s in seqs], starts, counts, h.shape[1],
-                                                                h.device))
+                                                                h.device, self.cache.capacity))
 
     def _block(self, layer: int, g: _Group) -> None:
         """Run block ``layer`` on the group's rows, appending their keys/values."""
@@ -175,12 +178,28 @@ class BatchDecoder:
         return self.runner.full_logits(h[0, -1])
 
     # --- one step --------------------------------------------------------------------------------
+    def _cap_drafts(self, seqs: list[SequenceRun], plans: list[Plan]) -> None:
+        """Cap the ``auto`` rows' n-gram drafts at what pays for the whole batch (``drafts.batch_cap``:
+        its chunk is padded to the longest row)."""
+        if len(seqs) < 2 or not any(p.source == "ngram" and len(p.yields) > 1 for p in plans):
+            return
+        cap = batch_cap(plans, self.decoder.step_costs)
+        if cap is not None:
+            for s, p in zip(seqs, plans, strict=True):
+                if len(p.yields) > 1:
+                    s.cap(cap)
+
     def _start(self, seqs: list[SequenceRun]) -> _Group:
-        """Every running sequence's next token at its position, one row each."""
-        ids = torch.tensor([[s.next_token] for s in seqs])
+        """Every running sequence's fed tokens (its next token, then any n-gram drafts) at its
+        position, one row each, right-padded to the longest."""
+        feeds = [s.feed for s in seqs]
+        counts = [len(f) for f in feeds]
+        q = max(counts)
+        ids = torch.tensor([f + [f[-1]] * (q - len(f)) for f in feeds])
         starts = [s.length for s in seqs]
-        h = self.runner.embed_rows(ids, torch.tensor(starts).unsqueeze(1))
-        return self._group(seqs, h, [1] * len(seqs), starts, [len(s.pending) for s in seqs])
+        positions = (torch.tensor(starts).unsqueeze(1) + torch.arange(q)).clamp(max=self.runner.context_length - 1)
+        h = self.runner.embed_rows(ids, positions)
+        return self._group(seqs, h, counts, starts, [len(s.pending) for s in seqs])
 
     def _climb(self, g: _Group | None) -> list[_Exit]:
         """Blocks 1..L for the rows still climbing; returns the copy-policy exits to fill."""
