@@ -101,8 +101,10 @@ def _info_routes(app: FastAPI, engine: Engine, serving: Serving) -> None:
     created = int(time.time())  # the model cards' stable creation time: the server's start
 
     def card(name: str) -> ModelCard:
-        length = engine.model.context_length if engine.ready else None
-        return ModelCard(id=name, created=created, root=settings.model, max_model_len=length)
+        ready = engine.ready and engine.exit_policy is not None
+        length = engine.model.context_length if ready else None
+        exits = engine.exit_policy.report() if ready and engine.exit_policy is not None else None
+        return ModelCard(id=name, created=created, root=settings.model, max_model_len=length, early_exit=exits)
 
     @app.get("/v1/models")
     async def models() -> ModelList:

@@ -28,7 +28,7 @@ from service.errors import NotReadyError, OverloadedError, QueueTimeoutError, Se
 from service.metrics import Metrics, RequestStats
 
 if TYPE_CHECKING:  # the engine's types; torch loads in the worker thread, never at import
-    from service.loading import ExitDefaults
+    from service.loading import ExitPolicy
     from shortcuts.engine.api import Batch, SequenceHandle
     from shortcuts.engine.api import Engine as Decoder
     from shortcuts.engine.sampling import TopLogprobs
@@ -155,7 +155,7 @@ class Engine:
         self.decoder: Decoder | None = None
         self.metrics: Metrics | None = None
         self.batch_size: Histogram | None = None
-        self.exit_defaults: ExitDefaults | None = None  # once loaded
+        self.exit_policy: ExitPolicy | None = None  # once loaded
         self._queue = JobQueue(settings.queue_size)
         self.draining = False  # SIGTERM: new requests get 503, running ones finish
         self._aborting = False  # stop(): the worker cancels what still runs
@@ -258,7 +258,7 @@ class Engine:
     def _load(self) -> None:
         from service.loading import load_decoder
 
-        self.decoder, self.exit_defaults = load_decoder(self.settings)
+        self.decoder, self.exit_policy = load_decoder(self.settings)
         self.metrics = Metrics(self.settings.model_name, self.model.num_layers)
         buckets = tuple(float(n) for n in range(1, self.settings.max_batch_size + 1))
         self.batch_size = Histogram("onejump_batch_size", "Sequences decoded together in one token step",

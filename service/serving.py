@@ -35,6 +35,8 @@ from service.protocol import (
 )
 from service.support import check_supported
 from service.text import TextAssembler
+from shortcuts.calibration import Overrides
+from shortcuts.engine.settings import ExitSettings, GenerationSettings
 
 AnyRequest = CompletionRequest | ChatCompletionRequest
 KEEPALIVE_S = 10.0  # an SSE comment this often while a stream waits for its first or next token
@@ -122,9 +124,7 @@ class Serving:
             raise BadRequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})", "prompt")
         return ids
 
-    def generation_settings(self, req: AnyRequest) -> Any:
-        from shortcuts.engine import GenerationSettings
-
+    def generation_settings(self, req: AnyRequest) -> GenerationSettings:
         s = self.settings
         max_tokens = self.max_tokens(req)
         temperature = s.default_temperature if req.temperature is None else req.temperature
@@ -154,19 +154,15 @@ class Serving:
                                   "max_tokens")
         return max_tokens
 
-    def exit_settings(self, req: AnyRequest) -> Any:
-        from shortcuts.engine import ExitSettings, GenerationSettings
-
-        s, ee = self.settings, req.early_exit
-        defaults = self.engine.exit_defaults
-        if defaults is None:
+    def exit_settings(self, req: AnyRequest) -> ExitSettings:
+        """The request's ``early_exit`` over the server's defaults (``ExitPolicy.resolve``); 400 for a
+        setting the engine cannot run."""
+        policy = self.engine.exit_policy
+        if policy is None:
             raise NotReadyError("the model is still loading; try again when /ready answers 200")
-        mode = ee.mode if ee is not None and ee.mode is not None else s.exit_mode
-        exits: dict[str, Any] = {"mode": mode, **defaults.fields(mode)}
-        if ee is not None:
-            exits |= ee.model_dump(exclude_none=True)
+        given = Overrides() if req.early_exit is None else Overrides(**req.early_exit.model_dump(exclude_none=True))
         try:
-            exit_settings = ExitSettings(**exits)
+            exit_settings = policy.resolve(given).settings
             self.engine.model.check_settings(GenerationSettings(exit=exit_settings))
         except ValueError as e:
             raise BadRequestError(f"early_exit: {e}", "early_exit") from e
@@ -216,8 +212,6 @@ class Serving:
         """echo with logprobs: the full model scores each prompt once (a job of its own)."""
         if not (isinstance(req, CompletionRequest) and req.echo and req.logprobs is not None):
             return
-        from shortcuts.engine import GenerationSettings
-
         for c in choices:
             if c.index % req.n == 0:
                 job = self.engine.submit(c.prompt.ids, GenerationSettings(), score_top_n=req.logprobs)

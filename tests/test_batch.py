@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ARCHS, build_tiny
-from test_engine import fitted_jump, sharpen
+from support.models import ARCHS, build_tiny, fitted_jump, sharpen
 
 from shortcuts.adapter import CausalLM
 from shortcuts.engine.batch import BatchDecoder

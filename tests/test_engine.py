@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import ARCHS, build_tiny
+from support.models import ARCHS, PROMPT, build_tiny, fitted_jump, prompt_ids, settings, sharpen
 
 from shortcuts.adapter import CausalLM
 from shortcuts.engine.cache import KVCache, RowCall
@@ -23,62 +23,13 @@ from shortcuts.engine.sampling import distribution, make_generator, speculative_
 from shortcuts.engine.settings import ExitSettings, GenerationSettings
 from shortcuts.jump import JumpConfig, LowRankJumps
 
-PROMPT = "the king of the north city was old and the river of the south"
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def sharpen(lm: CausalLM, factor: float = 20.0) -> CausalLM:
-    """Multiply the final norm's gain (and bias) by ``factor``: logits scale by it, nothing else changes."""
-    with torch.no_grad():
-        w = lm.norm.weight
-        w.copy_((w + lm.spec.norm_offset) * factor - lm.spec.norm_offset)
-        if getattr(lm.norm, "bias", None) is not None:
-            lm.norm.bias.mul_(factor)
-    return lm
-
-
-def level_states(lm: CausalLM, ids: torch.Tensor) -> list[torch.Tensor]:
-    """States after every block (levels 1..L, pre-norm), each (B, T, d), via the layer runner."""
-    runner = LayerRunner(lm)
-    cache = runner.new_cache(ids.shape[0])
-    chunk, states = runner.embed(ids, 0), []
-    for i in range(lm.num_layers):
-        states.append(runner.layer(i, chunk, cache).h)
-    return states
-
-
-def fitted_jump(lm: CausalLM, rank: int = 24, seed: int = 0) -> LowRankJumps:
-    """One pure jump for all levels, fitted by least squares (h_l -> h_L) and cut to ``rank``."""
-    g = torch.Generator().manual_seed(seed)
-    xs, ys = [], []
-    for _ in range(24):
-        states = level_states(lm, torch.randint(4, lm.vocab_size, (1, 24), generator=g))
-        xs += [s[0] for s in states[:-1]]
-        ys += [states[-1][0]] * (len(states) - 1)
-    X, Y = torch.cat(xs), torch.cat(ys)
-    sol = torch.linalg.lstsq(torch.cat([X, torch.ones(len(X), 1)], 1), Y).solution  # (d+1, d)
-    U, S, Vh = torch.linalg.svd(sol[:-1].T)
-    jump = LowRankJumps(JumpConfig(lm.hidden_size, rank), n=1).eval()
-    with torch.no_grad():
-        jump.lora_B.copy_((U[:, :rank] * S[:rank])[None])
-        jump.lora_A.copy_(Vh[:rank][None])
-        jump.bias.copy_(sol[-1][None])
-    return jump
-
-
-def settings(n: int = 24, **exit_kw) -> GenerationSettings:
-    return GenerationSettings(max_new_tokens=n, stop_token_ids=(), exit=ExitSettings(**exit_kw))
 
 
 @pytest.fixture(params=ARCHS)
 def sharp(request: pytest.FixtureRequest) -> tuple[CausalLM, EarlyExitDecoder]:
     lm = sharpen(build_tiny(request.param))
     return lm, EarlyExitDecoder(lm, fitted_jump(lm))
-
-
-def prompt_ids(lm: CausalLM) -> list[int]:
-    return lm.tokenizer(PROMPT).input_ids
 
 
 # --- cache and masks ---------------------------------------------------------------------------------
@@ -502,7 +453,7 @@ def test_sampling_is_seeded_and_works_with_exits(sharp: tuple[CausalLM, EarlyExi
 
 
 def test_bench_runs_end_to_end_on_a_tiny_model(make_tiny: Callable[..., CausalLM]) -> None:
-    from shortcuts.lab import bench
+    from shortcuts.lab import micro_bench as bench
 
     lm = sharpen(make_tiny("llama"))
     args = bench.parse_args(["--new-tokens", "6", "--thresholds", "0.3", "--min-layer", "1", "--repeats", "2",
@@ -573,7 +524,8 @@ def test_compiled_blocks_decode_the_same_tokens(arch: str) -> None:
     compiled = EarlyExitDecoder(lm, dec.exit_head.jump, compile=True)
     assert compiled.compile_seconds > 0
     ids = prompt_ids(lm)
-    for kw in ({"mode": "off"}, {"mode": "approximate", "threshold": 0.3}, {"mode": "exact", "threshold": 0.3}):
+    for kw in ({"mode": "off"}, {"mode": "approximate", "threshold": 0.3},
+               {"mode": "exact", "draft": "exit", "threshold": 0.3}):
         a, b = dec.generate(ids, settings(**kw)), compiled.generate(ids, settings(**kw))
         assert a.tokens == b.tokens
         assert [t.exit_layer for t in a.trace] == [t.exit_layer for t in b.trace]

@@ -34,6 +34,7 @@ from torch import Tensor
 from shortcuts.engine.cache import RowCall
 from shortcuts.engine.drafts import Plan, batch_cap
 from shortcuts.engine.exit_head import confidence_and_top, entropy, top_and_confidence
+from shortcuts.engine.graphs import Checked, ExitCheck
 from shortcuts.engine.sequence import Generation, OnToken, Pending, SequenceRun
 from shortcuts.engine.settings import GenerationSettings
 
@@ -164,10 +165,6 @@ class BatchDecoder:
         return _Group(seqs, h, counts, starts, waiting, RowCall([s.row for s in seqs], starts, counts, h.shape[1],
                                                                 h.device, self.cache.capacity))
 
-    def _block(self, layer: int, g: _Group) -> None:
-        """Run block ``layer`` on the group's rows, appending their keys/values."""
-        g.h = self.runner.block(layer, g.h, g.call, self.cache)
-
     def _prefill(self, row: int, ids: list[int]) -> Tensor:
         """The prompt through every block in its own row (a batch of one); the last logits (V,)."""
         n = len(ids)
@@ -201,24 +198,46 @@ class BatchDecoder:
         h = self.runner.embed_rows(ids, positions)
         return self._group(seqs, h, counts, starts, [len(s.pending) for s in seqs])
 
-    def _climb(self, g: _Group | None) -> list[_Exit]:
-        """Blocks 1..L for the rows still climbing; returns the copy-policy exits to fill."""
+    def _climb(self, g: _Group) -> list[_Exit]:
+        """Blocks 1..L for the rows still climbing, a run of blocks at a time (``runner.segment``) from one
+        event to the next: a level where a row checks its gate, or where pending tokens join. Returns the
+        copy-policy exits to fill."""
         copies: list[_Exit] = []
-        learned = g is not None and self.learned is not None and any(s.settings.exit.gate == "learned" for s in g.seqs)
-        for i in range(self.num_layers):
-            assert g is not None
+        learned = self.learned is not None and any(s.settings.exit.gate == "learned" for s in g.seqs)
+        i = 0
+        while True:
             g = self._join(g, i)
+            end = i + 1 if learned else self._next_event(g, i)
             h_in = g.last if learned else None  # the learned gate's feature: the state before the block
-            self._block(i, g)
+            rows = [j for j, s in enumerate(g.seqs) if s.checks(end)] if end < self.num_layers else []
+            checked = None
+            if rows and not learned:  # the check runs with the segment (in its graph, when it is one)
+                check = ExitCheck(self.exit_head.levels[end], end, rows, [c - 1 for c in g.counts])
+                g.h, checked = self.runner.checked_segment(i, end, g.h, g.call, self.cache, check)
+            else:
+                g.h = self.runner.segment(i, end, g.h, g.call, self.cache)
             for s, c in zip(g.seqs, g.counts, strict=True):
-                s.stats.layers_computed += c
-            if i + 1 < self.num_layers:
-                g = self._check_exits(g, i + 1, copies, h_in)
-                if g is None:
-                    return copies
-        assert g is not None
+                s.stats.layers_computed += c * (end - i)
+            i = end
+            if i == self.num_layers:
+                break
+            left = self._check_exits(g, i, copies, h_in, checked)
+            if left is None:
+                return copies
+            g = left
         self._top(g)
         return copies
+
+    def _next_event(self, g: _Group, i: int) -> int:
+        """The first level after ``i`` where a row of the group checks its gate or a pending token of a
+        row joins (pending levels never increase with position: the last not yet joined joins first), else L."""
+        end = self.num_layers
+        for s, w in zip(g.seqs, g.waiting, strict=True):
+            if s.check:
+                end = min(end, s.next_check(i))
+            if w:
+                end = min(end, s.pending[w - 1].level)
+        return end
 
     def _join(self, g: _Group, layer: int) -> _Group:
         """Prepend to each row its pending tokens whose next block is ``layer``."""
@@ -240,17 +259,23 @@ class BatchDecoder:
         waiting = [w - n for w, n in zip(g.waiting, joined, strict=True)]
         return self._group(g.seqs, h, counts, starts, waiting)
 
-    def _check_exits(self, g: _Group, level: int, copies: list[_Exit], h_in: Tensor | None) -> _Group | None:
+    def _check_exits(self, g: _Group, level: int, copies: list[_Exit], h_in: Tensor | None,
+                     checked: Checked | None = None) -> _Group | None:
         """Gate the rows that check ``level``; the ones that leave are handed their exit and dropped.
-        ``h_in``: each row's newest state before the block (the learned gate's feature), or None."""
+        ``h_in``: each row's newest state before the block (the learned gate's feature), or None;
+        ``checked``: the exit head's outputs for those rows when the segment computed them."""
         idx = [j for j, s in enumerate(g.seqs) if s.checks(level)]
         if not idx:
             return g
-        h = g.last[idx]
-        logits = self.exit_head(h, level)  # (m, V)
         seqs = [g.seqs[j] for j in idx]
-        score = None if h_in is None else self._learned_scores(seqs, logits, level, h, h_in[idx])
-        leave = self._gates(seqs, logits, score)
+        if checked is None:
+            h = g.last[idx]
+            logits = self.exit_head(h, level)  # (m, V)
+            score = None if h_in is None else self._learned_scores(seqs, logits, level, h, h_in[idx])
+            leave = self._gates(seqs, logits, score)
+        else:
+            logits = checked.logits
+            leave = self._gates(seqs, logits, None, (checked.conf, checked.top))
         if not any(x is not None for x in leave):
             return g
         for k, (j, top) in enumerate(zip(idx, leave, strict=True)):
@@ -274,12 +299,12 @@ class BatchDecoder:
         features, _, _ = gate_features(logits, level, self.num_layers, h.to(dev), h_in.to(dev), prev_top, prev_conf)
         return self.learned.score(features)
 
-    def _gates(self, seqs: list[SequenceRun], logits: Tensor,
-               score: Tensor | None = None) -> list[tuple[int, float] | None]:
+    def _gates(self, seqs: list[SequenceRun], logits: Tensor, score: Tensor | None = None,
+               conf_top: tuple[Tensor, Tensor] | None = None) -> list[tuple[int, float] | None]:
         """Each sequence's gate on its row of exit logits; (top-1, confidence) of those that leave, else None.
         The rows' max-probability, top-1 (entropy, learned score) cross to the host together: one
-        sync per check."""
-        conf, top = confidence_and_top(logits)
+        sync per check. ``conf_top``: max-probability and top-1 already computed (a fused check)."""
+        conf, top = confidence_and_top(logits) if conf_top is None else conf_top
         columns = [conf, top.to(conf.dtype)]
         columns.append(entropy(logits) if any(s.settings.exit.gate == "entropy" for s in seqs) else conf)
         columns.append(conf if score is None else score.to(conf))

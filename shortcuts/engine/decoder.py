@@ -80,10 +80,13 @@ class EarlyExitDecoder:
     ``jump`` None uses the identity shortcut (the logit lens) as exit head. ``max_seq_len`` caps
     the positions the static KV caches hold (default: the model's context, at most 2048).
     ``check`` compares the layer-by-layer pass with the model's own logits first (``LayerRunner.self_check``);
-    ``compile`` runs the blocks under ``torch.compile`` (``runner.compiled_block``), compiled here."""
+    ``compile`` runs the blocks under ``torch.compile`` (``runner.compiled_block``), compiled here;
+    ``graphs`` runs runs of blocks at static shapes, as CUDA graphs on a GPU (``graphs.SegmentGraphs``;
+    "auto": on a GPU only)."""
 
     def __init__(self, lm: CausalLM, jump: LowRankJumps | None = None, max_seq_len: int | None = None,
-                 check: bool = True, compile: bool = False, learned_gate: LearnedGate | None = None):
+                 check: bool = True, compile: bool = False, learned_gate: LearnedGate | None = None,
+                 graphs: bool | str = False):
         self.lm = lm
         if learned_gate is not None and learned_gate.num_layers != lm.num_layers:
             raise ValueError(f"the learned gate is for {learned_gate.num_layers} layers, the model has {lm.num_layers}")
@@ -92,6 +95,8 @@ class EarlyExitDecoder:
         self.compile_seconds = self.runner.warm_up() if compile else 0.0
         if check:
             self.runner.self_check()
+        if graphs is True or (graphs == "auto" and lm.device.type == "cuda"):
+            self.runner.use_graphs(max_rows=64)
         self.num_layers = lm.num_layers
         self.exit_head = ExitHead(lm, jump)
         eos = lm.config.eos_token_id

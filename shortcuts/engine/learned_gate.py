@@ -6,7 +6,7 @@ and the confidence with which the previous token was decided. From these, ``gate
 builds one row per sequence; ``LearnedGate.score`` gives the probability that the exit head's
 top-1 is the full model's; the token leaves when it reaches ``threshold``.
 
-    gate = LearnedGate.from_dict(artifact.extra["gate"])        # or None when there is none
+    gate = LearnedGate.from_extra(artifact.extra)                # or None when there is none
     feats, top, conf = gate_features(logits, level, gate.num_layers, h, h_in, prev_top, prev_conf)
     leave = gate.score(feats) >= gate.threshold                  # (B,) bool; the pick is ``top``
 
@@ -123,6 +123,12 @@ class LearnedGate:
             raise ValueError(f"not a learned gate: kind={d.get('kind')!r}")
         return cls(torch.tensor(d["weights"], dtype=torch.float32), float(d["bias"]), int(d["num_layers"]),
                    float(d.get("threshold", 0.9)), tuple(d["features"]))
+
+    @classmethod
+    def from_extra(cls, extra: dict[str, Any]) -> LearnedGate | None:
+        """The learned gate a jump artifact stores (``extra["gate"]`` of kind "learned"), else None."""
+        d = extra.get("gate")
+        return cls.from_dict(d) if isinstance(d, dict) and d.get("kind") == KIND else None
 
     @classmethod
     def fit(cls, features: Tensor, target: Tensor, num_layers: int, l2: float = 1e-3, steps: int = 200,

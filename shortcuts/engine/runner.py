@@ -23,6 +23,8 @@ from torch import Tensor
 from shortcuts.adapter import CausalLM, soft_cap
 from shortcuts.engine.blocks import Blocks, affine, block_forward, kv_forward, prepare, rope_tables
 from shortcuts.engine.cache import KVCache, RowCall
+from shortcuts.engine.exit_head import confidence_and_top
+from shortcuts.engine.graphs import SLACK, Checked, ExitCheck, SegmentGraphs
 from shortcuts.errors import UnsupportedModelError
 
 
@@ -74,12 +76,20 @@ class LayerRunner:
                            for kind, (cos, sin) in tables.items()} for dev in dict.fromkeys(self.blocks.devices)}
         head = lm.lm_head.weight
         self.unembedding = prepare(head, pack=True) if head.device.type == "cpu" else None
-        self._block_fn: Callable[..., Tensor] = compiled_block() if compile else block_forward
+        self.block_fn: Callable[..., Tensor] = compiled_block() if compile else block_forward
+        self.graphs: SegmentGraphs | None = None  # static-shape segments (``use_graphs``)
+
+    def use_graphs(self, max_rows: int, capture: bool | None = None) -> None:
+        """Run runs of blocks at static shapes (``graphs.SegmentGraphs``), captured as CUDA graphs when the
+        blocks are on a GPU (``capture`` None) or eagerly (the CPU, and the tests)."""
+        if capture is None:
+            capture = all(d.type == "cuda" for d in self.blocks.devices)
+        self.graphs = SegmentGraphs(self, capture, max_rows)
 
     def new_cache(self, rows: int = 1, capacity: int | None = None) -> KVCache:
         b = self.blocks
         return KVCache(self.num_layers, rows, capacity or self.context_length, b.num_kv_heads, b.head_dim,
-                       self.lm.lm_head.weight.dtype, b.devices)
+                       self.lm.lm_head.weight.dtype, b.devices, slack=SLACK if self.graphs is not None else 0)
 
     # --- embedding ----------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -119,8 +129,36 @@ class LayerRunner:
         h, call = h.to(dev), call.moved(dev)
         k_buf, v_buf = cache.claim(i, call)
         cos, sin = self._rotary(i, call, dev)
-        return self._block_fn(self.blocks.geometry, self.blocks.weights[i], h, k_buf, v_buf, call.rows_t,
+        return self.block_fn(self.blocks.geometry, self.blocks.weights[i], h, k_buf, v_buf, call.rows_t,
                               call.positions, call.kv_len, cos, sin, call.mask(self.windows[i]))
+
+    @torch.inference_mode()
+    def segment(self, first: int, last: int, h: Tensor, call: RowCall, cache: KVCache) -> Tensor:
+        """Blocks first..last-1 on states h (n, q, d) of the call's rows: as one static-shape segment
+        (a replayed CUDA graph on a GPU) when ``use_graphs`` is on and the call fits, else block by block."""
+        graphs = self.graphs
+        if graphs is not None and graphs.supports(first, last, h, call, cache):
+            dev = self.blocks.devices[first]
+            return graphs.run(first, last, h.to(dev), call.moved(dev), cache)
+        for i in range(first, last):
+            h = self.block(i, h, call, cache)
+        return h
+
+    @torch.inference_mode()
+    def checked_segment(self, first: int, last: int, h: Tensor, call: RowCall, cache: KVCache,
+                        check: ExitCheck) -> tuple[Tensor, Checked]:
+        """``segment``, then the exit check at level ``last`` on the newest state of the rows ``check.rows``:
+        fused into the segment's graph when it runs as one (no launches of its own), else right after."""
+        graphs = self.graphs
+        if graphs is not None and graphs.supports(first, last, h, call, cache, check.head):
+            dev = self.blocks.devices[first]
+            return graphs.run_checked(first, last, h.to(dev), call.moved(dev), cache, check)
+        h = self.segment(first, last, h, call, cache)
+        rows = torch.tensor(check.rows, device=h.device)
+        newest = torch.tensor([check.last[j] for j in check.rows], device=h.device)
+        logits = check.head(h[rows, newest].to(check.head.device, torch.float32))
+        conf, top = confidence_and_top(logits)
+        return h, Checked(logits, conf, top)
 
     @torch.inference_mode()
     def fill_kv(self, i: int, h: Tensor, call: RowCall, cache: KVCache) -> None:

@@ -140,6 +140,7 @@ class SequenceRun:
         exits = settings.exit
         drafts = exits.mode != "exact" or exits.draft != "none"
         self.levels = frozenset(exits.check_levels(num_layers)) if exits.mode != "off" and drafts else frozenset()
+        self.check_order = tuple(sorted(self.levels))
         self.forced = forced
         self.stop = set(eos_ids if settings.stop_token_ids is None else settings.stop_token_ids)
         self.budget = min(settings.max_new_tokens, context_length - prompt_len)
@@ -271,6 +272,10 @@ class SequenceRun:
 
     def checks(self, level: int) -> bool:
         return self.check and level in self.levels
+
+    def next_check(self, level: int) -> int:
+        """The first level after ``level`` where the gate is checked, else L."""
+        return next((lv for lv in self.check_order if lv > level), self.num_layers)
 
     def fires(self, confidence: float, top: int, ent: float | None, score: float | None = None) -> bool:
         """The sequence's ``ExitGate`` on the head's max-probability, top-1, entropy, learned score."""

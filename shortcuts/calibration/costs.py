@@ -1,10 +1,13 @@
-"""Per-token costs measured on the machine at hand, in decoder blocks: what calibration ranks by.
+"""What a decode step costs, in decoder blocks: the model calibration ranks settings by.
 
-A block (one token, 64 cached positions, timed over a pass through every block as decoding reads
-them), a block on 4 tokens at once (what catch-up runs the skipped layers in), the full LM head,
-and an exit check per gate kind (timed right after a pass, with cold caches as in decoding) (the fused exit head plus
-the gate: max probability, entropy, or the learned gate's features and score). Medians of
-``repeats`` runs, so one busy moment on a shared machine does not set the figure.
+``CostModel``: a gate check costs ``check`` blocks, the full LM head ``head`` blocks (paid only by
+tokens that go full depth), a skipped layer ``skip`` blocks (catch-up runs it later in a chunk with the
+next deep token). ``measure`` times them on the machine at hand: a block (one token, 64 cached
+positions, timed over a pass through every block as decoding reads them), a block on 4 tokens at once
+(what catch-up runs the skipped layers in), the full LM head, and an exit check per gate kind (timed
+right after a pass, with cold caches as in decoding: the fused exit head plus the gate's max
+probability, entropy, or the learned gate's features and score). Medians of ``repeats`` runs, so one
+busy moment on a shared machine does not set the figure.
 """
 
 from __future__ import annotations
@@ -12,23 +15,55 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
+from shortcuts.adapter import CausalLM
+from shortcuts.calibration.replay import checks
 from shortcuts.engine.cache import RowCall
 from shortcuts.engine.exit_head import ExitHead, entropy, max_probability
 from shortcuts.engine.learned_gate import LearnedGate, gate_features
-from shortcuts.jump import JumpConfig, LowRankJumps
-from shortcuts.lab.agreement import CostModel
-from shortcuts.lab.bench import _median_seconds
-
-if TYPE_CHECKING:
-    from shortcuts.adapter import CausalLM
-    from shortcuts.engine.runner import LayerRunner
+from shortcuts.engine.runner import LayerRunner
+from shortcuts.engine.settings import ExitSettings
+from shortcuts.jump import LowRankJumps
 
 
-class _Pass:
+@dataclass(frozen=True)
+class CostModel:
+    """Per-token decode cost in decoder blocks: a check of the exit gate costs ``check`` blocks,
+    the full LM head ``head`` blocks (paid only by tokens that go full depth). Layers a token skips
+    count as free, which makes the predicted speed-up an upper bound: catch-up runs them later in a
+    chunk with the next deep token, where on a CPU 4 tokens cost 1.5-2 blocks (docs/engine.md)."""
+
+    check: float = 0.0
+    head: float = 0.0
+
+    @classmethod
+    def from_model(cls, lm: CausalLM, rank: int | None) -> CostModel:
+        """From multiply-adds per token: a block's parameters, V·d for the head, d·r + V·(r+1) for
+        the fused check (V·d when the check needs a full head: identity or residual jumps)."""
+        block = sum(p.numel() for p in lm.layers[0].parameters())
+        V, d = lm.vocab_size, lm.hidden_size
+        check = V * d if rank is None else d * rank + V * (rank + 1)
+        return cls(check=check / block, head=V * d / block)
+
+    def speedup(self, level: Tensor, checks: Tensor, num_layers: int) -> float:
+        """(L + head) over the mean cost of the replayed tokens."""
+        full = (level == num_layers).float()
+        cost = level.float() + self.check * checks.float() + self.head * full
+        return (num_layers + self.head) / float(cost.mean())
+
+
+def predicted_speedup(cost: CostModel, level: Tensor, s: ExitSettings, num_layers: int, skip: float = 0.0) -> float:
+    """Speed-up over full depth under ``cost`` of tokens that left at ``level`` under ``s``; each skipped
+    layer still costs ``skip`` blocks (catch-up runs it later in a chunk with the next deep token)."""
+    extra = skip * (num_layers - level).float()
+    return cost.speedup(level.float() + extra, checks(level, s, num_layers), num_layers)
+
+
+class BlockPass:
     """Every block of a runner in turn on one row's q tokens after ``ctx`` cached positions: what one
     decoding step reads. Timing one block alone keeps its weights in the CPU's caches (4-16x faster
     than in decoding, where ~L blocks' weights pass between two reads of the same block); so blocks
@@ -48,8 +83,8 @@ class _Pass:
             self.runner.block(i, self.h, self.call, self.cache)
 
 
-def _interleaved(passes: dict[str, _Pass], after_pass: dict[str, Callable[[], object]], evict: _Pass,
-                 repeats: int) -> dict[str, float]:
+def interleaved(passes: dict[str, BlockPass], after_pass: dict[str, Callable[[], object]], evict: BlockPass,
+                repeats: int) -> dict[str, float]:
     """Median seconds per block of each pass and of each ``after_pass`` call right after ``evict``
     (untimed), all interleaved repeat by repeat, so a busy moment on a shared machine moves every
     figure alike; the first repeat warms up."""
@@ -71,11 +106,9 @@ def _interleaved(passes: dict[str, _Pass], after_pass: dict[str, Callable[[], ob
 def measure(lm: CausalLM, jump: LowRankJumps | None, gate: LearnedGate | None = None,
             repeats: int = 30) -> dict[str, float]:
     """Milliseconds per token: block, block x4 (per block, 4 tokens of a row at once), full head, exit
-    head and checks; blocks over whole passes, the rest right after one (see ``_Pass``)."""
-    from shortcuts.engine.runner import LayerRunner
-
+    head and checks; blocks over whole passes, the rest right after one (see ``BlockPass``)."""
     runner = LayerRunner(lm, 128)
-    one, four = _Pass(runner, 1), _Pass(runner, 4)
+    one, four = BlockPass(runner, 1), BlockPass(runner, 4)
     head = ExitHead(lm, jump)
     state, level = one.h[0].float(), lm.num_layers // 2
     prev, conf = torch.zeros(1, dtype=torch.long), torch.ones(1)
@@ -90,7 +123,7 @@ def measure(lm: CausalLM, jump: LowRankJumps | None, gate: LearnedGate | None = 
             gate.score(f)
 
         after["check learned"] = learned
-    out = _interleaved({"block": one, "block x4": four}, after, one, max(3, repeats // 3))
+    out = interleaved({"block": one, "block x4": four}, after, one, max(3, repeats // 3))
     return {k: 1000 * v for k, v in out.items()}
 
 
@@ -101,21 +134,3 @@ def cost_models(ms: dict[str, float]) -> tuple[dict[str, CostModel], float]:
     models = {g: CostModel(check=ms[f"check {g}"] / b, head=ms["full head"] / b)
               for g in ("confidence", "entropy", "learned") if f"check {g}" in ms}
     return models, max(0.0, (ms["block x4"] - b) / 3 / b)
-
-
-@torch.inference_mode()
-def rank_costs(lm: CausalLM, ranks: tuple[int, ...], repeats: int = 30) -> dict[int, dict[str, float]]:
-    """The fused exit head and check (confidence) at each rank, ms and blocks, with random jumps."""
-    ms_block = measure(lm, None, repeats=repeats)["block"]
-    state, level, out = torch.randn(1, lm.hidden_size), lm.num_layers // 2, {}
-    for r in ranks:
-        torch.manual_seed(r)
-        jump = LowRankJumps(JumpConfig(lm.hidden_size, r), n=1).eval()
-        with torch.no_grad():
-            jump.lora_B.normal_()
-        head = ExitHead(lm, jump)
-        t_head = 1000 * _median_seconds(lambda head=head: head(state, level), repeats)  # type: ignore[misc]
-        t_check = 1000 * _median_seconds(lambda head=head: max_probability(head(state, level)[0]), repeats)  # type: ignore[misc]
-        out[r] = {"head_ms": t_head, "check_ms": t_check, "head_blocks": t_head / ms_block,
-                  "check_blocks": t_check / ms_block}
-    return out

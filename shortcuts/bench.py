@@ -2,64 +2,61 @@
 
 Arms, interleaved prompt by prompt (the order rotates, so a noisy neighbour hits every arm alike):
 Hugging Face ``generate`` (the baseline), our full depth (``off``), ``approximate`` and ``exact``
-at the artifact's stored exit setting (or the flags given); with ``--compile`` also the same three
-engine arms with compiled blocks (``*_compiled``). Every arm generates exactly ``--new-tokens``
-tokens per prompt (EOS ignored), so tokens/s compare like with like. ``same_as_off`` is the
-fraction of generated tokens equal, position by position, to full depth's.
+at the setting the server would run for this artifact and these flags (``calibration.resolve``); with
+``--compile`` also the same three engine arms with compiled blocks (``*_compiled``). Every arm
+generates exactly ``--new-tokens`` tokens per prompt (EOS ignored), so tokens/s compare like with
+like. ``same_as_off`` is the fraction of generated tokens equal, position by position, to full
+depth's. ``setting`` and ``exact_setting`` are the resolved settings' reports (``Resolved.report``).
+
+Imports of torch and the engine stay inside the functions that run: ``onejump --help`` builds this
+command's parser without loading them.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
+
+from shortcuts.calibration.setting import DENSE, Overrides, StoredCalibration, resolve_modes
+from shortcuts.engine.settings import GATES, Mode
+from shortcuts.timing import Arm, time_arms
 
 if TYPE_CHECKING:
     from shortcuts.adapter import CausalLM
-    from shortcuts.engine.settings import ExitSettings, Mode
-
-Arm = Callable[[list[int]], list[int]]
-
-
-def stored_exit(extra: dict[str, Any], args: argparse.Namespace, num_layers: int) -> ExitSettings:
-    """The exit setting to time: the flags given, else the artifact's calibration, else threshold 0.9."""
+    from shortcuts.engine.learned_gate import LearnedGate
     from shortcuts.engine.settings import ExitSettings
-
-    cal = extra.get("calibration", {})
-    gate = args.gate or cal.get("gate", "confidence")
-    threshold = args.threshold if args.threshold is not None else float(cal.get("threshold", 0.9))
-    min_layer = args.min_layer or int(cal.get("min_layer", 1))
-    stride = args.stride or int(cal.get("stride", 1))
-    s = ExitSettings(mode="approximate", gate=gate, threshold=threshold, min_layer=min_layer, stride=stride)
-    s.check_levels(num_layers)
-    return s
+    from shortcuts.jump import LowRankJumps
 
 
-def stored_exact(extra: dict[str, Any], args: argparse.Namespace, approximate: ExitSettings) -> ExitSettings:
-    """Exact mode's setting: the flags given (as for approximate), else the artifact's exact
-    calibration (``extra["calibration_exact"]``), else the approximate setting."""
-    from dataclasses import replace
-
-    from shortcuts.artifact import exact_setting
-
-    flags = (args.gate, args.threshold, args.min_layer, args.stride)
-    own = exact_setting(extra.get("calibration_exact"), approximate.gate) if flags == (None, None, None, None) else None
-    return replace(approximate, mode="exact", **(own or {}))
+def overrides(args: argparse.Namespace) -> Overrides:
+    """The exit flags given (None: not given)."""
+    return Overrides(gate=args.gate, threshold=args.threshold, min_layer=args.min_layer, stride=args.stride)
 
 
-def engine_arms(lm: CausalLM, jump: Any, exits: ExitSettings, exact: ExitSettings, new_tokens: int,
-                compile: bool) -> dict[str, Arm]:
-    from dataclasses import replace
+def hf_generate(lm: CausalLM, ids: list[int], n: int, **kw: int) -> list[int]:
+    """Exactly ``n`` greedy tokens from Hugging Face ``generate`` (EOS suppressed), the baseline."""
+    import torch
 
+    with torch.inference_mode():
+        out = lm.model.generate(torch.tensor([ids], device=lm.device), do_sample=False, max_new_tokens=n,
+                                min_new_tokens=n, attention_mask=torch.ones(1, len(ids), dtype=torch.long,
+                                                                            device=lm.device), **kw)
+    return out[0, len(ids):].tolist()
+
+
+def engine_arms(lm: CausalLM, jump: LowRankJumps, learned: LearnedGate | None, exits: ExitSettings,
+                exact: ExitSettings, new_tokens: int, compile: bool) -> dict[str, Arm]:
+    """Full depth, approximate and exact mode as arms (and compiled copies with ``compile``)."""
     from shortcuts.engine.decoder import EarlyExitDecoder
     from shortcuts.engine.settings import GenerationSettings
 
     arms: dict[str, Arm] = {}
     variants = [("", False), ("_compiled", True)] if compile else [("", False)]
     for suffix, compiled in variants:
-        dec = EarlyExitDecoder(lm, jump, compile=compiled)
+        dec = EarlyExitDecoder(lm, jump, compile=compiled, learned_gate=learned)
         if compiled:
             print(f"compiled blocks in {dec.compile_seconds:.1f}s", file=sys.stderr)
         runs: tuple[tuple[Mode, ExitSettings], ...] = (("off", exits), ("approximate", exits), ("exact", exact))
@@ -67,23 +64,6 @@ def engine_arms(lm: CausalLM, jump: Any, exits: ExitSettings, exact: ExitSetting
             s = GenerationSettings(max_new_tokens=new_tokens, stop_token_ids=(), exit=replace(setting, mode=mode))
             arms[mode + suffix] = lambda ids, dec=dec, s=s: dec.generate(ids, s).tokens  # type: ignore[misc]
     return arms
-
-
-def time_arms(arms: dict[str, Arm], prompts: list[list[int]]) -> dict[str, dict[str, Any]]:
-    """Seconds and tokens per arm, arms interleaved prompt by prompt (after one warm-up prompt)."""
-    from tqdm import tqdm
-
-    names = list(arms)
-    for name in names:
-        arms[name](prompts[0])
-    out: dict[str, dict[str, Any]] = {n: {"seconds": 0.0, "tokens": []} for n in names}
-    for k, ids in enumerate(tqdm(prompts, desc="bench", unit="prompt")):
-        for name in names[k % len(names):] + names[: k % len(names)]:
-            t0 = time.perf_counter()
-            tokens = arms[name](ids)
-            out[name]["seconds"] += time.perf_counter() - t0
-            out[name]["tokens"].append(tokens)
-    return out
 
 
 def summarize(timed: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -101,9 +81,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from shortcuts.adapter import CausalLM
     from shortcuts.artifact import JumpArtifact
-    from shortcuts.lab.bench import hf_generate
-    from shortcuts.lab.traces import read_prompts
+    from shortcuts.engine.learned_gate import LearnedGate
     from shortcuts.placement import parse_device_map
+    from shortcuts.prompts import read_prompts
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -111,23 +91,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device_map = parse_device_map(args.device_map) if args.device_map else None
     lm = CausalLM.load(args.model, dtype=args.dtype, device=args.device, device_map=device_map)
     artifact.check_model(lm)
-    exits = stored_exit(artifact.extra, args, lm.num_layers)
-    exact = stored_exact(artifact.extra, args, exits)
+    modes = resolve_modes(StoredCalibration.from_extra(artifact.extra), overrides(args), lm.num_layers, DENSE)
     prompts = read_prompts(lm, args.prompts, args.max_prompts, max_tokens=256)
     arms: dict[str, Arm] = {"hf_generate": lambda ids: hf_generate(lm, ids, args.new_tokens)}
-    arms.update(engine_arms(lm, artifact.jump.to(lm.device), exits, exact, args.new_tokens, args.compile))
+    arms.update(engine_arms(lm, artifact.jump.to(lm.device), LearnedGate.from_extra(artifact.extra),
+                            modes["approximate"].settings, modes["exact"].settings, args.new_tokens, args.compile))
     result = summarize(time_arms(arms, prompts))
-    keys = ("gate", "threshold", "min_layer", "stride")
-    return {**result, "setting": {k: getattr(exits, k) for k in keys},
-            "exact_setting": {k: getattr(exact, k) for k in (*keys, "max_draft")},
+    return {**result, "setting": modes["approximate"].report(), "exact_setting": modes["exact"].report(),
             "model": str(args.model), "jump": str(args.jump), "placement": lm.placement().describe(),
             "num_layers": lm.num_layers, "prompts": len(prompts),
             "new_tokens": args.new_tokens, "threads": torch.get_num_threads()}
 
 
 def text_report(r: dict[str, Any]) -> str:
+    keys = ("gate", "threshold", "min_layer", "stride", "source")
+    setting = {k: r["setting"][k] for k in keys}
+    exact = {k: r["exact_setting"][k] for k in (*keys, "max_draft", "draft")}
     lines = [f"{r['prompts']} prompts x {r['new_tokens']} tokens, {r['threads']} thread(s), on {r['placement']}, "
-             f"setting {r['setting']}, exact {r['exact_setting']}",
+             f"setting {setting}, exact {exact}",
              f"{'arm':<22} {'tok/s':>8} {'vs off':>7} {'same as off':>12}"]
     for name, v in r["tok_s"].items():
         lines.append(f"{name:<22} {v:8.2f} {r['speedup'][name]:7.2f} {r['same_as_off'][name]:12.3f}")
@@ -145,7 +126,7 @@ def add_parser(sub: argparse._SubParsersAction, model_args: Callable[[argparse.A
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--compile", action="store_true", help="also time the engine arms with compiled blocks")
-    p.add_argument("--gate", choices=["confidence", "entropy", "patience"], default=None)
+    p.add_argument("--gate", choices=GATES, default=None, help="exit flags: override the artifact's stored setting")
     p.add_argument("--threshold", type=float, default=None)
     p.add_argument("--min-layer", type=int, default=None)
     p.add_argument("--stride", type=int, default=None)
