@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shortcuts.engine.settings import Gate, Mode
+from shortcuts.engine.settings import DraftPolicy, Gate, Mode
 
 SEED_LIMIT = 2**63  # seeds are below it: OpenAI's seed is an int64 (and 2**63 is exact in the JSON schema)
 
@@ -35,6 +35,12 @@ class EarlyExit(BaseModel):
     stride: int | None = Field(None, ge=1)
     patience: int | None = Field(None, ge=1)
     max_draft: int | None = Field(None, ge=1, le=16, description="exact mode: most drafts verified at once")
+    draft: DraftPolicy | None = Field(None, description="exact mode: where drafts come from: auto (per step, the "
+                                      "source that pays, or none), ngram (prompt lookup), exit (the exit head), "
+                                      "none")
+    ngram_min: int | None = Field(None, ge=1, le=16, description="exact mode: the shortest suffix the n-gram "
+                                  "lookup matches")
+    ngram_max: int | None = Field(None, ge=1, le=16, description="exact mode: the longest suffix it matches")
 
 
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs
@@ -247,6 +253,11 @@ class ExitReport(BaseModel):
     layers_computed: int
     layers_skipped: int
     acceptance_rate: float | None = None
+    drafted: dict[str, int] | None = Field(None, description="exact mode: drafted tokens by source (ngram, exit)")
+    accepted: dict[str, int] | None = Field(None, description="exact mode: drafted tokens the full model kept, by "
+                                            "source")
+    verifications: int | None = Field(None, description="exact mode: full-depth passes (tokens per pass = "
+                                      "tokens / verifications)")
 
 
 def _id(prefix: str) -> str:

@@ -144,7 +144,8 @@ def test_exact_mode_in_a_mixed_batch(sharp: tuple[CausalLM, EarlyExitDecoder]) -
     and the exact rows' tokens are the full model's, with drafts both accepted and rejected."""
     lm, dec = sharp
     modes = [{"mode": "exact", "draft": "exit", "threshold": 0.3}, {"mode": "off"},
-             {"mode": "approximate", "threshold": 0.4}, {"mode": "exact", "draft": "exit", "threshold": 0.5, "max_draft": 2},
+             {"mode": "approximate", "threshold": 0.4},
+             {"mode": "exact", "draft": "exit", "threshold": 0.5, "max_draft": 2},
              {"mode": "exact", "draft": "exit", "threshold": 0.0, "min_layer": 2}]
     sets = [gen_settings(20, **kw) for kw in modes]
     ps = prompts(len(sets), seed=2)

@@ -163,7 +163,8 @@ def test_fixed_policies_and_exit_yield() -> None:
 def d_stats(d: Drafter):  # the decoder-wide statistics a row updates
     from shortcuts.engine.drafts import DraftStats
 
-    assert d.acceptance.shared is not None and d.exit_yield.shared is not None
+    assert d.acceptance.shared is not None
+    assert d.exit_yield.shared is not None
     return DraftStats(d.acceptance.shared, d.exit_yield.shared)
 
 
@@ -227,7 +228,8 @@ def test_every_draft_policy_gives_off_tokens_greedy_and_seeded(sharp: tuple[Caus
                 gen = dec.generate(ids, gen_settings(mode="exact", draft=draft, threshold=0.4, max_draft=5, **s))
                 assert gen.tokens == ref, (draft, sample)
                 st = gen.stats
-                assert st.drafted == sum(st.drafted_by.values()) and st.accepted == sum(st.accepted_by.values())
+                assert st.drafted == sum(st.drafted_by.values())
+                assert st.accepted == sum(st.accepted_by.values())
                 assert set(st.drafted_by) <= ({"ngram", "exit"} if draft == "auto" else {draft} - {"none"})
                 assert sum(t.kind == "accepted" for t in gen.trace) == st.accepted
                 for src in ("ngram", "exit"):
@@ -235,7 +237,9 @@ def test_every_draft_policy_gives_off_tokens_greedy_and_seeded(sharp: tuple[Caus
                     by_source[src] = by_source.get(src, 0) + st.drafted_by.get(src, 0)
                 accepted += st.accepted
                 assert st.verifications == st.steps - st.drafted_by.get("exit", 0)  # a step drafts or verifies
-    assert by_source["ngram"] > 0 and by_source["exit"] > 0 and accepted > 0
+    assert by_source["ngram"] > 0
+    assert by_source["exit"] > 0
+    assert accepted > 0
 
 
 def test_ngram_rejections_crop_the_cache_to_the_full_models(sharp: tuple[CausalLM, EarlyExitDecoder]) -> None:
@@ -293,8 +297,10 @@ def test_step_costs_are_measured_once_and_grow_with_the_chunk(make_tiny) -> None
     dec = EarlyExitDecoder(make_tiny("llama"))
     costs = dec.step_costs
     assert dec.step_costs is costs
-    assert list(costs.blocks) == sorted(costs.blocks) and list(costs.head) == sorted(costs.head)
-    assert costs.blocks[0] > 0 and costs.check > 0
+    assert list(costs.blocks) == sorted(costs.blocks)
+    assert list(costs.head) == sorted(costs.head)
+    assert costs.blocks[0] > 0
+    assert costs.check > 0
     dec.step_costs = StepCosts.flat(dec.num_layers)
     assert dec.step_costs.step(8) == dec.step_costs.step(1)
 

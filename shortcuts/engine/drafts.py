@@ -332,7 +332,8 @@ class Drafter:
         costs = self.costs
         assert costs is not None
         one = costs.step(1)
-        best, best_k, yields = 1.0, 0, (1.0,)
+        best, best_k = 1.0, 0
+        yields: tuple[float, ...] = (1.0,)
         if tokens:
             yields = tuple(expected_tokens(self.acceptance.rate(n), len(tokens)))
             for k in range(1, len(tokens) + 1):
