@@ -8,8 +8,8 @@ One reader for every command that takes a prompt file (``onejump bench --prompts
 - ``{"text": "..."}``: a completion prompt, tokenized as is;
 - ``{"messages": [{"role": "user", "content": "..."}, ...]}``: a chat request, rendered with the
   model's chat template and its generation prompt (``add_generation_prompt=True``), as the server
-  renders ``/v1/chat/completions``; the rendered text holds the template's own special tokens, so it
-  is tokenized without adding more. A chat request is never cut (cutting it would cut its template).
+  renders ``/v1/chat/completions`` (a model without a template: plain "User: ... Assistant:" turns,
+  ``plain_chat``). A chat request is never cut (cutting it would cut its template).
 
 Blank lines are skipped. Torch-free: the tokenizer does the work.
 """
@@ -64,14 +64,22 @@ def read_prompt_file(path: str | Path) -> list[Prompt]:
 
 
 def encode(tokenizer: Any, prompt: Prompt) -> list[int]:
-    """Token ids of a prompt: a text as the tokenizer encodes it, a chat request through the model's
-    chat template with its generation prompt."""
+    """Token ids of a prompt: a text as the tokenizer encodes it; a chat request through the model's
+    chat template with its generation prompt, as the server tokenizes it. A model without a chat
+    template (a base model, such as the converted Gemma-3-270m) gets the messages as plain turns,
+    ``"User: ...\n\nAssistant:"`` (``plain_chat``), which the server does not do (it refuses chat there)."""
     if isinstance(prompt, str):
         return list(tokenizer(prompt)["input_ids"])
     if not getattr(tokenizer, "chat_template", None):
-        raise CorpusError("a {\"messages\": ...} prompt needs a model with a chat template; this tokenizer has none")
-    text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(tokenizer(plain_chat(prompt))["input_ids"])
+    out = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return list(out["input_ids"])
+
+
+def plain_chat(messages: Messages) -> str:
+    """Chat turns as text for a model without a template: one "Role: content" paragraph per message,
+    then "Assistant:"."""
+    return "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages) + "Assistant:"
 
 
 def read_prompts(lm: Any, path: str | Path, n: int | None = None, max_tokens: int = 64) -> list[list[int]]:
