@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shortcuts.engine.settings import DEFAULT_MODE, Gate, Mode
+from shortcuts.engine.settings import DEFAULT_MODE, DraftPolicy, Gate, Mode
 
 if TYPE_CHECKING:
     from shortcuts.placement import DeviceMap
@@ -75,6 +75,10 @@ class Settings(BaseSettings):
                                     "calibrated value, else 1")
     exit_min_layer: int | None = Field(None, ge=1, description="first exit level; default: the artifact's "
                                        "calibrated value, else 1")
+    exit_draft: DraftPolicy | None = Field(None, description="exact mode's draft source (auto, ngram, exit, none); "
+                                           "default: the artifact's calibrated policy, else auto")
+    exit_max_draft: int | None = Field(None, ge=1, le=16, description="exact mode: most drafts verified at once; "
+                                       "default: the artifact's calibrated value, else 8")
     default_max_tokens: int = Field(16, ge=1, description="max_tokens when a request names none (OpenAI: 16)")
     default_temperature: float = Field(0.0, ge=0.0, description="0 = greedy")
     max_prompt_tokens: int = Field(2048, ge=1)

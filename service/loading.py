@@ -90,7 +90,8 @@ class ExitPolicy:
 def exit_policy(extra: dict[str, Any], settings: Settings, num_layers: int) -> ExitPolicy:
     """The server's exit policy for an artifact's ``extra`` (empty without one)."""
     overrides = Overrides(gate=settings.exit_gate, threshold=settings.exit_threshold,
-                          min_layer=settings.exit_min_layer, stride=settings.exit_stride)
+                          min_layer=settings.exit_min_layer, stride=settings.exit_stride, draft=settings.exit_draft,
+                          max_draft=settings.exit_max_draft)
     return ExitPolicy(StoredCalibration.from_extra(extra), overrides, num_layers, precision_of(settings.quantization),
                       settings.exit_mode)
 
@@ -130,4 +131,5 @@ def load_decoder(settings: Settings) -> tuple[Engine, ExitPolicy]:
                                compile=settings.compile, learned_gate=learned)
     if settings.compile:
         log.info("compiled the decoder blocks in %.1fs", decoder.compile_seconds)
+    log.info("step costs of exact mode's draft policy: %s", decoder.step_costs.as_dict())  # timed now, not later
     return decoder, policy

@@ -23,7 +23,7 @@ from pydantic import (
 )
 from pydantic.json_schema import SkipJsonSchema
 
-from shortcuts.engine.settings import Gate, Mode
+from shortcuts.engine.settings import DraftPolicy, Gate, Mode
 
 SEED_LIMIT = 2**63  # seeds are below it: OpenAI's seed is an int64 (and 2**63 is exact in the JSON schema)
 MAX_STOP_STRINGS = 64  # stop strings per request, each at most MAX_STOP_CHARS characters
@@ -105,6 +105,12 @@ class EarlyExit(BaseModel):
     stride: JsonInt | None = Field(None, ge=1)
     patience: JsonInt | None = Field(None, ge=1)
     max_draft: JsonInt | None = Field(None, ge=1, le=16, description="exact mode: most drafts verified at once")
+    draft: DraftPolicy | None = Field(None, description="exact mode: where drafts come from: auto (per step, the "
+                                      "source that pays, or none), ngram (prompt lookup), exit (the exit head), "
+                                      "none")
+    ngram_min: JsonInt | None = Field(None, ge=1, le=16, description="exact mode: the shortest suffix the n-gram "
+                                      "lookup matches")
+    ngram_max: JsonInt | None = Field(None, ge=1, le=16, description="exact mode: the longest suffix it matches")
 
 
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs
@@ -357,6 +363,11 @@ class ExitReport(BaseModel):
                                 "catch-up may run them later")
     layers_saved: int = Field(0, description="evaluations never run: layers x tokens fed - layers_computed")
     acceptance_rate: float | None = None
+    drafted: dict[str, int] | None = Field(None, description="exact mode: drafted tokens by source (ngram, exit)")
+    accepted: dict[str, int] | None = Field(None, description="exact mode: drafted tokens the full model kept, by "
+                                            "source")
+    verifications: int | None = Field(None, description="exact mode: full-depth passes (tokens per pass = "
+                                      "tokens / verifications)")
 
 
 def _id(prefix: str) -> str:

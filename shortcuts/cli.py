@@ -50,13 +50,18 @@ def _calibrate(args: argparse.Namespace) -> int:
     from shortcuts.calibration.config import CalibrateConfig
 
     fields = {k: v for k, v in vars(args).items() if k not in ("command", "handler", "verbose", "cache")}
-    cal, path = run_calibrate(CalibrateConfig(**{**fields, "gates": tuple(args.gates),
-                                                 "min_layers": tuple(args.min_layers), "strides": tuple(args.strides)}))
-    print(f"{cal.gate} threshold {cal.threshold}: agreement {cal.agreement:.3f} (lower bound {cal.lower_bound:.3f} "
-          f"at {cal.confidence:.0%}, target {cal.target}), exits checked from level {cal.min_layer} every "
-          f"{cal.stride}, mean exit "
-          f"layer {cal.mean_exit_layer:.1f}, predicted speed-up {cal.predicted_speedup:.2f}x, "
-          f"{cal.tokens} tokens of {cal.prompts} prompts; saved in {path}")
+    tuples = {k: tuple(getattr(args, k)) for k in ("gates", "min_layers", "strides", "exact_prompts")}
+    done = run_calibrate(CalibrateConfig(**{**fields, **tuples}))
+    if (cal := done.approximate) is not None:
+        print(f"{cal.gate} threshold {cal.threshold}: agreement {cal.agreement:.3f} (lower bound "
+              f"{cal.lower_bound:.3f} at {cal.confidence:.0%}, target {cal.target}), exits checked from level "
+              f"{cal.min_layer} every {cal.stride}, mean exit layer {cal.mean_exit_layer:.1f}, predicted speed-up "
+              f"{cal.predicted_speedup:.2f}x, {cal.tokens} tokens of {cal.prompts} prompts")
+    if done.exact is not None:
+        print(f"exact mode: draft {done.exact.name!r}, against never drafting {done.exact_speeds[done.exact.name]}")
+        for name, speeds in done.exact_speeds.items():
+            print(f"  {name:<24} {speeds}")
+    print(f"saved in {done.path}")
     return 0
 
 
@@ -81,6 +86,13 @@ def _calibrate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gate-corpus", default=None,
                    help="training prompts of the learned gate (.jsonl with titles: its fit articles are used)")
     p.add_argument("--gate-prompts", type=int, default=d["gate_prompts"].default)
+    p.add_argument("--exact-prompts", nargs="+", default=[], help="prompt files (text lines, {\"text\"} or "
+                   "{\"messages\"} .jsonl) exact mode's draft policy is timed on, e.g. "
+                   "evals/workloads/grounded-tune.jsonl evals/workloads/open-tune.jsonl: drafts must pay on the "
+                   "first and never lose on any")
+    p.add_argument("--exact-max-prompts", type=int, default=d["exact_max_prompts"].default)
+    p.add_argument("--exact-only", action="store_true", help="calibrate exact mode's draft policy only (keep the "
+                   "stored approximate setting)")
     p.set_defaults(handler=_calibrate)
 
 

@@ -27,6 +27,9 @@ class CalibrateConfig:
     strides: tuple[int, ...] = ()  # check every stride-th level; () = (stride,)
     gate_corpus: str | None = None  # training prompts of the learned gate (.jsonl with titles: fit articles)
     gate_prompts: int = 100
+    exact_prompts: tuple[str, ...] = ()  # prompt files exact mode's draft policy is timed on (the first: grounded)
+    exact_max_prompts: int = 12  # prompts of each file
+    exact_only: bool = False  # keep approximate mode's stored setting, calibrate exact mode's draft policy
     device: str = "cpu"
     dtype: str = "float32"
 

@@ -30,6 +30,7 @@ import torch
 
 from shortcuts.adapter import CausalLM
 from shortcuts.engine.batch import PREFILL_CHUNK, BatchDecoder, Stop
+from shortcuts.engine.drafts import DraftStats, StepCosts
 from shortcuts.engine.exit_head import ExitHead
 from shortcuts.engine.runner import LayerRunner
 from shortcuts.engine.sampling import TopLogprobs
@@ -74,6 +75,21 @@ class EarlyExitDecoder:
         eos = lm.config.eos_token_id
         self.eos_ids: tuple[int, ...] = () if eos is None else tuple(eos) if isinstance(eos, list) else (int(eos),)
         self._single: BatchDecoder | None = None
+        self._step_costs: StepCosts | None = None
+        self.draft_stats = DraftStats()  # what exact mode's rows learned about their drafts (the auto policy)
+
+    @property
+    def step_costs(self) -> StepCosts:
+        """The measured cost of full-depth steps by chunk size, which exact mode's ``auto`` draft
+        policy weighs drafts with: timed on first use (``StepCosts.measure``, about 30 passes of the
+        model; a server times it at start-up), or set."""
+        if self._step_costs is None:
+            self._step_costs = StepCosts.measure(self)
+        return self._step_costs
+
+    @step_costs.setter
+    def step_costs(self, costs: StepCosts) -> None:
+        self._step_costs = costs
 
     @property
     def single(self) -> BatchDecoder:
@@ -152,8 +168,6 @@ class EarlyExitDecoder:
         learned gate it does not have."""
         exits = settings.exit
         exits.check_levels(self.num_layers)
-        if exits.mode == "exact" and exits.draft in ("ngram", "auto"):
-            raise ValueError(f"draft={exits.draft!r} is not implemented by this engine yet; use 'exit' or 'none'")
         if exits.mode != "off" and exits.gate == "learned" and self.learned_gate is None:
             raise ValueError("gate='learned' needs a jump artifact with a learned gate (onejump calibrate --gates "
                              "learned); this server's has none")
