@@ -133,6 +133,7 @@ class CausalLM:
         self.norm: Any = _get(model, self.spec.norm)
         self.embed_tokens: Any = _get(model, self.spec.embed)
         self.lm_head: Any = self.model.get_output_embeddings()
+        self._vocab_size = int(self.lm_head.weight.shape[0])  # read once: the engine may free the head's weight
         self.softcap: float | None = getattr(self.config, "final_logit_softcapping", None)
 
     @staticmethod
@@ -185,7 +186,7 @@ class CausalLM:
 
     @property
     def vocab_size(self) -> int:
-        return int(self.lm_head.weight.shape[0])
+        return self._vocab_size
 
     @property
     def device(self) -> torch.device:
