@@ -238,7 +238,7 @@ def prepare_linear(weight: Tensor, bias: Tensor | None, quantization: Quantizati
     device = torch.device(device) if device is not None else weight.device
     weight = weight.detach().to(device)
     dtype = dtype or compute_dtype(quantization, weight.dtype)
-    bias = None if bias is None else bias.detach().to(device, dtype)
+    bias = None if bias is None else bias.detach().to(device, dtype).contiguous()
     out, inn = weight.shape
     if quantization == "int4" and (out % _KERNEL_MULTIPLE or inn % INT4_GROUP):
         quantization = "int8"
