@@ -5,7 +5,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 # torch 2.13.0 (CPU) lies on disk on these machines; elsewhere pip fetches it from PyPI.
 WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: setup lock assets serve fit test test-fast lint bench loadtest soak deploy-tools dashboard k8s
+.PHONY: setup lock assets serve fit test test-fast lint bench micro-bench loadtest soak deploy-tools dashboard k8s gpu-check gpu-pack
 
 # every version from requirements.lock (torch 2.13.0 included); `make lock` rewrites it from the venv
 setup: $(VENV)/.installed
@@ -27,8 +27,15 @@ serve: assets
 fit: assets
 	$(VENV)/bin/onejump fit --out-dir runs/smollm2
 
+# `onejump bench` on the shipped jump and the held-out prompts: HF generate, full depth, approximate and exact
+# interleaved, one thread (BENCH_ARGS adds flags, e.g. BENCH_ARGS="--json --max-prompts 5")
 bench: assets
-	$(PY) -m shortcuts.lab.bench
+	$(VENV)/bin/onejump bench --jump docs/results/smollm2-135m/jump.safetensors \
+	  --prompts docs/exits/heldout20-seed2027.jsonl --threads 1 $(BENCH_ARGS)
+
+# per-token costs (a block, the heads, a check) and a few fixed thresholds on one prompt (shortcuts/lab/micro_bench.py)
+micro-bench: assets
+	$(PY) -m shortcuts.lab.micro_bench
 
 test: assets deploy-tools
 	$(PY) -m pytest
@@ -64,3 +71,11 @@ loadtest: setup
 # make soak SOAK_ARGS="--duration 180 --pid $(pgrep -f 'python -m service' | head -1)"
 soak: setup
 	$(PY) -m loadtest.soak $(SOAK_ARGS)
+
+# the GPU check (issue 23, docs/gpu.md): on a GPU machine, every stage of scripts/gpu_check.sh (results in runs/gpu);
+# gpu-pack prepares, on a machine with network, what a GPU machine without one lacks (.gpu/a, .gpu/b)
+gpu-check:
+	scripts/gpu_check.sh receive a receive b probe tests smoke model bench serve shapes
+
+gpu-pack: assets
+	scripts/gpu_pack.sh

@@ -12,7 +12,12 @@ import socket
 import sys
 from types import FrameType
 
+import uvicorn
 from pydantic import ValidationError
+
+from service.app import create_app
+from service.config import describe_error, parse_args
+from service.loading import preflight
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -32,19 +37,12 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from service.config import describe_error, parse_args
-
     try:
         settings = parse_args(argv)
     except ValidationError as e:
         print(f"onejump: invalid settings:\n{describe_error(e)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import uvicorn
-
-    from service.app import create_app
-    from service.loading import preflight
-
     try:
         sock = bind(settings.host, settings.port)
         preflight(settings)

@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.config import Settings
 from service.docs import docs_page, published_openapi
-from service.engine import Engine
+from service.engine import Worker
 from service.errors import NotReadyError, install_handlers, send_error
 from service.protocol import (
     ChatCompletionRequest,
@@ -95,14 +95,16 @@ class BodyLimitMiddleware:
         return await self.app(scope, limited, send)
 
 
-def _info_routes(app: FastAPI, engine: Engine, serving: Serving) -> None:
+def _info_routes(app: FastAPI, engine: Worker, serving: Serving) -> None:
     """Models (served names and aliases, each with a card), version, tokenizer and the docs page."""
     settings = serving.settings
     created = int(time.time())  # the model cards' stable creation time: the server's start
 
     def card(name: str) -> ModelCard:
-        length = engine.model.context_length if engine.ready else None
-        return ModelCard(id=name, created=created, root=settings.model, max_model_len=length)
+        ready = engine.ready and engine.exit_policy is not None
+        length = engine.model.context_length if ready else None
+        exits = engine.exit_policy.report() if ready and engine.exit_policy is not None else None
+        return ModelCard(id=name, created=created, root=settings.model, max_model_len=length, early_exit=exits)
 
     @app.get("/v1/models")
     async def models() -> ModelList:
@@ -135,7 +137,7 @@ def _info_routes(app: FastAPI, engine: Engine, serving: Serving) -> None:
 
 
 def create_app(settings: Settings, on_fatal: Callable[[str], None] | None = None) -> FastAPI:
-    engine = Engine(settings, on_fatal=on_fatal)
+    engine = Worker(settings, on_fatal=on_fatal)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

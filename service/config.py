@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shortcuts.engine.settings import DEFAULT_MODE, Gate, Mode
+
 if TYPE_CHECKING:
     from shortcuts.placement import DeviceMap
 
@@ -33,8 +35,8 @@ class Settings(BaseSettings):
                                    "module -> device. Offloading to disk/meta is refused")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on CUDA")
     quantization: Literal["none", "8bit", "4bit"] = "none"
-    exit_mode: Literal["off", "approximate", "exact"] = "approximate"
-    exit_gate: Literal["confidence", "entropy", "patience", "learned"] | None = Field(
+    exit_mode: Mode = Field(DEFAULT_MODE, description="the mode of a request that names none")
+    exit_gate: Gate | None = Field(
         None, description="default: the artifact's calibrated gate, else confidence")
     exit_threshold: float | None = Field(None, description="default: the artifact's calibrated value, else 0.9")
     exit_stride: int | None = Field(None, ge=1, description="check every stride-th level; default: the artifact's "

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from service.config import Settings
+from shortcuts.calibration import Overrides, Resolved, StoredCalibration, resolve, resolve_modes
+from shortcuts.engine.settings import DEFAULT_MODE, Mode
 
 if TYPE_CHECKING:
     from shortcuts.engine.api import Engine
@@ -58,70 +60,64 @@ def preflight(settings: Settings) -> None:
 
 
 @dataclass(frozen=True)
-class ExitDefaults:
-    """What a request's ``early_exit`` falls back to: flags/env first, then the artifact's
-    calibration (gate, threshold, first level, stride) when it is for the gate in use, then
-    built-ins. ``exact``: exact mode's own calibration (``extra["calibration_exact"]``: threshold,
-    first level, stride, max_draft), used for exact requests unless flags/env set the exit fields."""
+class ExitPolicy:
+    """Which exit setting a request runs: ``calibration.resolve`` of the request's ``early_exit`` over the
+    server's flags and environment, over the artifact's stored setting (for the precision the model runs
+    at), over built-ins. ``default_mode``: a request that names no mode runs this one."""
 
-    gate: str = "confidence"
-    threshold: float = 0.9
-    min_layer: int = 1
-    stride: int = 1
-    source: str = "built-in"
-    exact: dict[str, Any] | None = None
+    stored: StoredCalibration
+    overrides: Overrides  # the server's flags and environment
+    num_layers: int
+    precision: str = "none"
+    default_mode: Mode = DEFAULT_MODE
 
-    def fields(self, mode: str) -> dict[str, Any]:
-        """The exit fields a request in ``mode`` starts from."""
-        base = {"gate": self.gate, "threshold": self.threshold, "min_layer": self.min_layer, "stride": self.stride}
-        return base | self.exact if mode == "exact" and self.exact is not None else base
+    def resolve(self, request: Overrides | None = None) -> Resolved:
+        """The setting a request with these ``early_exit`` fields runs (ValueError: the engine would refuse it)."""
+        given = self.overrides if request is None else request.over(self.overrides)
+        return resolve(self.stored, given, self.num_layers, self.precision, self.default_mode)
 
-
-def exit_defaults(calibration: dict[str, Any], settings: Settings, num_layers: int,
-                  calibration_exact: dict[str, Any] | None = None) -> ExitDefaults:
-    from shortcuts.artifact import exact_setting
-
-    gate = settings.exit_gate or str(calibration.get("gate", "confidence"))
-    usable = bool(calibration) and calibration.get("gate", "confidence") == gate
-    if calibration and not usable:
-        log.warning("the jump is calibrated for the %s gate, the server uses %s: calibration ignored",
-                    calibration.get("gate"), gate)
-    base = ExitDefaults(gate, float(calibration["threshold"]), int(calibration.get("min_layer", 1)),
-                        int(calibration.get("stride", 1)), "calibration") if usable else ExitDefaults(gate)
-    threshold = base.threshold if settings.exit_threshold is None else settings.exit_threshold
-    min_layer = base.min_layer if settings.exit_min_layer is None else settings.exit_min_layer
-    stride = base.stride if settings.exit_stride is None else settings.exit_stride
-    if not 1 <= min_layer < num_layers:
-        raise ValueError(f"exit_min_layer={min_layer} must be in [1, {num_layers - 1}] for {settings.model}")
-    overridden = (settings.exit_threshold, settings.exit_min_layer, settings.exit_stride) != (None, None, None)
-    own = None if overridden else exact_setting(calibration_exact, gate)
-    return ExitDefaults(gate, threshold, min_layer, stride, base.source, own)
+    def report(self) -> dict[str, dict[str, Any]]:
+        """Both modes' defaults as ``/v1/models/{id}``, ``onejump bench`` and ``agreement`` report them."""
+        return {m: r.report() for m, r in resolve_modes(self.stored, self.overrides, self.num_layers,
+                                                          self.precision).items()}
 
 
-def load_decoder(settings: Settings) -> tuple[Engine, ExitDefaults]:
-    """The decoder for ``settings`` and the exit defaults (calibrated when the artifact says)."""
+def exit_policy(extra: dict[str, Any], settings: Settings, num_layers: int) -> ExitPolicy:
+    """The server's exit policy for an artifact's ``extra`` (empty without one)."""
+    overrides = Overrides(gate=settings.exit_gate, threshold=settings.exit_threshold,
+                          min_layer=settings.exit_min_layer, stride=settings.exit_stride)
+    return ExitPolicy(StoredCalibration.from_extra(extra), overrides, num_layers, precision_of(settings.quantization),
+                      settings.exit_mode)
+
+
+def precision_of(quantization: str) -> str:
+    """The stored-setting precision of the service's ``quantization`` (bitsandbytes' formats)."""
+    return {"8bit": "bnb-8bit", "4bit": "bnb-4bit"}.get(quantization, quantization)
+
+
+def load_decoder(settings: Settings) -> tuple[Engine, ExitPolicy]:
+    """The decoder for ``settings`` and its exit policy (the artifact's calibration when it has one)."""
     from shortcuts.adapter import CausalLM, resolve_device
     from shortcuts.artifact import JumpArtifact
-    from shortcuts.engine import EarlyExitDecoder
+    from shortcuts.engine.decoder import EarlyExitDecoder
+    from shortcuts.engine.learned_gate import LearnedGate
     from shortcuts.placement import map_main_device
 
     device_map = settings.device_map_value
     device = resolve_device(settings.device) if device_map is None else map_main_device(device_map)
     lm = CausalLM.load(settings.model, dtype=resolve_dtype(settings, device), device=device,
                        quantization=settings.quantization, device_map=device_map)
-    jump, calibration, learned, exact = None, {}, None, None
+    jump, extra = None, {}
     if settings.jump:
         artifact = JumpArtifact.load(Path(settings.jump))
         artifact.check_model(lm)
-        jump = artifact.jump.to(lm.device)
-        calibration = artifact.extra.get("calibration", {})
-        exact = artifact.extra.get("calibration_exact")  # exact mode's own setting
-        if "gate" in artifact.extra:
-            from shortcuts.engine.learned_gate import LearnedGate
-
-            learned = LearnedGate.from_dict(artifact.extra["gate"])
-    defaults = exit_defaults(calibration, settings, lm.num_layers, exact)
-    if defaults.gate == "learned" and learned is None:
+        jump, extra = artifact.jump.to(lm.device), artifact.extra
+    learned = LearnedGate.from_extra(extra)
+    policy = exit_policy(extra, settings, lm.num_layers)
+    defaults = policy.report()  # ValueError when a mode's default cannot run (a first level outside the model)
+    if policy.stored.by_precision and any(r["source"] == "built-in" for r in defaults.values()):
+        log.warning("the jump's calibration is for another gate than %s: built-in defaults", settings.exit_gate)
+    if learned is None and any(r["gate"] == "learned" for r in defaults.values()):
         raise ValueError(f"exit_gate=learned, but {settings.jump or 'no jump artifact'} holds no learned gate")
     log.info("loaded %s on %s (%d layers), jump %s, exit defaults %s", settings.model, lm.placement().describe(),
              lm.num_layers, settings.jump or "none (identity)", defaults)
@@ -129,4 +125,4 @@ def load_decoder(settings: Settings) -> tuple[Engine, ExitDefaults]:
                                compile=settings.compile, learned_gate=learned)
     if settings.compile:
         log.info("compiled the decoder blocks in %.1fs", decoder.compile_seconds)
-    return decoder, defaults
+    return decoder, policy

@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from shortcuts.engine.settings import Gate, Mode
+
 SEED_LIMIT = 2**63  # seeds are below it: OpenAI's seed is an int64 (and 2**63 is exact in the JSON schema)
 
 
@@ -26,8 +28,8 @@ class EarlyExit(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)  # no "threshold": false
 
-    mode: Literal["off", "approximate", "exact"] | None = None
-    gate: Literal["confidence", "entropy", "patience", "learned"] | None = None
+    mode: Mode | None = None
+    gate: Gate | None = None
     threshold: float | None = Field(None, ge=0.0)
     min_layer: int | None = Field(None, ge=1)
     stride: int | None = Field(None, ge=1)
@@ -325,6 +327,9 @@ class ModelCard(BaseModel):
     owned_by: str = "onejump"
     root: str | None = None
     max_model_len: int | None = None
+    early_exit: dict[str, dict[str, Any]] | None = Field(
+        None, description="onejump: the exit setting a request in each mode runs when its early_exit names no "
+        "field (mode -> setting, where it came from and the precision it was measured at); null while loading")
 
 
 class ModelList(BaseModel):

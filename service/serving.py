@@ -9,13 +9,13 @@ import dataclasses
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from service.config import Settings
-from service.engine import Done, Engine, Job
+from service.engine import Done, Job, Worker
 from service.errors import BadRequestError, ModelNotFoundError, NotReadyError, ServiceError
 from service.logprobs import chat_logprobs, completion_logprobs
 from service.protocol import (
@@ -23,7 +23,9 @@ from service.protocol import (
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatLogprobs,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     DetokenizeRequest,
@@ -35,8 +37,14 @@ from service.protocol import (
 )
 from service.support import check_supported
 from service.text import TextAssembler
+from shortcuts.calibration import Overrides
+from shortcuts.engine.settings import ExitSettings, GenerationSettings
+
+if TYPE_CHECKING:
+    from shortcuts.engine.api import TokenTrace, TopLogprobs
 
 AnyRequest = CompletionRequest | ChatCompletionRequest
+AnyResponse = CompletionResponse | ChatCompletionResponse
 KEEPALIVE_S = 10.0  # an SSE comment this often while a stream waits for its first or next token
 
 
@@ -54,11 +62,11 @@ class Choice:
     prompt: Prompt
     text: TextAssembler
     job: Job | None = None
-    scores: list[Any] | None = None  # echo with logprobs: the prompt's (logprob, top) after its first token
-    traces: list[Any] = field(default_factory=list)  # the tokens whose text was returned (up to a stop string)
+    scores: list[tuple[float, TopLogprobs]] | None = None  # echo with logprobs: the prompt's after its first token
+    traces: list[TokenTrace] = field(default_factory=list)  # the tokens whose text was returned (to a stop string)
     done: Done | None = None
 
-    def add(self, trace: Any) -> str:
+    def add(self, trace: TokenTrace) -> str:
         """One generated token; the text it makes safe to show."""
         if self.text.stopped:
             return ""
@@ -78,7 +86,7 @@ class Choice:
 
 
 class Serving:
-    def __init__(self, engine: Engine, settings: Settings):
+    def __init__(self, engine: Worker, settings: Settings):
         self.engine, self.settings = engine, settings
 
     # --- request → prompts and settings --------------------------------------------------------
@@ -122,9 +130,7 @@ class Serving:
             raise BadRequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})", "prompt")
         return ids
 
-    def generation_settings(self, req: AnyRequest) -> Any:
-        from shortcuts.engine import GenerationSettings
-
+    def generation_settings(self, req: AnyRequest) -> GenerationSettings:
         s = self.settings
         max_tokens = self.max_tokens(req)
         temperature = s.default_temperature if req.temperature is None else req.temperature
@@ -154,19 +160,15 @@ class Serving:
                                   "max_tokens")
         return max_tokens
 
-    def exit_settings(self, req: AnyRequest) -> Any:
-        from shortcuts.engine import ExitSettings, GenerationSettings
-
-        s, ee = self.settings, req.early_exit
-        defaults = self.engine.exit_defaults
-        if defaults is None:
+    def exit_settings(self, req: AnyRequest) -> ExitSettings:
+        """The request's ``early_exit`` over the server's defaults (``ExitPolicy.resolve``); 400 for a
+        setting the engine cannot run."""
+        policy = self.engine.exit_policy
+        if policy is None:
             raise NotReadyError("the model is still loading; try again when /ready answers 200")
-        mode = ee.mode if ee is not None and ee.mode is not None else s.exit_mode
-        exits: dict[str, Any] = {"mode": mode, **defaults.fields(mode)}
-        if ee is not None:
-            exits |= ee.model_dump(exclude_none=True)
+        given = Overrides() if req.early_exit is None else Overrides(**req.early_exit.model_dump(exclude_none=True))
         try:
-            exit_settings = ExitSettings(**exits)
+            exit_settings = policy.resolve(given).settings
             self.engine.model.check_settings(GenerationSettings(exit=exit_settings))
         except ValueError as e:
             raise BadRequestError(f"early_exit: {e}", "early_exit") from e
@@ -191,7 +193,7 @@ class Serving:
         return DetokenizeResponse(prompt=self.engine.model.tokenizer.decode(req.tokens))
 
     # --- running -------------------------------------------------------------------------------
-    async def handle(self, req: AnyRequest, request: Request) -> Any:
+    async def handle(self, req: AnyRequest, request: Request) -> StreamingResponse | AnyResponse:
         self.engine.check_admitting()  # 503 before any work
         self.check_model(req.model)
         check_supported(req)
@@ -216,22 +218,20 @@ class Serving:
         """echo with logprobs: the full model scores each prompt once (a job of its own)."""
         if not (isinstance(req, CompletionRequest) and req.echo and req.logprobs is not None):
             return
-        from shortcuts.engine import GenerationSettings
-
         for c in choices:
             if c.index % req.n == 0:
                 job = self.engine.submit(c.prompt.ids, GenerationSettings(), score_top_n=req.logprobs)
-                scores = next(e for e in [e async for e in job.stream()] if isinstance(e, Done)).scores
+                scores = await job.scores()
             c.scores = scores
 
-    def _submit(self, req: AnyRequest, choices: list[Choice], settings: Any) -> None:
+    def _submit(self, req: AnyRequest, choices: list[Choice], settings: GenerationSettings) -> None:
         if self.max_tokens(req) == 0:
             return
         for c in choices:
             seed = None if settings.seed is None else (settings.seed + c.index % req.n) % (2**63)
             c.job = self.engine.submit(c.prompt.ids, dataclasses.replace(settings, seed=seed))
 
-    async def _collect(self, req: AnyRequest, request: Request, choices: list[Choice]) -> Any:
+    async def _collect(self, req: AnyRequest, request: Request, choices: list[Choice]) -> AnyResponse:
         watcher = asyncio.create_task(_cancel_on_disconnect(request, choices))
         try:
             await asyncio.gather(*(_run(c) for c in choices))
@@ -244,7 +244,7 @@ class Serving:
 
     async def _sse(self, req: AnyRequest, choices: list[Choice]) -> AsyncIterator[str]:
         base = self._response(req, [])
-        events: asyncio.Queue[Any] = asyncio.Queue()
+        events: asyncio.Queue[tuple[Choice, TokenTrace | Done | ServiceError | None]] = asyncio.Queue()
         pumps = [asyncio.create_task(_pump(c, events)) for c in choices]
         left = len(choices)
         try:
@@ -271,7 +271,7 @@ class Serving:
             if _include_usage(req):
                 final = self._response(req, choices)
                 yield _frame(base.model_dump(include={"id", "created", "model"})
-                             | {"object": _object(base), "choices": [], "usage": final.usage.model_dump(),
+                             | {"object": _object(base), "choices": [], "usage": _dump(final.usage),
                                 "early_exit": final.early_exit.model_dump() if final.early_exit else None})
         except ServiceError as e:  # after the first byte an error becomes an error frame
             yield _frame({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.status}})
@@ -282,7 +282,7 @@ class Serving:
         yield "data: [DONE]\n\n"
 
     # --- bodies --------------------------------------------------------------------------------
-    def _response(self, req: AnyRequest, choices: list[Choice]) -> Any:
+    def _response(self, req: AnyRequest, choices: list[Choice]) -> AnyResponse:
         prompt_tokens = sum(len(c.prompt.ids) for c in choices if c.index % req.n == 0)
         n = sum(len(c.traces) for c in choices)
         usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=n, total_tokens=prompt_tokens + n)
@@ -298,8 +298,8 @@ class Serving:
                for c in choices]
         return CompletionResponse(model=name, usage=usage, early_exit=report, choices=out)
 
-    def _completion_logprobs(self, req: CompletionRequest, c: Choice, traces: list[Any] | None = None,
-                             offset: int | None = None) -> Any:
+    def _completion_logprobs(self, req: CompletionRequest, c: Choice, traces: list[TokenTrace] | None = None,
+                             offset: int | None = None) -> CompletionLogprobs | None:
         if req.logprobs is None:
             return None
         tok = self.engine.model.tokenizer
@@ -309,7 +309,7 @@ class Serving:
                                        len(prompt.text) if prompt else 0, self.engine.model.num_layers)
         return completion_logprobs(tok, traces, None, None, offset or 0, self.engine.model.num_layers)
 
-    def _chat_logprobs(self, req: ChatCompletionRequest, traces: list[Any]) -> Any:
+    def _chat_logprobs(self, req: ChatCompletionRequest, traces: list[TokenTrace]) -> ChatLogprobs | None:
         return chat_logprobs(self.engine.model.tokenizer, traces) if req.logprobs else None
 
     def _report(self, req: AnyRequest, choices: list[Choice]) -> ExitReport:
@@ -324,8 +324,8 @@ class Serving:
                           mean_exit_layer=sum(layers) / max(len(layers), 1), layers_computed=computed,
                           layers_skipped=skipped, acceptance_rate=accepted / drafted if drafted else None)
 
-    def _chunk(self, base: Any, c: Choice, delta: str, traces: list[Any], finish: str | None = None,
-               final: Any = None, echo: bool = False) -> dict[str, Any]:
+    def _chunk(self, base: AnyResponse, c: Choice, delta: str, traces: list[TokenTrace], finish: str | None = None,
+               final: AnyResponse | None = None, echo: bool = False) -> dict[str, Any]:
         """One SSE body: choice ``c``'s text ``delta`` with the logprobs of ``traces`` (or, for the echo,
         of the prompt) when asked, its finish reason, and on the last frame usage and the exit report."""
         req_logprobs = None
@@ -344,9 +344,13 @@ class Serving:
                 req_logprobs = completion_logprobs(tok, traces, None, None, start, layers).model_dump()
             body["choices"] = [{"index": c.index, "text": delta, "finish_reason": finish, "logprobs": req_logprobs}]
         if final is not None:
-            body |= {"usage": final.usage.model_dump(),
+            body |= {"usage": _dump(final.usage),
                      "early_exit": final.early_exit.model_dump() if final.early_exit else None}
         return body
+
+
+def _dump(usage: Usage | None) -> dict[str, Any] | None:
+    return None if usage is None else usage.model_dump()
 
 
 def _echo(req: AnyRequest) -> bool:
@@ -357,7 +361,7 @@ def _include_usage(req: AnyRequest) -> bool:
     return bool(req.stream_options and req.stream_options.include_usage)
 
 
-def _object(base: Any) -> str:
+def _object(base: AnyResponse) -> str:
     return "chat.completion.chunk" if isinstance(base, ChatCompletionResponse) else "text_completion"
 
 
@@ -371,7 +375,7 @@ async def _run(c: Choice) -> None:
             c.add(event)
 
 
-async def _pump(c: Choice, events: asyncio.Queue[Any]) -> None:
+async def _pump(c: Choice, events: asyncio.Queue[tuple[Choice, TokenTrace | Done | ServiceError | None]]) -> None:
     """A choice's events onto the stream's queue, its error included; an echo alone is done at once."""
     if c.job is None:
         await events.put((c, None))

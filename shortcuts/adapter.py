@@ -21,40 +21,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from shortcuts.architectures import arch_spec
 from shortcuts.errors import UnsupportedModelError
 from shortcuts.placement import DeviceMap, Placement, refuse_offload, resolve_map
 
 Quantization = Literal["none", "8bit", "4bit"]
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """Where an architecture keeps its parts, as attribute paths from the CausalLM module."""
-
-    layers: str
-    norm: str
-    embed: str
-    norm_kind: Literal["rms", "layer"]
-    norm_offset: float = 0.0  # Gemma's RMSNorm scales by (1 + weight)
-
-
-_DECODER: dict[str, Any] = {"layers": "model.layers", "norm": "model.norm", "embed": "model.embed_tokens"}
-ARCHITECTURES: dict[str, ArchSpec] = {
-    "llama": ArchSpec(**_DECODER, norm_kind="rms"),
-    "mistral": ArchSpec(**_DECODER, norm_kind="rms"),
-    "qwen2": ArchSpec(**_DECODER, norm_kind="rms"),
-    "qwen3": ArchSpec(**_DECODER, norm_kind="rms"),
-    "gemma3_text": ArchSpec(**_DECODER, norm_kind="rms", norm_offset=1.0),
-    "gpt2": ArchSpec(layers="transformer.h", norm="transformer.ln_f", embed="transformer.wte", norm_kind="layer"),
-}
-
-
-def arch_spec(model_type: str) -> ArchSpec:
-    if model_type not in ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"model_type {model_type!r} is not supported; onejump knows {', '.join(sorted(ARCHITECTURES))}"
-        )
-    return ARCHITECTURES[model_type]
 
 
 @dataclass(frozen=True)

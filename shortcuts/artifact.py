@@ -85,15 +85,6 @@ class JumpArtifact:
             raise ArtifactError(f"jump artifact is for {self.base_model}, not {lm.name}: {reason}")
 
 
-def exact_setting(own: dict[str, Any] | None, gate: str) -> dict[str, Any] | None:
-    """Exact mode's own calibration (an artifact's ``extra["calibration_exact"]``) as exit fields
-    (threshold, min_layer, stride, max_draft), when there is one for ``gate``; else None."""
-    if not own or own.get("gate", "confidence") != gate:
-        return None
-    return {"threshold": float(own["threshold"]), "min_layer": int(own["min_layer"]), "stride": int(own["stride"]),
-            "max_draft": int(own["max_draft"])}
-
-
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if not path.is_file():
         raise ArtifactError(f"jump artifact not found: {path}")

@@ -45,7 +45,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from shortcuts.lab.calibrate import CalibrateConfig, run_calibrate
+    from shortcuts.calibration.calibrate import run_calibrate
+    from shortcuts.calibration.config import CalibrateConfig
 
     fields = {k: v for k, v in vars(args).items() if k not in ("command", "handler", "verbose", "cache")}
     cal, path = run_calibrate(CalibrateConfig(**{**fields, "gates": tuple(args.gates),
@@ -60,7 +61,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 def _calibrate_parser(sub: argparse._SubParsersAction) -> None:
     from shortcuts.assets import wiki_split
-    from shortcuts.lab.calibrate import CalibrateConfig
+    from shortcuts.calibration.config import CALIBRATED_GATES, CalibrateConfig
 
     d = CalibrateConfig.__dataclass_fields__
     p = sub.add_parser("calibrate", help="store the exit threshold that reaches a target agreement in a jump")
@@ -75,7 +76,7 @@ def _calibrate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-layers", type=int, nargs="+", default=[],
                    help="first exit levels to try (default: 1 and every sixth of the depth)")
     p.add_argument("--strides", type=int, nargs="+", default=[], help="check every k-th level; tries each")
-    p.add_argument("--gates", nargs="+", default=list(d["gates"].default), choices=["confidence", "entropy", "learned"])  # type: ignore[arg-type]
+    p.add_argument("--gates", nargs="+", default=list(d["gates"].default), choices=CALIBRATED_GATES)  # type: ignore[arg-type]
     p.add_argument("--gate-corpus", default=None,
                    help="training prompts of the learned gate (.jsonl with titles: its fit articles are used)")
     p.add_argument("--gate-prompts", type=int, default=d["gate_prompts"].default)
@@ -83,7 +84,7 @@ def _calibrate_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from shortcuts.lab.speed import run, text_report
+    from shortcuts.bench import run, text_report
 
     result = run(args)
     print(json.dumps(result) if args.json else text_report(result))
@@ -91,7 +92,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _agreement(args: argparse.Namespace) -> int:
-    from shortcuts.lab.exits import AgreementConfig, run_agreement
+    from shortcuts.calibration.agreement import run_agreement
+    from shortcuts.calibration.config import AgreementConfig
 
     fields = {k: v for k, v in vars(args).items() if k not in ("command", "handler", "verbose", "json")}
     result = run_agreement(AgreementConfig(**fields))
@@ -108,7 +110,8 @@ def _agreement(args: argparse.Namespace) -> int:
 
 
 def _agreement_parser(sub: argparse._SubParsersAction) -> None:
-    from shortcuts.lab.exits import AgreementConfig
+    from shortcuts.calibration.config import AgreementConfig
+    from shortcuts.engine.settings import GATES
 
     d = AgreementConfig.__dataclass_fields__
     p = sub.add_parser("agreement", help="teacher-forced agreement of a jump's exit setting on your prompts")
@@ -117,7 +120,7 @@ def _agreement_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", required=True, help=".jsonl ({\"text\": ...} per line) or text, one prompt a line")
     p.add_argument("--max-prompts", type=int, default=d["max_prompts"].default)
     p.add_argument("--new-tokens", type=int, default=d["new_tokens"].default)
-    p.add_argument("--gate", default=None, choices=["confidence", "entropy", "learned"],
+    p.add_argument("--gate", default=None, choices=GATES,
                    help="exit flags: override the artifact's stored setting")
     p.add_argument("--threshold", type=float, default=None)
     p.add_argument("--min-layer", type=int, default=None)
@@ -191,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="runs/evaluate")
     p.set_defaults(handler=_evaluate)
     _calibrate_parser(sub)
-    from shortcuts.lab.speed import add_parser as bench_parser
+    from shortcuts.bench import add_parser as bench_parser
 
     bench_parser(sub, _model_args)
     sub.choices["bench"].set_defaults(handler=_bench)

@@ -13,11 +13,17 @@ from tqdm import tqdm
 
 from shortcuts.adapter import CausalLM
 from shortcuts.artifact import JumpArtifact
+from shortcuts.calibration.costs import measure
+from shortcuts.calibration.search import SearchSpace, calibrate
+from shortcuts.calibration.table import continuations, level_table
 from shortcuts.collect import StateSet, cached_states, read_corpus, sample_sentences
 from shortcuts.config import PAPER_VARIANT, FitConfig
+from shortcuts.engine.exit_head import ExitHead
 from shortcuts.evaluate import LevelScores, Method, choose, evaluate_method, model_top1, ojfa_scores
 from shortcuts.heads import HeadContext
 from shortcuts.jump import JumpConfig, LowRankJumps
+from shortcuts.prompts import article_split
+from shortcuts.report import plot_methods, summary_markdown, write_plots
 from shortcuts.train import KLToModel, MSEToFinal, TrainConfig, train_bank
 
 
@@ -34,10 +40,8 @@ class Trained:
 def _sentences(cfg: FitConfig) -> tuple[list[str], list[str], int]:
     """Read and sample both corpora first, so a bad corpus fails before the model loads. Returns the
     training sentences (fit, then validation), the test sentences and the number of validation ones.
-    A .jsonl whose rows carry a ``title`` is split by article (``traces.article_split``), so no
+    A .jsonl whose rows carry a ``title`` is split by article (``prompts.article_split``), so no
     validation sentence shares an article with a fit sentence; otherwise sentences are split."""
-    from shortcuts.lab.traces import article_split
-
     n_val = max(2, round(cfg.val_fraction * cfg.n_train))
     texts = read_corpus(cfg.corpus)  # fails first on a missing or empty corpus
     test = sample_sentences(read_corpus(cfg.eval_corpus), cfg.n_test, cfg.seed + 1)
@@ -152,11 +156,6 @@ def _speed_by_variant(lm: CausalLM, cfg: FitConfig, trained: dict[str, Trained],
     """Each variant's OJFA jump calibrated (confidence gate, first level x stride) on validation prompts
     continued greedily by the model: the best predicted speed-up whose lower bound on agreement reaches
     ``cfg.target``, from costs measured here. A residual jump's check is a full head: it rarely pays."""
-    from shortcuts.engine.exit_head import ExitHead
-    from shortcuts.lab.agreement import continuations, level_table
-    from shortcuts.lab.costs import measure
-    from shortcuts.lab.exits import SearchSpace, calibrate_setting
-
     texts = [t for t in val_texts if len(lm.tokenizer(t)["input_ids"]) >= 4][: cfg.select_prompts]
     prompts = [lm.tokenizer(t)["input_ids"][:32] for t in texts]
     conts = continuations(lm, prompts, cfg.select_new_tokens)
@@ -165,8 +164,7 @@ def _speed_by_variant(lm: CausalLM, cfg: FitConfig, trained: dict[str, Trained],
     for v, t in trained.items():
         jump = t.bank.select(t.chosen).to(lm.device)
         table = level_table(lm, ExitHead(lm, jump), prompts, conts, with_entropy=False)
-        found = calibrate_setting(table, measure(lm, jump, None, repeats=10), None, space)
-        out[v] = found["calibration"]
+        out[v] = calibrate(table, measure(lm, jump, None, repeats=10), None, space).best.as_dict()
     return out
 
 
@@ -199,8 +197,6 @@ def _save_artifacts(out: Path, lm: CausalLM, cfg: FitConfig, trained: dict[str, 
 
 
 def write_outputs(out: Path, results: dict[str, Any], plots: bool = True) -> None:
-    from shortcuts.report import summary_markdown, write_plots
-
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "summary.md").write_text(summary_markdown(results))
@@ -229,7 +225,5 @@ def run_evaluate(model: str, jump_path: str, corpus: str, out_dir: str, n: int =
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "evaluation.json").write_text(json.dumps(results, indent=1))
-    from shortcuts.report import plot_methods
-
     plot_methods(results, list(methods), f"{Path(jump_path).name} on {Path(corpus).name}", out / "evaluation.png")
     return results

@@ -8,58 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.models import ARCHS, WORDS, build_tiny, save_tiny
 
 from shortcuts.adapter import CausalLM
-
-WORDS = (
-    "the", "a", "of", "and", "to", "in", "is", "was", "on", "for", "with", "by", "at", "from", "as", "his",
-    "her", "city", "river", "king", "music", "film", "war", "first", "new", "old", "great", "small", "large",
-    "north", "south", "east", "west", "year", "years", "people", "world", "state", "time", "road", "sea",
-    "island", "church", "school", "army", "band", "song", "book", "game", "team", "house", "language", "art",
-    "law", "power", "water", "land", "gold", "iron", "stone",
-)  # 60 words + 4 special tokens: every id of the tiny models' 64-token vocabulary decodes to text
-ARCHS = ("llama", "qwen2", "gemma3_text", "gpt2")
-
-
-def word_tokenizer(add_bos: bool = False):
-    """A real fast tokenizer with a tiny word-level vocabulary (ids 0..3 are special)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<pad>": 1, "<bos>": 2, "<eos>": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    if add_bos:
-        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<bos>",
-                                   eos_token="<eos>")
-    fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
-    return fast
-
-
-def tiny_config(arch: str, layers: int = 4):
-    from transformers import AutoConfig
-
-    common = {"vocab_size": 64, "bos_token_id": 2, "eos_token_id": 3, "pad_token_id": 1}
-    if arch == "gpt2":
-        return AutoConfig.for_model("gpt2", n_embd=32, n_layer=layers, n_head=4, n_positions=128, **common)
-    kw = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": layers, "num_attention_heads": 4,
-          "num_key_value_heads": 2, "max_position_embeddings": 128, **common}
-    if arch == "gemma3_text":
-        kw.update(head_dim=8, sliding_window=8, query_pre_attn_scalar=8)
-    return AutoConfig.for_model(arch, **kw)
-
-
-def build_tiny(arch: str, seed: int = 0, layers: int = 4) -> CausalLM:
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, layers), dtype=torch.float32)
-    with torch.no_grad():  # random norms, so the head's gain and bias matter in the tests
-        for name, p in model.named_parameters():
-            if "norm" in name or "ln_" in name:
-                p.add_(0.3 * torch.randn_like(p))
-    return CausalLM(model, word_tokenizer(add_bos=arch == "gemma3_text"), name=f"tiny-{arch}-{seed}")
 
 
 @pytest.fixture(scope="module")
@@ -80,14 +31,6 @@ def tiny_lm(request: pytest.FixtureRequest) -> CausalLM:
 @pytest.fixture
 def make_tiny() -> Callable[..., CausalLM]:
     return build_tiny
-
-
-def save_tiny(folder: Path) -> Path:
-    """A tiny Llama saved as an ordinary model folder (config, safetensors, tokenizer)."""
-    lm = build_tiny("llama")
-    lm.model.save_pretrained(folder)
-    lm.tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny
+from support.models import build_tiny, tiny_artifact
 
-from shortcuts.adapter import ARCHITECTURES, CausalLM, arch_spec
+from shortcuts.adapter import CausalLM
+from shortcuts.architectures import ARCHITECTURES, arch_spec
 from shortcuts.artifact import JumpArtifact
 from shortcuts.collect import StateSet, collect_states, read_corpus, sample_sentences
 from shortcuts.errors import ArtifactError, CorpusError, UnsupportedModelError
 from shortcuts.heads import HeadContext
-from shortcuts.jump import JumpConfig, LowRankJumps
 
 
 def _hf_run(lm: CausalLM, text: str):
@@ -113,17 +113,9 @@ def test_state_cache_round_trip(tmp_path: Path, make_tiny) -> None:
     assert len(first) == 2
 
 
-def _artifact(lm: CausalLM) -> JumpArtifact:
-    torch.manual_seed(0)
-    bank = LowRankJumps(JumpConfig(lm.hidden_size, 4), n=1)
-    with torch.no_grad():
-        bank.lora_B.normal_()
-    return JumpArtifact(bank.eval(), lm.name, lm.fingerprint(), lm.num_layers, 2, [1.0, 3.0, 2.0], "words.txt")
-
-
 def test_artifact_round_trip_and_checks(tmp_path: Path, make_tiny) -> None:
     lm = make_tiny("llama")
-    art = _artifact(lm)
+    art = tiny_artifact(lm)
     path = art.save(tmp_path / "jump.safetensors")
     loaded = JumpArtifact.load(path)
     x = torch.randn(2, 5, lm.hidden_size)

@@ -8,23 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ARCHS, build_tiny
-from test_engine import fitted_jump, prompt_ids, settings, sharpen
+from support.models import ARCHS, build_tiny, fitted_jump, prompt_ids, settings, sharpen
 
 from shortcuts.adapter import CausalLM
+from shortcuts.calibration.costs import CostModel
+from shortcuts.calibration.replay import bootstrap_lower_bound, checks, oracle_levels, replay
+from shortcuts.calibration.search import Calibration, fastest, search
+from shortcuts.calibration.table import LevelTable, continuations, level_table
 from shortcuts.engine.decoder import EarlyExitDecoder
 from shortcuts.engine.settings import ExitSettings
-from shortcuts.lab.agreement import (
-    CostModel,
-    LevelTable,
-    bootstrap_lower_bound,
-    calibrate,
-    checks_made,
-    continuations,
-    level_table,
-    oracle_levels,
-    replay,
-)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -91,6 +83,12 @@ def test_bootstrap_lower_bound() -> None:
     assert bound > bootstrap_lower_bound(agree, prompt, confidence=0.99)
 
 
+def calibrate(table: LevelTable, target: float, gates: tuple[str, ...] = ("confidence",),
+              min_layers: tuple[int, ...] = (1,), cost: CostModel | None = None) -> Calibration:
+    """The fastest setting of ``gates`` (one cost model for all) that reaches ``target``."""
+    return fastest(search(table, target, {g: cost or CostModel() for g in gates}, None, min_layers))
+
+
 def test_calibrate_picks_the_shallowest_gate_that_reaches_the_target() -> None:
     """Level 1 is right when its confidence is >= 0.6 and wrong below; the calibration must exit
     there exactly for the confident, right ones."""
@@ -130,18 +128,18 @@ def test_calibrate_weighs_check_cost_against_depth() -> None:
     assert costly.predicted_speedup == pytest.approx((4 + 2.0) / (3 + 0.5))
     level = torch.tensor([3, 4])
     s = ExitSettings(mode="approximate", min_layer=2)
-    assert checks_made(level, s, 4).tolist() == [2, 2]
+    assert checks(level, s, 4).tolist() == [2, 2]
 
 
 def test_sweep_runs_every_section_on_a_tiny_model(tiny_folder: Path, word_corpus: Path, tmp_path: Path,
                                                   make_tiny: Callable[..., CausalLM]) -> None:
     import json
 
-    from test_adapter import _artifact
+    from support.models import tiny_artifact
 
     from shortcuts.lab import sweep
 
-    jump = _artifact(make_tiny("llama")).save(tmp_path / "jump.safetensors")
+    jump = tiny_artifact(make_tiny("llama")).save(tmp_path / "jump.safetensors")
     out = tmp_path / "sweep"
     args = ["--model", str(tiny_folder), "--jumps", f"tiny={jump}", "--corpus", str(word_corpus), "--prompts", "4",
             "--new-tokens", "6", "--thresholds", "0.05,0.5", "--speed-prompts", "1", "--speed-thresholds", "0.05",
@@ -168,7 +166,6 @@ def test_learned_gate_in_the_decoder_equals_its_replay(arch: str) -> None:
     step by step. The previous token's confidence is weighted 0 here: the table stands in the first
     step's own confidence for the prefill's, which the decoder knows (tested apart below)."""
     from shortcuts.engine.learned_gate import FEATURES, LearnedGate, feature_names
-    from shortcuts.lab.agreement import Setting, replay_learned
 
     lm = sharpen(build_tiny(arch))
     L = lm.num_layers
@@ -182,8 +179,8 @@ def test_learned_gate_in_the_decoder_equals_its_replay(arch: str) -> None:
     table = level_table(lm, dec.exit_head, prompts, conts, batch_size=2)
     exits = 0
     for threshold, min_layer, stride in ((0.5, 1, 1), (0.3, 2, 1), (0.6, 1, 2)):
-        level, picked = replay_learned(table, gate, Setting("learned", threshold, min_layer, stride))
         s = settings(mode="approximate", gate="learned", threshold=threshold, min_layer=min_layer, stride=stride)
+        level, picked = replay(table, s.exit, gate)
         followed = [t for p, c in zip(prompts, conts, strict=True) for t in dec.follow(p, c, s)]
         assert level.tolist() == [t.exit_layer for t in followed]
         assert picked.tolist() == [t.token for t in followed]

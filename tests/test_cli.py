@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from shortcuts.artifact import JumpArtifact
+from shortcuts.calibration import StoredCalibration
 from shortcuts.cli import main
 
 TINY_FIT = ["--n-train", "120", "--n-test", "30", "--rank", "4", "--epochs", "3", "--kl-epochs", "1",
@@ -74,11 +75,11 @@ def test_fit_refuses_bad_input(args: list[str], message: str, tiny_folder: Path,
     assert "Traceback" not in err
 
 
-def test_evaluate_refuses_a_mismatched_or_corrupt_artifact(tiny_folder: Path, word_corpus: Path, tmp_path: Path,
+def test_evaluate_refuses_a_mismatched_or_corrupttiny_artifact(tiny_folder: Path, word_corpus: Path, tmp_path: Path,
                                                            make_tiny, capsys: pytest.CaptureFixture[str]) -> None:
-    from test_adapter import _artifact
+    from support.models import tiny_artifact
 
-    wrong = _artifact(make_tiny("llama", seed=7)).save(tmp_path / "wrong.safetensors")
+    wrong = tiny_artifact(make_tiny("llama", seed=7)).save(tmp_path / "wrong.safetensors")
     assert main(["evaluate", "--model", str(tiny_folder), "--jump", str(wrong), "--corpus", str(word_corpus)]) == 2
     assert "weights differ" in capsys.readouterr().err
     (tmp_path / "bad.safetensors").write_bytes(b"garbage")
@@ -103,32 +104,36 @@ def test_fit_refuses_unknown_architecture_and_missing_model(tmp_path: Path, word
 
 def test_calibrate_stores_the_threshold_the_server_then_uses(tiny_folder: Path, word_corpus: Path, tmp_path: Path,
                                                               make_tiny, capsys: pytest.CaptureFixture[str]) -> None:
-    from test_adapter import _artifact
+    from support.models import tiny_artifact
 
     from service.config import Settings
     from service.loading import load_decoder
 
-    jump = _artifact(make_tiny("llama")).save(tmp_path / "jump.safetensors")
+    jump = tiny_artifact(make_tiny("llama")).save(tmp_path / "jump.safetensors")
     out = tmp_path / "calibrated.safetensors"
     args = ["calibrate", "--model", str(tiny_folder), "--jump", str(jump), "--corpus", str(word_corpus),
             "--prompts", "12", "--new-tokens", "8", "--offset", "0", "--out", str(out)]
     assert main([*args, "--target", "0.5"]) == 0
     assert "saved in" in capsys.readouterr().out
-    cal = JumpArtifact.load(out).extra["calibration"]
+    stored = StoredCalibration.from_extra(JumpArtifact.load(out).extra).lookup("none")[0]
+    assert stored is not None
+    assert stored.approximate is not None
+    cal = {**stored.approximate.to_dict(), **stored.approximate.measured}
     assert cal["tokens"] == 12 * 7
     assert cal["prompts"] == 12
     assert cal["gate"] == "confidence"
     assert 0.0 <= cal["threshold"] <= 1.0
     assert cal["lower_bound"] >= 0.5
     assert cal["agreement"] >= cal["lower_bound"]
-    assert "calibration" not in JumpArtifact.load(jump).extra  # --out leaves the input alone
-    _, defaults = load_decoder(Settings(model=str(tiny_folder), jump=str(out)))
-    assert (defaults.threshold, defaults.min_layer, defaults.source) == (cal["threshold"], cal["min_layer"],
-                                                                         "calibration")
+    assert not StoredCalibration.from_extra(JumpArtifact.load(jump).extra).by_precision  # --out leaves it alone
+    _, policy = load_decoder(Settings(model=str(tiny_folder), jump=str(out)))
+    defaults = policy.resolve()
+    assert (defaults.settings.threshold, defaults.settings.min_layer, defaults.source) == (
+        cal["threshold"], cal["min_layer"], "calibration")
     _, mine = load_decoder(Settings(model=str(tiny_folder), jump=str(out), exit_threshold=0.7, exit_min_layer=2))
-    assert (mine.threshold, mine.min_layer) == (0.7, 2)  # flags win over the calibration
+    assert (mine.resolve().settings.threshold, mine.resolve().settings.min_layer) == (0.7, 2)  # flags win
     _, other = load_decoder(Settings(model=str(tiny_folder), jump=str(out), exit_gate="entropy"))
-    assert other.source == "built-in"  # calibrated for another gate: not used
+    assert other.resolve().source == "built-in"  # calibrated for another gate: not used
     assert main([*args, "--new-tokens", "1"]) == 2
     assert "new_tokens=1 >= 2" in capsys.readouterr().err
     assert main([*args, "--target", "1.5"]) == 2
@@ -141,7 +146,7 @@ def test_a_learned_gate_in_the_artifact_is_the_servers_default(tiny_folder: Path
     """An artifact calibrated for its learned gate: the server loads the gate, defaults to it with
     the calibrated threshold, first level and stride, and decodes with it; without one it refuses."""
     import torch
-    from test_adapter import _artifact
+    from support.models import tiny_artifact
 
     from service.config import Settings
     from service.loading import load_decoder
@@ -149,18 +154,19 @@ def test_a_learned_gate_in_the_artifact_is_the_servers_default(tiny_folder: Path
     from shortcuts.engine.learned_gate import LearnedGate, feature_names
 
     lm = make_tiny("llama")
-    artifact = _artifact(lm)
+    artifact = tiny_artifact(lm)
     L = lm.num_layers
     gate = LearnedGate(torch.linspace(-1, 1, len(feature_names(L))), 0.5, L)
     artifact.extra["gate"] = gate.to_dict()
     artifact.extra["calibration"] = {"gate": "learned", "threshold": 0.3, "min_layer": 2, "stride": 1}
     path = artifact.save(tmp_path / "learned.safetensors")
-    decoder, defaults = load_decoder(Settings(model=str(tiny_folder), jump=str(path)))
+    decoder, policy = load_decoder(Settings(model=str(tiny_folder), jump=str(path)))
+    defaults = policy.resolve().settings
     assert (defaults.gate, defaults.threshold, defaults.min_layer, defaults.stride) == ("learned", 0.3, 2, 1)
     assert decoder.learned_gate is not None
     s = GenerationSettings(max_new_tokens=6, stop_token_ids=(),
                            exit=ExitSettings(mode="approximate", gate="learned", threshold=0.3, min_layer=2))
     assert len(decoder.generate([5, 6, 7], s).tokens) == 6
-    plain = _artifact(lm).save(tmp_path / "plain.safetensors")
+    plain = tiny_artifact(lm).save(tmp_path / "plain.safetensors")
     with pytest.raises(ValueError, match="holds no learned gate"):
         load_decoder(Settings(model=str(tiny_folder), jump=str(plain), exit_gate="learned"))

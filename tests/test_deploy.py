@@ -7,15 +7,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import re
 import shlex
-import shutil
-import socket
 import subprocess
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,25 +17,25 @@ import httpx
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from service_utils import running_server
-from test_service import metric, tiny_settings
+from support.deploy import (
+    ROOT,
+    all_panels,
+    dashboard_exprs,
+    dockerfile,
+    needs_prometheus,
+    query,
+    referenced_metrics,
+    registry_names,
+    running_prometheus,
+    wait_for,
+)
+from support.server import metric, running_server, tiny_settings
 
-from service.metrics import Metrics
-
-ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy/grafana/dashboards/onejump.json"
 PROMETHEUS_YML = ROOT / "deploy/prometheus/prometheus.yml"
 DATASOURCES_YML = ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml"
 SERVERS = ("onejump", "onejump-cpu")
 GRAFANA_VARS = {"__rate_interval": "1m", "__interval": "15s", "__range": "5m"}
-SUFFIXES = {"counter": ("_total", "_created"), "gauge": ("",),
-            "histogram": ("_bucket", "_sum", "_count", "_created")}
-
-_NO_PROMETHEUS = shutil.which("prometheus") is None or shutil.which("promtool") is None
-# In CI (CI=true) `make test` has installed them, so a missing binary fails there instead of skipping.
-needs_prometheus = pytest.mark.skipif(_NO_PROMETHEUS and not os.environ.get("CI"),
-                                      reason="prometheus/promtool not on PATH: `make deploy-tools` installs them "
-                                             "(Debian's prometheus package; make test does it as root)")
 
 
 # ---------------------------------------------------------------- reading the files
@@ -58,13 +52,6 @@ def compose() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def dashboard() -> dict[str, Any]:
     return json.loads(DASHBOARD.read_text())
-
-
-def dockerfile() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) of every instruction, continuation lines joined."""
-    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-    return [(ln.split(None, 1)[0].upper(), ln.split(None, 1)[1]) for ln in lines]
 
 
 def final_stage() -> list[tuple[str, str]]:
@@ -103,25 +90,6 @@ def is_bind(source: str) -> bool:
 def substitute(expr: str, model_name: str) -> str:
     values = {**GRAFANA_VARS, "model_name": model_name}
     return re.sub(r"\$\{?(\w+)\}?", lambda m: values[m.group(1)], expr)
-
-
-def all_panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
-    panels = dashboard["panels"]
-    return panels + [q for p in panels for q in p.get("panels", [])]  # panels folded in rows
-
-
-def dashboard_exprs(dashboard: dict[str, Any]) -> list[str]:
-    return [t["expr"] for p in all_panels(dashboard) for t in p["targets"]]
-
-
-def registry_names() -> set[str]:
-    """Every sample name the service's Metrics can expose (prometheus_client's suffixes)."""
-    families = Metrics("m", num_layers=4).registry.collect()
-    return {f.name + suffix for f in families for suffix in SUFFIXES[f.type]}
-
-
-def referenced_metrics(exprs: list[str]) -> set[str]:
-    return {name for e in exprs for name in re.findall(r"\bonejump_\w+", e)}
 
 
 def datasource_uid() -> str:
@@ -258,60 +226,6 @@ def test_promtool_accepts_the_config() -> None:
     done = subprocess.run(["promtool", "check", "config", str(PROMETHEUS_YML)], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def running_prometheus(target_url: str, folder: Path, labels: dict[str, str] | None = None) -> Iterator[str]:
-    """A Prometheus on a free loopback port scraping ``target_url`` every second, adding ``labels`` to every
-    series (as Kubernetes discovery adds namespace, pod, ...); yields its URL."""
-    config = folder / "prometheus.yml"
-    scrape = {"job_name": "onejump", "static_configs": [{"targets": [target_url.split("://")[1]],
-                                                         "labels": labels or {}}]}
-    config.write_text(yaml.safe_dump({"global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
-                                      "scrape_configs": [scrape]}))
-    url, log = f"http://127.0.0.1:{free_port()}", folder / "prometheus.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(["prometheus", f"--config.file={config}", f"--storage.tsdb.path={folder / 'tsdb'}",
-                                 f"--web.listen-address={url.split('://')[1]}", "--log.level=warn"],
-                                stdout=out, stderr=subprocess.STDOUT)
-    try:
-        wait_for(lambda: proc.poll() is None and _answers(f"{url}/-/ready"), 60,
-                 lambda: f"prometheus did not start: {log.read_text()[-2000:]}")
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def wait_for(ok: Callable[[], bool], timeout: float, why: Callable[[], str]) -> None:
-    deadline = time.monotonic() + timeout
-    while not ok():
-        if time.monotonic() > deadline:
-            raise AssertionError(why())
-        time.sleep(0.2)
-
-
-def query(prom: str, expr: str) -> list[dict[str, Any]]:
-    body = httpx.get(f"{prom}/api/v1/query", params={"query": expr}, timeout=10).json()
-    assert body["status"] == "success", f"{expr}: {body}"
-    return body["data"]["result"]
 
 
 def scalar(prom: str, expr: str) -> float:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
-from test_deploy import ROOT, dockerfile
+from support.deploy import ROOT, dockerfile
 
 from service.config import Settings
 

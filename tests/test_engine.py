@@ -12,73 +12,35 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import ARCHS, build_tiny
+from support.models import (
+    ARCHS,
+    PROMPT,
+    build_tiny,
+    catch_up,
+    check_catchup_invariants,
+    fitted_jump,
+    prompt_ids,
+    settings,
+    sharpen,
+)
 
 from shortcuts.adapter import CausalLM
 from shortcuts.engine.cache import KVCache, RowCall
-from shortcuts.engine.decoder import DecodeState, EarlyExitDecoder, Generation
-from shortcuts.engine.exit_head import ExitGate, ExitHead, entropy
+from shortcuts.engine.decoder import EarlyExitDecoder, Generation
+from shortcuts.engine.exit_head import ExitGate, ExitHead, confidence_and_top, entropy, to_host
 from shortcuts.engine.runner import LayerRunner
 from shortcuts.engine.sampling import distribution, make_generator, speculative_accept
+from shortcuts.engine.sequence import SequenceRun
 from shortcuts.engine.settings import ExitSettings, GenerationSettings
 from shortcuts.jump import JumpConfig, LowRankJumps
 
-PROMPT = "the king of the north city was old and the river of the south"
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def sharpen(lm: CausalLM, factor: float = 20.0) -> CausalLM:
-    """Multiply the final norm's gain (and bias) by ``factor``: logits scale by it, nothing else changes."""
-    with torch.no_grad():
-        w = lm.norm.weight
-        w.copy_((w + lm.spec.norm_offset) * factor - lm.spec.norm_offset)
-        if getattr(lm.norm, "bias", None) is not None:
-            lm.norm.bias.mul_(factor)
-    return lm
-
-
-def level_states(lm: CausalLM, ids: torch.Tensor) -> list[torch.Tensor]:
-    """States after every block (levels 1..L, pre-norm), each (B, T, d), via the layer runner."""
-    runner = LayerRunner(lm)
-    cache = runner.new_cache(ids.shape[0])
-    chunk, states = runner.embed(ids, 0), []
-    for i in range(lm.num_layers):
-        states.append(runner.layer(i, chunk, cache).h)
-    return states
-
-
-def fitted_jump(lm: CausalLM, rank: int = 24, seed: int = 0) -> LowRankJumps:
-    """One pure jump for all levels, fitted by least squares (h_l -> h_L) and cut to ``rank``."""
-    g = torch.Generator().manual_seed(seed)
-    xs, ys = [], []
-    for _ in range(24):
-        states = level_states(lm, torch.randint(4, lm.vocab_size, (1, 24), generator=g))
-        xs += [s[0] for s in states[:-1]]
-        ys += [states[-1][0]] * (len(states) - 1)
-    X, Y = torch.cat(xs), torch.cat(ys)
-    sol = torch.linalg.lstsq(torch.cat([X, torch.ones(len(X), 1)], 1), Y).solution  # (d+1, d)
-    U, S, Vh = torch.linalg.svd(sol[:-1].T)
-    jump = LowRankJumps(JumpConfig(lm.hidden_size, rank), n=1).eval()
-    with torch.no_grad():
-        jump.lora_B.copy_((U[:, :rank] * S[:rank])[None])
-        jump.lora_A.copy_(Vh[:rank][None])
-        jump.bias.copy_(sol[-1][None])
-    return jump
-
-
-def settings(n: int = 24, **exit_kw) -> GenerationSettings:
-    return GenerationSettings(max_new_tokens=n, stop_token_ids=(), exit=ExitSettings(**exit_kw))
 
 
 @pytest.fixture(params=ARCHS)
 def sharp(request: pytest.FixtureRequest) -> tuple[CausalLM, EarlyExitDecoder]:
     lm = sharpen(build_tiny(request.param))
     return lm, EarlyExitDecoder(lm, fitted_jump(lm))
-
-
-def prompt_ids(lm: CausalLM) -> list[int]:
-    return lm.tokenizer(PROMPT).input_ids
 
 
 # --- cache and masks ---------------------------------------------------------------------------------
@@ -231,20 +193,26 @@ def test_gates() -> None:
     peaked = torch.tensor([50.0, 0.0, 0.0])  # softmax max-prob rounds to exactly 1.0
     flat = torch.zeros(3)
     assert float(torch.softmax(peaked, -1).max()) == 1.0
+    def fires(gate: ExitGate, logits: torch.Tensor) -> bool:
+        """The gate on one row of exit logits, given what the engine computes at a check."""
+        ((top, conf),) = to_host(*confidence_and_top(logits[None]))
+        return gate.decide(conf, top, float(entropy(logits)))
+
     never = ExitGate(ExitSettings(threshold=1.0))
-    assert never(peaked) == (False, 1.0)  # threshold 1.0 never exits, even at probability 1
+    assert to_host(*confidence_and_top(peaked[None])) == [(0, 1.0)]
+    assert not fires(never, peaked)  # threshold 1.0 never exits, even at probability 1
     conf = ExitGate(ExitSettings(threshold=0.5))
-    assert conf(peaked)[0]
-    assert not conf(flat)[0]
+    assert fires(conf, peaked)
+    assert not fires(conf, flat)
     ent = ExitGate(ExitSettings(gate="entropy", threshold=0.5))
-    assert ent(peaked)[0]
-    assert not ent(flat)[0]  # entropy log(3) = 1.1 nats
+    assert fires(ent, peaked)
+    assert not fires(ent, flat)  # entropy log(3) = 1.1 nats
     assert float(entropy(flat)) == pytest.approx(torch.log(torch.tensor(3.0)).item())
     pat = ExitGate(ExitSettings(gate="patience", patience=3))
     other = torch.tensor([0.0, 1.0, 0.0])
-    assert [pat(x)[0] for x in (peaked, peaked, other, other, other)] == [False, False, False, False, True]
+    assert [fires(pat, x) for x in (peaked, peaked, other, other, other)] == [False, False, False, False, True]
     pat.reset()
-    assert not pat(other)[0]
+    assert not fires(pat, other)
 
 
 # --- settings ----------------------------------------------------------------------------------------
@@ -363,11 +331,13 @@ def test_approximate_tokens_come_from_the_heads_that_decided(sharp: tuple[Causal
             assert float(torch.softmax(earlier, -1).max()) < threshold
 
 
-def _check_catchup_invariants(dec: EarlyExitDecoder, state: DecodeState) -> None:
-    levels = [p.level for p in state.pending]
-    assert levels == sorted(levels, reverse=True)
-    for i in range(dec.num_layers):
-        assert state.layer_length(i) == state.length - state.missing(i)
+def _alone(dec: EarlyExitDecoder, ids: list[int], s: GenerationSettings) -> tuple[Generation, KVCache, SequenceRun]:
+    """Decode in a batch of one; the generation, and the batch's cache and sequence to inspect."""
+    batch = dec.batch(1)
+    seq = batch.add(ids, s)
+    while not seq.done:
+        batch.step()
+    return seq.generation, batch.cache, seq
 
 
 def test_catchup_caches_cover_every_token_exactly(sharp: tuple[CausalLM, EarlyExitDecoder]) -> None:
@@ -377,17 +347,17 @@ def test_catchup_caches_cover_every_token_exactly(sharp: tuple[CausalLM, EarlyEx
     ids = prompt_ids(lm)
     skipped = 0
     for threshold in (0.3, 0.5):
-        gen, state = dec.generate_with_state(ids, settings(mode="approximate", threshold=threshold))
+        gen, cache, seq = _alone(dec, ids, settings(mode="approximate", threshold=threshold))
         skipped += gen.stats.layers_skipped
         fed = ids + gen.tokens[:-1]
-        assert state.length == len(fed)
-        _check_catchup_invariants(dec, state)
-        dec.flush(state)
-        assert not state.pending
+        assert seq.length == len(fed)
+        check_catchup_invariants(cache, seq, dec.num_layers)
+        catch_up(dec.runner, cache, seq)
+        assert not seq.pending
         ref = dec.runner.new_cache()
         dec.runner.forward(torch.tensor([fed]), ref)
         for i in range(lm.num_layers):
-            for a, b in zip(state.layer_kv(i), ref.row_kv(i), strict=True):
+            for a, b in zip(cache.row_kv(i, seq.row), ref.row_kv(i), strict=True):
                 assert torch.allclose(a, b, atol=1e-4), i
     assert skipped > 0
 
@@ -395,28 +365,28 @@ def test_catchup_caches_cover_every_token_exactly(sharp: tuple[CausalLM, EarlyEx
 def test_exact_mode_keeps_caches_consistent(sharp: tuple[CausalLM, EarlyExitDecoder]) -> None:
     lm, dec = sharp
     ids = prompt_ids(lm)
-    gen, state = dec.generate_with_state(ids, settings(mode="exact", threshold=0.3))
+    gen, cache, seq = _alone(dec, ids, settings(mode="exact", threshold=0.3))
     assert gen.stats.drafted > gen.stats.accepted  # some rejections, so some crops happened
-    _check_catchup_invariants(dec, state)
-    dec.flush(state)
+    check_catchup_invariants(cache, seq, dec.num_layers)
+    catch_up(dec.runner, cache, seq)
     ref = dec.runner.new_cache()
-    fed = ids + gen.tokens[: state.length - len(ids)]
+    fed = ids + gen.tokens[: seq.length - len(ids)]
     dec.runner.forward(torch.tensor([fed]), ref)
     for i in range(lm.num_layers):
-        assert torch.allclose(state.layer_kv(i)[0], ref.row_kv(i)[0], atol=1e-4)
+        assert torch.allclose(cache.row_kv(i, seq.row)[0], ref.row_kv(i)[0], atol=1e-4)
 
 
 def test_copy_policy_fills_skipped_layers_at_once(sharp: tuple[CausalLM, EarlyExitDecoder]) -> None:
     lm, dec = sharp
     ids = prompt_ids(lm)
-    gen, state = dec.generate_with_state(ids, settings(mode="approximate", threshold=0.4, kv_policy="copy"))
+    gen, cache, seq = _alone(dec, ids, settings(mode="approximate", threshold=0.4, kv_policy="copy"))
     assert gen.stats.kv_fills > 0
-    assert not state.pending
-    assert [state.layer_length(i) for i in range(lm.num_layers)] == [state.length] * lm.num_layers
+    assert not seq.pending
+    assert [cache.length(i, seq.row) for i in range(lm.num_layers)] == [seq.length] * lm.num_layers
     ref = dec.runner.new_cache()
     dec.runner.forward(torch.tensor([ids + gen.tokens[:-1]]), ref)
     deepest = lm.num_layers - 1  # copied keys there are approximations, not the full model's
-    assert not torch.allclose(state.layer_kv(deepest)[0], ref.row_kv(deepest)[0], atol=1e-3)
+    assert not torch.allclose(cache.row_kv(deepest, seq.row)[0], ref.row_kv(deepest)[0], atol=1e-3)
 
 
 @pytest.mark.parametrize("kv_policy", ["catchup", "copy"])
@@ -500,7 +470,7 @@ def test_sampling_is_seeded_and_works_with_exits(sharp: tuple[CausalLM, EarlyExi
 
 
 def test_bench_runs_end_to_end_on_a_tiny_model(make_tiny: Callable[..., CausalLM]) -> None:
-    from shortcuts.lab import bench
+    from shortcuts.lab import micro_bench as bench
 
     lm = sharpen(make_tiny("llama"))
     args = bench.parse_args(["--new-tokens", "6", "--thresholds", "0.3", "--min-layer", "1", "--repeats", "2",
@@ -515,17 +485,28 @@ def test_bench_runs_end_to_end_on_a_tiny_model(make_tiny: Callable[..., CausalLM
     assert "exact t=0.3" in text
 
 
-def test_on_token_streams_and_can_abort(make_tiny: Callable[..., CausalLM]) -> None:
+def test_step_outputs_stream_and_cancel_stops(make_tiny: Callable[..., CausalLM]) -> None:
+    """Tokens arrive through the batch's step outputs, in order; cancelling stops the sequence there."""
     lm = make_tiny("llama")
     dec = EarlyExitDecoder(lm)
     ids = lm.tokenizer(PROMPT)["input_ids"]
     settings = GenerationSettings(max_new_tokens=10, stop_token_ids=(), exit=ExitSettings(mode="off"))
-    seen: list[int] = []
-    full = dec.generate(ids, settings, on_token=lambda t: seen.append(t.token) is None)
+    full = dec.generate(ids, settings)
+
+    def stream(cut_at: int | None) -> tuple[list[int], SequenceRun]:
+        batch, seen = dec.batch(1), []
+        seq = batch.add(ids, settings)
+        while batch.running or not seen:
+            seen += [t.token for out in batch.step() for t in out.tokens]
+            if cut_at is not None and len(seen) >= cut_at:
+                batch.cancel(seq)
+        return seen, seq
+
+    seen, seq = stream(None)
     assert seen == full.tokens
-    cut = dec.generate(ids, settings, on_token=lambda t: len(seen) < 13 and seen.append(t.token) is None)
-    assert cut.finish_reason == "abort"
-    assert cut.tokens == full.tokens[:4]  # the 4th token's callback said stop; it is still reported
+    seen, cut = stream(4)
+    assert cut.generation.finish_reason == "abort"
+    assert cut.generation.tokens == seen == full.tokens[:4]
 
 
 # --- the contract with transformers, and compiled blocks -------------------------------------------------

@@ -7,20 +7,14 @@ import argparse
 
 import pytest
 import torch
-from conftest import build_tiny
-from test_engine import fitted_jump, prompt_ids, settings, sharpen
+from support.models import build_tiny, fitted_jump, prompt_ids, settings, sharpen
 
+from shortcuts.calibration.costs import CostModel
+from shortcuts.calibration.exact import NEVER, ExactCalibration, exact_speedup, replay_exact, search_exact, timed_choice
+from shortcuts.calibration.replay import checks, replay
+from shortcuts.calibration.table import LevelTable, continuations, level_table
 from shortcuts.engine.decoder import EarlyExitDecoder
-from shortcuts.lab.agreement import (
-    CostModel,
-    LevelTable,
-    Setting,
-    continuations,
-    level_table,
-    replay_setting,
-    setting_checks,
-)
-from shortcuts.lab.exact import NEVER, ExactCalibration, exact_speedup, replay_exact, search_exact, timed_choice
+from shortcuts.engine.settings import ExitSettings
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -43,9 +37,9 @@ def _table(levels: list[list[int]], right: list[list[bool]], L: int = 10) -> Lev
 
 
 def _speed(table: LevelTable, max_draft: int, cost: CostModel, skip: float = 0.0) -> tuple[float, int, int]:
-    s = Setting("confidence", 0.5, 1, 1)
-    level, picked = replay_setting(table, s)
-    return exact_speedup(table, level, picked == table.final_top, setting_checks(level, s, table.num_layers),
+    s = ExitSettings(mode="approximate", gate="confidence", threshold=0.5, min_layer=1, stride=1)
+    level, picked = replay(table, s)
+    return exact_speedup(table, level, picked == table.final_top, checks(level, s, table.num_layers),
                          max_draft, cost, skip)
 
 
@@ -97,7 +91,7 @@ def test_replayed_exact_mode_drafts_and_accepts_what_the_engine_does(arch: str) 
     drafted = 0
     for threshold in (0.3, 0.5, 0.7):
         c = ExactCalibration("confidence", threshold, 2, 1, 1, 0.0, 0, 0)
-        replayed = replay_exact(table, c, CostModel(check=0.1, head=1.0), 0.0)
+        replayed = replay_exact(table, c.exit_settings(), CostModel(check=0.1, head=1.0), 0.0)
         engine = [dec.generate(p, settings(n=16, mode="exact", threshold=threshold, min_layer=2, max_draft=1))
                   for p in prompts]
         assert [g.tokens for g in engine] == conts
@@ -122,20 +116,26 @@ def test_timed_choice_keeps_never_drafting_unless_a_candidate_is_faster() -> Non
 
 def test_server_and_bench_take_exact_modes_own_setting() -> None:
     from service.config import Settings
-    from service.loading import exit_defaults
-    from shortcuts.lab.speed import stored_exact, stored_exit
+    from service.loading import exit_policy
+    from shortcuts.bench import overrides
+    from shortcuts.calibration import StoredCalibration, resolve_modes
 
     cal = {"gate": "confidence", "threshold": 0.6, "min_layer": 4, "stride": 2}
     own = {"mode": "exact", "gate": "confidence", "threshold": 1.0, "min_layer": 1, "stride": 1, "max_draft": 2}
-    d = exit_defaults(cal, Settings(model="m"), 8, own)
-    assert d.fields("approximate") == {"gate": "confidence", "threshold": 0.6, "min_layer": 4, "stride": 2}
-    assert d.fields("exact") == {"gate": "confidence", "threshold": 1.0, "min_layer": 1, "stride": 1, "max_draft": 2}
-    flagged = exit_defaults(cal, Settings(model="m", exit_threshold=0.8), 8, own)
-    assert flagged.fields("exact") == flagged.fields("approximate")  # flags set both modes
+    fields = ("gate", "threshold", "min_layer", "stride", "max_draft")
     extra = {"calibration": cal, "calibration_exact": own}
+    d = exit_policy(extra, Settings(model="m"), 8).report()
+    assert {k: d["approximate"][k] for k in fields[:4]} == {"gate": "confidence", "threshold": 0.6, "min_layer": 4,
+                                                             "stride": 2}
+    assert {k: d["exact"][k] for k in fields} == {"gate": "confidence", "threshold": 1.0, "min_layer": 1, "stride": 1,
+                                                  "max_draft": 2}
+    flagged = exit_policy(extra, Settings(model="m", exit_threshold=0.8), 8).report()
+    assert flagged["exact"]["threshold"] == flagged["approximate"]["threshold"] == 0.8  # flags set both modes
+    assert flagged["exact"]["min_layer"] == 1  # field by field: the rest is exact mode's own setting
+    stored = StoredCalibration.from_extra({"calibration": cal, "calibration_exact": own})
     args = argparse.Namespace(gate=None, threshold=None, min_layer=None, stride=None)
-    approx = stored_exit(extra, args, 8)
-    exact = stored_exact(extra, args, approx)
+    modes = resolve_modes(stored, overrides(args), 8)
+    approx, exact = modes["approximate"].settings, modes["exact"].settings
     assert (approx.threshold, exact.mode, exact.threshold, exact.max_draft) == (0.6, "exact", 1.0, 2)
     args.threshold = 0.7
-    assert stored_exact(extra, args, stored_exit(extra, args, 8)).threshold == 0.7
+    assert resolve_modes(stored, overrides(args), 8)["exact"].settings.threshold == 0.7

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny
-from test_math import randomized
+from support.models import build_tiny, randomized
 
 from shortcuts.artifact import JumpArtifact
+from shortcuts.calibration import StoredCalibration
+from shortcuts.calibration.costs import CostModel
+from shortcuts.calibration.replay import bootstrap_lower_bound, replay
+from shortcuts.calibration.search import search
 from shortcuts.engine.exit_head import ExitHead
+from shortcuts.engine.settings import ExitSettings
 from shortcuts.heads import HeadContext, jump_logits
 from shortcuts.jump import JumpConfig, LowRankJumps, cosine_score
 
@@ -140,7 +144,7 @@ def test_learned_gate_scores_round_trips_and_fits() -> None:
 
 
 def _tiny_table(seed: int = 0):
-    from shortcuts.lab.agreement import LevelTable
+    from shortcuts.calibration.table import LevelTable
 
     g = torch.Generator().manual_seed(seed)
     n, levels = 40, 5
@@ -152,18 +156,21 @@ def _tiny_table(seed: int = 0):
                       torch.rand(n, levels, generator=g), torch.rand(n, generator=g))
 
 
+def _approximate(gate: str, threshold: float, min_layer: int, stride: int) -> ExitSettings:
+    return ExitSettings(mode="approximate", gate=gate, threshold=threshold, min_layer=min_layer,  # type: ignore[arg-type]
+                        stride=stride)
+
+
 def test_learned_replay_matches_the_confidence_gate_when_it_is_one() -> None:
     """A learned gate whose log-odds is the confidence's fires exactly where the confidence gate does."""
     from shortcuts.engine.learned_gate import FEATURES, LearnedGate
-    from shortcuts.lab.agreement import Setting, replay_setting
-
     table = _tiny_table()
     w = torch.zeros(len(FEATURES) + 5)
     w[FEATURES.index("log_odds")] = 1.0
     gate = LearnedGate(w, 0.0, num_layers=6)
     for t, m, stride in ((0.5, 1, 1), (0.7, 2, 2), (0.9, 1, 3)):
-        learned = replay_setting(table, Setting("learned", t, m, stride), gate)
-        conf = replay_setting(table, Setting("confidence", t, m, stride))
+        learned = replay(table, _approximate("learned", t, m, stride), gate)
+        conf = replay(table, _approximate("confidence", t, m, stride))
         assert learned[0].equal(conf[0])
         assert learned[1].equal(conf[1])
 
@@ -172,19 +179,17 @@ def test_learned_replay_uses_the_previous_tokens_confidence_step_by_step() -> No
     """prev_confidence is the confidence that decided the previous step of the same prompt: replayed
     step by step, checked against a plain loop."""
     from shortcuts.engine.learned_gate import FEATURES, LearnedGate, build_features
-    from shortcuts.lab.agreement import Setting, replay_setting
-
     table = _tiny_table(3)
     w = torch.zeros(len(FEATURES) + 5)
     w[FEATURES.index("confidence")], w[FEATURES.index("prev_confidence")] = 4.0, -3.0
-    gate, s = LearnedGate(w, 0.0, num_layers=6), Setting("learned", 0.6, 2, 1)
-    level, picked = replay_setting(table, s, gate)
+    gate, s = LearnedGate(w, 0.0, num_layers=6), _approximate("learned", 0.6, 2, 1)
+    level, picked = replay(table, s, gate)
     used = None
     for i in range(len(table)):
         first = i % 8 == 0
         prev = table.final_conf[i] if first else used
         exit_level, pick, used = 6, table.final_top[i], table.final_conf[i]
-        for lv in s.levels(6):
+        for lv in s.check_levels(6):
             f = build_features(table.confidence[i, lv - 1], table.margin[i, lv - 1], torch.tensor(lv),
                                torch.tensor(0.0), table.delta[i, lv - 1], prev, 6)
             if lv > s.min_layer:
@@ -197,14 +202,12 @@ def test_learned_replay_uses_the_previous_tokens_confidence_step_by_step() -> No
 
 
 def test_search_ranks_by_predicted_speed_and_keeps_the_bound() -> None:
-    from shortcuts.lab.agreement import CostModel, Setting, bootstrap_lower_bound, replay_setting, search
-
     table = _tiny_table(5)
     table.top[:, 3:] = table.final_top[:, None]  # levels 4 and 5 always right
     found = search(table, 0.9, {"confidence": CostModel(check=0.1, head=2.0)}, None, (1, 2, 4), (1, 2))
     best = found["confidence"]
     assert best.predicted_speedup > 1.0
-    level, picked = replay_setting(table, Setting("confidence", best.threshold, best.min_layer, best.stride))
+    level, picked = replay(table, best.exit_settings())
     assert bootstrap_lower_bound(picked == table.final_top, table.prompt) >= 0.9
     assert best.lower_bound >= 0.9
 
@@ -215,11 +218,11 @@ def test_agreement_command_on_a_tiny_model(tiny_folder, word_corpus, tmp_path, m
     """From another working directory, plain-text and .jsonl prompts, the stored setting or the flags."""
     import json
 
-    from test_adapter import _artifact
+    from support.models import tiny_artifact
 
     from shortcuts.cli import main
 
-    jump = _artifact(make_tiny("llama")).save(tmp_path / "jump.safetensors")
+    jump = tiny_artifact(make_tiny("llama")).save(tmp_path / "jump.safetensors")
     jsonl = tmp_path / "prompts.jsonl"
     jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in word_corpus.read_text().splitlines()[:5]))
     elsewhere = tmp_path / "elsewhere"
@@ -231,7 +234,8 @@ def test_agreement_command_on_a_tiny_model(tiny_folder, word_corpus, tmp_path, m
     for key in ("agreement", "agreement_lower", "mean_exit_layer", "num_layers", "exit_rate", "ceiling_speedup",
                 "predicted_speedup", "setting"):
         assert key in out
-    assert out["setting"] == {"gate": "confidence", "threshold": 0.0, "min_layer": 1, "stride": 1}
+    keys = ("gate", "threshold", "min_layer", "stride")
+    assert {k: out["setting"][k] for k in keys} == {"gate": "confidence", "threshold": 0.0, "min_layer": 1, "stride": 1}
     assert out["exit_rate"] == 1.0  # threshold 0 exits at the first check
     assert out["mean_exit_layer"] == 1.0
     assert out["tokens"] == 4 * 5
@@ -252,11 +256,11 @@ def test_calibrate_learned_gate_and_strides_then_agreement_replays_it(tiny_folde
                                                                       make_tiny, capsys) -> None:
     import json
 
-    from test_adapter import _artifact
+    from support.models import tiny_artifact
 
     from shortcuts.cli import main
 
-    jump = _artifact(make_tiny("llama")).save(tmp_path / "jump.safetensors")
+    jump = tiny_artifact(make_tiny("llama")).save(tmp_path / "jump.safetensors")
     out = tmp_path / "calibrated.safetensors"
     args = ["calibrate", "--model", str(tiny_folder), "--jump", str(jump), "--corpus", str(word_corpus),
             "--prompts", "10", "--new-tokens", "6", "--offset", "0", "--out", str(out), "--target", "0.5",
@@ -268,18 +272,23 @@ def test_calibrate_learned_gate_and_strides_then_agreement_replays_it(tiny_folde
     assert extra["gate"]["kind"] == "learned"
     assert set(extra["calibration_search"]) == {"confidence", "entropy", "learned"}
     assert "exit_setting" not in extra
-    best = extra["calibration"]  # the best of every gate and stride: the server serves them all
+    stored = StoredCalibration.from_extra(extra).lookup("none")[0]
+    assert stored is not None
+    assert stored.approximate is not None
+    best = {**stored.approximate.to_dict(), **stored.approximate.measured}  # the best of every gate and stride
     assert best["predicted_speedup"] == max(c["predicted_speedup"] for c in extra["calibration_search"].values())
     assert main(["agreement", "--model", str(tiny_folder), "--jump", str(out), "--prompts", str(word_corpus),
                  "--max-prompts", "4", "--new-tokens", "6", "--json"]) == 0
     replayed = json.loads(capsys.readouterr().out)
-    assert replayed["setting"] == {k: best[k] for k in ("gate", "threshold", "min_layer", "stride")}
+    keys = ("gate", "threshold", "min_layer", "stride")
+    assert {k: replayed["setting"][k] for k in keys} == {k: best[k] for k in keys}
+    assert replayed["setting"]["source"] == "calibration"
 
 
 def test_article_split_never_shares_an_article(tmp_path) -> None:
     import json
 
-    from shortcuts.lab.traces import article_split
+    from shortcuts.prompts import article_split
 
     rows = [{"text": f"sentence {i} of article {i % 40}.", "title": f"A{i % 40}"} for i in range(400)]
     path = tmp_path / "wiki.jsonl"
@@ -296,12 +305,13 @@ def test_exits_ship_keeps_each_artifacts_base_model(tiny_folder, word_corpus, tm
     folder by default, whatever the traces' model), unless --base-model says otherwise."""
     import json
 
-    from test_adapter import _artifact
+    from support.models import tiny_artifact
 
     from shortcuts.adapter import CausalLM
+    from shortcuts.calibration.table import continuations
     from shortcuts.lab import exits_ship
-    from shortcuts.lab.agreement import continuations
-    from shortcuts.lab.traces import first_usable, trace_states
+    from shortcuts.lab.traces import trace_states
+    from shortcuts.prompts import first_usable
 
     lm = CausalLM.load(tiny_folder)
     prompts = first_usable(lm, word_corpus.read_text().splitlines(), 6, 3, 12)
@@ -310,13 +320,16 @@ def test_exits_ship_keeps_each_artifacts_base_model(tiny_folder, word_corpus, tm
     for split in ("fit", "val", "test", "ood"):
         traces.save(src / f"traces-{split}.safetensors")
     (src / "traces.json").write_text(json.dumps({"model": str(tiny_folder), "new_tokens": 5}))
-    art = _artifact(lm)
+    art = tiny_artifact(lm)
     art.base_model = "elsewhere/tiny-llama"
     path = art.save(tmp_path / "jump.safetensors")
     args = ["--traces", str(src), "--jumps", f"j={path}", "--gates", "confidence", "--strides", "1", "--repeats", "2"]
     exits_ship.main([*args, "--out", str(tmp_path / "a")])
     shipped = JumpArtifact.load(tmp_path / "a" / "j.safetensors")
     assert shipped.base_model == "elsewhere/tiny-llama"
-    assert shipped.extra["calibration"]["gate"] == "confidence"
+    stored = StoredCalibration.from_extra(shipped.extra).lookup("none")[0]
+    assert stored is not None
+    assert stored.approximate is not None
+    assert stored.approximate.gate == "confidence"
     exits_ship.main([*args, "--out", str(tmp_path / "b"), "--base-model", "named/here"])
     assert JumpArtifact.load(tmp_path / "b" / "j.safetensors").base_model == "named/here"

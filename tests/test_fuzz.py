@@ -23,8 +23,7 @@ import jsonschema
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from service_utils import running_server
-from test_service import tiny_settings
+from support.server import running_server, tiny_settings
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]
 EXAMPLES = int(os.environ.get("ONEJUMP_FUZZ_EXAMPLES", "250"))
@@ -42,7 +41,7 @@ TALLY: Counter[str] = Counter()
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from conftest import build_tiny
+    from support.models import build_tiny
 
     folder = tmp_path_factory.mktemp("fuzz") / "tiny-llama"
     lm = build_tiny("llama")

@@ -20,8 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 from pydantic import SecretStr
-from service_utils import running_server
-from test_service import metric, tiny_settings
+from support.server import metric, running_server, tiny_settings
 
 from service.config import Settings
 
@@ -280,12 +279,12 @@ def test_a_queued_stream_gets_headers_and_a_first_frame_at_once(tiny_model_dir: 
 # ---------------------------------------------------------------- graceful shutdown
 
 def test_draining_refuses_new_requests_with_503(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import service_utils
+    from support import server
 
     from service.app import create_app
 
     apps = []
-    monkeypatch.setattr(service_utils, "create_app", lambda s: apps.append(create_app(s)) or apps[-1])
+    monkeypatch.setattr(server, "create_app", lambda s: apps.append(create_app(s)) or apps[-1])
     with running_server(tiny_settings(tiny_model_dir)) as url:
         apps[0].state.engine.drain()  # what SIGTERM does
         err = openai_error(post(url, {"prompt": "the"}), 503)
@@ -449,7 +448,7 @@ def test_unreadable_files_are_named_before_the_model_loads(tiny_model_dir: Path,
 
 # ---------------------------------------------------------------- files the project writes
 
-def _tiny_artifact():
+def _tinytiny_artifact():
     from shortcuts.artifact import JumpArtifact
     from shortcuts.jump import JumpConfig, LowRankJumps
 
@@ -462,7 +461,7 @@ def test_written_files_are_readable_by_others(tmp_path: Path) -> None:
 
     old = os.umask(0o077)  # as strict as it gets: the writers must still share what they write
     try:
-        path = _tiny_artifact().save(tmp_path / "jumps" / "jump.safetensors")
+        path = _tinytiny_artifact().save(tmp_path / "jumps" / "jump.safetensors")
         folder = tmp_path / "model"
         (folder / "sub").mkdir(parents=True)
         (folder / "sub" / "w.safetensors").write_bytes(b"x")
@@ -477,7 +476,7 @@ def test_written_files_are_readable_by_others(tmp_path: Path) -> None:
 
 
 def test_an_unreadable_jump_says_so(shared_tmp: Path) -> None:
-    path = _tiny_artifact().save(shared_tmp / "jump.safetensors")
+    path = _tinytiny_artifact().save(shared_tmp / "jump.safetensors")
     path.chmod(0o600)
     code = ("import os; from shortcuts.artifact import JumpArtifact\n"
             f"{AS_NOBODY}try: JumpArtifact.load({str(path)!r})\n"

@@ -22,8 +22,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from service_utils import running_server
-from test_deploy import (
+from support.deploy import (
     ROOT,
     dashboard_exprs,
     needs_prometheus,
@@ -33,7 +32,7 @@ from test_deploy import (
     running_prometheus,
     wait_for,
 )
-from test_service import tiny_settings
+from support.server import running_server, tiny_settings
 
 from service.config import Settings
 

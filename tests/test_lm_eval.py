@@ -8,8 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from service_utils import running_server
-from test_service import tiny_settings
+from support.server import running_server, tiny_settings
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]
 TASKS = Path(__file__).resolve().parents[1] / "evals" / "wiki"

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from service_utils import running_server
+from support.server import running_server
 
 from loadtest.__main__ import main
 from service.config import Settings
@@ -31,7 +31,7 @@ def prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def url(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> Iterator[str]:
-    from conftest import build_tiny
+    from support.models import build_tiny
 
     folder = tmp_path_factory.mktemp("tiny") / "tiny-llama"
     lm = build_tiny("llama", layers=TINY_LAYERS)

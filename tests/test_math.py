@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from support.models import randomized
 
 from shortcuts.adapter import NormSpec
 from shortcuts.evaluate import choose, ojfa_scores, precision_at_1, surprisal
@@ -14,16 +15,6 @@ from shortcuts.jump import JumpConfig, LowRankJumps, cosine_score
 from shortcuts.train import KLToModel, MSEToFinal, TrainConfig, train_bank
 
 D, R = 16, 4
-
-
-def randomized(bank: LowRankJumps, seed: int = 0) -> LowRankJumps:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in (bank.lora_B, bank.bias, bank.bn_weight, bank.bn_bias):
-            p.copy_(torch.randn(p.shape, generator=g))
-        bank.running_mean.copy_(torch.randn(bank.running_mean.shape, generator=g))
-        bank.running_var.copy_(torch.rand(bank.running_var.shape, generator=g) + 0.5)
-    return bank.eval()
 
 
 @pytest.mark.parametrize(("rank", "form"), [(0, "pure"), (D, "pure"), (D + 3, "pure"), (-1, "residual")])

@@ -18,8 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import build_tiny
-from test_engine import fitted_jump, sharpen
+from support.models import build_tiny, fitted_jump, sharpen
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -76,7 +75,7 @@ def gen_settings(mode: str, threshold: float, kv_policy: str = "catchup", **kw: 
 
 # --- the plan, from names alone -------------------------------------------------------------------------
 def test_split_map_cuts_the_blocks_evenly_over_named_devices() -> None:
-    from conftest import tiny_config
+    from support.models import tiny_config
 
     config = tiny_config("llama", layers=5)  # untied head
     m = split_map(config, ["cuda:0", "cuda:1"])
@@ -98,7 +97,7 @@ def test_split_map_cuts_the_blocks_evenly_over_named_devices() -> None:
 
 
 def test_a_tied_head_stays_with_the_embedding_and_integers_are_cuda() -> None:
-    from conftest import tiny_config
+    from support.models import tiny_config
 
     config = tiny_config("gpt2", layers=4)  # GPT-2 ties lm_head to wte
     m = split_map(config, [0, 1])
@@ -244,6 +243,7 @@ def test_an_exited_token_reads_nothing_of_a_later_device(models: tuple[CausalLM,
     batch = dec.single
     L = split.num_layers
     seq = batch.add(split.tokenizer(PROMPTS[0]).input_ids, gen_settings(mode, 0.4, max_new_tokens=24))
+    assert [out.seq for out in batch.step()] == [seq]  # the first token's report: nothing is decoded
     table = owners(dec, batch.cache, devices)
     seen: dict[int, int] = {}
     while not seq.done:
@@ -370,14 +370,14 @@ def test_no_op_mixes_two_devices(models: tuple[CausalLM, CausalLM, LowRankJumps]
 def test_bench_takes_a_device_map(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
-    from test_adapter import _artifact
+    from support.models import tiny_artifact
 
     from shortcuts.cli import main
 
     lm = build_tiny("llama")
     lm.model.save_pretrained(tmp_path / "tiny")
     lm.tokenizer.save_pretrained(tmp_path / "tiny")
-    jump = _artifact(lm).save(tmp_path / "jump.safetensors")
+    jump = tiny_artifact(lm).save(tmp_path / "jump.safetensors")
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS[:2]) + "\n")
     assert main(["bench", "--model", str(tmp_path / "tiny"), "--jump", str(jump), "--prompts",
                  str(tmp_path / "prompts.txt"), "--new-tokens", "4", "--device-map", "cpu,cpu", "--json"]) == 0

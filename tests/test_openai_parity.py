@@ -14,8 +14,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from service_utils import running_server
-from test_service import client, tiny_settings
+from support.server import client, running_server, tiny_settings
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -52,8 +52,8 @@ def test_fit_on_real_smollm2(tmp_path: Path, smollm2: CausalLM) -> None:
 
 
 def test_real_artifact_refuses_a_tiny_model(tmp_path: Path, smollm2: CausalLM, make_tiny) -> None:
-    from test_adapter import _artifact
+    from support.models import tiny_artifact
 
-    path = _artifact(smollm2).save(tmp_path / "j.safetensors")
+    path = tiny_artifact(smollm2).save(tmp_path / "j.safetensors")
     with pytest.raises(ArtifactError, match="d=576, L=30"):
         JumpArtifact.load(path).check_model(make_tiny("llama"))

@@ -8,8 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import build_tiny
-from test_engine import fitted_jump, sharpen
+from support.models import build_tiny, fitted_jump, sharpen
 
 from shortcuts.adapter import CausalLM
 from shortcuts.engine.decoder import EarlyExitDecoder

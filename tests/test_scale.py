@@ -13,8 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_utils import running_server
-from test_service import metric, tiny_settings
+from support.server import metric, running_server, tiny_settings
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

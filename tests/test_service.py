@@ -12,40 +12,18 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr, ValidationError
-from service_utils import running_server
+from support.server import client, metric, running_server, tiny_settings
 
 from service.config import Settings, parse_args
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def tiny_settings(folder: Path, **kw) -> Settings:
-    base = {"model": str(folder), "jump": "", "device": "cpu", "exit_mode": "off", "default_max_tokens": 8,
-            "served_model_aliases": "m"}
-    return Settings(**(base | kw))
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: Path) -> Iterator[str]:
     with running_server(tiny_settings(tiny_model_dir, queue_size=4)) as url:
         yield url
-
-
-def client(url: str, key: str = "none") -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
-
-
-def metrics(url: str) -> dict[str, float]:
-    text = httpx.get(f"{url}/metrics").text
-    return {f"{s.name}{json.dumps(s.labels, sort_keys=True)}": s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def metric(url: str, name: str, **labels: str) -> float:
-    return sum(v for k, v in metrics(url).items()
-               if k.startswith(name + "{") and all(f'"{a}": "{b}"' in k for a, b in labels.items()))
 
 
 def test_completion_with_the_openai_client(server: str) -> None:

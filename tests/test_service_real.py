@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from service_utils import running_server
+from support.server import running_server
 
 from service.config import Settings
 

@@ -13,7 +13,9 @@ def test_legacy_artifact_reads_as_precision_none():
     stored = StoredCalibration.from_extra(LEGACY)
     cal, at = stored.lookup("int8")
     assert at == "none"
-    assert cal is not None and cal.approximate is not None and cal.exact is not None
+    assert cal is not None
+    assert cal.approximate is not None
+    assert cal.exact is not None
     assert (cal.approximate.threshold, cal.approximate.min_layer, cal.approximate.stride) == (0.48, 25, 3)
     assert cal.approximate.measured == {"agreement": 0.95}
     assert cal.exact.draft == "none"  # never drafting, said by name
@@ -24,7 +26,8 @@ def test_schema_round_trip_drops_legacy_keys():
         "int8", "approximate", ModeSetting(threshold=0.6, min_layer=20, stride=2))
     extra = dict(LEGACY)
     stored.to_extra(extra)
-    assert "calibration" not in extra and "calibration_exact" not in extra
+    assert "calibration" not in extra
+    assert "calibration_exact" not in extra
     again = StoredCalibration.from_extra(extra)
     assert again == stored
     assert again.lookup("int8")[0].approximate.threshold == 0.6
@@ -47,7 +50,8 @@ def test_resolve_precedence_and_provenance():
     assert (field_wise.settings.threshold, field_wise.settings.stride, field_wise.settings.min_layer) == (0.7, 1, 25)
     assert field_wise.overridden == ("stride", "threshold")
     other_gate = resolve(stored, Overrides(gate="entropy"), num_layers=30)
-    assert other_gate.source == "built-in" and other_gate.settings.min_layer == 1
+    assert other_gate.source == "built-in"
+    assert other_gate.settings.min_layer == 1
     assert other_gate.report()["measured_at"] is None
 
 

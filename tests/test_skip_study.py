@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny
-from test_engine import prompt_ids, sharpen
+from support.models import build_tiny, prompt_ids, sharpen
 
+from shortcuts.calibration.table import continuations
 from shortcuts.engine.cache import RowCall
 from shortcuts.engine.runner import LayerRunner
-from shortcuts.lab.agreement import continuations
 from shortcuts.lab.skip_study import SkipBench, oracles
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -8,8 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from service_utils import running_server
-from test_service import tiny_settings
+from support.server import running_server, tiny_settings
 
 from loadtest.soak import main, slope_per_min
 

@@ -13,7 +13,9 @@ from shortcuts.calibration.setting import (
     Resolved,
     StoredCalibration,
     resolve,
+    resolve_modes,
 )
 
 __all__ = ["PRECISIONS", "ModeSetting", "Overrides", "PrecisionCalibration", "Resolved", "StoredCalibration",
-           "resolve"]
+           "resolve",
+           "resolve_modes"]

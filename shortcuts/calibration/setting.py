@@ -42,6 +42,7 @@ from shortcuts.engine.settings import (
 SCHEMA = 1
 KEY = "exit"
 PRECISIONS = QUANTIZATIONS
+DENSE: Quantization = "none"  # the model's own dtype: the precision the commands measure and run at
 BUILTIN_THRESHOLD: dict[str, float] = {"confidence": 0.9, "learned": 0.9, "entropy": 0.5, "patience": 0.9}
 Source = Literal["calibration", "built-in"]
 
@@ -139,9 +140,9 @@ class StoredCalibration:
         """Read an artifact's ``extra``: the schema, or the keys written before it (precision "none")."""
         if KEY in extra:
             data = extra[KEY]
-            if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-                raise ValueError(f"extra[{KEY!r}] has schema {data.get('schema') if isinstance(data, dict) else None!r};"
-                                 f" this release reads schema {SCHEMA}")
+            schema = data.get("schema") if isinstance(data, dict) else None
+            if schema != SCHEMA:
+                raise ValueError(f"extra[{KEY!r}] has schema {schema!r}; this release reads schema {SCHEMA}")
             return cls({str(p): PrecisionCalibration.from_dict(c) for p, c in data.get("by_precision", {}).items()})
         approximate = _legacy(extra.get("calibration"), exact=False)
         exact = _legacy(extra.get("calibration_exact"), exact=True)
@@ -209,8 +210,8 @@ class Resolved:
                 "overridden": list(self.overridden)}
 
 
-def resolve(stored: StoredCalibration | None, overrides: Overrides, num_layers: int, precision: Quantization | str = "none",
-            default_mode: Mode = "approximate") -> Resolved:
+def resolve(stored: StoredCalibration | None, overrides: Overrides, num_layers: int,
+            precision: Quantization | str = "none", default_mode: Mode = "approximate") -> Resolved:
     """The exit setting a mode runs with (see the module docstring for the precedence); ValueError
     for fields the engine would refuse, or levels outside a model of ``num_layers`` layers."""
     if precision not in PRECISIONS:
@@ -234,3 +235,11 @@ def resolve(stored: StoredCalibration | None, overrides: Overrides, num_layers: 
     if mode != "off":
         settings.check_levels(num_layers)
     return Resolved(settings, source, measured_at, str(precision), tuple(sorted(given)))
+
+
+def resolve_modes(stored: StoredCalibration | None, overrides: Overrides, num_layers: int,
+                  precision: Quantization | str = "none") -> dict[Mode, Resolved]:
+    """Approximate and exact mode's settings for these overrides, each as a request in that mode runs
+    it: what ``/v1/models/{id}``, ``onejump bench`` and ``onejump agreement`` report."""
+    modes: tuple[Mode, ...] = ("approximate", "exact")
+    return {m: resolve(stored, overrides, num_layers, precision, default_mode=m) for m in modes}

@@ -17,27 +17,47 @@ would decode it alone, up to float rounding of batched matrix products:
 - exact (self-speculative): drafts are exits; a step that goes to full depth verifies the row's
   caught-up drafts with the full head on all of its tokens and crops the row on a rejection.
 
-Continuous: ``add`` prefills a new prompt on its own (a batch of one, in its slot) and emits its
-first token; the sequence joins the next ``step``. Finished or cancelled sequences leave and
-free their slot for the next ``add``.
+Continuous: ``add`` prefills a new prompt on its own (a batch of one, in its slot) and picks its
+first token; the sequence joins the token steps after that. Tokens and finishes reach the caller by
+one route, ``step``'s ``SequenceOutput``s: the next ``step`` after an ``add`` reports the new
+sequences' first tokens (before anything else is computed, so a first token is never held back by
+the others' step), every other ``step`` decodes one token for every running sequence and reports
+that. Finished or cancelled sequences leave and free their slot for the next ``add``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
+from shortcuts.adapter import CausalLM
 from shortcuts.engine.cache import RowCall
-from shortcuts.engine.exit_head import confidence_and_top, entropy, top_and_confidence
-from shortcuts.engine.sequence import Generation, OnToken, Pending, SequenceRun
+from shortcuts.engine.exit_head import ExitHead, confidence_and_top, entropy, to_host
+from shortcuts.engine.graphs import Checked, ExitCheck
+from shortcuts.engine.learned_gate import LearnedGate, gate_features
+from shortcuts.engine.runner import LayerRunner
+from shortcuts.engine.sequence import Generation, Pending, SequenceOutput, SequenceRun
 from shortcuts.engine.settings import GenerationSettings
 
-if TYPE_CHECKING:
-    from shortcuts.engine.decoder import EarlyExitDecoder
+
+class Model(Protocol):
+    """What a batch decodes with: the model-facing half of ``EarlyExitDecoder`` (its runner, exit head,
+    learned gate and checks), which builds batches of itself."""
+
+    lm: CausalLM
+    runner: LayerRunner
+    num_layers: int
+    exit_head: ExitHead
+    learned_gate: LearnedGate | None
+    eos_ids: tuple[int, ...]
+
+    def check_prompt(self, prompt_ids: list[int]) -> None: ...
+
+    def check_settings(self, settings: GenerationSettings) -> None: ...
 
 
 @dataclass
@@ -73,7 +93,7 @@ class BatchDecoder:
     Shares the model, runner and exit head of ``decoder``. Use ``add`` / ``step`` / ``cancel``
     for continuous batching, or ``generate`` to run a list of prompts to completion."""
 
-    def __init__(self, decoder: EarlyExitDecoder, max_batch_size: int = 8):
+    def __init__(self, decoder: Model, max_batch_size: int = 8):
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"{max_batch_size=} must be an integer >= 1")
         self.decoder = decoder
@@ -84,6 +104,7 @@ class BatchDecoder:
         self.max_batch_size = max_batch_size
         self.cache = self.runner.new_cache(max_batch_size)
         self.slots: list[SequenceRun | None] = [None] * max_batch_size
+        self._added: list[SequenceRun] = []  # added since the last ``step``: their first token is unreported
 
     # --- public API ------------------------------------------------------------------------------
     @property
@@ -100,10 +121,10 @@ class BatchDecoder:
 
     @torch.inference_mode()
     def add(self, prompt_ids: Sequence[int], settings: GenerationSettings | None = None,
-            on_token: OnToken | None = None, forced: list[int] | None = None) -> SequenceRun:
-        """Prefill a prompt in a free slot and emit its first token; it decodes from the next ``step``.
-        A sequence done at once (one token, or a stop token) frees its slot before returning.
-        ``forced``: teacher forcing (see ``SequenceRun``)."""
+            forced: list[int] | None = None) -> SequenceRun:
+        """Prefill a prompt in a free slot and pick its first token (the next ``step`` reports it); the
+        sequence decodes in the steps after. A sequence done at once (one token, or a stop token)
+        frees its slot before returning. ``forced``: teacher forcing (see ``SequenceRun``)."""
         settings = settings or GenerationSettings()
         ids = [int(t) for t in prompt_ids]
         self.decoder.check_prompt(ids)
@@ -113,22 +134,31 @@ class BatchDecoder:
         row = self.slots.index(None)
         dec = self.decoder
         seq = SequenceRun(row, len(ids), settings, self.num_layers, self.runner.context_length, dec.eos_ids,
-                          dec.lm.device, on_token, forced, prompt=ids)
+                          dec.lm.device, forced, prompt=ids)
         self.cache.reset_row(row)
         logits = self._prefill(row, ids)
-        if not seq.emit(seq.pick_full(logits, top_and_confidence(logits[None])[0])):
+        if not seq.emit(seq.pick_full(logits, to_host(*confidence_and_top(logits[None]))[0])):
             self.slots[row] = seq
+        self._added.append(seq)
         return seq
 
     def cancel(self, seq: SequenceRun) -> None:
-        """Stop a sequence (finish reason "abort" unless it had finished) and free its slot."""
+        """Stop a sequence (finish reason "abort" unless it had finished) and free its slot; ``step``
+        reports nothing more of it."""
         if seq.finish is None:
             seq.finish = "abort"
         self._release(seq)
+        if seq in self._added:
+            self._added.remove(seq)
 
     @torch.inference_mode()
-    def step(self) -> list[SequenceRun]:
-        """One token step for every running sequence; returns the ones that finished (slots freed)."""
+    def step(self) -> list[SequenceOutput]:
+        """What is new, per sequence: after ``add``, the added sequences' first tokens (nothing is
+        decoded then); else one token step for every running sequence, whose new tokens and finishes
+        it reports (finished sequences have freed their slots)."""
+        if self._added:
+            added, self._added = self._added, []
+            return [out for s in added if (out := s.report()) is not None]
         seqs = self.running
         if not seqs:
             return []
@@ -136,10 +166,10 @@ class BatchDecoder:
             s.begin_step()
         exits = self._climb(self._start(seqs))
         self._fill_copies(exits)
-        done = [s for s in seqs if s.done]
-        for s in done:
-            self._release(s)
-        return done
+        for s in seqs:
+            if s.done:
+                self._release(s)
+        return [out for s in seqs if (out := s.report()) is not None]
 
     def generate(self, prompts: Sequence[Sequence[int]],
                  settings: GenerationSettings | Sequence[GenerationSettings] | None = None) -> list[Generation]:
@@ -149,7 +179,7 @@ class BatchDecoder:
         if len(settings) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(settings)} settings")
         seqs: list[SequenceRun] = []
-        while len(seqs) < len(prompts) or self.running:
+        while len(seqs) < len(prompts) or self.running or self._added:
             while len(seqs) < len(prompts) and self.free_slots:
                 seqs.append(self.add(prompts[len(seqs)], settings[len(seqs)]))
             self.step()
@@ -160,10 +190,6 @@ class BatchDecoder:
                waiting: list[int]) -> _Group:
         return _Group(seqs, h, counts, starts, waiting, RowCall([s.row for s in seqs], starts, counts, h.shape[1],
                                                                 h.device))
-
-    def _block(self, layer: int, g: _Group) -> None:
-        """Run block ``layer`` on the group's rows, appending their keys/values."""
-        g.h = self.runner.block(layer, g.h, g.call, self.cache)
 
     def _prefill(self, row: int, ids: list[int]) -> Tensor:
         """The prompt through every block in its own row (a batch of one); the last logits (V,)."""
@@ -182,24 +208,46 @@ class BatchDecoder:
         h = self.runner.embed_rows(ids, torch.tensor(starts).unsqueeze(1))
         return self._group(seqs, h, [1] * len(seqs), starts, [len(s.pending) for s in seqs])
 
-    def _climb(self, g: _Group | None) -> list[_Exit]:
-        """Blocks 1..L for the rows still climbing; returns the copy-policy exits to fill."""
+    def _climb(self, g: _Group) -> list[_Exit]:
+        """Blocks 1..L for the rows still climbing, a run of blocks at a time (``runner.segment``) from one
+        event to the next: a level where a row checks its gate, or where pending tokens join. Returns the
+        copy-policy exits to fill."""
         copies: list[_Exit] = []
-        learned = g is not None and self.learned is not None and any(s.settings.exit.gate == "learned" for s in g.seqs)
-        for i in range(self.num_layers):
-            assert g is not None
+        learned = self.learned is not None and any(s.settings.exit.gate == "learned" for s in g.seqs)
+        i = 0
+        while True:
             g = self._join(g, i)
+            end = i + 1 if learned else self._next_event(g, i)
             h_in = g.last if learned else None  # the learned gate's feature: the state before the block
-            self._block(i, g)
+            rows = [j for j, s in enumerate(g.seqs) if s.checks(end)] if end < self.num_layers else []
+            checked = None
+            if rows and not learned:  # the check runs with the segment (in its graph, when it is one)
+                check = ExitCheck(self.exit_head.levels[end], end, rows, [c - 1 for c in g.counts])
+                g.h, checked = self.runner.checked_segment(i, end, g.h, g.call, self.cache, check)
+            else:
+                g.h = self.runner.segment(i, end, g.h, g.call, self.cache)
             for s, c in zip(g.seqs, g.counts, strict=True):
-                s.stats.layers_computed += c
-            if i + 1 < self.num_layers:
-                g = self._check_exits(g, i + 1, copies, h_in)
-                if g is None:
-                    return copies
-        assert g is not None
+                s.stats.layers_computed += c * (end - i)
+            i = end
+            if i == self.num_layers:
+                break
+            left = self._check_exits(g, i, copies, h_in, checked)
+            if left is None:
+                return copies
+            g = left
         self._top(g)
         return copies
+
+    def _next_event(self, g: _Group, i: int) -> int:
+        """The first level after ``i`` where a row of the group checks its gate or a pending token of a
+        row joins (pending levels never increase with position: the last not yet joined joins first), else L."""
+        end = self.num_layers
+        for s, w in zip(g.seqs, g.waiting, strict=True):
+            if s.check:
+                end = min(end, s.next_check(i))
+            if w:
+                end = min(end, s.pending[w - 1].level)
+        return end
 
     def _join(self, g: _Group, layer: int) -> _Group:
         """Prepend to each row its pending tokens whose next block is ``layer``."""
@@ -221,17 +269,23 @@ class BatchDecoder:
         waiting = [w - n for w, n in zip(g.waiting, joined, strict=True)]
         return self._group(g.seqs, h, counts, starts, waiting)
 
-    def _check_exits(self, g: _Group, level: int, copies: list[_Exit], h_in: Tensor | None) -> _Group | None:
+    def _check_exits(self, g: _Group, level: int, copies: list[_Exit], h_in: Tensor | None,
+                     checked: Checked | None = None) -> _Group | None:
         """Gate the rows that check ``level``; the ones that leave are handed their exit and dropped.
-        ``h_in``: each row's newest state before the block (the learned gate's feature), or None."""
+        ``h_in``: each row's newest state before the block (the learned gate's feature), or None;
+        ``checked``: the exit head's outputs for those rows when the segment computed them."""
         idx = [j for j, s in enumerate(g.seqs) if s.checks(level)]
         if not idx:
             return g
-        h = g.last[idx]
-        logits = self.exit_head(h, level)  # (m, V)
         seqs = [g.seqs[j] for j in idx]
-        score = None if h_in is None else self._learned_scores(seqs, logits, level, h, h_in[idx])
-        leave = self._gates(seqs, logits, score)
+        if checked is None:
+            h = g.last[idx]
+            logits = self.exit_head(h, level)  # (m, V)
+            score = None if h_in is None else self._learned_scores(seqs, logits, level, h, h_in[idx])
+            leave = self._gates(seqs, logits, score)
+        else:
+            logits = checked.logits
+            leave = self._gates(seqs, logits, None, (checked.conf, checked.top))
         if not any(x is not None for x in leave):
             return g
         for k, (j, top) in enumerate(zip(idx, leave, strict=True)):
@@ -247,20 +301,18 @@ class BatchDecoder:
         """The learned gate's score of every checked row (m,), or None when no row uses it."""
         if self.learned is None or not any(s.settings.exit.gate == "learned" for s in seqs):
             return None
-        from shortcuts.engine.learned_gate import gate_features
-
         dev = logits.device
         prev_top = torch.tensor([-1 if s.check_top is None else s.check_top for s in seqs], device=dev)
         prev_conf = torch.tensor([s.prev_confidence for s in seqs], device=dev)
         features, _, _ = gate_features(logits, level, self.num_layers, h.to(dev), h_in.to(dev), prev_top, prev_conf)
         return self.learned.score(features)
 
-    def _gates(self, seqs: list[SequenceRun], logits: Tensor,
-               score: Tensor | None = None) -> list[tuple[int, float] | None]:
+    def _gates(self, seqs: list[SequenceRun], logits: Tensor, score: Tensor | None = None,
+               conf_top: tuple[Tensor, Tensor] | None = None) -> list[tuple[int, float] | None]:
         """Each sequence's gate on its row of exit logits; (top-1, confidence) of those that leave, else None.
         The rows' max-probability, top-1 (entropy, learned score) cross to the host together: one
-        sync per check."""
-        conf, top = confidence_and_top(logits)
+        sync per check. ``conf_top``: max-probability and top-1 already computed (a fused check)."""
+        conf, top = confidence_and_top(logits) if conf_top is None else conf_top
         columns = [conf, top.to(conf.dtype)]
         columns.append(entropy(logits) if any(s.settings.exit.gate == "entropy" for s in seqs) else conf)
         columns.append(conf if score is None else score.to(conf))
@@ -298,7 +350,7 @@ class BatchDecoder:
             toks += list(range(first, g.counts[j]))
         dev = g.h.device
         logits = self.runner.full_logits(g.h[torch.tensor(rows, device=dev), torch.tensor(toks, device=dev)])
-        tops = top_and_confidence(logits)  # one sync for every row of the step
+        tops = to_host(*confidence_and_top(logits))  # one sync for every row of the step
         for j, (s, (a, b)) in enumerate(zip(g.seqs, spans, strict=True)):
             assert g.waiting[j] == 0
             s.reached_top(logits[a:b], tops[a:b], g.starts[j])
@@ -326,6 +378,6 @@ class BatchDecoder:
             e.seq.stats.kv_fills += self.num_layers - e.level
 
     def _release(self, seq: SequenceRun) -> None:
-        """Free the slot; the row's keys stay readable (``EarlyExitDecoder.state``) until the next ``add``."""
+        """Free the slot; the row's keys stay in ``cache`` (readable for inspection) until the next ``add``."""
         if 0 <= seq.row < len(self.slots) and self.slots[seq.row] is seq:
             self.slots[seq.row] = None

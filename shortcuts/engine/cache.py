@@ -70,13 +70,17 @@ class KVCache:
     """Zeroed buffers (rows, H_kv, capacity, D) per layer; ``lengths[layer][row]`` positions are valid."""
 
     def __init__(self, num_layers: int, num_rows: int, capacity: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, devices: Sequence[torch.device | str]):
-        if min(num_layers, num_rows, capacity, kv_heads, head_dim) <= 0:
-            raise ValueError(f"{num_layers=}, {num_rows=}, {capacity=}, {kv_heads=} and {head_dim=} must be positive")
+                 dtype: torch.dtype, devices: Sequence[torch.device | str], slack: int = 0):
+        if min(num_layers, num_rows, capacity, kv_heads, head_dim) <= 0 or slack < 0:
+            raise ValueError(f"{num_layers=}, {num_rows=}, {capacity=}, {kv_heads=} and {head_dim=} must be positive, "
+                             f"{slack=} >= 0")
         if len(devices) != num_layers:
             raise ValueError(f"one device per layer: {len(devices)} devices for {num_layers} layers")
         self.num_layers, self.num_rows, self.capacity = num_layers, num_rows, capacity
-        shape = (num_rows, kv_heads, capacity, head_dim)
+        # static-shape segments (``graphs``): a spare row for padding rows, ``slack`` positions for padding tokens
+        self.slack = slack
+        self.spare_row: int | None = num_rows if slack else None
+        shape = (num_rows + (1 if slack else 0), kv_heads, capacity + slack, head_dim)
         with torch.inference_mode(False):  # ordinary tensors wherever the cache is made (one compiled graph)
             self.keys = [torch.zeros(shape, dtype=dtype, device=dev) for dev in devices]
             self.values = [torch.zeros(shape, dtype=dtype, device=dev) for dev in devices]

@@ -24,53 +24,25 @@ checks) and decodes a single sequence as a batch of one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
 
 from shortcuts.adapter import CausalLM
 from shortcuts.engine.batch import BatchDecoder
-from shortcuts.engine.cache import KVCache, RowCall
 from shortcuts.engine.exit_head import ExitHead
 from shortcuts.engine.runner import LayerRunner, SelfCheck
 from shortcuts.engine.sampling import TopLogprobs
-from shortcuts.engine.sequence import Generation, OnToken, Pending, SequenceRun, Stats, TokenTrace
+from shortcuts.engine.sequence import Generation, SequenceRun, Stats, TokenTrace
 from shortcuts.engine.settings import GenerationSettings, Quantization
 from shortcuts.jump import LowRankJumps
 
 if TYPE_CHECKING:
     from shortcuts.engine.learned_gate import LearnedGate
 
-__all__ = ["DecodeState", "EarlyExitDecoder", "Generation", "Stats", "TokenTrace"]
+__all__ = ["EarlyExitDecoder", "Generation", "Stats", "TokenTrace"]
 
 DEFAULT_MAX_SEQ_LEN = 2048
-
-
-@dataclass
-class DecodeState:
-    """A finished sequence's row of the cache, for inspection: fed tokens and pending tokens."""
-
-    cache: KVCache
-    seq: SequenceRun
-
-    @property
-    def length(self) -> int:
-        return self.seq.length
-
-    @property
-    def pending(self) -> list[Pending]:
-        return self.seq.pending
-
-    def missing(self, layer: int) -> int:
-        return self.seq.missing(layer)
-
-    def layer_kv(self, layer: int) -> tuple[Tensor, Tensor]:
-        return self.cache.row_kv(layer, self.seq.row)
-
-    def layer_length(self, layer: int) -> int:
-        return self.cache.length(layer, self.seq.row)
 
 
 class EarlyExitDecoder:
@@ -80,15 +52,16 @@ class EarlyExitDecoder:
     the positions the static KV caches hold (default: the model's context, at most 2048).
     ``check`` compares the layer-by-layer pass with the model's own logits first (``LayerRunner.self_check``,
     its figures in ``self_check``); ``compile`` runs the blocks under ``torch.compile``
-    (``runner.compiled_block``), compiled here. ``quantization``: the weight format of every matrix
-    (``weights``; the exit head's included); ``dtype``: the blocks' activations (default: the format's compute
-    dtype, bf16 for int8/int4). ``release``: free the model's own copies of the matrices the
-    engine holds (``LayerRunner.release_model_weights``): the model's ``forward`` no longer works after."""
+    (``runner.compiled_block``), compiled here; ``graphs`` runs runs of blocks at static shapes, as CUDA
+    graphs on a GPU (``graphs.SegmentGraphs``; "auto": on a GPU only). ``quantization``: the weight format
+    of every matrix (``weights``; the exit head's included); ``dtype``: the blocks' activations and KV cache
+    (default: the model's). ``release``: free the model's own copies of the matrices the engine holds
+    (``LayerRunner.release_model_weights``): the model's ``forward`` no longer works after."""
 
     def __init__(self, lm: CausalLM, jump: LowRankJumps | None = None, max_seq_len: int | None = None,
                  check: bool = True, compile: bool = False, learned_gate: LearnedGate | None = None,
-                 quantization: Quantization = "none", release: bool = False, bnb_4bit_type: str = "nf4",
-                 dtype: torch.dtype | None = None):
+                 graphs: bool | str = "auto", quantization: Quantization = "none", release: bool = False,
+                 bnb_4bit_type: str = "nf4", dtype: torch.dtype | None = None):
         self.lm = lm
         if learned_gate is not None and learned_gate.num_layers != lm.num_layers:
             raise ValueError(f"the learned gate is for {learned_gate.num_layers} layers, the model has {lm.num_layers}")
@@ -97,6 +70,8 @@ class EarlyExitDecoder:
                                   dtype=dtype, bnb_4bit_type=bnb_4bit_type)
         self.compile_seconds = self.runner.warm_up() if compile else 0.0
         self.self_check: SelfCheck | None = self.runner.self_check() if check else None
+        if graphs is True or (graphs == "auto" and lm.device.type == "cuda" and not compile):
+            self.runner.use_graphs(max_rows=64)
         self.num_layers = lm.num_layers
         self.exit_head = ExitHead(lm, jump, self.runner)
         if release:
@@ -130,20 +105,16 @@ class EarlyExitDecoder:
         return self.runner.quantization
 
     # --- public API ------------------------------------------------------------------------------
-    def generate(self, prompt_ids: list[int], settings: GenerationSettings | None = None,
-                 on_token: OnToken | None = None) -> Generation:
-        """Continue ``prompt_ids``; see ``GenerationSettings`` and ``ExitSettings``. ``on_token`` sees
-        each token as it is decided; returning False stops generation (finish_reason "abort")."""
-        return self.generate_with_state(prompt_ids, settings, on_token)[0]
+    def generate(self, prompt_ids: list[int], settings: GenerationSettings | None = None) -> Generation:
+        """Continue ``prompt_ids``; see ``GenerationSettings`` and ``ExitSettings``. (To see tokens as
+        they come, or to stop early: ``batch`` and its ``step`` outputs, as the server does.)"""
+        return self._alone(self.single.add(prompt_ids, settings)).generation
 
-    def generate_with_state(self, prompt_ids: list[int], settings: GenerationSettings | None = None,
-                            on_token: OnToken | None = None) -> tuple[Generation, DecodeState]:
-        """``generate``, also returning the decode state (the row's KV cache, pending tokens)."""
-        batch = self.single
-        seq = batch.add(prompt_ids, settings, on_token)
-        while not seq.done:
-            batch.step()
-        return seq.generation, DecodeState(batch.cache, seq)
+    def _alone(self, seq: SequenceRun) -> SequenceRun:
+        """Step the batch of one until ``seq``'s finish is reported."""
+        while not any(out.finish is not None for out in self.single.step()):
+            pass
+        return seq
 
     def follow(self, prompt_ids: list[int], continuation: list[int],
                settings: GenerationSettings | None = None) -> list[TokenTrace]:
@@ -154,11 +125,7 @@ class EarlyExitDecoder:
         if settings.exit.mode == "exact":
             raise ValueError("follow() replays modes 'off' and 'approximate'; exact mode always agrees")
         self.check_prompt(prompt_ids + continuation[:-1])
-        batch = self.single
-        seq = batch.add(prompt_ids, settings, forced=list(continuation))
-        while not seq.done:
-            batch.step()
-        return seq.picked[1:]
+        return self._alone(self.single.add(prompt_ids, settings, forced=list(continuation))).picked[1:]
 
     @torch.inference_mode()
     def score(self, prompt_ids: list[int], top_n: int = 0) -> list[tuple[float, TopLogprobs]]:
@@ -176,27 +143,6 @@ class EarlyExitDecoder:
         top = lp.topk(min(top_n, lp.shape[-1]), dim=-1)
         pairs = [tuple(zip(i, v, strict=True)) for i, v in zip(top.indices.tolist(), top.values.tolist(), strict=True)]
         return list(zip(chosen, pairs, strict=True))
-
-    @torch.inference_mode()
-    def flush(self, state: DecodeState) -> None:
-        """Run every pending token through the blocks it skipped, so all layers cover all tokens."""
-        seq, pending = state.seq, state.seq.pending
-        if not pending:
-            return
-        h: Tensor | None = None
-        joined = 0  # the last ``joined`` pending tokens are in h
-        for i in range(pending[-1].level, self.num_layers):
-            k = len(pending) - joined
-            while k and pending[k - 1].level == i:  # levels never increase with position: a suffix joins
-                k -= 1
-            if k < len(pending) - joined:
-                new = torch.cat([p.h for p in pending[k : len(pending) - joined]]).unsqueeze(0)  # (1, m, d)
-                h = new if h is None else torch.cat([new, h], dim=1)
-                joined = len(pending) - k
-            assert h is not None
-            call = RowCall([seq.row], [seq.length - joined], [joined], joined, h.device)
-            h = self.runner.block(i, h, call, state.cache)
-        pending.clear()
 
     def check_settings(self, settings: GenerationSettings) -> None:
         """ValueError for settings this decoder cannot honour: exit levels outside the model, a

@@ -227,26 +227,17 @@ class ExitHead:
         return head(h.to(head.device, torch.float32))
 
 
-def max_probability(logits: Tensor) -> float:
-    """max softmax(logits) for one row (V,), as 1 / sum exp(l - max l): two passes over V, no
-    normalised copy and no arg-max (a third of the cost of softmax(...).max(-1) on a CPU)."""
-    logits = logits.float()
-    return float(1.0 / torch.exp(logits - logits.max()).sum())
-
-
-def top_and_confidence(logits: Tensor) -> list[tuple[int, float]]:
-    """Top-1 token and max softmax probability of each row of (n, V) logits, brought to the host
-    together: one device sync for all rows."""
-    conf, top = confidence_and_top(logits)
-    return [(int(t), c) for t, c in torch.stack([top.to(conf.dtype), conf], dim=1).tolist()]
-
-
 def confidence_and_top(logits: Tensor) -> tuple[Tensor, Tensor]:
     """Max softmax probability and top-1 of each row of (n, V) logits, on their device:
-    1 / sum exp(l - max l), no normalised copy."""
+    1 / sum exp(l - max l), no normalised copy (the one place the engine computes a max probability)."""
     logits = logits.float()
     top_logit, top = logits.max(-1)
     return 1.0 / torch.exp(logits - top_logit[:, None]).sum(-1), top
+
+
+def to_host(conf: Tensor, top: Tensor) -> list[tuple[int, float]]:
+    """(top-1, max probability) of each row, brought to the host together: one device sync for all rows."""
+    return [(int(t), c) for t, c in torch.stack([top.to(conf.dtype), conf], dim=1).tolist()]
 
 
 def entropy(logits: Tensor) -> Tensor:
@@ -266,16 +257,6 @@ class ExitGate:
     def reset(self) -> None:
         """Call before each token's forward pass (patience counts within one token)."""
         self._last_top, self._streak = None, 0
-
-    def __call__(self, logits: Tensor) -> tuple[bool, float]:
-        """logits (V,) of the exit head -> (exit?, confidence = max softmax probability)."""
-        gate = self.settings.gate
-        if gate == "confidence":
-            confidence = max_probability(logits)
-            return self.decide(confidence), confidence
-        conf, top = torch.softmax(logits.float(), dim=-1).max(-1)
-        ent = float(entropy(logits)) if gate == "entropy" else None
-        return self.decide(float(conf), int(top), ent), float(conf)
 
     def decide(self, confidence: float, top: int | None = None, ent: float | None = None,
                score: float | None = None) -> bool:

@@ -38,6 +38,8 @@ from shortcuts.engine.blocks import (
     rope_tables,
 )
 from shortcuts.engine.cache import KVCache, RowCall
+from shortcuts.engine.exit_head import confidence_and_top
+from shortcuts.engine.graphs import SLACK, Checked, ExitCheck, SegmentGraphs
 from shortcuts.engine.settings import Quantization
 from shortcuts.engine.weights import Dense, Linear, head_format, prepare_linear
 from shortcuts.errors import UnsupportedModelError
@@ -130,9 +132,10 @@ class LayerRunner:
         self.head: Linear = prepare_linear(head.weight, getattr(head, "bias", None), head_format(quantization),
                                            head.weight.device, pack=not compile, bnb_4bit_type=bnb_4bit_type,
                                            dtype=self.dtype if quantization == "none" else None)
-        self._block_fn: Callable[..., Tensor] = compiled_block() if compile else block_forward
+        self.block_fn: Callable[..., Tensor] = compiled_block() if compile else block_forward
         self._head_fn: Callable[[Norm, Linear, Tensor], Tensor] = compiled_head() if compile else head_forward
         self.released = False
+        self.graphs: SegmentGraphs | None = None  # static-shape segments (``use_graphs``)
 
     @property
     def weights_bytes(self) -> int:
@@ -146,10 +149,17 @@ class LayerRunner:
                     total += lin.nbytes
         return total + self.head.nbytes
 
+    def use_graphs(self, max_rows: int, capture: bool | None = None) -> None:
+        """Run runs of blocks at static shapes (``graphs.SegmentGraphs``), captured as CUDA graphs when the
+        blocks are on a GPU (``capture`` None) or eagerly (the CPU, and the tests)."""
+        if capture is None:
+            capture = all(d.type == "cuda" for d in self.blocks.devices)
+        self.graphs = SegmentGraphs(self, capture, max_rows)
+
     def new_cache(self, rows: int = 1, capacity: int | None = None) -> KVCache:
         b = self.blocks
         return KVCache(self.num_layers, rows, capacity or self.context_length, b.num_kv_heads, b.head_dim,
-                       self.dtype, b.devices)
+                       self.dtype, b.devices, slack=SLACK if self.graphs is not None else 0)
 
     # --- embedding ----------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -189,8 +199,36 @@ class LayerRunner:
         h, call = h.to(dev), call.moved(dev)
         k_buf, v_buf = cache.claim(i, call)
         cos, sin = self._rotary(i, call, dev)
-        return self._block_fn(self.blocks.geometry, self.blocks.weights[i], h, k_buf, v_buf, call.rows_t,
-                              call.positions, call.kv_len, cos, sin, call.mask(self.windows[i]))
+        return self.block_fn(self.blocks.geometry, self.blocks.weights[i], h, k_buf, v_buf, call.rows_t,
+                             call.positions, call.kv_len, cos, sin, call.mask(self.windows[i]))
+
+    @torch.inference_mode()
+    def segment(self, first: int, last: int, h: Tensor, call: RowCall, cache: KVCache) -> Tensor:
+        """Blocks first..last-1 on states h (n, q, d) of the call's rows: as one static-shape segment
+        (a replayed CUDA graph on a GPU) when ``use_graphs`` is on and the call fits, else block by block."""
+        graphs = self.graphs
+        if graphs is not None and graphs.supports(first, last, h, call, cache):
+            dev = self.blocks.devices[first]
+            return graphs.run(first, last, h.to(dev), call.moved(dev), cache)
+        for i in range(first, last):
+            h = self.block(i, h, call, cache)
+        return h
+
+    @torch.inference_mode()
+    def checked_segment(self, first: int, last: int, h: Tensor, call: RowCall, cache: KVCache,
+                        check: ExitCheck) -> tuple[Tensor, Checked]:
+        """``segment``, then the exit check at level ``last`` on the newest state of the rows ``check.rows``:
+        fused into the segment's graph when it runs as one (no launches of its own), else right after."""
+        graphs = self.graphs
+        if graphs is not None and graphs.supports(first, last, h, call, cache, check.head):
+            dev = self.blocks.devices[first]
+            return graphs.run_checked(first, last, h.to(dev), call.moved(dev), cache, check)
+        h = self.segment(first, last, h, call, cache)
+        rows = torch.tensor(check.rows, device=h.device)
+        newest = torch.tensor([check.last[j] for j in check.rows], device=h.device)
+        logits = check.head(h[rows, newest].to(check.head.device, torch.float32))
+        conf, top = confidence_and_top(logits)
+        return h, Checked(logits, conf, top)
 
     @torch.inference_mode()
     def fill_kv(self, i: int, h: Tensor, call: RowCall, cache: KVCache) -> None:
@@ -246,6 +284,9 @@ class LayerRunner:
             h = self.embed_rows(torch.ones(len(call.rows), call.q, dtype=torch.long), call.positions.cpu())
             for i in range(self.num_layers):
                 h = self.block(i, h, call, cache)
+            self.full_logits(h[0, -1])  # the head: a prefill's last token, every row's newest, a verified chunk
+            self.full_logits(h[:, -1])
+            self.full_logits(h[0])
         return time.perf_counter() - t0
 
     @torch.inference_mode()

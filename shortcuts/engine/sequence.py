@@ -9,7 +9,7 @@ is a batch of one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -30,8 +30,7 @@ from shortcuts.engine.sampling import (
 from shortcuts.engine.settings import GenerationSettings
 
 TokenKind = Literal["full", "exited", "accepted", "corrected"]
-FinishReason = Literal["length", "stop", "abort"]  # abort: the on_token callback asked to stop
-OnToken = Callable[["TokenTrace"], bool]
+FinishReason = Literal["length", "stop", "abort"]  # abort: cancelled (``BatchDecoder.cancel``)
 
 
 @dataclass(frozen=True)
@@ -85,6 +84,21 @@ class Generation:
         return sum(t.exit_layer for t in self.trace) / max(len(self.trace), 1)
 
 
+@dataclass(frozen=True)
+class SequenceOutput:
+    """What one sequence produced since its last report (``BatchDecoder.step``): its new tokens, in
+    order, and how it finished once it is over (it has then left the batch)."""
+
+    seq: SequenceRun
+    tokens: tuple[TokenTrace, ...]
+    finish: FinishReason | None
+
+    @property
+    def generation(self) -> Generation:
+        """The sequence's whole output so far."""
+        return self.seq.generation
+
+
 @dataclass
 class Pending:
     """A token that left early and still owes blocks level+1..L their keys/values (catch-up)."""
@@ -112,8 +126,8 @@ class SequenceRun:
 
     def __init__(self, row: int, prompt_len: int, settings: GenerationSettings, num_layers: int,
                  context_length: int, eos_ids: tuple[int, ...], device: str | torch.device = "cpu",
-                 on_token: OnToken | None = None, forced: list[int] | None = None, prompt: Sequence[int] = ()):
-        self.row, self.settings, self.on_token, self.num_layers = row, settings, on_token, num_layers
+                 forced: list[int] | None = None, prompt: Sequence[int] = ()):
+        self.row, self.settings, self.num_layers = row, settings, num_layers
         self.prompt = tuple(prompt)
         self.generator = make_generator(settings.seed, device)
         self._generators = {torch.device(device): self.generator}
@@ -121,6 +135,7 @@ class SequenceRun:
         exits = settings.exit
         drafts = exits.mode != "exact" or exits.draft != "none"
         self.levels = frozenset(exits.check_levels(num_layers)) if exits.mode != "off" and drafts else frozenset()
+        self.check_order = tuple(sorted(self.levels))
         self.forced = forced
         self.stop = set(eos_ids if settings.stop_token_ids is None else settings.stop_token_ids)
         self.budget = min(settings.max_new_tokens, context_length - prompt_len)
@@ -136,6 +151,8 @@ class SequenceRun:
         self.picked: list[TokenTrace] = []
         self.stats = Stats()
         self.finish: FinishReason | None = None
+        self._reported = 0  # traces handed out by ``report``
+        self._finish_reported = False
 
     # --- output -----------------------------------------------------------------------------------
     @property
@@ -146,6 +163,15 @@ class SequenceRun:
     def generation(self) -> Generation:
         """The output so far (finish reason "abort" while still running)."""
         return Generation(list(self.tokens), list(self.trace), self.finish or "abort", self.stats)
+
+    def report(self) -> SequenceOutput | None:
+        """The tokens (and the finish) not reported yet; None when there is nothing new."""
+        new = tuple(self.trace[self._reported:])
+        finish = None if self._finish_reported else self.finish
+        if not new and finish is None:
+            return None
+        self._reported, self._finish_reported = len(self.trace), self.finish is not None
+        return SequenceOutput(self, new, finish)
 
     def remaining(self) -> int:
         return self.budget - len(self.tokens)
@@ -201,9 +227,7 @@ class SequenceRun:
             t = replace(t, token=self.forced[len(self.tokens)])
         self.tokens.append(t.token)
         self.trace.append(t)
-        if self.on_token is not None and not self.on_token(t):
-            self.finish = "abort"
-        elif t.token in self.stop:
+        if t.token in self.stop:
             self.finish = "stop"
         elif self.remaining() <= 0:
             self.finish = "length"
@@ -230,6 +254,10 @@ class SequenceRun:
 
     def checks(self, level: int) -> bool:
         return self.check and level in self.levels
+
+    def next_check(self, level: int) -> int:
+        """The first level after ``level`` where the gate is checked, else L."""
+        return next((lv for lv in self.check_order if lv > level), self.num_layers)
 
     def fires(self, confidence: float, top: int, ent: float | None, score: float | None = None) -> bool:
         """The sequence's ``ExitGate`` on the head's max-probability, top-1, entropy, learned score."""

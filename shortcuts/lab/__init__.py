@@ -1,2 +1,3 @@
-"""Research tooling around the engine, never imported by the server: teacher-forced agreement tables
-and calibration (``onejump calibrate``), threshold sweeps and their reports, and the benches."""
+"""Research scripts and studies around the engine (traces, exit and skip studies, sweeps, reports,
+micro-benches). They may import anything; nothing in the product (``shortcuts`` outside ``lab``,
+``service``) imports them. The calibration library they build on is ``shortcuts.calibration``."""

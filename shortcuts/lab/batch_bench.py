@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    from shortcuts.lab.bench import load_model_and_jump
+    from shortcuts.lab.micro_bench import load_model_and_jump
 
     torch.set_num_threads(args.threads)
     lm, jump = load_model_and_jump(args.model, args.jump, args.device, args.dtype)

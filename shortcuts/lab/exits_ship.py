@@ -4,7 +4,7 @@
         --jumps "served=docs/results/smollm2-135m/jump.safetensors,new=runs/.../x.safetensors" --identity
 
 For each jump: the learned gate is fitted on the teacher-forced table of the *fit* prompts; costs
-are measured here (``costs.measure``); the search (``exits.calibrate_setting``: gate kind x threshold
+are measured here (``calibration.costs.measure``); the search (``calibration.search.calibrate``: gate kind x threshold
 x first level x stride, lower bound >= target) runs on the *validation* prompts (other articles);
 every gate kind's chosen setting is then replayed on the *test* prompts (test articles) and the
 out-of-domain prompts, which chose nothing. The variant with the best predicted speed on
@@ -22,26 +22,22 @@ import torch
 
 from shortcuts.adapter import CausalLM
 from shortcuts.artifact import JumpArtifact
+from shortcuts.calibration.calibrate import store
+from shortcuts.calibration.costs import cost_models, measure, predicted_speedup
+from shortcuts.calibration.replay import bootstrap_lower_bound, fit_learned_gate, oracle_levels, replay
+from shortcuts.calibration.search import Calibration, SearchSpace, calibrate
+from shortcuts.calibration.table import LevelTable
+from shortcuts.engine.learned_gate import LearnedGate
 from shortcuts.heads import HeadContext
 from shortcuts.jump import LowRankJumps
-from shortcuts.lab.agreement import (
-    LevelTable,
-    bootstrap_lower_bound,
-    fit_learned_gate,
-    oracle_levels,
-    predicted_speedup,
-    replay_setting,
-)
-from shortcuts.lab.costs import cost_models, measure
-from shortcuts.lab.exits import SearchSpace, as_setting, calibrate_setting, store
 from shortcuts.lab.exits_study import table_for
 from shortcuts.lab.traces import Traces
 
 
-def report(table: LevelTable, setting: dict[str, Any], gate: Any, ms: dict[str, float]) -> dict[str, Any]:
-    s = as_setting(setting)
+def report(table: LevelTable, found: Calibration, gate: LearnedGate | None, ms: dict[str, float]) -> dict[str, Any]:
+    s = found.exit_settings()
     models, skip = cost_models(ms)
-    level, picked = replay_setting(table, s, gate)
+    level, picked = replay(table, s, gate)
     agree = picked == table.final_top
     L = table.num_layers
     return {"agreement": round(float(agree.float().mean()), 4),
@@ -73,13 +69,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         tables = {k: table_for(lm, ctx, jump, tr[k], with_entropy=k != "fit") for k in ("fit", "val", "test", "ood")}
         gate = fit_learned_gate(tables["fit"])
         ms = measure(lm, jump, gate, repeats=args.repeats)
-        found = calibrate_setting(tables["val"], ms, gate, space)
-        entry: dict[str, Any] = {"costs_ms": {k: round(v, 4) for k, v in ms.items()}, "skip": round(found["skip"], 4),
-                                 "chosen": found["calibration_search"], "calibration": found["calibration"]}
+        found = calibrate(tables["val"], ms, gate, space)
+        entry: dict[str, Any] = {"costs_ms": {k: round(v, 4) for k, v in ms.items()}, "skip": round(found.skip, 4),
+                                 "chosen": {g: c.as_dict() for g, c in found.by_gate.items()},
+                                 "calibration": found.best.as_dict()}
         for split in ("test", "ood"):
             first = oracle_levels(tables[split])["first_hit"].float().mean()
             entry[split] = {"ceiling_mean_exit": round(float(first), 3), "ceiling_speedup": round(L / float(first), 4),
-                            **{g: report(tables[split], c, gate, ms) for g, c in found["calibration_search"].items()}}
+                            **{g: report(tables[split], c, gate, ms) for g, c in found.by_gate.items()}}
         results[name] = entry
         print(name, json.dumps({k: entry[k] for k in ("calibration", "test")}, default=str), flush=True)
         if art is not None:

@@ -30,12 +30,13 @@ from torch import Tensor
 
 from shortcuts.adapter import CausalLM
 from shortcuts.artifact import JumpArtifact
+from shortcuts.calibration.replay import oracle_levels
+from shortcuts.calibration.table import LevelTable, states_table
 from shortcuts.collect import StateSet
 from shortcuts.engine.exit_head import ExitHead
 from shortcuts.evaluate import choose, evaluate_method, model_top1, ojfa_scores
 from shortcuts.heads import HeadContext
 from shortcuts.jump import JumpConfig, LowRankJumps, cosine_score
-from shortcuts.lab.agreement import LevelTable, oracle_levels, states_table
 from shortcuts.lab.traces import Traces
 from shortcuts.train import KLToModel, MSEToFinal, TrainConfig, train_bank
 

@@ -16,10 +16,11 @@ import torch
 
 from shortcuts.adapter import CausalLM
 from shortcuts.artifact import JumpArtifact
+from shortcuts.calibration.costs import cost_models
+from shortcuts.calibration.replay import gate_training_rows
+from shortcuts.calibration.search import search
 from shortcuts.engine.learned_gate import LearnedGate
 from shortcuts.heads import HeadContext
-from shortcuts.lab.agreement import gate_training_rows, search
-from shortcuts.lab.costs import cost_models
 from shortcuts.lab.exits_ship import report
 from shortcuts.lab.exits_study import table_for
 from shortcuts.lab.traces import Traces
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, gate in {"confidence": None, **gates}.items():
         kind = "confidence" if gate is None else "learned"
         best = search(tables["val"], 0.95, {kind: models[kind]}, gate, (1, 5, 10, 15, 20, 25), (1, 2, 3, 4), skip)[kind]
-        out[name] = {"val": best.as_dict(), "test": report(tables["test"], best.as_dict(), gate, ms)}
+        out[name] = {"val": best.as_dict(), "test": report(tables["test"], best, gate, ms)}
         print(name, json.dumps(out[name]), flush=True)
     if a.out:
         Path(a.out).write_text(json.dumps(out, indent=1))

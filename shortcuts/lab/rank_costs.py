@@ -12,7 +12,28 @@ import torch
 
 from shortcuts.adapter import CausalLM
 from shortcuts.assets import default_model_dir
-from shortcuts.lab.costs import rank_costs
+from shortcuts.calibration.costs import measure
+from shortcuts.engine.exit_head import ExitHead, confidence_and_top, to_host
+from shortcuts.jump import JumpConfig, LowRankJumps
+from shortcuts.timing import median_seconds
+
+
+@torch.inference_mode()
+def rank_costs(lm: CausalLM, ranks: tuple[int, ...], repeats: int = 30) -> dict[int, dict[str, float]]:
+    """The fused exit head and check (confidence) at each rank, ms and blocks, with random jumps."""
+    ms_block = measure(lm, None, repeats=repeats)["block"]
+    state, level, out = torch.randn(1, lm.hidden_size), lm.num_layers // 2, {}
+    for r in ranks:
+        torch.manual_seed(r)
+        jump = LowRankJumps(JumpConfig(lm.hidden_size, r), n=1).eval()
+        with torch.no_grad():
+            jump.lora_B.normal_()
+        head = ExitHead(lm, jump)
+        t_head = 1000 * median_seconds(lambda head=head: head(state, level), repeats)  # type: ignore[misc]
+        t_check = 1000 * median_seconds(lambda head=head: to_host(*confidence_and_top(head(state, level))), repeats)  # type: ignore[misc]
+        out[r] = {"head_ms": t_head, "check_ms": t_check, "head_blocks": t_head / ms_block,
+                  "check_blocks": t_check / ms_block}
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,8 +34,13 @@ from torch import Tensor
 from tqdm import tqdm
 
 from shortcuts.adapter import CausalLM
+from shortcuts.assets import default_model_dir
+from shortcuts.calibration.costs import BlockPass, interleaved
+from shortcuts.calibration.replay import bootstrap_lower_bound
+from shortcuts.calibration.table import continuations
 from shortcuts.engine.cache import RowCall
 from shortcuts.engine.runner import LayerRunner
+from shortcuts.lab.traces import parse_study, split_args, val_test_prompts
 
 
 @dataclass
@@ -112,14 +117,12 @@ def greedy_sets(bench: SkipBench, max_skip: int, floor: float, candidates: list[
 @torch.inference_mode()
 def block_costs(runner: LayerRunner, qs: tuple[int, ...] = tuple(range(1, 10)), repeats: int = 10) -> dict[str, float]:
     """Milliseconds of one block on q tokens of one row (over passes through every block, as decoding
-    reads them) and of the full head on q rows (right after a pass), interleaved (``costs._interleaved``)."""
-    from shortcuts.lab.costs import _interleaved, _Pass
-
-    passes = {f"block_q{q}": _Pass(runner, q) for q in qs}
+    reads them) and of the full head on q rows (right after a pass), interleaved (``costs.interleaved``)."""
+    passes = {f"block_q{q}": BlockPass(runner, q) for q in qs}
     d, dev = runner.lm.hidden_size, runner.lm.device
     states = {q: torch.randn(q, d, device=dev) for q in qs}
     heads: dict[str, Callable[[], object]] = {f"head_q{q}": partial(runner.full_logits, states[q]) for q in qs}
-    out = {k: 1e3 * v for k, v in _interleaved(passes, heads, passes["block_q1"], repeats).items()}
+    out = {k: 1e3 * v for k, v in interleaved(passes, heads, passes["block_q1"], repeats).items()}
     out["head"] = out["head_q1"]
     return out
 
@@ -175,8 +178,6 @@ def exact_replay(agree: Tensor, prompt: Tensor, first: int, k: int, costs: dict[
 def evaluate(bench: SkipBench, sets: list[list[int]], costs: dict[str, float], max_draft: tuple[int, ...]) -> dict:
     """Agreement (with the bootstrap lower bound), approximate and exact predicted speed-ups and the
     oracles for each nested skip set on ``bench``'s prompts."""
-    from shortcuts.lab.agreement import bootstrap_lower_bound
-
     L, H = bench.L, costs["head"] / costs["block_q1"]
     tables = [bench.table(frozenset())] + [bench.table(frozenset(s)) for s in tqdm(sets, desc="test sets")]
     rows = []
@@ -220,10 +221,6 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from shortcuts.assets import default_model_dir
-    from shortcuts.lab.agreement import continuations
-    from shortcuts.lab.traces import parse_study, split_args, val_test_prompts
-
     p = argparse.ArgumentParser(prog="python -m shortcuts.lab.skip_study", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(default_model_dir()))
     p.add_argument("--out", required=True)

@@ -4,7 +4,7 @@
 
 On held-out Wikipedia sentences (the test split, never used to train or pick the jump):
 1. quality: the full model's greedy continuation of every prompt, then one teacher-forced pass
-   (``agreement.level_table``) gives per threshold, for every jump given, the greedy-token
+   (``calibration.table.level_table``) gives per threshold, for every jump given, the greedy-token
    agreement with the full model, its 95% lower bound, the mean exit layer and its histogram,
    plus the oracle ceiling (a perfect gate, and the stable oracle);
 2. speed: on the first prompts, HF ``generate``, our full-depth path, approximate decoding at each
@@ -21,14 +21,28 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from shortcuts.adapter import CausalLM
-    from shortcuts.jump import LowRankJumps
-    from shortcuts.lab.agreement import LevelTable
+import torch
+from tqdm import tqdm
 
-Jumps = dict[str, "LowRankJumps | None"]
+from shortcuts.adapter import CausalLM
+from shortcuts.artifact import JumpArtifact
+from shortcuts.assets import default_model_dir, wiki_split
+from shortcuts.bench import hf_generate
+from shortcuts.calibration.costs import CostModel
+from shortcuts.calibration.replay import bootstrap_lower_bound, oracle_levels, replay
+from shortcuts.calibration.search import fastest, search
+from shortcuts.calibration.table import LevelTable, continuations, level_table
+from shortcuts.engine.decoder import EarlyExitDecoder
+from shortcuts.engine.exit_head import ExitHead
+from shortcuts.engine.settings import ExitSettings, GenerationSettings
+from shortcuts.jump import LowRankJumps
+from shortcuts.lab.micro_bench import micro
+from shortcuts.lab.sweep_report import write_report
+from shortcuts.prompts import held_out_prompts
+
+Jumps = dict[str, LowRankJumps | None]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,16 +76,11 @@ def _floats(text: str) -> list[float]:
 
 
 def _histogram(levels: Any, num_layers: int) -> list[int]:
-    import torch
-
     return torch.bincount(levels, minlength=num_layers + 1)[1:].tolist()
 
 
 # --- 1. quality -----------------------------------------------------------------------------------
 def threshold_rows(table: LevelTable, thresholds: list[float], min_layer: int, stride: int) -> list[dict[str, Any]]:
-    from shortcuts.engine.settings import ExitSettings
-    from shortcuts.lab.agreement import bootstrap_lower_bound, replay
-
     rows = []
     for t in thresholds:
         s = ExitSettings(mode="approximate", threshold=t, min_layer=min_layer, stride=stride)
@@ -87,9 +96,6 @@ def threshold_rows(table: LevelTable, thresholds: list[float], min_layer: int, s
 
 def quality(lm: CausalLM, jumps: Jumps, prompts: list[list[int]], conts: list[list[int]],
             args: argparse.Namespace) -> dict[str, Any]:
-    from shortcuts.engine.exit_head import ExitHead
-    from shortcuts.lab.agreement import calibrate, level_table, oracle_levels
-
     out: dict[str, Any] = {}
     heads = {**jumps, "identity": None} if args.identity else jumps
     for name, jump in heads.items():
@@ -98,18 +104,19 @@ def quality(lm: CausalLM, jumps: Jumps, prompts: list[list[int]], conts: list[li
                       "histogram": _histogram(v, lm.num_layers)} for k, v in oracle_levels(table).items()}
         out[name] = {"tokens": len(table), "rows": threshold_rows(table, args.thresholds, args.min_layer, args.stride),
                      "oracle": oracle,
-                     "calibrated": {str(t): calibrate(table, t, ("confidence",), min_layers=(args.min_layer,),
-                                                      stride=args.stride).as_dict() for t in (0.9, 0.95)}}
+                     "calibrated": {str(t): _calibrated(table, t, args) for t in (0.9, 0.95)}}
     return out
+
+
+def _calibrated(table: LevelTable, target: float, args: argparse.Namespace) -> dict[str, Any]:
+    """The confidence threshold a calibration picks at ``target`` (free checks: ranked by exit depth)."""
+    found = search(table, target, {"confidence": CostModel()}, None, (args.min_layer,), (args.stride,))
+    return fastest(found).as_dict()
 
 
 # --- 2. speed -------------------------------------------------------------------------------------
 def speed_arms(lm: CausalLM, jumps: Jumps, args: argparse.Namespace) -> dict[str, Callable[[list[int]], list[Any]]]:
     """name -> function(prompt) -> generated tokens (or the Generation), for every timed arm."""
-    from shortcuts.engine.decoder import EarlyExitDecoder
-    from shortcuts.engine.settings import ExitSettings, GenerationSettings
-    from shortcuts.lab.bench import hf_generate
-
     dec = EarlyExitDecoder(lm, next(iter(jumps.values())))
     n = args.new_tokens
 
@@ -128,8 +135,6 @@ def speed_arms(lm: CausalLM, jumps: Jumps, args: argparse.Namespace) -> dict[str
 
 
 def speed(lm: CausalLM, jumps: Jumps, prompts: list[list[int]], args: argparse.Namespace) -> dict[str, Any]:
-    from tqdm import tqdm
-
     arms = speed_arms(lm, jumps, args)
     for fn in arms.values():  # warm-up
         fn(prompts[0][:8])
@@ -168,12 +173,6 @@ def _speed_summary(acc: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def drift(lm: CausalLM, jump: LowRankJumps | None, prompts: list[list[int]], args: argparse.Namespace,
           buckets: int = 4) -> dict[str, Any]:
     """Teacher-forced agreement by position on long outputs, per KV policy, and each policy's speed."""
-    from tqdm import tqdm
-
-    from shortcuts.engine.decoder import EarlyExitDecoder
-    from shortcuts.engine.settings import ExitSettings, GenerationSettings
-    from shortcuts.lab.agreement import continuations
-
     dec = EarlyExitDecoder(lm, jump)
     conts = continuations(lm, prompts, args.drift_tokens)
     policies = {"off": ExitSettings(mode="off")}
@@ -206,10 +205,6 @@ def drift(lm: CausalLM, jump: LowRankJumps | None, prompts: list[list[int]], arg
 
 # --- the run --------------------------------------------------------------------------------------
 def load(args: argparse.Namespace) -> tuple[CausalLM, Jumps]:
-    from shortcuts.adapter import CausalLM
-    from shortcuts.artifact import JumpArtifact
-    from shortcuts.assets import default_model_dir
-
     lm = CausalLM.load(args.model or default_model_dir(), device=args.device)
     jumps: Jumps = {}
     for item in args.jumps.split(","):
@@ -221,10 +216,6 @@ def load(args: argparse.Namespace) -> tuple[CausalLM, Jumps]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from shortcuts.assets import wiki_split
-    from shortcuts.lab.agreement import continuations, held_out_prompts
-    from shortcuts.lab.bench import micro
-
     lm, jumps = load(args)
     args.min_layer = args.min_layer or max(1, lm.num_layers // 3)
     corpus = args.corpus or str(wiki_split("test"))
@@ -247,10 +238,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import torch
-
-    from shortcuts.lab.sweep_report import write_report
-
     if args.threads:
         torch.set_num_threads(args.threads)
     args.thresholds, args.speed_thresholds = _floats(args.thresholds), _floats(args.speed_thresholds)

@@ -5,7 +5,7 @@
 Training data that matches decoding. ``collect.collect_states`` keeps one random position of a
 Wikipedia sentence; a decoder exits at positions inside its *own* continuation, where the text is
 the model's and the states differ. Here each prompt is continued greedily by the full model
-(``agreement.continuations``), one forward pass over prompt + continuation keeps, at every decode
+(``calibration.table.continuations``), one forward pass over prompt + continuation keeps, at every decode
 step (the state fed token k-1 that predicts token k, k >= 1), the states of every level 0..L
 (0 = the embedding, input of block 1; L = the final state before the final norm) as float16.
 
@@ -18,10 +18,11 @@ The out-of-domain set is Python standard-library docstrings (``docstring_sentenc
 from __future__ import annotations
 
 import argparse
-import hashlib
+import importlib
+import inspect
 import json
-import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,10 @@ from torch import Tensor
 from tqdm import tqdm
 
 from shortcuts.adapter import CausalLM
+from shortcuts.assets import default_model_dir, is_clean, split_sentences, wiki_split
+from shortcuts.calibration.table import all_levels, continuations
+from shortcuts.collect import cached_states, read_corpus, sample_sentences
+from shortcuts.prompts import article_split, tokenize_prompts
 
 OOD_MODULES = (
     "argparse", "ast", "asyncio", "base64", "bisect", "calendar", "collections", "concurrent.futures",
@@ -48,26 +53,9 @@ OOD_MODULES = (
 
 
 # --- prompts ---------------------------------------------------------------------------------------
-def article_split(path: Path, val_every: int = 10) -> tuple[list[str], list[str]]:
-    """Sentences of a ``{"text", "title"}`` .jsonl split by article: (fit, validation)."""
-    fit: list[str] = []
-    val: list[str] = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        bucket = int(hashlib.sha1(("val:" + row["title"]).encode()).hexdigest(), 16) % val_every
-        (val if bucket == 0 else fit).append(row["text"])
-    return fit, val
-
-
 def docstring_sentences(modules: tuple[str, ...] = OOD_MODULES) -> list[str]:
     """Clean sentences (``assets.is_clean``) from the docstrings of standard-library modules, their
     classes, functions and methods: technical English, a domain the jumps never saw."""
-    import importlib
-    import inspect
-    import warnings
-
-    from shortcuts.assets import is_clean, split_sentences
-
     seen: set[str] = set()
     out: list[str] = []
     with warnings.catch_warnings():
@@ -89,37 +77,10 @@ def docstring_sentences(modules: tuple[str, ...] = OOD_MODULES) -> list[str]:
     return out
 
 
-def tokenize_prompts(lm: CausalLM, texts: list[str], n: int, seed: int, min_tokens: int = 8,
-                     max_tokens: int = 32) -> list[list[int]]:
-    """``n`` shuffled texts, tokenized and cut to ``max_tokens``; shorter than ``min_tokens`` skipped."""
-    texts = list(texts)
-    random.Random(seed).shuffle(texts)
-    out = first_usable(lm, texts, n, min_tokens, max_tokens)
-    if len(out) < n:
-        raise ValueError(f"only {len(out)} usable texts; {n} asked")
-    return out
-
-
-def first_usable(lm: CausalLM, texts: list[str], n: int, min_tokens: int, max_tokens: int) -> list[list[int]]:
-    """The first ``n`` texts (in order) with at least ``min_tokens`` tokens, cut to ``max_tokens``
-    (fewer when the texts run out)."""
-    out: list[list[int]] = []
-    for text in texts:
-        ids = lm.tokenizer(text)["input_ids"][:max_tokens]
-        if len(ids) >= min_tokens:
-            out.append(ids)
-        if len(out) == n:
-            break
-    return out
-
-
 def val_test_prompts(lm: CausalLM, val: int, test: int) -> dict[str, list[list[int]]]:
     """Validation prompts (the validation articles of ``train.jsonl``, seed 1) and test prompts
     (``test.jsonl``'s articles, seed 2), as the traces split them: what a calibration chooses on and
     what reports its choice."""
-    from shortcuts.assets import wiki_split
-    from shortcuts.collect import read_corpus
-
     _, val_texts = article_split(wiki_split("train"))
     return {"val": tokenize_prompts(lm, val_texts, val, seed=1),
             "test": tokenize_prompts(lm, read_corpus(wiki_split("test")), test, seed=2)}
@@ -140,15 +101,6 @@ def parse_study(p: argparse.ArgumentParser, argv: list[str] | None) -> tuple[arg
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     return a, out
-
-
-def read_prompts(lm: CausalLM, path: str | Path, n: int | None = None, max_tokens: int = 64) -> list[list[int]]:
-    """Prompts from a .jsonl (``{"text": ...}`` per line) or a text file (one prompt per line), in order."""
-    from shortcuts.collect import read_corpus
-
-    texts = read_corpus(path)[: n or None]
-    out = [lm.tokenizer(t)["input_ids"][-max_tokens:] for t in texts]
-    return [ids for ids in out if ids]
 
 
 # --- traces ------------------------------------------------------------------------------------------
@@ -194,24 +146,6 @@ class Traces:
         return cls(t["states"], t["prompt"], t["step"])
 
 
-@torch.inference_mode()
-def all_levels(lm: CausalLM, ids: list[list[int]]) -> Tensor:
-    """(B, T, L+1, d) states of a right-padded batch: the embedding (block 1's input) and each block's output."""
-    from shortcuts.collect import block_outputs
-
-    first: list[Tensor] = []
-
-    def grab(_m: object, args: tuple, kwargs: dict) -> None:
-        first.append(args[0] if args else kwargs["hidden_states"])
-
-    hook = lm.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        outs = block_outputs(lm, ids)
-    finally:
-        hook.remove()
-    return torch.stack([first[0], *outs], dim=2)
-
-
 def trace_states(lm: CausalLM, prompts: list[list[int]], conts: list[list[int]], batch_size: int = 16,
                  desc: str = "trace") -> Traces:
     """Every decode step k >= 1 of each continuation: the state at position len(prompt)+k-1."""
@@ -228,17 +162,12 @@ def trace_states(lm: CausalLM, prompts: list[list[int]], conts: list[list[int]],
 
 
 def build(lm: CausalLM, texts: list[str], n: int, new_tokens: int, seed: int, desc: str) -> tuple[Traces, dict]:
-    from shortcuts.lab.agreement import continuations
-
     prompts = tokenize_prompts(lm, texts, n, seed)
     conts = continuations(lm, prompts, new_tokens)
     return trace_states(lm, prompts, conts, desc=desc), {"prompts": prompts, "continuations": conts}
 
 
 def main(argv: list[str] | None = None) -> None:
-    from shortcuts.assets import default_model_dir, wiki_split
-    from shortcuts.collect import cached_states, read_corpus, sample_sentences
-
     p = argparse.ArgumentParser(prog="python -m shortcuts.lab.traces", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(default_model_dir()))
     p.add_argument("--out", required=True)

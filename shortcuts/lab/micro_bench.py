@@ -1,6 +1,6 @@
 """Side-by-side CPU/GPU timings of the early-exit engine on one model, in one run.
 
-    python -m shortcuts.lab.bench --jump docs/results/smollm2-135m/jump-pure-mse.safetensors
+    python -m shortcuts.lab.micro_bench --jump docs/results/smollm2-135m/jump-pure-mse.safetensors
 
 Prints the cost of one decoder block, the full LM head and the fused exit head for one token,
 then tokens/s of HF ``generate``, mode off, approximate decoding and exact (self-speculative)
@@ -11,36 +11,31 @@ that is a common prefix with mode off (1.00 = same text).
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
 
-if TYPE_CHECKING:
-    from shortcuts.adapter import CausalLM
-    from shortcuts.engine.decoder import Generation
-    from shortcuts.jump import LowRankJumps
+import torch
 
-Row = tuple[str, float, Union[list[int], "Generation"]]
+from shortcuts.adapter import CausalLM
+from shortcuts.artifact import JumpArtifact
+from shortcuts.assets import default_model_dir
+from shortcuts.bench import hf_generate
+from shortcuts.engine.decoder import EarlyExitDecoder, Generation
+from shortcuts.engine.exit_head import ExitGate, ExitHead, confidence_and_top, to_host
+from shortcuts.engine.runner import LayerRunner
+from shortcuts.engine.settings import ExitSettings, GenerationSettings
+from shortcuts.jump import LowRankJumps
+from shortcuts.timing import median_seconds
+
+Row = tuple[str, float, list[int] | Generation]
 
 DEFAULT_JUMP = "docs/results/smollm2-135m/jump-pure-mse.safetensors"
 PROMPT = "The history of the city of Paris begins in the third century BC, when"
 
 
-def _median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m shortcuts.lab.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m shortcuts.lab.micro_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="model folder or hub id (default: the SmolLM2 asset)")
     p.add_argument("--jump", default=DEFAULT_JUMP, help="jump artifact; if missing, the identity shortcut is used")
     p.add_argument("--prompt", default=PROMPT)
@@ -58,12 +53,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def micro(lm: CausalLM, jump: LowRankJumps | None, repeats: int) -> dict[str, float]:
     """Seconds for one token: a decoder block (cache of 64 positions), the copy policy's K/V fill of one
     skipped block, the full head, the exit head."""
-    import torch
-
-    from shortcuts.engine.exit_head import ExitGate, ExitHead
-    from shortcuts.engine.runner import LayerRunner
-    from shortcuts.engine.settings import ExitSettings
-
     runner = LayerRunner(lm, 128)
     cache = runner.new_cache()
     ids = torch.randint(lm.vocab_size // 4, lm.vocab_size, (1, 65), generator=torch.Generator().manual_seed(0))
@@ -90,34 +79,20 @@ def micro(lm: CausalLM, jump: LowRankJumps | None, repeats: int) -> dict[str, fl
     level = lm.num_layers // 2
 
     def check() -> None:
-        gate(head(state, level)[0])
+        ((top, conf),) = to_host(*confidence_and_top(head(state, level)))
+        gate.decide(conf, top)
 
     with torch.inference_mode():
-        return {"block": _median_seconds(one_block, repeats),
-                "block, 4 tokens at once": _median_seconds(four_tokens, repeats),
-                "K/V fill (copy)": _median_seconds(one_fill, repeats),
-                "full head": _median_seconds(lambda: lm.head(state), repeats),
-                f"exit head ({head.kind})": _median_seconds(lambda: head(state, level), repeats),
-                "exit check (head+gate)": _median_seconds(check, repeats)}
-
-
-def hf_generate(lm: CausalLM, ids: list[int], n: int, **kw: int) -> list[int]:
-    """Exactly ``n`` greedy tokens from Hugging Face ``generate`` (EOS suppressed), the baseline."""
-    import torch
-
-    with torch.inference_mode():
-        out = lm.model.generate(torch.tensor([ids], device=lm.device), do_sample=False, max_new_tokens=n,
-                                min_new_tokens=n, attention_mask=torch.ones(1, len(ids), dtype=torch.long,
-                                                                            device=lm.device), **kw)
-    return out[0, len(ids):].tolist()
+        return {"block": median_seconds(one_block, repeats),
+                "block, 4 tokens at once": median_seconds(four_tokens, repeats),
+                "K/V fill (copy)": median_seconds(one_fill, repeats),
+                "full head": median_seconds(lambda: lm.head(state), repeats),
+                f"exit head ({head.kind})": median_seconds(lambda: head(state, level), repeats),
+                "exit check (head+gate)": median_seconds(check, repeats)}
 
 
 def decode_rows(lm: CausalLM, jump: LowRankJumps | None, args: argparse.Namespace) -> list[Row]:
     """(name, seconds, Generation or token list) for HF generate and every engine setting."""
-
-    from shortcuts.engine.decoder import EarlyExitDecoder
-    from shortcuts.engine.settings import ExitSettings, GenerationSettings
-
     ids = lm.tokenizer(args.prompt).input_ids
     n = args.new_tokens
     dec = EarlyExitDecoder(lm, jump)
@@ -177,10 +152,6 @@ def report(lm: CausalLM, micro_times: dict[str, float], rows: list[Row]) -> str:
 def load_model_and_jump(model: str | None, jump_path: str, device: str,
                         dtype: str = "float32") -> tuple[CausalLM, LowRankJumps | None]:
     """The model (default: the SmolLM2 asset) and the jump, or None (identity) when the file is missing."""
-    from shortcuts.adapter import CausalLM
-    from shortcuts.artifact import JumpArtifact
-    from shortcuts.assets import default_model_dir
-
     lm = CausalLM.load(model or default_model_dir(), dtype=dtype, device=device)
     if not Path(jump_path).is_file():
         print(f"jump: {jump_path} not found; exits use the identity shortcut (logit lens)")
@@ -193,8 +164,6 @@ def load_model_and_jump(model: str | None, jump_path: str, device: str,
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import torch
-
     if args.threads:
         torch.set_num_threads(args.threads)
     lm, jump = load_model_and_jump(args.model, args.jump, args.device)

@@ -1,14 +1,19 @@
-"""A real uvicorn server on a free loopback port, in a thread, for the HTTP tests."""
+"""Shared test helpers for the service: a real uvicorn server on a free loopback port, in a thread, the
+tiny model's settings, an ``openai`` client and the metrics it exposes."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
+import openai
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
 from service.config import Settings
@@ -39,3 +44,24 @@ def running_server(settings: Settings, wait_ready: bool = True, timeout: float =
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+def tiny_settings(folder: Path, **kw) -> Settings:
+    base = {"model": str(folder), "jump": "", "device": "cpu", "exit_mode": "off", "default_max_tokens": 8,
+            "served_model_aliases": "m"}
+    return Settings(**(base | kw))
+
+
+def client(url: str, key: str = "none") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def metrics(url: str) -> dict[str, float]:
+    text = httpx.get(f"{url}/metrics").text
+    return {f"{s.name}{json.dumps(s.labels, sort_keys=True)}": s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    return sum(v for k, v in metrics(url).items()
+               if k.startswith(name + "{") and all(f'"{a}": "{b}"' in k for a, b in labels.items()))

@@ -1,0 +1,212 @@
+"""``onejump bench``: the side-by-side timed run on anyone's prompts.
+
+Arms, interleaved prompt by prompt (the order rotates, so a noisy neighbour hits every arm alike):
+Hugging Face ``generate`` (the baseline), our full depth (``off``), ``approximate`` and ``exact``
+at the setting the server would run for this artifact and these flags (``calibration.resolve``); with
+``--compile`` also the same three engine arms with compiled blocks (``*_compiled``). Every arm
+generates exactly ``--new-tokens`` tokens per prompt (EOS ignored), so tokens/s compare like with
+like. ``same_as_off`` is the fraction of generated tokens equal, position by position, to full
+depth's. ``setting`` and ``exact_setting`` are the resolved settings' reports (``Resolved.report``).
+
+``--graphs`` adds the engine arms run through CUDA graphs (``*_graphs``; on a CPU the same static
+shapes run eagerly); ``--batch-size N`` times batches of N prompts (the engine's continuous batch, HF
+``generate`` on left-padded prompts) instead of one prompt at a time. ``traces`` gives each engine
+arm's exit levels and checks per token (what ``lab/gpu_shapes`` projects from); on a GPU,
+``gpu_memory_gb`` the weights' and the peak allocation.
+
+Imports of torch and the engine stay inside the functions that run: ``onejump --help`` builds this
+command's parser without loading them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from shortcuts.calibration.setting import DENSE, Overrides, StoredCalibration, resolve_modes
+from shortcuts.engine.settings import GATES, Mode
+from shortcuts.timing import time_arms
+
+if TYPE_CHECKING:
+    from shortcuts.adapter import CausalLM
+    from shortcuts.engine.learned_gate import LearnedGate
+    from shortcuts.engine.sequence import Generation
+    from shortcuts.engine.settings import ExitSettings
+    from shortcuts.jump import LowRankJumps
+
+
+def overrides(args: argparse.Namespace) -> Overrides:
+    """The exit flags given (None: not given)."""
+    return Overrides(gate=args.gate, threshold=args.threshold, min_layer=args.min_layer, stride=args.stride)
+
+
+def hf_generate(lm: CausalLM, ids: list[int], n: int, **kw: int) -> list[int]:
+    """Exactly ``n`` greedy tokens from Hugging Face ``generate`` (EOS suppressed), the baseline."""
+    import torch
+
+    with torch.inference_mode():
+        out = lm.model.generate(torch.tensor([ids], device=lm.device), do_sample=False, max_new_tokens=n,
+                                min_new_tokens=n, attention_mask=torch.ones(1, len(ids), dtype=torch.long,
+                                                                            device=lm.device), **kw)
+    return out[0, len(ids):].tolist()
+
+
+def hf_generate_batch(lm: CausalLM, batch: list[list[int]], n: int) -> list[list[int]]:
+    """``hf_generate`` on a batch of prompts, left-padded."""
+    import torch
+
+    width = max(map(len, batch))
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer is not None else 0
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=lm.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=lm.device)
+    with torch.inference_mode():
+        out = lm.model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                                pad_token_id=pad)
+    return out[:, width:].tolist()
+
+
+class Traces:
+    """Each engine arm's exit levels (one per generated token) and its gate checks and steps."""
+
+    def __init__(self) -> None:
+        self.levels: dict[str, list[int]] = {}
+        self.checks: dict[str, int] = {}
+        self.graphs: dict[str, Any] = {}  # decoder variant -> its SegmentGraphs (captures, a capture's error)
+
+    def record(self, name: str, generations: list[Generation]) -> list[list[int]]:
+        for g in generations:
+            self.levels.setdefault(name, []).extend(t.exit_layer for t in g.trace)
+            self.checks[name] = self.checks.get(name, 0) + g.stats.exit_checks
+        return [g.tokens for g in generations]
+
+    def report(self, num_layers: int) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {
+            name: {"exit_levels": lv, "num_layers": num_layers, "checks_per_token": self.checks[name] / max(len(lv), 1),
+                   "exit_rate": sum(x < num_layers for x in lv) / max(len(lv), 1)} for name, lv in self.levels.items()}
+        for variant, g in self.graphs.items():
+            out[f"graphs{variant}"] = {"captured": g.captured, "capture": g.capture, "capture_error": g.capture_error,
+                                       "segments": len(g.segments)}
+        return out
+
+
+def engine_arms(lm: CausalLM, jump: LowRankJumps, learned: LearnedGate | None, exits: ExitSettings,
+                exact: ExitSettings, new_tokens: int, compile: bool, graphs: bool = False, batch_size: int = 1,
+                traces: Traces | None = None) -> dict[str, Callable[[Any], Any]]:
+    """Full depth, approximate and exact mode as arms (and compiled or graphed copies). With ``batch_size``
+    > 1 an arm takes a batch of prompts (the engine's continuous batch of that size)."""
+    from shortcuts.engine.decoder import EarlyExitDecoder
+    from shortcuts.engine.settings import GenerationSettings
+
+    traces = traces or Traces()
+    arms: dict[str, Callable[[Any], Any]] = {}
+    variants: list[tuple[str, dict[str, bool]]] = [("", {"graphs": False})]  # the eager engine
+    variants += [("_compiled", {"compile": True, "graphs": False})] if compile else []
+    variants += [("_graphs", {"graphs": True})] if graphs else []
+    for suffix, kw in variants:
+        dec = EarlyExitDecoder(lm, jump, learned_gate=learned, **kw)  # type: ignore[arg-type]
+        if kw.get("compile"):
+            print(f"compiled blocks in {dec.compile_seconds:.1f}s", file=sys.stderr)
+        if dec.runner.graphs is not None:
+            traces.graphs[suffix] = dec.runner.graphs
+        batch = dec.batch(batch_size) if batch_size > 1 else None
+        runs: tuple[tuple[Mode, ExitSettings], ...] = (("off", exits), ("approximate", exits), ("exact", exact))
+        for mode, setting in runs:
+            s = GenerationSettings(max_new_tokens=new_tokens, stop_token_ids=(), exit=replace(setting, mode=mode))
+            name = mode + suffix
+            if batch is None:
+                arms[name] = lambda ids, d=dec, s=s, n=name: traces.record(n, [d.generate(ids, s)])[0]  # type: ignore[misc]
+            else:
+                arms[name] = lambda b, bd=batch, s=s, n=name: traces.record(n, bd.generate(b, s))  # type: ignore[misc]
+    return arms
+
+
+def summarize(timed: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    off = [t for seq in timed["off"]["tokens"] for t in seq]
+    tok_s, same = {}, {}
+    for name, r in timed.items():
+        flat = [t for seq in r["tokens"] for t in seq]
+        tok_s[name] = len(flat) / r["seconds"]
+        same[name] = sum(a == b for a, b in zip(flat, off, strict=False)) / max(len(off), 1)
+    return {"tok_s": tok_s, "speedup": {n: v / tok_s["off"] for n, v in tok_s.items()}, "same_as_off": same}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from shortcuts.adapter import CausalLM
+    from shortcuts.artifact import JumpArtifact
+    from shortcuts.engine.learned_gate import LearnedGate
+    from shortcuts.placement import parse_device_map
+    from shortcuts.prompts import read_prompts
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    artifact = JumpArtifact.load(args.jump)
+    device_map = parse_device_map(args.device_map) if args.device_map else None
+    lm = CausalLM.load(args.model, dtype=args.dtype, device=args.device, device_map=device_map)
+    artifact.check_model(lm)
+    modes = resolve_modes(StoredCalibration.from_extra(artifact.extra), overrides(args), lm.num_layers, DENSE)
+    prompts = read_prompts(lm, args.prompts, args.max_prompts, max_tokens=256)
+    weights_gb = torch.cuda.memory_allocated() / 2**30 if lm.device.type == "cuda" else None
+    bs = args.batch_size
+    arms: dict[str, Callable[[Any], Any]] = {
+        "hf_generate": (lambda ids: hf_generate(lm, ids, args.new_tokens)) if bs == 1
+        else (lambda b: hf_generate_batch(lm, b, args.new_tokens))}
+    traces = Traces()
+    arms.update(engine_arms(lm, artifact.jump.to(lm.device), LearnedGate.from_extra(artifact.extra),
+                            modes["approximate"].settings, modes["exact"].settings, args.new_tokens, args.compile,
+                            args.graphs, bs, traces))
+    units: list[Any] = prompts if bs == 1 else [prompts[i : i + bs] for i in range(0, len(prompts), bs)]
+    failed: dict[str, str] = {}
+    timed = time_arms(arms, units, failed if args.keep_going else None)
+    for name, error in failed.items():
+        print(f"bench: arm {name} failed and is left out: {error}", file=sys.stderr)
+    if bs > 1:  # one list of tokens per prompt, as at batch 1
+        for r in timed.values():
+            r["tokens"] = [seq for batch in r["tokens"] for seq in batch]
+    result = summarize(timed)
+    memory = None if weights_gb is None else {"weights": weights_gb, "peak": torch.cuda.max_memory_allocated() / 2**30}
+    return {**result, "setting": modes["approximate"].report(), "exact_setting": modes["exact"].report(),
+            "model": str(args.model), "jump": str(args.jump), "placement": lm.placement().describe(),
+            "num_layers": lm.num_layers, "prompts": len(prompts), "batch_size": bs,
+            "new_tokens": args.new_tokens, "threads": torch.get_num_threads(), "dtype": args.dtype,
+            "gpu_memory_gb": memory, "traces": traces.report(lm.num_layers), "failed_arms": failed}
+
+
+def text_report(r: dict[str, Any]) -> str:
+    keys = ("gate", "threshold", "min_layer", "stride", "source")
+    setting = {k: r["setting"][k] for k in keys}
+    exact = {k: r["exact_setting"][k] for k in (*keys, "max_draft", "draft")}
+    lines = [f"{r['prompts']} prompts x {r['new_tokens']} tokens, {r['threads']} thread(s), on {r['placement']}, "
+             f"setting {setting}, exact {exact}",
+             f"{'arm':<22} {'tok/s':>8} {'vs off':>7} {'same as off':>12}"]
+    for name, v in r["tok_s"].items():
+        lines.append(f"{name:<22} {v:8.2f} {r['speedup'][name]:7.2f} {r['same_as_off'][name]:12.3f}")
+    return "\n".join(lines)
+
+
+def add_parser(sub: argparse._SubParsersAction, model_args: Callable[[argparse.ArgumentParser], None]) -> None:
+    p = sub.add_parser("bench", help="time HF generate, full depth, approximate and exact side by side on prompts")
+    model_args(p)
+    p.add_argument("--jump", required=True, help="jump artifact (its stored exit setting is timed)")
+    p.add_argument("--device-map", default=None, help="one model over several devices instead of --device: "
+                   "cuda:0,cuda:1 (blocks split evenly), auto, balanced, sequential, or a JSON map (docs/scale.md)")
+    p.add_argument("--prompts", required=True, help=".jsonl ({\"text\": ...} per line) or text, one prompt per line")
+    p.add_argument("--max-prompts", type=int, default=None)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--compile", action="store_true", help="also time the engine arms with compiled blocks")
+    p.add_argument("--graphs", action="store_true",
+                   help="also time the engine arms through CUDA graphs (*_graphs)")
+    p.add_argument("--keep-going", action="store_true",
+                   help="leave out an arm that fails (its error in failed_arms) instead of stopping")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="prompts decoded together (the engine's continuous batch; HF generate left-padded)")
+    p.add_argument("--gate", choices=GATES, default=None, help="exit flags: override the artifact's stored setting")
+    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--min-layer", type=int, default=None)
+    p.add_argument("--stride", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object")

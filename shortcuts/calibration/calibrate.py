@@ -1,0 +1,108 @@
+"""``onejump calibrate``: the exit setting with the best predicted speed at a target greedy agreement.
+
+The full model continues held-out prompts greedily; one teacher-forced pass tabulates what every
+exit level would decide (``table.level_table``); gate kinds (confidence, entropy, and the learned
+gate, trained on teacher-forced tables of *training* prompts, ``--gate-corpus``) x thresholds x first
+exit level x stride are replayed on it (``search.calibrate``) and ranked by the speed-up predicted from
+costs measured on this machine (``costs.measure``: a block, the full head, a check of each gate), among
+those whose bootstrap lower bound (over prompts) on agreement reaches the target.
+
+What ``store`` writes in the artifact's metadata:
+
+- ``extra["exit"]`` (``setting.StoredCalibration``): the fastest setting of any gate and stride, as
+  approximate mode's setting at the precision it was measured at; what the server, ``bench`` and
+  ``agreement`` run (``setting.resolve``). ``store_exact`` writes exact mode's there too;
+- ``extra["gate"]``: the learned gate with its calibrated threshold and levels;
+- ``extra["calibration_search"]``: the best of each gate kind, and ``extra["costs_ms"]``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from shortcuts.adapter import CausalLM
+from shortcuts.artifact import JumpArtifact
+from shortcuts.calibration.config import CALIBRATED_GATES, CalibrateConfig
+from shortcuts.calibration.costs import measure
+from shortcuts.calibration.exact import ExactCalibration
+from shortcuts.calibration.replay import fit_learned_gate
+from shortcuts.calibration.search import Calibration, Found, SearchSpace, calibrate
+from shortcuts.calibration.setting import DENSE, StoredCalibration
+from shortcuts.calibration.table import LevelTable, continued_table
+from shortcuts.collect import read_corpus
+from shortcuts.engine.exit_head import ExitHead
+from shortcuts.engine.learned_gate import LearnedGate
+from shortcuts.prompts import article_split, held_out_prompts, tokenize_prompts
+
+
+def run_calibrate(cfg: CalibrateConfig) -> tuple[Calibration, Path]:
+    """Calibrate ``cfg.jump`` and save it (in place unless ``cfg.out``); the setting stored and where."""
+    if not 0.0 < cfg.target <= 1.0 or not 0.5 <= cfg.confidence < 1.0:
+        raise ValueError(f"target={cfg.target} must be in (0, 1] and confidence={cfg.confidence} in [0.5, 1)")
+    if cfg.prompts < 1 or cfg.new_tokens < 2 or cfg.offset < 0:
+        raise ValueError(f"prompts={cfg.prompts} must be >= 1, new_tokens={cfg.new_tokens} >= 2, offset >= 0")
+    if bad := [g for g in cfg.gates if g not in CALIBRATED_GATES]:
+        raise ValueError(f"gates {bad} cannot be calibrated; use {', '.join(CALIBRATED_GATES)}")
+    artifact = JumpArtifact.load(cfg.jump)  # fails fast on a bad artifact, before the model loads
+    lm = CausalLM.load(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    artifact.check_model(lm)
+    L = lm.num_layers
+    space = SearchSpace(tuple(cfg.gates), tuple(cfg.min_layers), tuple(cfg.strides or (cfg.stride,)), cfg.target,
+                        cfg.confidence)
+    if bad_layers := [m for m in space.first_levels(L) if not 1 <= m < L]:
+        raise ValueError(f"min_layer {bad_layers} must be in [1, {L - 1}]")
+    gate = LearnedGate.from_extra(artifact.extra)
+    if "learned" in cfg.gates and cfg.gate_corpus and cfg.gate_prompts > 0:
+        gate = fit_learned_gate(table_of(lm, artifact, gate_prompts(lm, cfg), cfg.new_tokens))
+    prompts = held_out_prompts(lm, cfg.corpus, cfg.prompts, offset=cfg.offset)
+    table = table_of(lm, artifact, prompts, cfg.new_tokens)
+    ms = measure(lm, artifact.jump.to(lm.device), gate)
+    found = calibrate(table, ms, gate, space)
+    store(artifact, found, gate, ms, _provenance(cfg))
+    return found.best, artifact.save(cfg.out or cfg.jump)
+
+
+def table_of(lm: CausalLM, artifact: JumpArtifact, prompts: list[list[int]], new_tokens: int) -> LevelTable:
+    """The level table of the artifact's exit head on ``prompts`` continued by the full model."""
+    return continued_table(lm, ExitHead(lm, artifact.jump.to(lm.device)), prompts, new_tokens)
+
+
+def gate_prompts(lm: CausalLM, cfg: CalibrateConfig) -> list[list[int]]:
+    """The learned gate's training prompts: the fit articles of a titled .jsonl (``prompts.article_split``),
+    else the whole corpus."""
+    assert cfg.gate_corpus is not None
+    path = Path(cfg.gate_corpus)
+    try:
+        texts = article_split(path)[0]
+    except (KeyError, ValueError):
+        texts = read_corpus(path)
+    return tokenize_prompts(lm, texts, cfg.gate_prompts, seed=7)
+
+
+def _provenance(cfg: CalibrateConfig) -> dict[str, Any]:
+    return {"corpus": Path(cfg.corpus).name, "offset": cfg.offset, "new_tokens": cfg.new_tokens,
+            "method": "teacher-forced greedy agreement, bootstrap over prompts; speed from measured costs"}
+
+
+def store(artifact: JumpArtifact, found: Found, gate: LearnedGate | None, ms: dict[str, float],
+          provenance: dict[str, Any], precision: str = DENSE) -> None:
+    """Write a calibration's result into the artifact's metadata (see the module docstring)."""
+    ex = artifact.extra
+    ex.pop("exit_setting", None)  # older artifacts kept the best setting apart from what the server ran
+    stored = StoredCalibration.from_extra(ex)
+    stored.with_setting(precision, "approximate", found.best.mode_setting(**provenance)).to_extra(ex)
+    ex["calibration_search"] = {g: c.as_dict() for g, c in found.by_gate.items()}
+    ex["costs_ms"] = {k: round(v, 4) for k, v in ms.items()}
+    if gate is not None:
+        learned = found.by_gate.get("learned")
+        gate.threshold = learned.threshold if learned is not None else 1.0
+        ex["gate"] = {**gate.to_dict(), "min_layer": learned.min_layer if learned else 1,
+                      "stride": learned.stride if learned else 1}
+
+
+def store_exact(artifact: JumpArtifact, exact: ExactCalibration, provenance: dict[str, Any],
+                precision: str = DENSE) -> None:
+    """Write exact mode's calibrated setting into the artifact's ``extra["exit"]``."""
+    stored = StoredCalibration.from_extra(artifact.extra)
+    stored.with_setting(precision, "exact", exact.mode_setting(**provenance)).to_extra(artifact.extra)

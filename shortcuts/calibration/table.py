@@ -1,0 +1,157 @@
+"""Teacher-forced exit statistics: what every exit level would decide at every decode step.
+
+One full forward pass over prompt + the full model's own greedy continuation gives, for each
+decode step and each level l, the exit head's top-1, confidence and entropy, and the full
+model's top-1. With the catch-up KV policy the early-exit decoder sees exactly these states
+(skipped layers' keys/values are the full model's, computed later), so replaying a gate over the
+table (``replay``) gives, without decoding again, the exit layer and the token the decoder would
+pick at each step given the full model's prefix. ``EarlyExitDecoder.follow`` checks this by decoding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from shortcuts.adapter import CausalLM
+from shortcuts.collect import block_outputs
+from shortcuts.engine.exit_head import ExitHead, entropy
+from shortcuts.engine.learned_gate import head_stats
+
+
+@dataclass
+class LevelTable:
+    """Per decode step n and level l (column l-1, l = 1..L-1) what the exit head says."""
+
+    confidence: Tensor  # (N, L-1) max softmax probability
+    entropy: Tensor  # (N, L-1) nats
+    top: Tensor  # (N, L-1) top-1 token
+    final_top: Tensor  # (N,) the full model's top-1
+    prompt: Tensor  # (N,) which prompt the step belongs to
+    num_layers: int
+    # what the learned gate's features need (None in tables built by hand)
+    margin: Tensor | None = None  # (N, L-1) top-1 minus top-2 probability
+    delta: Tensor | None = None  # (N, L-1) norm(h_l - h_{l-1}) / norm(h_{l-1}), h_0 the embedding
+    final_conf: Tensor | None = None  # (N,) the full model's max probability
+
+    def __len__(self) -> int:
+        return int(self.final_top.shape[0])
+
+    @property
+    def num_prompts(self) -> int:
+        return int(self.prompt.max()) + 1 if len(self) else 0
+
+    @staticmethod
+    def cat(tables: list[LevelTable]) -> LevelTable:
+        offsets = [0]
+        for t in tables[:-1]:
+            offsets.append(offsets[-1] + t.num_prompts)
+
+        def cat(k: str) -> Tensor | None:
+            parts = [getattr(t, k) for t in tables]
+            return None if any(p is None for p in parts) else torch.cat(parts)
+
+        return LevelTable(*(cat(k) for k in ("confidence", "entropy", "top", "final_top")),  # type: ignore[arg-type, call-arg]
+                          torch.cat([t.prompt + o for t, o in zip(tables, offsets, strict=True)]),
+                          tables[0].num_layers, cat("margin"), cat("delta"), cat("final_conf"))
+
+    @property
+    def step_rank(self) -> Tensor:
+        """(N,) the index of each row within its prompt (rows are in prompt, then step, order)."""
+        first = torch.full((self.num_prompts,), len(self), dtype=torch.long).scatter_reduce_(
+            0, self.prompt, torch.arange(len(self)), "amin")
+        return torch.arange(len(self)) - first[self.prompt]
+
+
+# --- the full model's continuations and every level's states --------------------------------------------
+@torch.inference_mode()
+def continuations(lm: CausalLM, prompts: list[list[int]], new_tokens: int, batch_size: int = 16) -> list[list[int]]:
+    """The full model's greedy continuation of each prompt, ``new_tokens`` long (EOS suppressed)."""
+    pad = lm.tokenizer.pad_token_id or 0
+    out: list[list[int]] = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="reference", unit="batch"):
+        batch = prompts[start : start + batch_size]
+        width = max(len(p) for p in batch)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=lm.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=lm.device)
+        gen = lm.model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                                min_new_tokens=new_tokens, pad_token_id=pad)
+        out += gen[:, width:].tolist()
+    return out
+
+
+@torch.inference_mode()
+def all_levels(lm: CausalLM, ids: list[list[int]]) -> Tensor:
+    """(B, T, L+1, d) states of a right-padded batch: the embedding (block 1's input) and each block's output."""
+    first: list[Tensor] = []
+
+    def grab(_m: object, args: tuple, kwargs: dict) -> None:
+        first.append(args[0] if args else kwargs["hidden_states"])
+
+    hook = lm.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        outs = block_outputs(lm, ids)
+    finally:
+        hook.remove()
+    return torch.stack([first[0], *outs], dim=2)
+
+
+# --- the table ---------------------------------------------------------------------------------------
+def _head_stats(logits: Tensor, with_entropy: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(n, V) logits -> confidence, entropy (NaN unless ``with_entropy``: it costs as much again), top-1,
+    margin (top-1 minus top-2 probability)."""
+    conf, margin, top = head_stats(logits)
+    return conf, entropy(logits) if with_entropy else torch.full_like(conf, float("nan")), top, margin
+
+
+@torch.inference_mode()
+def states_table(head: ExitHead, full_head: Callable[[Tensor], Tensor], states: Tensor, prompt: Tensor,
+                 num_layers: int, chunk: int = 256, with_entropy: bool = True) -> LevelTable:
+    """The table of decode-step states (N, L+1, d): level 0 the embedding, 1..L-1 the exit levels,
+    L the final state (pre-norm); ``full_head`` maps final states to the model's logits."""
+    L = num_layers
+
+    def chunks(x: Tensor, fn: Callable[[Tensor], tuple[Tensor, ...]]) -> list[Tensor]:
+        parts = [fn(x[s : s + chunk]) for s in range(0, len(x), chunk)]
+        return [torch.cat(p) for p in zip(*parts, strict=True)]
+
+    final_conf, _, final_top, _ = chunks(states[:, L], lambda f: _head_stats(full_head(f.float()), False))
+    stats = [chunks(states[:, lv], lambda h, lv=lv: _head_stats(head(h.float(), lv), with_entropy))  # type: ignore[misc]
+             for lv in range(1, L)]
+    conf, ent, top, margin = (torch.stack([s[k] for s in stats], dim=1).cpu() for k in range(4))
+    x = states.float()
+    delta = (x[:, 1:L] - x[:, : L - 1]).norm(dim=-1) / x[:, : L - 1].norm(dim=-1).clamp_min(1e-6)
+    return LevelTable(conf, ent, top, final_top.cpu(), prompt.cpu(), L, margin, delta.cpu(), final_conf.cpu())
+
+
+@torch.inference_mode()
+def _batch_table(lm: CausalLM, head: ExitHead, prompts: list[list[int]], conts: list[list[int]],
+                 chunk: int, with_entropy: bool) -> LevelTable:
+    """Decode steps k = 1..K-1 of each continuation: the state at position len(prompt)+k-1 (fed
+    token k-1) predicts token k. Step 0 is the prefill, always full depth, so it is left out."""
+    outputs = all_levels(lm, [p + c for p, c in zip(prompts, conts, strict=True)])  # (B, T, L+1, d)
+    rows = torch.cat([torch.full((len(c) - 1,), i) for i, c in enumerate(conts)]).to(lm.device)
+    cols = torch.cat([torch.arange(len(p), len(p) + len(c) - 1) for p, c in zip(prompts, conts, strict=True)])
+    return states_table(head, lm.head, outputs[rows, cols.to(lm.device)], rows, lm.num_layers, chunk, with_entropy)
+
+
+def level_table(lm: CausalLM, head: ExitHead, prompts: list[list[int]], conts: list[list[int]],
+                batch_size: int = 8, chunk: int = 256, with_entropy: bool = True) -> LevelTable:
+    """The table for every prompt (in order) and its continuation; see ``_batch_table``."""
+    if not prompts or min(len(c) for c in conts) < 2:
+        raise ValueError("need at least one prompt and continuations of 2+ tokens (step 0 is the prefill)")
+    tables = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="levels", unit="batch"):
+        end = start + batch_size
+        tables.append(_batch_table(lm, head, prompts[start:end], conts[start:end], chunk, with_entropy))
+    return LevelTable.cat(tables)
+
+
+def continued_table(lm: CausalLM, head: ExitHead, prompts: list[list[int]], new_tokens: int,
+                    with_entropy: bool = True) -> LevelTable:
+    """The full model continues ``prompts`` greedily for ``new_tokens``; the table of those steps."""
+    return level_table(lm, head, prompts, continuations(lm, prompts, new_tokens), with_entropy=with_entropy)
