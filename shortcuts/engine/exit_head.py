@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -25,8 +25,15 @@ from shortcuts.engine.weights import Linear, head_format, linear_tensors, prepar
 from shortcuts.heads import HeadContext
 from shortcuts.jump import LowRankJumps
 
-if TYPE_CHECKING:
-    from shortcuts.engine.runner import LayerRunner
+
+class FullHead(Protocol):
+    """What the exit head takes from the runner (``runner.LayerRunner``): its weight format, the final norm
+    and the full head as the runner holds them, and the blocks' dtype."""
+
+    quantization: Quantization
+    final_norm: Norm
+    head: Linear
+    dtype: torch.dtype
 
 HeadKind = Literal["fused", "full", "identity"]
 
@@ -144,7 +151,7 @@ class ExitHead:
     so before ``LayerRunner.release_model_weights``."""
 
     @torch.no_grad()
-    def __init__(self, lm: CausalLM, jump: LowRankJumps | None, runner: LayerRunner | None = None):
+    def __init__(self, lm: CausalLM, jump: LowRankJumps | None, runner: FullHead | None = None):
         self.num_layers = lm.num_layers
         self.placement = lm.placement()
         self.quantization: Quantization = "none" if runner is None else runner.quantization
