@@ -80,6 +80,8 @@ def _calibrate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gate-corpus", default=None,
                    help="training prompts of the learned gate (.jsonl with titles: its fit articles are used)")
     p.add_argument("--gate-prompts", type=int, default=d["gate_prompts"].default)
+    _quantization_args(p, "calibrated: the setting is stored for that precision")
+    p.add_argument("--compile", action="store_true", help="the engine's blocks compiled (as ONEJUMP_COMPILE)")
     p.set_defaults(handler=_calibrate)
 
 
@@ -131,6 +133,8 @@ def _agreement_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _quantization_args(p, "replayed (its stored setting resolves)")
+    p.add_argument("--compile", action="store_true", help="the engine's blocks compiled (as ONEJUMP_COMPILE)")
     p.set_defaults(handler=_agreement)
 
 
@@ -139,6 +143,13 @@ def _inspect(args: argparse.Namespace) -> int:
 
     print(json.dumps(JumpArtifact.load(args.jump).metadata(), indent=1))
     return 0
+
+
+def _quantization_args(p: argparse.ArgumentParser, what: str) -> None:
+    from shortcuts.engine.settings import QUANTIZATIONS
+
+    p.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
+                   help=f"the engine's weight format {what} (quantized from the dense weights: docs/quantization.md)")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -170,6 +181,7 @@ def _fit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--variants", nargs="+", default=list(d["variants"].default))  # type: ignore[arg-type]
     p.add_argument("--default-variant", default=None, help="force the saved default; else by predicted speed")
     p.add_argument("--no-plots", dest="plots", action="store_false")
+    _quantization_args(p, "the default variant's speed is predicted at")
     p.set_defaults(handler=_fit)
 
 
