@@ -451,6 +451,10 @@ class ModelCard(BaseModel):
     early_exit: dict[str, dict[str, Any]] | None = Field(
         None, description="onejump: the exit setting a request in each mode runs when its early_exit names no "
         "field (mode -> setting, where it came from and the precision it was measured at); null while loading")
+    weights: dict[str, Any] | None = Field(
+        None, description="onejump: the engine's weight format (quantization), the bytes of its matrices (weights_mb) "
+        "and the load-time self-check (self_check: its logits against the model run with the same weights, "
+        "'math', and against the dense model, 'error', as shares of the logits' scale); null while loading")
 
 
 class ModelList(BaseModel):

@@ -12,6 +12,13 @@ position, to full depth's. ``setting`` and ``exact_setting`` are the resolved se
 tokens by source, full-depth passes, and tokens per pass. Prompt files: ``shortcuts.prompts`` (text
 lines, ``{"text": ...}``, ``{"messages": [...]}`` chat requests).
 
+``--quantization none,int8,int4`` adds the engine arms at every listed weight format (``engine.weights``;
+``off@int8``, ``approximate@int8``, ... each at the setting stored for that precision) to the same run,
+and ``quantization``: per format its full depth's tok/s, the share of its tokens equal to the dense
+model's full depth (``same_as_none``), the megabytes of its matrices, its load-time self-check, and its
+exits' speed against its own full depth. ``--llama-cpp FILE.gguf`` adds llama.cpp (llama-cpp-python, the
+optional ``llama`` extra) continuing the same token ids greedily, one more arm of the same run.
+
 ``--graphs`` adds the engine arms run through CUDA graphs (``*_graphs``; on a CPU the same static
 shapes run eagerly); ``--batch-size N`` times batches of N prompts (the engine's continuous batch, HF
 ``generate`` on left-padded prompts) instead of one prompt at a time. ``traces`` gives each engine
@@ -28,10 +35,11 @@ import argparse
 import sys
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shortcuts.calibration.setting import DENSE, Overrides, StoredCalibration, resolve_modes
-from shortcuts.engine.settings import DRAFT_POLICIES, GATES, Mode
+from shortcuts.engine.settings import DRAFT_POLICIES, GATES, QUANTIZATIONS, Mode, Quantization
 from shortcuts.timing import time_arms
 
 if TYPE_CHECKING:
@@ -86,6 +94,7 @@ class Traces:
         self.stats: dict[str, list[Stats]] = {}  # each timed call's Stats
         self.warm: set[str] = set()  # arms whose first call (time_arms' warm-up, not counted) was seen
         self.graphs: dict[str, Any] = {}  # decoder variant -> its SegmentGraphs (captures, a capture's error)
+        self.weights: dict[str, dict[str, Any]] = {}  # weight format -> its decoder's weights report
 
     def record(self, name: str, generations: list[Generation]) -> list[list[int]]:
         """An arm's generations (its tokens returned); the arm's first call is the warm-up, not recorded."""
@@ -110,10 +119,10 @@ class Traces:
 
 def engine_arms(lm: CausalLM, jump: LowRankJumps, learned: LearnedGate | None, exits: ExitSettings,
                 exact: ExitSettings, new_tokens: int, compile: bool, graphs: bool = False, batch_size: int = 1,
-                traces: Traces | None = None) -> dict[str, Callable[[Any], Any]]:
+                traces: Traces | None = None, quantization: Quantization = "none") -> dict[str, Callable[[Any], Any]]:
     """Full depth, approximate and exact mode as arms (and compiled or graphed copies), recording their
     generations in ``traces``. With ``batch_size`` > 1 an arm takes a batch of prompts (the engine's continuous
-    batch of that size)."""
+    batch of that size). At a ``quantization`` other than "none" the arms are named ``off@int8`` and so on."""
     from shortcuts.engine.decoder import EarlyExitDecoder
     from shortcuts.engine.settings import GenerationSettings
 
@@ -122,17 +131,19 @@ def engine_arms(lm: CausalLM, jump: LowRankJumps, learned: LearnedGate | None, e
     variants: list[tuple[str, dict[str, bool]]] = [("", {"graphs": False})]  # the eager engine
     variants += [("_compiled", {"compile": True, "graphs": False})] if compile else []
     variants += [("_graphs", {"graphs": True})] if graphs else []
+    tag = "" if quantization == "none" else f"@{quantization}"
     for suffix, kw in variants:
-        dec = EarlyExitDecoder(lm, jump, learned_gate=learned, **kw)  # type: ignore[arg-type]
+        dec = EarlyExitDecoder(lm, jump, learned_gate=learned, quantization=quantization, **kw)  # type: ignore[arg-type]
         if kw.get("compile"):
             print(f"compiled blocks in {dec.compile_seconds:.1f}s", file=sys.stderr)
         if dec.runner.graphs is not None:
-            traces.graphs[suffix] = dec.runner.graphs
+            traces.graphs[tag + suffix] = dec.runner.graphs
+        traces.weights.setdefault(quantization, dec.weights_report())
         batch = dec.batch(batch_size) if batch_size > 1 else None
         runs: tuple[tuple[Mode, ExitSettings], ...] = (("off", exits), ("approximate", exits), ("exact", exact))
         for mode, setting in runs:
             s = GenerationSettings(max_new_tokens=new_tokens, stop_token_ids=(), exit=replace(setting, mode=mode))
-            name = mode + suffix
+            name = mode + tag + suffix
             if batch is None:
                 arms[name] = lambda ids, d=dec, s=s, n=name: traces.record(n, [d.generate(ids, s)])[0]  # type: ignore[misc]
             else:
@@ -182,10 +193,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device_map = parse_device_map(args.device_map) if args.device_map else None
     lm = CausalLM.load(args.model, dtype=args.dtype, device=args.device, device_map=device_map)
     artifact.check_model(lm)
-    modes = resolve_modes(StoredCalibration.from_extra(artifact.extra), overrides(args), lm.num_layers, DENSE)
+    stored = StoredCalibration.from_extra(artifact.extra)
+    modes = resolve_modes(stored, overrides(args), lm.num_layers, DENSE)
     context = getattr(lm.config, "max_position_embeddings", None) or lm.config.n_positions
     room = min(int(context), DEFAULT_MAX_SEQ_LEN) - args.new_tokens - 1  # what the engine's context leaves
     prompts = read_prompts(lm, args.prompts, args.max_prompts, max_tokens=room)
+    precisions = parse_quantizations(args.quantization)
     weights_gb = torch.cuda.memory_allocated() / 2**30 if lm.device.type == "cuda" else None
     bs = args.batch_size
     arms: dict[str, Callable[[Any], Any]] = {
@@ -195,9 +208,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         arms["hf_prompt_lookup"] = lambda ids: hf_generate(lm, ids, args.new_tokens,
                                                            prompt_lookup_num_tokens=PROMPT_LOOKUP_TOKENS)
     traces = Traces()
-    arms.update(engine_arms(lm, artifact.jump.to(lm.device), LearnedGate.from_extra(artifact.extra),
-                            modes["approximate"].settings, modes["exact"].settings, args.new_tokens, args.compile,
-                            args.graphs, bs, traces))
+    learned = LearnedGate.from_extra(artifact.extra)
+    settings: dict[str, dict[str, Any]] = {}
+    for q in precisions:
+        at = modes if q == DENSE else resolve_modes(stored, overrides(args), lm.num_layers, q)
+        settings[q] = {m: r.report() for m, r in at.items()}
+        arms.update(engine_arms(lm, artifact.jump.to(lm.device), learned, at["approximate"].settings,
+                                at["exact"].settings, args.new_tokens, args.compile, args.graphs, bs, traces,
+                                quantization=q))
+    if args.llama_cpp:
+        if bs != 1:
+            raise ValueError("--llama-cpp times one prompt at a time (--batch-size 1)")
+        arms["llama_cpp"] = llama_cpp_arm(args.llama_cpp, args.new_tokens, torch.get_num_threads())
     units: list[Any] = prompts if bs == 1 else [prompts[i : i + bs] for i in range(0, len(prompts), bs)]
     failed: dict[str, str] = {}
     timed = time_arms(arms, units, failed if args.keep_going else None)
@@ -207,6 +229,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for r in timed.values():
             r["tokens"] = [seq for batch in r["tokens"] for seq in batch]
     result = summarize(timed)
+    result["quantization"] = quantization_report(result, precisions, traces, settings, args.compile)
+    if args.llama_cpp and "llama_cpp" in result["tok_s"]:
+        result["llama_cpp"] = {"gguf": str(args.llama_cpp), "tok_s": result["tok_s"]["llama_cpp"],
+                               "same_as_none": result["same_as_off"]["llama_cpp"],
+                               "file_mb": round(Path(args.llama_cpp).stat().st_size / 2**20, 1)}
     memory = None if weights_gb is None else {"weights": weights_gb, "peak": torch.cuda.max_memory_allocated() / 2**30}
     return {**result, "setting": modes["approximate"].report(), "exact_setting": modes["exact"].report(),
             "exact_drafts": draft_report(traces.stats.get("exact", [])),
@@ -216,6 +243,61 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "num_layers": lm.num_layers, "prompts": len(prompts), "batch_size": bs,
             "new_tokens": args.new_tokens, "threads": torch.get_num_threads(), "dtype": args.dtype,
             "gpu_memory_gb": memory, "traces": traces.report(lm.num_layers), "failed_arms": failed}
+
+
+def parse_quantizations(spec: str) -> list[Quantization]:
+    """``none,int8,int4`` -> the weight formats, the dense model's first (every other is compared with it)."""
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    if bad := [n for n in names if n not in QUANTIZATIONS]:
+        raise ValueError(f"--quantization {spec!r}: {', '.join(bad)} not among {', '.join(QUANTIZATIONS)}")
+    return [DENSE, *dict.fromkeys(n for n in names if n != DENSE)]  # type: ignore[list-item]
+
+
+def quantization_report(result: dict[str, Any], precisions: list[Quantization], traces: Traces,
+                        settings: dict[str, dict[str, Any]], compiled: bool) -> dict[str, dict[str, Any]]:
+    """Per weight format: its full depth's tok/s (and compiled), the share of its tokens equal to the dense
+    model's full depth, its matrices' megabytes and self-check, its exits' speed over its own full depth."""
+    tok_s, same = result["tok_s"], result["same_as_off"]
+    out: dict[str, dict[str, Any]] = {}
+    for q in precisions:
+        tag = "" if q == DENSE else f"@{q}"
+        off = f"off{tag}"
+        if off not in tok_s:  # the arm failed (--keep-going)
+            continue
+        w = traces.weights.get(q, {})
+        entry: dict[str, Any] = {"tok_s": tok_s[off], "same_as_none": same[off], "weights_mb": w.get("weights_mb"),
+                                 "self_check": w.get("self_check"), "settings": settings.get(q),
+                                 "exits_vs_full_depth": {m: tok_s[f"{m}{tag}"] / tok_s[off]
+                                                         for m in ("approximate", "exact") if f"{m}{tag}" in tok_s}}
+        if compiled and f"{off}_compiled" in tok_s:
+            entry["tok_s_compiled"] = tok_s[f"{off}_compiled"]
+            entry["same_as_none_compiled"] = same[f"{off}_compiled"]
+        out[q] = entry
+    return out
+
+
+def llama_cpp_arm(gguf: str | Path, new_tokens: int, threads: int) -> Callable[[list[int]], list[int]]:
+    """An arm continuing a prompt's token ids with llama.cpp (llama-cpp-python), greedily, exactly
+    ``new_tokens`` tokens (EOS ignored, as every arm), on ``threads`` threads; the GGUF holds the same
+    model (its vocabulary is the model's, so the token ids compare)."""
+    try:
+        from llama_cpp import Llama
+    except ImportError as e:
+        raise ImportError("--llama-cpp needs llama-cpp-python: pip install 'onejump[llama]' (it builds llama.cpp, "
+                          "about 40 minutes on two cores)") from e
+    if not Path(gguf).is_file():
+        raise FileNotFoundError(f"--llama-cpp: GGUF file not found: {gguf}")
+    llm = Llama(model_path=str(gguf), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
+
+    def arm(ids: list[int]) -> list[int]:
+        out: list[int] = []
+        for token in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            out.append(int(token))
+            if len(out) == new_tokens:
+                break
+        return out
+
+    return arm
 
 
 def text_report(r: dict[str, Any]) -> str:
@@ -231,6 +313,13 @@ def text_report(r: dict[str, Any]) -> str:
     if d:
         lines.append(f"exact drafts: drafted {d['drafted']}, accepted {d['accepted']}, "
                      f"{d['tokens_per_verification']} tokens per full-depth pass")
+    quant = r.get("quantization") or {}
+    if len(quant) > 1:
+        lines.append(f"{'weights':<10} {'MB':>7} {'tok/s':>8} {'vs none':>8} {'same as none':>13}")
+        base = quant[DENSE]["tok_s"]
+        for q, e in quant.items():
+            lines.append(f"{q:<10} {e['weights_mb'] or 0:7.1f} {e['tok_s']:8.2f} {e['tok_s'] / base:8.2f} "
+                         f"{e['same_as_none']:13.3f}")
     return "\n".join(lines)
 
 
@@ -261,4 +350,8 @@ def add_parser(sub: argparse._SubParsersAction, model_args: Callable[[argparse.A
     p.add_argument("--max-draft", type=int, default=None)
     p.add_argument("--ngram-min", type=int, default=None)
     p.add_argument("--ngram-max", type=int, default=None)
+    p.add_argument("--quantization", default="none", help="comma-separated weight formats to time side by side (of "
+                   f"{', '.join(QUANTIZATIONS)}; the dense model's always): every arm at each (docs/quantization.md)")
+    p.add_argument("--llama-cpp", default=None, metavar="FILE.gguf",
+                   help="also time llama.cpp on this GGUF of the same model (llama-cpp-python: the llama extra)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -93,6 +93,8 @@ def _calibrate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exact-max-prompts", type=int, default=d["exact_max_prompts"].default)
     p.add_argument("--exact-only", action="store_true", help="calibrate exact mode's draft policy only (keep the "
                    "stored approximate setting)")
+    _quantization_args(p, "calibrated: the setting is stored for that precision")
+    p.add_argument("--compile", action="store_true", help="the engine's blocks compiled (as ONEJUMP_COMPILE)")
     p.set_defaults(handler=_calibrate)
 
 
@@ -147,6 +149,8 @@ def _agreement_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _quantization_args(p, "replayed (its stored setting resolves)")
+    p.add_argument("--compile", action="store_true", help="the engine's blocks compiled (as ONEJUMP_COMPILE)")
     p.set_defaults(handler=_agreement)
 
 
@@ -155,6 +159,13 @@ def _inspect(args: argparse.Namespace) -> int:
 
     print(json.dumps(JumpArtifact.load(args.jump).metadata(), indent=1))
     return 0
+
+
+def _quantization_args(p: argparse.ArgumentParser, what: str) -> None:
+    from shortcuts.engine.settings import QUANTIZATIONS
+
+    p.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
+                   help=f"the engine's weight format {what} (quantized from the dense weights: docs/quantization.md)")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -186,6 +197,7 @@ def _fit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--variants", nargs="+", default=list(d["variants"].default))  # type: ignore[arg-type]
     p.add_argument("--default-variant", default=None, help="force the saved default; else by predicted speed")
     p.add_argument("--no-plots", dest="plots", action="store_false")
+    _quantization_args(p, "the default variant's speed is predicted at")
     p.set_defaults(handler=_fit)
 
 

@@ -510,7 +510,9 @@ def test_load_refuses_a_runner_that_does_not_reproduce_the_model(make_tiny: Call
     back, as a transformers release changing a block's math would) is refused at load."""
     lm = make_tiny("llama")
     runner = LayerRunner(lm)
-    assert runner.self_check() < 1e-5
+    check = runner.self_check()
+    assert check.math < 1e-5
+    assert check.error == check.math  # format "none": the dense model is the reference
     down = lm.layers[1].mlp.down_proj
     down.weight = torch.nn.Parameter(down.weight.detach() * 1.5)  # the model changes; the runner's copy does not
     from shortcuts.errors import UnsupportedModelError
@@ -569,11 +571,12 @@ def test_distribution_survives_extreme_temperature_and_top_p() -> None:
 
 
 def test_quantized_weights_are_refused_with_a_message(make_tiny: Callable[..., CausalLM]) -> None:
-    """Integer (bitsandbytes-style) weights in the blocks: refused by name, never decoded wrongly."""
+    """Integer (a pre-quantized checkpoint's) weights in the blocks: refused with what to do instead (load
+    the dense model, choose the engine's weight format), never decoded wrongly."""
     from shortcuts.errors import UnsupportedModelError
 
     lm = make_tiny("llama")
     proj = lm.layers[0].self_attn.q_proj
     proj.weight = torch.nn.Parameter(proj.weight.detach().to(torch.int8), requires_grad=False)
-    with pytest.raises(UnsupportedModelError, match="8/4-bit"):
+    with pytest.raises(UnsupportedModelError, match="already quantized.*ONEJUMP_QUANTIZATION"):
         LayerRunner(lm)

@@ -32,8 +32,10 @@ from shortcuts.calibration.search import Calibration, Found, SearchSpace, calibr
 from shortcuts.calibration.setting import DENSE, Overrides, StoredCalibration, resolve
 from shortcuts.calibration.table import LevelTable, continued_table
 from shortcuts.collect import read_corpus
+from shortcuts.engine.decoder import EarlyExitDecoder
 from shortcuts.engine.exit_head import ExitHead
 from shortcuts.engine.learned_gate import LearnedGate
+from shortcuts.engine.settings import Quantization
 from shortcuts.prompts import article_split, held_out_prompts, read_prompts, tokenize_prompts
 
 if TYPE_CHECKING:
@@ -78,20 +80,22 @@ def calibrate_approximate(lm: CausalLM, artifact: JumpArtifact, cfg: CalibrateCo
     if bad_layers := [m for m in space.first_levels(L) if not 1 <= m < L]:
         raise ValueError(f"min_layer {bad_layers} must be in [1, {L - 1}]")
     gate = LearnedGate.from_extra(artifact.extra)
+    engine = precision_engine(lm, artifact, cfg.quantization, cfg.compile)
     if "learned" in cfg.gates and cfg.gate_corpus and cfg.gate_prompts > 0:
-        gate = fit_learned_gate(table_of(lm, artifact, gate_prompts(lm, cfg), cfg.new_tokens))
+        gate = fit_learned_gate(table_of(lm, artifact, gate_prompts(lm, cfg), cfg.new_tokens, engine))
     prompts = held_out_prompts(lm, cfg.corpus, cfg.prompts, offset=cfg.offset)
-    table = table_of(lm, artifact, prompts, cfg.new_tokens)
-    ms = measure(lm, artifact.jump.to(lm.device), gate)
+    table = table_of(lm, artifact, prompts, cfg.new_tokens, engine)
+    ms = measure(lm, artifact.jump.to(lm.device), gate, quantization=cfg.quantization, compile=cfg.compile)
     found = calibrate(table, ms, gate, space)
-    store(artifact, found, gate, ms, _provenance(cfg))
+    store(artifact, found, gate, ms, _provenance(cfg), precision=cfg.quantization)
     return found.best
 
 
 def calibrate_exact(lm: CausalLM, artifact: JumpArtifact,
                     cfg: CalibrateConfig) -> tuple[DraftCandidate, dict[str, dict[str, float]]]:
     """Exact mode's draft policy, timed on ``cfg.exact_prompts`` (``calibration.drafts``; its exit drafts at
-    approximate mode's stored setting), stored in ``artifact`` (not saved)."""
+    approximate mode's stored setting), stored in ``artifact`` (not saved). Timed on the dense model: stored
+    for precision "none" (a quantized server reads it as measured at "none")."""
     from shortcuts.calibration.drafts import candidates, choose, time_candidates
     from shortcuts.engine.decoder import DEFAULT_MAX_SEQ_LEN
 
@@ -113,9 +117,21 @@ def calibrate_exact(lm: CausalLM, artifact: JumpArtifact,
     return best, speeds
 
 
-def table_of(lm: CausalLM, artifact: JumpArtifact, prompts: list[list[int]], new_tokens: int) -> LevelTable:
-    """The level table of the artifact's exit head on ``prompts`` continued by the full model."""
-    return continued_table(lm, ExitHead(lm, artifact.jump.to(lm.device)), prompts, new_tokens)
+def precision_engine(lm: CausalLM, artifact: JumpArtifact, quantization: Quantization,
+                     compile: bool = False) -> EarlyExitDecoder | None:
+    """The engine a calibration at weight format ``quantization`` reads its table from; None for the dense
+    model run eagerly (the model's own forward gives the same states, faster for a whole corpus)."""
+    if quantization == DENSE and not compile:
+        return None
+    return EarlyExitDecoder(lm, artifact.jump.to(lm.device), quantization=quantization, compile=compile)
+
+
+def table_of(lm: CausalLM, artifact: JumpArtifact, prompts: list[list[int]], new_tokens: int,
+             engine: EarlyExitDecoder | None = None) -> LevelTable:
+    """The level table of the artifact's exit head on ``prompts`` continued by the full model (by ``engine``
+    at its weight format when given)."""
+    head = engine.exit_head if engine is not None else ExitHead(lm, artifact.jump.to(lm.device))
+    return continued_table(lm, head, prompts, new_tokens, engine=engine)
 
 
 def gate_prompts(lm: CausalLM, cfg: CalibrateConfig) -> list[list[int]]:
@@ -132,16 +148,23 @@ def gate_prompts(lm: CausalLM, cfg: CalibrateConfig) -> list[list[int]]:
 
 def _provenance(cfg: CalibrateConfig) -> dict[str, Any]:
     return {"corpus": Path(cfg.corpus).name, "offset": cfg.offset, "new_tokens": cfg.new_tokens,
-            "method": "teacher-forced greedy agreement, bootstrap over prompts; speed from measured costs"}
+            "method": "teacher-forced greedy agreement, bootstrap over prompts; speed from measured costs",
+            **({"compiled": True} if cfg.compile else {})}
 
 
 def store(artifact: JumpArtifact, found: Found, gate: LearnedGate | None, ms: dict[str, float],
           provenance: dict[str, Any], precision: str = DENSE) -> None:
-    """Write a calibration's result into the artifact's metadata (see the module docstring)."""
+    """Write a calibration's result into the artifact's metadata (see the module docstring). At a precision
+    other than the dense model's, only that precision's setting is written, with its costs in ``measured``
+    (the search summary, the costs and the learned gate stay the dense model's)."""
     ex = artifact.extra
     ex.pop("exit_setting", None)  # older artifacts kept the best setting apart from what the server ran
     stored = StoredCalibration.from_extra(ex)
+    if precision != DENSE:
+        provenance = {**provenance, "costs_ms": {k: round(v, 4) for k, v in ms.items()}}
     stored.with_setting(precision, "approximate", found.best.mode_setting(**provenance)).to_extra(ex)
+    if precision != DENSE:
+        return
     ex["calibration_search"] = {g: c.as_dict() for g, c in found.by_gate.items()}
     ex["costs_ms"] = {k: round(v, 4) for k, v in ms.items()}
     if gate is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shortcuts.engine.settings import Gate
+from shortcuts.engine.settings import Gate, Quantization
 
 CALIBRATED_GATES: tuple[Gate, ...] = ("confidence", "entropy", "learned")  # the gate kinds a search ranks
 
@@ -32,6 +32,8 @@ class CalibrateConfig:
     exact_only: bool = False  # keep approximate mode's stored setting, calibrate exact mode's draft policy
     device: str = "cpu"
     dtype: str = "float32"
+    quantization: Quantization = "none"  # the engine's weight format the setting is calibrated (and stored) for
+    compile: bool = False  # the engine's blocks compiled (int8 then keeps float32 activations)
 
 
 @dataclass
@@ -49,3 +51,5 @@ class AgreementConfig:
     device: str = "cpu"
     dtype: str = "float32"
     threads: int | None = None
+    quantization: Quantization = "none"  # the weight format replayed (and whose stored setting resolves)
+    compile: bool = False
