@@ -10,12 +10,14 @@ Mode = Literal["off", "approximate", "exact"]
 Gate = Literal["confidence", "entropy", "patience", "learned"]
 KVPolicy = Literal["catchup", "copy"]
 DraftPolicy = Literal["auto", "ngram", "exit", "none"]
+DraftSource = Literal["ngram", "exit"]  # where a draft came from (the policies that draft by themselves)
 Quantization = Literal["none", "int8", "int4", "bnb-8bit", "bnb-4bit"]
 
 MODES = ("off", "approximate", "exact")
 GATES = ("confidence", "entropy", "patience", "learned")
 KV_POLICIES = ("catchup", "copy")
 DRAFT_POLICIES = ("auto", "ngram", "exit", "none")
+DRAFT_SOURCES: tuple[DraftSource, ...] = ("ngram", "exit")
 # weight formats of the engine's block math: dense (the model's dtype), torch's CPU weight-only int8 (per output
 # channel) and int4 (groupwise), bitsandbytes LLM.int8 and 4-bit (nf4)
 QUANTIZATIONS = ("none", "int8", "int4", "bnb-8bit", "bnb-4bit")
@@ -56,9 +58,11 @@ class ExitSettings:
         skipped together with the next token that goes deeper (exact keys/values, delayed);
         "copy" fills the skipped layers' keys/values at once from the exit state.
     max_draft: in exact mode, the most drafted tokens verified by one full-depth pass.
-    draft: in exact mode, where drafts come from: "exit" (the exit head, self-speculation), "ngram"
-        (the longest suffix match in the prompt and output), "auto" (per step, whichever source is
-        predicted to pay), "none" (never draft: full depth).
+    draft: in exact mode, where drafts come from (``drafts``): "exit" (the exit head, self-speculation),
+        "ngram" (the longest suffix match in the prompt and output, prompt lookup), "auto" (per step and
+        per row, the source predicted to yield the most tokens per second, or none), "none" (never
+        draft: full depth).
+    ngram_min, ngram_max: the suffix lengths the n-gram lookup matches, longest first.
     """
 
     mode: Mode = DEFAULT_MODE
@@ -68,8 +72,10 @@ class ExitSettings:
     min_layer: int = 1
     stride: int = 1
     kv_policy: KVPolicy = "catchup"
-    max_draft: int = 4
-    draft: DraftPolicy = "exit"
+    max_draft: int = 8
+    draft: DraftPolicy = "auto"
+    ngram_min: int = 1
+    ngram_max: int = 4
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
@@ -87,6 +93,8 @@ class ExitSettings:
         _check_int("min_layer", self.min_layer, 1)
         _check_int("stride", self.stride, 1)
         _check_int("max_draft", self.max_draft, 1)
+        _check_int("ngram_min", self.ngram_min, 1)
+        _check_int("ngram_max", self.ngram_max, self.ngram_min)
         if self.mode == "exact" and self.kv_policy != "catchup":
             raise ValueError(f"mode='exact' needs kv_policy='catchup' (verification recomputes the skipped "
                              f"layers exactly); got kv_policy={self.kv_policy!r}")
