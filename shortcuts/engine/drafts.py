@@ -46,6 +46,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -142,8 +143,15 @@ class StepCosts:
 
     def step(self, rows: int, positions: int | None = None) -> float:
         """A full-depth step over ``rows`` token rows whose full head judges ``positions`` (default: all)."""
+        if positions is None and rows < len(self._chunks):
+            return self._chunks[rows]
         return _interp(self.sizes, self.blocks, rows) + _interp(self.sizes, self.head, rows if positions is None
                                                                  else positions)
+
+    @cached_property
+    def _chunks(self) -> list[float]:
+        """``step(q)`` for one row's chunk of q = 0..64 tokens, worked out once (a row's plan reads it)."""
+        return [_interp(self.sizes, self.blocks, q) + _interp(self.sizes, self.head, q) for q in range(65)]
 
     def as_dict(self) -> dict[str, object]:
         return {"sizes": list(self.sizes), "blocks_s": [round(b, 6) for b in self.blocks],
