@@ -27,7 +27,7 @@ from shortcuts.engine.settings import Gate, Mode
 
 SEED_LIMIT = 2**63  # seeds are below it: OpenAI's seed is an int64 (and 2**63 is exact in the JSON schema)
 MAX_STOP_STRINGS = 64  # stop strings per request, each at most MAX_STOP_CHARS characters
-MAX_STOP_CHARS = 1024
+MAX_STOP_CHARS = 256  # 64 x 256 characters: the automaton builds in 0.15 s on 2 cores at load 9 (64 x 1024: 0.9 s)
 MAX_LOGIT_BIAS = 1024  # logit_bias entries per request
 TOKEN_ID_DIGITS = 9  # a logit_bias key: a token id below 10**9, decimal, no sign, no leading zero
 TOKEN_ID_PATTERN = rf"^(0|[1-9][0-9]{{0,{TOKEN_ID_DIGITS - 1}}})$"
