@@ -310,8 +310,8 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, description="content may be null only in an assistant message "
                                         "with tool_calls; 400 when the model has no chat template or it cannot "
-                                        "render these messages (e.g. roles out of order), or beyond "
-                                        "ONEJUMP_MAX_PROMPT_TOKENS")
+                                        "render these messages (e.g. roles out of order), or when they render "
+                                        "to no token or beyond ONEJUMP_MAX_PROMPT_TOKENS")
     logprobs: bool = False
     top_logprobs: JsonInt | None = Field(None, ge=0, le=MAX_LOGPROBS, description="needs logprobs=true")
     # OpenAI fields this server refuses unless they ask for nothing (Serving.check_supported)

@@ -100,7 +100,7 @@ class Serving:
         tok = self.engine.model.tokenizer
         if isinstance(req, ChatCompletionRequest):
             ids = self.chat_ids([m.for_template() for m in req.messages])
-            return [Prompt(self._checked(ids), "")]
+            return [Prompt(self._checked(ids, "messages"), "")]
         out = []
         for p in req.prompts:
             if isinstance(p, str):
@@ -119,16 +119,17 @@ class Serving:
         except Exception as e:  # a template that raises on these messages (e.g. roles out of order)
             raise BadRequestError(f"the chat template cannot render these messages: {e}", "messages") from e
 
-    def _checked(self, ids: list[int]) -> list[int]:
+    def _checked(self, ids: list[int], param: str = "prompt") -> list[int]:
+        """The prompt's ids within the limits; a 400 naming ``param`` (``messages`` for a chat) otherwise."""
         limit = min(self.settings.max_prompt_tokens, self.engine.model.context_length - 1)
         vocab = len(self.engine.model.tokenizer)
         if not ids:
-            raise BadRequestError("the prompt has no tokens", "prompt")
+            raise BadRequestError("the prompt has no tokens", param)
         if len(ids) > limit:
-            raise BadRequestError(f"the prompt has {len(ids)} tokens; the limit is {limit}", "prompt")
+            raise BadRequestError(f"the prompt has {len(ids)} tokens; the limit is {limit}", param)
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
-            raise BadRequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})", "prompt")
+            raise BadRequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})", param)
         return ids
 
     def generation_settings(self, req: AnyRequest) -> GenerationSettings:
