@@ -12,7 +12,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q $(WHEELS) -c requirements.lock torch
-	$(PIP) install -q $(WHEELS) -c requirements.lock -e ".[serve,dev]"
+	$(PIP) install -q $(WHEELS) -c requirements.lock -e ".[serve,dev,bnb]"
 	touch $@
 
 lock: setup

@@ -22,8 +22,8 @@ mkdir -p "$OUT" "$WORK"
 export PYTHONPATH="$WORK/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 MODEL="$WORK/models/smollm2-135m-instruct"
 JUMP=docs/results/smollm2-135m/jump.safetensors
-PROMPTS=${GPU_PROMPTS:-evals/workloads/grounded.jsonl}
-OPEN_PROMPTS=${GPU_OPEN_PROMPTS:-evals/workloads/open.jsonl}
+PROMPTS=${GPU_PROMPTS:-evals/workloads/grounded-heldout.jsonl}
+OPEN_PROMPTS=${GPU_OPEN_PROMPTS:-evals/workloads/open-heldout.jsonl}
 NEW_TOKENS=${GPU_NEW_TOKENS:-64}
 failed=()
 
@@ -75,7 +75,7 @@ print(convert_gguf(Path('$gguf'), Path('$MODEL')))"
 
 bench() {  # bench NAME QUANTIZATION BATCH PROMPTS MAX_PROMPTS
   "$PY" -m shortcuts.cli bench --model "$MODEL" --jump "$JUMP" --prompts "$4" --max-prompts "$5" \
-    --new-tokens "$NEW_TOKENS" --device cuda --dtype bfloat16 --quantization "$2" --batch-size "$3" --graphs \
+    --new-tokens "$NEW_TOKENS" --device cuda --dtype bfloat16 --quantization "$2" --batch-size "$3" --graphs --keep-going \
     --json > "$OUT/bench-$1.json"
   tail -c 2000 "$OUT/bench-$1.json"; echo
 }

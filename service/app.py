@@ -123,7 +123,9 @@ def _info_routes(app: FastAPI, engine: Worker, serving: Serving) -> None:
         ready = engine.ready and engine.exit_policy is not None
         length = engine.model.context_length if ready else None
         exits = engine.exit_policy.report() if ready and engine.exit_policy is not None else None
-        return ModelCard(id=name, created=created, root=settings.model, max_model_len=length, early_exit=exits)
+        weights = engine.model.weights_report() if ready else None
+        return ModelCard(id=name, created=created, root=settings.model, max_model_len=length, early_exit=exits,
+                         weights=weights)
 
     @app.get("/v1/models")
     async def models() -> ModelList:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shortcuts.engine.settings import DEFAULT_MODE, Gate, Mode
+from shortcuts.engine.settings import DEFAULT_MODE, DraftPolicy, Gate, Mode, Quantization
 
 if TYPE_CHECKING:
     from shortcuts.placement import DeviceMap
@@ -66,7 +66,11 @@ class Settings(BaseSettings):
                                    "auto, balanced, balanced_low_0, sequential (accelerate's); or a JSON object "
                                    "module -> device. Offloading to disk/meta is refused")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on CUDA")
-    quantization: Literal["none", "8bit", "4bit"] = "none"
+    quantization: Quantization = Field(
+        "none", description="the engine's weight format, quantized at load from the dense weights: none (the "
+        "model's dtype), int8 (per output channel), int4 (groups of 32; the head int8), bnb-8bit (LLM.int8), "
+        "bnb-4bit (nf4 or fp4, the head bnb-8bit); bitsandbytes runs on CPU and CUDA (docs/quantization.md)")
+    bnb_4bit_type: Literal["nf4", "fp4"] = Field("nf4", description="bitsandbytes' 4-bit data type (bnb-4bit)")
     exit_mode: Mode = Field(DEFAULT_MODE, description="the mode of a request that names none")
     exit_gate: Gate | None = Field(
         None, description="default: the artifact's calibrated gate, else confidence")
@@ -75,6 +79,10 @@ class Settings(BaseSettings):
                                     "calibrated value, else 1")
     exit_min_layer: int | None = Field(None, ge=1, description="first exit level; default: the artifact's "
                                        "calibrated value, else 1")
+    exit_draft: DraftPolicy | None = Field(None, description="exact mode's draft source (auto, ngram, exit, none); "
+                                           "default: the artifact's calibrated policy, else auto")
+    exit_max_draft: int | None = Field(None, ge=1, le=16, description="exact mode: most drafts verified at once; "
+                                       "default: the artifact's calibrated value, else 8")
     default_max_tokens: int = Field(16, ge=1, description="max_tokens when a request names none (OpenAI: 16)")
     default_temperature: float = Field(0.0, ge=0.0, description="0 = greedy")
     max_prompt_tokens: int = Field(2048, ge=1)
@@ -164,8 +172,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
-        if self.quantization != "none" and self.device == "cpu":
-            raise ValueError(f"quantization={self.quantization!r} needs CUDA (bitsandbytes); device is 'cpu'")
+        if self.quantization.startswith("bnb") and self.compile:
+            raise ValueError(f"quantization={self.quantization!r} does not compile (bitsandbytes' layers); "
+                             "use int8/int4 with compile, or compile=false")
         bounded = self.exit_gate in (None, "confidence", "learned")
         if self.exit_threshold is not None and bounded and not 0 <= self.exit_threshold <= 1:
             raise ValueError(f"exit_threshold={self.exit_threshold} must be in [0, 1] for the "

@@ -485,8 +485,8 @@ class Worker:
         s = job.stats
         s.finished = time.monotonic()
         st = generation.stats
-        s.layers_computed, s.layers_skipped, s.drafted, s.accepted = (st.layers_computed, st.layers_skipped,
-                                                                      st.drafted, st.accepted)
+        s.layers_computed, s.layers_skipped = st.layers_computed, st.layers_skipped
+        s.drafted, s.accepted = dict(st.drafted_by), dict(st.accepted_by)
         s.layers_saved = layers_saved(generation, self.model.num_layers)
         if generation.finish_reason == "abort" and not job.stop_hit:
             s.failure = "cancelled"  # the client went away

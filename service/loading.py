@@ -90,14 +90,10 @@ class ExitPolicy:
 def exit_policy(extra: dict[str, Any], settings: Settings, num_layers: int) -> ExitPolicy:
     """The server's exit policy for an artifact's ``extra`` (empty without one)."""
     overrides = Overrides(gate=settings.exit_gate, threshold=settings.exit_threshold,
-                          min_layer=settings.exit_min_layer, stride=settings.exit_stride)
-    return ExitPolicy(StoredCalibration.from_extra(extra), overrides, num_layers, precision_of(settings.quantization),
+                          min_layer=settings.exit_min_layer, stride=settings.exit_stride, draft=settings.exit_draft,
+                          max_draft=settings.exit_max_draft)
+    return ExitPolicy(StoredCalibration.from_extra(extra), overrides, num_layers, settings.quantization,
                       settings.exit_mode)
-
-
-def precision_of(quantization: str) -> str:
-    """The stored-setting precision of the service's ``quantization`` (bitsandbytes' formats)."""
-    return {"8bit": "bnb-8bit", "4bit": "bnb-4bit"}.get(quantization, quantization)
 
 
 def load_decoder(settings: Settings) -> tuple[Engine, ExitPolicy]:
@@ -110,8 +106,7 @@ def load_decoder(settings: Settings) -> tuple[Engine, ExitPolicy]:
 
     device_map = settings.device_map_value
     device = resolve_device(settings.device) if device_map is None else map_main_device(device_map)
-    lm = CausalLM.load(settings.model, dtype=resolve_dtype(settings, device), device=device,
-                       quantization=settings.quantization, device_map=device_map)
+    lm = CausalLM.load(settings.model, dtype=resolve_dtype(settings, device), device=device, device_map=device_map)
     jump, extra = None, {}
     if settings.jump:
         artifact = JumpArtifact.load(Path(settings.jump))
@@ -127,7 +122,10 @@ def load_decoder(settings: Settings) -> tuple[Engine, ExitPolicy]:
     log.info("loaded %s on %s (%d layers), jump %s, exit defaults %s", settings.model, lm.placement().describe(),
              lm.num_layers, settings.jump or "none (identity)", defaults)
     decoder = EarlyExitDecoder(lm, jump, max_seq_len=settings.max_prompt_tokens + settings.max_new_tokens,
-                               compile=settings.compile, learned_gate=learned)
+                               compile=settings.compile, learned_gate=learned, quantization=settings.quantization,
+                               bnb_4bit_type=settings.bnb_4bit_type, release=True)
     if settings.compile:
         log.info("compiled the decoder blocks in %.1fs", decoder.compile_seconds)
+    log.info("weights: %s", decoder.weights_report())
+    log.info("step costs of exact mode's draft policy: %s", decoder.step_costs.as_dict())  # timed now, not later
     return decoder, policy

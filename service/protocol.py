@@ -22,7 +22,7 @@ from pydantic import (
 )
 from pydantic.json_schema import SkipJsonSchema
 
-from shortcuts.engine.settings import Gate, Mode
+from shortcuts.engine.settings import DraftPolicy, Gate, Mode
 
 SEED_LIMIT = 2**63  # seeds are below it: OpenAI's seed is an int64 (and 2**63 is exact in the JSON schema)
 MAX_STOP_STRINGS = 64  # stop strings per request, each at most MAX_STOP_CHARS characters
@@ -104,8 +104,14 @@ class EarlyExit(BaseModel):
     stride: int | None = Field(None, ge=1)
     patience: int | None = Field(None, ge=1)
     max_draft: int | None = Field(None, ge=1, le=16, description="exact mode: most drafts verified at once")
+    draft: DraftPolicy | None = Field(None, description="exact mode: where drafts come from: auto (per step, the "
+                                      "source that pays, or none), ngram (prompt lookup), exit (the exit head), "
+                                      "none")
+    ngram_min: int | None = Field(None, ge=1, le=16, description="exact mode: the shortest suffix the n-gram "
+                                  "lookup matches")
+    ngram_max: int | None = Field(None, ge=1, le=16, description="exact mode: the longest suffix it matches")
 
-    @field_validator("min_layer", "stride", "patience", "max_draft", mode="before")
+    @field_validator("min_layer", "stride", "patience", "max_draft", "ngram_min", "ngram_max", mode="before")
     @classmethod
     def _integers(cls, v: object) -> object:
         return integral(v)
@@ -378,6 +384,11 @@ class ExitReport(BaseModel):
                                 "catch-up may run them later")
     layers_saved: int = Field(0, description="evaluations never run: layers x tokens fed - layers_computed")
     acceptance_rate: float | None = None
+    drafted: dict[str, int] | None = Field(None, description="exact mode: drafted tokens by source (ngram, exit)")
+    accepted: dict[str, int] | None = Field(None, description="exact mode: drafted tokens the full model kept, by "
+                                            "source")
+    verifications: int | None = Field(None, description="exact mode: full-depth passes (tokens per pass = "
+                                      "tokens / verifications)")
 
 
 def _id(prefix: str) -> str:
@@ -461,6 +472,10 @@ class ModelCard(BaseModel):
     early_exit: dict[str, dict[str, Any]] | None = Field(
         None, description="onejump: the exit setting a request in each mode runs when its early_exit names no "
         "field (mode -> setting, where it came from and the precision it was measured at); null while loading")
+    weights: dict[str, Any] | None = Field(
+        None, description="onejump: the engine's weight format (quantization), the bytes of its matrices (weights_mb) "
+        "and the load-time self-check (self_check: its logits against the model run with the same weights, "
+        "'math', and against the dense model, 'error', as shares of the logits' scale); null while loading")
 
 
 class ModelList(BaseModel):

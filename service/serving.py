@@ -337,10 +337,18 @@ class Serving:
         drafted = sum(g.stats.drafted for g in gens)
         accepted = sum(g.stats.accepted for g in gens)
         mode = choices[0].job.settings.exit.mode if choices[0].job else "off"
+        exact = mode == "exact" and bool(gens)
+        by: dict[str, dict[str, int]] = {"drafted": {}, "accepted": {}}
+        for g in gens:
+            for key, counts in (("drafted", g.stats.drafted_by), ("accepted", g.stats.accepted_by)):
+                for source, n in counts.items():
+                    by[key][source] = by[key].get(source, 0) + n
         return ExitReport(mode=mode, num_layers=self.engine.model.num_layers, exit_layers=layers,
                           mean_exit_layer=sum(layers) / max(len(layers), 1), layers_computed=computed,
                           layers_skipped=skipped, layers_saved=saved,
-                          acceptance_rate=accepted / drafted if drafted else None)
+                          acceptance_rate=accepted / drafted if drafted else None,
+                          drafted=by["drafted"] if exact else None, accepted=by["accepted"] if exact else None,
+                          verifications=sum(g.stats.verifications for g in gens) if exact else None)
 
     def _chunk(self, base: AnyResponse, c: Choice, delta: str, traces: list[TokenTrace], finish: str | None = None,
                final: AnyResponse | None = None, echo: bool = False) -> dict[str, Any]:

@@ -25,8 +25,6 @@ from shortcuts.architectures import arch_spec
 from shortcuts.errors import UnsupportedModelError
 from shortcuts.placement import DeviceMap, Placement, refuse_offload, resolve_map
 
-Quantization = Literal["none", "8bit", "4bit"]
-
 
 @dataclass(frozen=True)
 class NormSpec:
@@ -66,20 +64,6 @@ def _gguf_dense(extra: dict[str, str]) -> dict[str, Any]:
     return {"quantization_config": GgufConfig(dequantize=True)}
 
 
-def _quantization_config(quantization: Quantization, device: str) -> dict[str, Any]:
-    if quantization == "none":
-        return {}
-    if not device.startswith("cuda") or not torch.cuda.is_available():
-        raise ValueError(f"quantization={quantization!r} needs a CUDA device (bitsandbytes); got device={device!r}")
-    from transformers import BitsAndBytesConfig
-
-    if quantization == "8bit":
-        return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
-    if quantization == "4bit":
-        return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)}
-    raise ValueError(f"quantization must be none, 8bit or 4bit; got {quantization!r}")
-
-
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -104,6 +88,7 @@ class CausalLM:
         self.norm: Any = _get(model, self.spec.norm)
         self.embed_tokens: Any = _get(model, self.spec.embed)
         self.lm_head: Any = self.model.get_output_embeddings()
+        self._vocab_size = int(self.lm_head.weight.shape[0])  # read once: the engine may free the head's weight
         self.softcap: float | None = getattr(self.config, "final_logit_softcapping", None)
 
     @staticmethod
@@ -118,8 +103,9 @@ class CausalLM:
 
     @classmethod
     def load(cls, spec: str | Path, dtype: str = "float32", device: str = "cpu",
-             quantization: Quantization = "none", device_map: DeviceMap | None = None) -> CausalLM:
-        """Load a hub id, a local folder or a ``.gguf`` file; refuse unknown architectures early.
+             device_map: DeviceMap | None = None) -> CausalLM:
+        """Load a hub id, a local folder or a ``.gguf`` file, dense (the engine quantizes the weights itself:
+        ``engine.weights``); refuse unknown architectures early.
         ``device_map`` (``shortcuts.placement``) spreads the modules over several devices instead of
         putting the model on ``device``: a strategy ("auto", "balanced", "sequential"), a device list
         ("cuda:0,cuda:1": the blocks split evenly) or a dict; offloading to disk or meta is refused."""
@@ -128,17 +114,14 @@ class CausalLM:
         config = cls.load_config(spec)  # fail before loading any weights
         source, extra = _split_spec(spec)
         device = resolve_device(device) if device_map is None else "cuda"  # a map places every module itself
-        kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), **extra, **_gguf_dense(extra),
-                                  **_quantization_config(quantization, device)}
+        kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), **extra, **_gguf_dense(extra)}
         if device_map is not None:
             kwargs["device_map"] = resolve_map(device_map, config)
-        elif quantization != "none":
-            kwargs["device_map"] = device
         model: Any = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         if device_map is not None:
             refuse_offload(getattr(model, "hf_device_map", None) or {},
                            [n for n, p in model.named_parameters() if p.device.type == "meta"])
-        elif quantization == "none":
+        else:
             model = model.to(device)
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
         if tokenizer.pad_token_id is None:
@@ -156,7 +139,7 @@ class CausalLM:
 
     @property
     def vocab_size(self) -> int:
-        return int(self.lm_head.weight.shape[0])
+        return self._vocab_size
 
     @property
     def device(self) -> torch.device:

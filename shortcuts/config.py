@@ -35,6 +35,7 @@ class FitConfig:
     target: float = 0.95  # greedy agreement the default variant's exits must keep (lower bound)
     select_prompts: int = 32  # validation prompts continued greedily to predict each variant's speed
     select_new_tokens: int = 24
+    quantization: str = "none"  # the engine's weight format the default variant's speed is predicted at
     plots: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shortcuts.engine.settings import Gate
+from shortcuts.engine.settings import Gate, Quantization
 
 CALIBRATED_GATES: tuple[Gate, ...] = ("confidence", "entropy", "learned")  # the gate kinds a search ranks
 
@@ -27,8 +27,13 @@ class CalibrateConfig:
     strides: tuple[int, ...] = ()  # check every stride-th level; () = (stride,)
     gate_corpus: str | None = None  # training prompts of the learned gate (.jsonl with titles: fit articles)
     gate_prompts: int = 100
+    exact_prompts: tuple[str, ...] = ()  # prompt files exact mode's draft policy is timed on (the first: grounded)
+    exact_max_prompts: int = 12  # prompts of each file
+    exact_only: bool = False  # keep approximate mode's stored setting, calibrate exact mode's draft policy
     device: str = "cpu"
     dtype: str = "float32"
+    quantization: Quantization = "none"  # the engine's weight format the setting is calibrated (and stored) for
+    compile: bool = False  # the engine's blocks compiled (int8 then keeps float32 activations)
 
 
 @dataclass
@@ -46,3 +51,5 @@ class AgreementConfig:
     device: str = "cpu"
     dtype: str = "float32"
     threads: int | None = None
+    quantization: Quantization = "none"  # the weight format replayed (and whose stored setting resolves)
+    compile: bool = False

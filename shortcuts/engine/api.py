@@ -60,3 +60,5 @@ class Engine(Protocol):
     def score(self, prompt_ids: list[int], top_n: int = 0, stop: Callable[[], bool] | None = None,
               chunk: int = ...) -> list[tuple[float, TopLogprobs]]:
         """Prompt logprobs, ``chunk`` tokens a pass; ``stop`` (asked between chunks) raises ``Cancelled``."""
+
+    def weights_report(self) -> dict[str, Any]: ...  # the weight format, its size, the load-time self-check

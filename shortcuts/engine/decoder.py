@@ -30,11 +30,12 @@ import torch
 
 from shortcuts.adapter import CausalLM
 from shortcuts.engine.batch import PREFILL_CHUNK, BatchDecoder, Stop
+from shortcuts.engine.drafts import DraftStats, StepCosts
 from shortcuts.engine.exit_head import ExitHead
-from shortcuts.engine.runner import LayerRunner
+from shortcuts.engine.runner import LayerRunner, SelfCheck
 from shortcuts.engine.sampling import TopLogprobs
 from shortcuts.engine.sequence import Generation, SequenceRun, Stats, TokenTrace
-from shortcuts.engine.settings import GenerationSettings
+from shortcuts.engine.settings import GenerationSettings, Quantization
 from shortcuts.errors import Cancelled
 from shortcuts.jump import LowRankJumps
 
@@ -51,29 +52,50 @@ class EarlyExitDecoder:
 
     ``jump`` None uses the identity shortcut (the logit lens) as exit head. ``max_seq_len`` caps
     the positions the static KV caches hold (default: the model's context, at most 2048).
-    ``check`` compares the layer-by-layer pass with the model's own logits first (``LayerRunner.self_check``);
-    ``compile`` runs the blocks under ``torch.compile`` (``runner.compiled_block``), compiled here;
-    ``graphs`` runs runs of blocks at static shapes, as CUDA graphs on a GPU (``graphs.SegmentGraphs``;
-    "auto": on a GPU only)."""
+    ``check`` compares the layer-by-layer pass with the model's own logits first (``LayerRunner.self_check``,
+    its figures in ``self_check``); ``compile`` runs the blocks under ``torch.compile``
+    (``runner.compiled_block``), compiled here; ``graphs`` runs runs of blocks at static shapes, as CUDA
+    graphs on a GPU (``graphs.SegmentGraphs``; "auto": on a GPU only). ``quantization``: the weight format
+    of every matrix (``weights``; the exit head's included); ``dtype``: the blocks' activations and KV cache
+    (default: the model's). ``release``: free the model's own copies of the matrices the engine holds
+    (``LayerRunner.release_model_weights``): the model's ``forward`` no longer works after."""
 
     def __init__(self, lm: CausalLM, jump: LowRankJumps | None = None, max_seq_len: int | None = None,
                  check: bool = True, compile: bool = False, learned_gate: LearnedGate | None = None,
-                 graphs: bool | str = "auto"):
+                 graphs: bool | str = "auto", quantization: Quantization = "none", release: bool = False,
+                 bnb_4bit_type: str = "nf4", dtype: torch.dtype | None = None):
         self.lm = lm
         if learned_gate is not None and learned_gate.num_layers != lm.num_layers:
             raise ValueError(f"the learned gate is for {learned_gate.num_layers} layers, the model has {lm.num_layers}")
         self.learned_gate = learned_gate
-        self.runner = LayerRunner(lm, max_seq_len or DEFAULT_MAX_SEQ_LEN, compile=compile)
+        self.runner = LayerRunner(lm, max_seq_len or DEFAULT_MAX_SEQ_LEN, compile=compile, quantization=quantization,
+                                  dtype=dtype, bnb_4bit_type=bnb_4bit_type)
         self.compile_seconds = self.runner.warm_up() if compile else 0.0
-        if check:
-            self.runner.self_check()
+        self.self_check: SelfCheck | None = self.runner.self_check() if check else None
         if graphs is True or (graphs == "auto" and lm.device.type == "cuda" and not compile):
             self.runner.use_graphs(max_rows=64)
         self.num_layers = lm.num_layers
-        self.exit_head = ExitHead(lm, jump)
+        self.exit_head = ExitHead(lm, jump, self.runner)
+        if release:
+            self.runner.release_model_weights()
         eos = lm.config.eos_token_id
         self.eos_ids: tuple[int, ...] = () if eos is None else tuple(eos) if isinstance(eos, list) else (int(eos),)
         self._single: BatchDecoder | None = None
+        self._step_costs: StepCosts | None = None
+        self.draft_stats = DraftStats()  # what exact mode's rows learned about their drafts (the auto policy)
+
+    @property
+    def step_costs(self) -> StepCosts:
+        """The measured cost of full-depth steps by chunk size, which exact mode's ``auto`` draft
+        policy weighs drafts with: timed on first use (``StepCosts.measure``, about 30 passes of the
+        model; a server times it at start-up), or set."""
+        if self._step_costs is None:
+            self._step_costs = StepCosts.measure(self)
+        return self._step_costs
+
+    @step_costs.setter
+    def step_costs(self, costs: StepCosts) -> None:
+        self._step_costs = costs
 
     @property
     def single(self) -> BatchDecoder:
@@ -94,6 +116,16 @@ class EarlyExitDecoder:
     @property
     def tokenizer(self) -> Any:
         return self.lm.tokenizer
+
+    @property
+    def quantization(self) -> Quantization:
+        return self.runner.quantization
+
+    def weights_report(self) -> dict[str, Any]:
+        """The weight format, the megabytes of the engine's matrices (blocks and head) and the self-check's
+        figures (``runner.SelfCheck``; None when it did not run)."""
+        return {"quantization": self.quantization, "weights_mb": round(self.runner.weights_bytes / 2**20, 1),
+                "self_check": None if self.self_check is None else self.self_check.to_dict()}
 
     # --- public API ------------------------------------------------------------------------------
     def generate(self, prompt_ids: list[int], settings: GenerationSettings | None = None) -> Generation:
@@ -152,8 +184,6 @@ class EarlyExitDecoder:
         learned gate it does not have."""
         exits = settings.exit
         exits.check_levels(self.num_layers)
-        if exits.mode == "exact" and exits.draft in ("ngram", "auto"):
-            raise ValueError(f"draft={exits.draft!r} is not implemented by this engine yet; use 'exit' or 'none'")
         if exits.mode != "off" and exits.gate == "learned" and self.learned_gate is None:
             raise ValueError("gate='learned' needs a jump artifact with a learned gate (onejump calibrate --gates "
                              "learned); this server's has none")

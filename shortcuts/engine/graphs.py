@@ -24,6 +24,7 @@ how the tests check it against the eager path, token for token.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -50,6 +51,7 @@ class Stack(Protocol):
     rope: dict[torch.device, dict[str | None, tuple[Tensor, Tensor]]]
     block_fn: Callable[..., Tensor]
 
+log = logging.getLogger("onejump.engine")
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16)
 MIN_KV = 64
@@ -197,6 +199,7 @@ class SegmentGraphs:
         self.segments: dict[tuple[int, Shape, int | None], _Segment] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.captured = 0
+        self.capture_error: str | None = None  # why capturing stopped, if it did
 
     def supports(self, first: int, last: int, h: Tensor, call: RowCall, cache: KVCache,
                  head: LevelHead | None = None) -> bool:
@@ -236,8 +239,12 @@ class SegmentGraphs:
             seg = self.segments[key] = _Segment(self.runner, cache, shape, h.device,
                                                 None if check is None else check.head)
             if self.capture:
-                seg.capture(self.pool)
-                self.captured += 1
+                try:
+                    seg.capture(self.pool)
+                    self.captured += 1
+                except RuntimeError as e:  # an op that syncs with the host (e.g. a kernel library's) cannot be captured
+                    self.capture, self.capture_error = False, f"{type(e).__name__}: {e}"
+                    log.warning("CUDA graph capture failed, static shapes run eagerly from now on: %s", e)
         return seg
 
 
