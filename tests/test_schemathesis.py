@@ -6,7 +6,8 @@ describes (a limit the schema cannot state, such as the vocabulary size, is said
 description), or a 404 for a model name the server does not serve.
 
 The default tier runs ``ONEJUMP_SCHEMATHESIS_EXAMPLES`` (6) examples per operation and mode; the slow test
-runs 1,000 requests or more (``ONEJUMP_SCHEMATHESIS_BIG``, 150 examples per operation and mode; hypothesis stops early where an operation has few distinct inputs) and prints the tally:
+runs 1,000 requests or more (``ONEJUMP_SCHEMATHESIS_BIG``, 150 examples per operation and mode; hypothesis
+stops early where an operation has few distinct inputs) and prints the tally:
 ``pytest -s -m slow tests/test_schemathesis.py``."""
 
 from __future__ import annotations
