@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.models import ARCHS, build_tiny, fitted_jump, prompt_ids, settings, sharpen
+from support.models import arch_params, build_tiny, fitted_jump, prompt_ids, settings, sharpen
 
 from shortcuts.adapter import CausalLM
 from shortcuts.calibration.costs import CostModel
@@ -26,7 +26,7 @@ def _prompts(lm) -> list[list[int]]:
     return [base, base[3:], base[:7]]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", arch_params())
 def test_replayed_gate_equals_teacher_forced_decoding(arch: str) -> None:
     """With catch-up the decoder sees the full model's states, so the table's replay of a gate
     gives exactly the decoder's exit levels and picks, step by step."""

@@ -13,8 +13,8 @@ from collections.abc import Callable
 import pytest
 import torch
 from support.models import (
-    ARCHS,
     PROMPT,
+    arch_params,
     build_tiny,
     catch_up,
     check_catchup_invariants,
@@ -38,7 +38,7 @@ from shortcuts.jump import JumpConfig, LowRankJumps
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(params=ARCHS)
+@pytest.fixture(params=arch_params())
 def sharp(request: pytest.FixtureRequest) -> tuple[CausalLM, EarlyExitDecoder]:
     lm = sharpen(build_tiny(request.param))
     return lm, EarlyExitDecoder(lm, fitted_jump(lm))

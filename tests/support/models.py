@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import pytest
 import torch
 
 from shortcuts.adapter import CausalLM
@@ -206,3 +207,10 @@ def decode_alone(dec: EarlyExitDecoder, ids: list[int],
     while not seq.done:
         batch.step()
     return seq.generation, batch.cache, seq
+
+
+def arch_params(fast: tuple[str, ...] = ("llama", "gpt2")) -> list[object]:
+    """Every architecture as a test parameter: ``fast`` ones (rotary + RMSNorm, and learned positions +
+    LayerNorm) in every tier, the others marked slow, so ``make test-fast`` stays short and ``make test``
+    runs all four."""
+    return [a if a in fast else pytest.param(a, marks=pytest.mark.slow) for a in ARCHS]
