@@ -67,6 +67,7 @@ def test_static_segments_verify_ngram_chunks(arch: str) -> None:
     assert any(shape.tokens > 2 for _, shape, _ in static.runner.graphs.segments)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
 def test_static_segments_in_a_batch_with_catch_up_and_sampling(arch: str) -> None:
     eager, static = _decoders(arch)
