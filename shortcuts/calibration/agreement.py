@@ -74,7 +74,9 @@ def run_agreement(cfg: AgreementConfig) -> dict[str, Any]:
                                                                      gate)},
         "tokens": len(table), "prompts": table.num_prompts,
         "costs": {"source": cfg.costs, "check_blocks": _cost(models, s.gate).check,
-                  "head_blocks": _cost(models, s.gate).head, "skipped_layer_blocks": skip, "ms": ms},
+                  "lens_check_blocks": _cost(models, s.gate).lens, "head_blocks": _cost(models, s.gate).head,
+                  "skipped_layer_blocks": skip, "ms": ms},
+        "lens_levels": list(jump.lens_levels),
         "jump": cfg.jump, "model": lm.name,
     }
 
@@ -88,10 +90,10 @@ def _costs(kind: str, lm: CausalLM, jump: LowRankJumps,
            gate: LearnedGate | None) -> tuple[dict[str, CostModel], float, dict[str, float]]:
     """Cost models per gate kind, a skipped layer's cost (blocks) and the timings (ms) they come from."""
     if kind == "flops":
-        model = CostModel.from_model(lm, jump.config.rank if jump.is_pure else None)
+        model = CostModel.from_model(lm, jump.config.rank if jump.is_pure else None).with_lens(jump.lens_levels)
         return {"confidence": model, "entropy": model, "learned": model}, 0.0, {}
     if kind != "measured":
         raise ValueError(f"costs={kind!r} must be measured or flops")
     ms = measure(lm, jump, gate, repeats=20)
-    models, skip = cost_models(ms)
+    models, skip = cost_models(ms, jump.lens_levels)
     return models, skip, ms

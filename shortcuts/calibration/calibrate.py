@@ -13,7 +13,10 @@ What ``store`` writes in the artifact's metadata:
   approximate mode's setting at the precision it was measured at; what the server, ``bench`` and
   ``agreement`` run (``setting.resolve``). ``store_exact`` writes exact mode's there too;
 - ``extra["gate"]``: the learned gate with its calibrated threshold and levels;
-- ``extra["calibration_search"]``: the best of each gate kind, and ``extra["costs_ms"]``.
+- ``extra["calibration_search"]``: the best of each gate kind, and ``extra["costs_ms"]``;
+- ``extra["exit_heads"]``: each exit-head option searched (the jump everywhere; the logit lens where it
+  predicts better, ``lens.calibrate_heads``) and its result; the chosen option's lens levels are the
+  artifact's ``lens_levels`` (``LowRankJumps.with_lens``), which every reader's exit head then uses.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ from shortcuts.artifact import JumpArtifact
 from shortcuts.calibration.config import CALIBRATED_GATES, CalibrateConfig
 from shortcuts.calibration.costs import measure
 from shortcuts.calibration.exact import ExactCalibration
+from shortcuts.calibration.lens import JUMP, LENS, calibrate_heads, lens_candidates
 from shortcuts.calibration.replay import fit_learned_gate
-from shortcuts.calibration.search import Calibration, Found, SearchSpace, calibrate
+from shortcuts.calibration.search import Calibration, Found, SearchSpace
 from shortcuts.calibration.setting import DENSE, StoredCalibration
-from shortcuts.calibration.table import LevelTable, continued_table
+from shortcuts.calibration.table import LevelTable, TableHead, continuations, level_tables
 from shortcuts.collect import read_corpus
 from shortcuts.engine.exit_head import ExitHead
 from shortcuts.engine.learned_gate import LearnedGate
@@ -53,19 +57,27 @@ def run_calibrate(cfg: CalibrateConfig) -> tuple[Calibration, Path]:
     if bad_layers := [m for m in space.first_levels(L) if not 1 <= m < L]:
         raise ValueError(f"min_layer {bad_layers} must be in [1, {L - 1}]")
     gate = LearnedGate.from_extra(artifact.extra)
+    fit = None
     if "learned" in cfg.gates and cfg.gate_corpus and cfg.gate_prompts > 0:
-        gate = fit_learned_gate(table_of(lm, artifact, gate_prompts(lm, cfg), cfg.new_tokens))
+        fit = tables_of(lm, artifact, gate_prompts(lm, cfg), cfg.new_tokens, cfg.lens)
     prompts = held_out_prompts(lm, cfg.corpus, cfg.prompts, offset=cfg.offset)
-    table = table_of(lm, artifact, prompts, cfg.new_tokens)
-    ms = measure(lm, artifact.jump.to(lm.device), gate)
-    found = calibrate(table, ms, gate, space)
-    store(artifact, found, gate, ms, _provenance(cfg))
-    return found.best, artifact.save(cfg.out or cfg.jump)
+    val = tables_of(lm, artifact, prompts, cfg.new_tokens, cfg.lens)
+    ms = measure(lm, artifact.jump.to(lm.device), gate or (fit_learned_gate(fit[JUMP]) if fit else None))
+    choice, options = calibrate_heads(val, ms, space, fit, gate, lens=cfg.lens)
+    artifact.jump.with_lens(choice.lens_levels)
+    store(artifact, choice.found, choice.learned, ms, _provenance(cfg))
+    artifact.extra["exit_heads"] = {k: c.report(L) for k, c in options.items()}
+    return choice.found.best, artifact.save(cfg.out or cfg.jump)
 
 
-def table_of(lm: CausalLM, artifact: JumpArtifact, prompts: list[list[int]], new_tokens: int) -> LevelTable:
-    """The level table of the artifact's exit head on ``prompts`` continued by the full model."""
-    return continued_table(lm, ExitHead(lm, artifact.jump.to(lm.device)), prompts, new_tokens)
+def tables_of(lm: CausalLM, artifact: JumpArtifact, prompts: list[list[int]], new_tokens: int,
+              lens: bool = True) -> dict[str, LevelTable]:
+    """The level tables of the artifact's jump (at every level, ``JUMP``) and of the logit lens (at its
+    candidate levels, ``LENS``) on ``prompts`` continued by the full model, from one pass."""
+    heads = {JUMP: TableHead(ExitHead(lm, artifact.jump.to(lm.device), lens_levels=()))}
+    if lens:
+        heads[LENS] = TableHead(ExitHead(lm, None), lens_candidates(lm.num_layers))
+    return level_tables(lm, heads, prompts, continuations(lm, prompts, new_tokens))
 
 
 def gate_prompts(lm: CausalLM, cfg: CalibrateConfig) -> list[list[int]]:

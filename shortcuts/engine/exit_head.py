@@ -105,15 +105,21 @@ class _Copies:
 class ExitHead:
     """Logits at an exit level: head(jump(h_l)). ``jump`` None is the identity shortcut
     (the logit lens, head(h_l)). A bank of one jump serves every level; a bank of L-1 jumps
-    uses jump l-1 at level l.
+    uses jump l-1 at level l. At ``lens_levels`` (default: the jump's own, ``LowRankJumps.with_lens``)
+    the head is the logit lens instead: the levels where it predicts better than the jump (late ones),
+    at the price of a full head per check.
 
     Each level's check runs on the device of block l (``Placement.check``): its tensors are copied
     there once, at construction (``levels``), so a token that exits at level l touches no device
     of a later block. On one device nothing is copied but the fused terms (one per jump)."""
 
     @torch.no_grad()
-    def __init__(self, lm: CausalLM, jump: LowRankJumps | None):
+    def __init__(self, lm: CausalLM, jump: LowRankJumps | None, lens_levels: tuple[int, ...] | None = None):
         self.num_layers = lm.num_layers
+        self.lens_levels = frozenset((jump.lens_levels if jump is not None else ()) if lens_levels is None
+                                     else lens_levels)
+        if bad := [lv for lv in self.lens_levels if not 1 <= lv < lm.num_layers]:
+            raise ValueError(f"lens levels {sorted(bad)} must be in [1, {lm.num_layers - 1}]")
         self.placement = lm.placement()
         self.ctx = HeadContext.from_model(lm).to(lm.device)
         self.jump = None if jump is None else jump.eval().to(lm.device)
@@ -158,6 +164,8 @@ class ExitHead:
     def _level(self, level: int, copies: _Copies, fused: dict[str, Tensor]) -> LevelHead:
         """The head at ``level`` on its block's device, from the copies made there so far."""
         dev, j = self.placement.check(level), self.index(level)
+        if level in self.lens_levels:
+            return LevelHead(dev, "identity", ctx=copies.ctx(dev, self.ctx))
         if self.kind != "fused":
             jump = None if self.jump is None else copies.jump(dev, self.jump)
             return LevelHead(dev, self.kind, ctx=copies.ctx(dev, self.ctx), jump=jump, j=j)

@@ -31,7 +31,7 @@ from shortcuts.engine.learned_gate import LearnedGate
 from shortcuts.heads import HeadContext
 from shortcuts.jump import LowRankJumps
 from shortcuts.lab.exits_study import table_for
-from shortcuts.lab.traces import Traces
+from shortcuts.traces import Traces
 
 
 def report(table: LevelTable, found: Calibration, gate: LearnedGate | None, ms: dict[str, float]) -> dict[str, Any]:

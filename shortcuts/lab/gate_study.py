@@ -23,7 +23,7 @@ from shortcuts.engine.learned_gate import LearnedGate
 from shortcuts.heads import HeadContext
 from shortcuts.lab.exits_ship import report
 from shortcuts.lab.exits_study import table_for
-from shortcuts.lab.traces import Traces
+from shortcuts.traces import Traces
 
 
 def main(argv: list[str] | None = None) -> None:
