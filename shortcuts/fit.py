@@ -22,7 +22,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -83,32 +85,41 @@ def _prompts(lm: CausalLM, texts: list[str], n: int, seed: int, name: str) -> li
         raise CorpusError(f"{name} prompts: {e} (sentences of 8+ tokens; lower --{name}-prompts)") from e
 
 
+def threads(asked: int | None) -> int:
+    """Torch threads: as asked; else torch's default, or 1 when the machine's load already fills its cores
+    (OpenMP threads that wait on each other on a busy machine run many times slower than one thread)."""
+    if asked:
+        return asked
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 1 if os.getloadavg()[0] >= cores else torch.get_num_threads()
+
+
 # --- the plan and its estimate -----------------------------------------------------------------------
 @torch.inference_mode()
 def estimate(lm: CausalLM, cfg: FitConfig, sample: list[list[int]]) -> dict[str, float]:
-    """Seconds per phase, from work timed here on one batch of 16 prompts (generation with the states kept,
-    2 and 6 new tokens; a full head on 256 rows). Rough (the machine's load moves it); printed first."""
+    """Seconds per phase, from work timed here on one batch of ``sample`` prompts (generation with the states
+    kept, 2 and 6 new tokens; a full head on 256 rows). Rough (the machine's load moves it); printed first."""
     from shortcuts.traces import _generate_keeping_states
 
     times = []
     for n in (2, 6):
         t0 = time.perf_counter()
-        _generate_keeping_states(lm, sample[:16], n)
+        _generate_keeping_states(lm, sample, n)
         times.append(time.perf_counter() - t0)
     per_token = max(0.0, (times[1] - times[0]) / 4)
-    per_batch = max(times[0], times[0] + per_token * (cfg.new_tokens - 2))
+    per_prompt = (times[0] + per_token * (cfg.new_tokens - 2)) / len(sample)
     ctx = HeadContext.from_model(lm)
     h = torch.randn(256, lm.hidden_size)
     t0 = time.perf_counter()
     ctx.full(h)
     t_head = (time.perf_counter() - t0) / 256
     L, steps, d, r = lm.num_layers, cfg.new_tokens - 1, lm.hidden_size, cfg.rank
-    batches = (cfg.fit_prompts + cfg.val_prompts + cfg.test_prompts) / 16
+    prompts = cfg.fit_prompts + cfg.val_prompts + cfg.test_prompts
     samples = cfg.fit_prompts * cfg.per_prompt
     kl_step = 16 + 3 * r + 3 * (L - 1) * 16 * (r + 2) / d  # target, the fused head's terms, the loss: full heads
     lens_rows = ((cfg.val_prompts + cfg.gate_prompts) * len(lens_candidates(L)) + cfg.test_prompts * (L - 1)) * steps
     jump_rows = (cfg.val_prompts + cfg.gate_prompts + cfg.test_prompts) * steps * (L - 1)
-    return {"collect": batches * per_batch * 16 / len(sample[:16]),
+    return {"collect": prompts * per_prompt,
             "train": cfg.kl_epochs * samples / 16 * kl_step * t_head + samples * cfg.mse_epochs * (L - 1) * 4e-5,
             "tables": (lens_rows + jump_rows * (r + 1) / d) * t_head, "calibrate": 90.0}
 
@@ -119,7 +130,8 @@ def collect(lm: CausalLM, cfg: FitConfig, texts: Texts) -> dict[str, Traces]:
     prompts = {"fit": _prompts(lm, texts.fit, cfg.fit_prompts, cfg.seed, "fit"),
                "val": _prompts(lm, texts.val, cfg.val_prompts, cfg.seed + 1, "val"),
                "test": _prompts(lm, texts.test, cfg.test_prompts, cfg.seed + 2, "test")}
-    return {k: decode_traces(lm, p, cfg.new_tokens, desc=f"{k} prompts")[0] for k, p in prompts.items()}
+    return {k: decode_traces(lm, p, cfg.new_tokens, desc=f"{k} prompts", batch_size=cfg.batch_size)[0]
+            for k, p in prompts.items()}
 
 
 def train(traces: Traces, ctx: HeadContext, cfg: FitConfig) -> tuple[LowRankJumps, Tensor, Tensor]:
@@ -166,8 +178,7 @@ def run_fit(cfg: FitConfig, log: Any = print) -> dict[str, Any]:
     ``cfg.out_dir``. ``log``: where progress lines go."""
     t0, out, timing = time.perf_counter(), Path(cfg.out_dir), {}
     texts = read_texts(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(threads(cfg.threads))
     lm = CausalLM.load(cfg.model, dtype=cfg.dtype, device=cfg.device)
     if lm.device.type != "cpu" and cfg.device == "cpu":
         raise ValueError("fit runs where the model is")
@@ -177,7 +188,7 @@ def run_fit(cfg: FitConfig, log: Any = print) -> dict[str, Any]:
     timing["collect"] = time.perf_counter() - t0
     jump, x, y = train(traces["fit"], ctx, cfg)
     timing["train"] = time.perf_counter() - t0 - sum(timing.values())
-    results, choice = _calibrate(lm, ctx, cfg, jump, traces, log)
+    results, options = _calibrate(lm, ctx, cfg, jump, traces, log)
     timing["calibrate"] = time.perf_counter() - t0 - sum(timing.values())
     if cfg.all_level:
         results["all_level"] = _all_level(lm, ctx, cfg, x, y, traces["test"])
@@ -187,22 +198,23 @@ def run_fit(cfg: FitConfig, log: Any = print) -> dict[str, Any]:
                    rank=cfg.rank, split=texts.split, config=asdict(cfg),
                    samples={"fit_rows": int(x.shape[1]), **{k: len(t) for k, t in traces.items()}},
                    parameters=jump.num_parameters(), timing_s={k: round(v, 1) for k, v in timing.items()})
-    _save(out, lm, cfg, jump, results, choice)
+    _save(out, lm, cfg, jump, results, options)
     return results
 
 
 def _plan(lm: CausalLM, cfg: FitConfig, texts: Texts, log: Any) -> None:
-    sample = _prompts(lm, texts.fit, min(16, cfg.fit_prompts), cfg.seed + 9, "fit")
+    sample = _prompts(lm, texts.fit, min(cfg.batch_size, cfg.fit_prompts), cfg.seed + 9, "fit")
     est = estimate(lm, cfg, sample)
     log(f"onejump fit: {lm.name} ({lm.num_layers} layers, d={lm.hidden_size}, V={lm.vocab_size}), "
-        f"{torch.get_num_threads()} threads; prompts: {cfg.fit_prompts} fit, {cfg.val_prompts} validation "
+        f"{torch.get_num_threads()} threads (load {os.getloadavg()[0]:.1f}); prompts: {cfg.fit_prompts} fit, "
+        f"{cfg.val_prompts} validation "
         f"(split {texts.split}), {cfg.test_prompts} test, {cfg.new_tokens} new tokens each")
     log("estimated time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in est.items())
         + f"; total about {sum(est.values()) / 60:.0f} min")
 
 
 def _calibrate(lm: CausalLM, ctx: HeadContext, cfg: FitConfig, jump: LowRankJumps, traces: dict[str, Traces],
-               log: Any) -> tuple[dict[str, Any], HeadChoice]:
+               log: Any) -> tuple[dict[str, Any], dict[str, HeadChoice]]:
     L, cand = lm.num_layers, lens_candidates(lm.num_layers)
     val = {JUMP: tables(lm, ctx, jump, traces["val"]), LENS: tables(lm, ctx, None, traces["val"], cand)}
     gate = traces["fit"].first_prompts(cfg.gate_prompts)
@@ -225,7 +237,7 @@ def _calibrate(lm: CausalLM, ctx: HeadContext, cfg: FitConfig, jump: LowRankJump
             "calibration": best.as_dict(), "options": {k: c.report(L) for k, c in options.items()},
             "costs_ms": {k: round(v, 4) for k, v in ms.items()},
             "test": {"identity": summary(test["identity"]), "jump": summary(test[JUMP]),
-                     "exit_head": summary(head_test), "stored_setting": replay_report(head_test, choice, ms)}}, choice
+                     "exit_head": summary(head_test), "stored_setting": replay_report(head_test, choice, ms)}}, options
 
 
 def _any_gate(fit: dict[str, LevelTable] | None) -> LearnedGate | None:
@@ -242,14 +254,20 @@ def _all_level(lm: CausalLM, ctx: HeadContext, cfg: FitConfig, x: Tensor, y: Ten
 
 
 def _save(out: Path, lm: CausalLM, cfg: FitConfig, jump: LowRankJumps, results: dict[str, Any],
-          choice: HeadChoice) -> None:
+          options: dict[str, HeadChoice]) -> None:
+    """``jump.safetensors``: the chosen exit head and its setting; ``jump-<option>.safetensors``: each option
+    searched (the jump everywhere; the lens where it predicts better) with its own setting, for comparisons."""
     report = {k: results[k] for k in ("test", "options", "lens_levels", "timing_s", "samples", "split")}
-    art = JumpArtifact(jump, cfg.model, lm.fingerprint(), lm.num_layers, 0, [], str(cfg.corpus),
-                       {"fit": {**report, "recipe": "joint jump, per-level norm, decode-matched, MSE then KL"}})
-    store(art, choice.found, choice.learned, results["costs_ms"],
-          {"corpus": f"{Path(cfg.corpus).name} (validation prompts, decode-matched)", "new_tokens": cfg.new_tokens})
-    art.extra["exit_heads"] = results["options"]
-    results["artifact"] = str(art.save(out / "jump.safetensors"))
+    for name, choice in options.items():
+        art = JumpArtifact(copy.deepcopy(jump).with_lens(choice.lens_levels), cfg.model, lm.fingerprint(),
+                           lm.num_layers, 0, [], str(cfg.corpus),
+                           {"fit": {**report, "recipe": "joint jump, per-level norm, decode-matched, MSE then KL"}})
+        store(art, choice.found, choice.learned, results["costs_ms"],
+              {"corpus": f"{Path(cfg.corpus).name} (validation prompts, decode-matched)", "new_tokens": cfg.new_tokens})
+        art.extra["exit_heads"] = results["options"]
+        art.save(out / f"jump-{name}.safetensors")
+        if name == results["choice"]:
+            results["artifact"] = str(art.save(out / "jump.safetensors"))
     write_outputs(out, results, cfg.plots)
 
 

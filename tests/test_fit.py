@@ -182,6 +182,9 @@ def test_fit_writes_a_ready_artifact(tiny_folder: Path, word_corpus: Path, tmp_p
     assert approx is not None
     assert approx.gate == r["calibration"]["gate"]
     assert "| exit head served |" in (out / "summary.md").read_text()
+    for option in r["options"]:  # each option searched, with its own setting
+        assert list(JumpArtifact.load(out / f"jump-{option}.safetensors").jump.lens_levels) == \
+            r["options"][option]["lens_levels"]
     assert main(["agreement", "--jump", str(out / "jump.safetensors"), "--model", str(tiny_folder), "--prompts",
                  str(word_corpus), "--max-prompts", "4", "--new-tokens", "4", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["lens_levels"] == r["lens_levels"]
