@@ -186,7 +186,7 @@ the time is printed first (a 0.5B model takes about 20-30 min on 2 CPU cores; Sm
 
 def _fit_parser(sub: argparse._SubParsersAction) -> None:
     from shortcuts.assets import wiki_split
-    from shortcuts.config import FIT_GATES, FitConfig, StudyConfig
+    from shortcuts.config import FIT_GATES, VARIANTS, FitConfig, StudyConfig
 
     d, sd = FitConfig.__dataclass_fields__, StudyConfig.__dataclass_fields__
     p = sub.add_parser("fit", help="fit one jump for every level on the model's own decoding, calibrate it, save "
@@ -222,7 +222,7 @@ def _fit_parser(sub: argparse._SubParsersAction) -> None:
                  "select_prompts", "select_new_tokens"):
         g.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help=f"default {sd[name].default}")
     g.add_argument("--val-fraction", type=float, default=None)
-    g.add_argument("--variants", nargs="+", default=None, help=f"default {' '.join(sd['variants'].default)}")
+    g.add_argument("--variants", nargs="+", default=None, help=f"default {' '.join(VARIANTS[:3])}")
     g.add_argument("--default-variant", default=None, help="force the saved default; else by predicted speed")
     p.set_defaults(handler=_fit)
 

@@ -40,7 +40,7 @@ from shortcuts.calibration.calibrate import store
 from shortcuts.calibration.costs import cost_models, measure, predicted_speedup
 from shortcuts.calibration.lens import JUMP, LENS, HeadChoice, calibrate_heads, lens_candidates, merge, precision
 from shortcuts.calibration.replay import bootstrap_lower_bound, oracle_levels, replay
-from shortcuts.calibration.search import SearchSpace
+from shortcuts.calibration.search import Calibration, SearchSpace
 from shortcuts.calibration.table import LevelTable, states_table
 from shortcuts.collect import read_corpus
 from shortcuts.config import FitConfig
@@ -143,26 +143,40 @@ def train(traces: Traces, ctx: HeadContext, cfg: FitConfig) -> tuple[LowRankJump
     return train_joint(x, y, ctx, jc), x, y
 
 
-def tables(lm: CausalLM, ctx: HeadContext, jump: LowRankJumps | None, traces: Traces,
+def tables(lm: CausalLM, ctx: HeadContext, jump: LowRankJumps | None, traces: Traces, name: str,
            levels: tuple[int, ...] | None = None, with_entropy: bool = True) -> LevelTable:
+    """The teacher-forced table of the jump (at every level) or of the lens (``jump`` None) on ``traces``."""
     head = ExitHead(lm, jump, lens_levels=()) if jump is not None else ExitHead(lm, None)
     return states_table(head, ctx.full, traces.states, traces.prompt, lm.num_layers, with_entropy=with_entropy,
-                        levels=levels)
+                        levels=levels, desc=f"{name} table, {'jump' if jump is not None else 'lens'}")
 
 
-def replay_report(table: LevelTable, choice: HeadChoice, ms: dict[str, float]) -> dict[str, Any]:
-    """The chosen setting replayed on a table (held-out prompts): agreement, lower bound, exits, speed-up."""
-    s = choice.found.best.exit_settings()
-    models, skip = cost_models(ms, choice.lens_levels)
-    level, picked = replay(table, s, choice.learned)
+def replay_report(table: LevelTable, c: Calibration, learned: LearnedGate | None, lens_levels: tuple[int, ...],
+                  ms: dict[str, float]) -> dict[str, Any]:
+    """A setting replayed on a table (held-out prompts): agreement, lower bound, exits, predicted speed-up."""
+    s = c.exit_settings()
+    models, skip = cost_models(ms, lens_levels)
+    level, picked = replay(table, s, learned)
     agree = picked == table.final_top
     L = table.num_layers
-    return {"agreement": round(float(agree.float().mean()), 4),
+    return {"gate": c.gate, "threshold": c.threshold, "patience": c.patience, "min_layer": c.min_layer,
+            "stride": c.stride, "agreement": round(float(agree.float().mean()), 4),
             "lower_bound": round(bootstrap_lower_bound(agree, table.prompt), 4),
             "mean_exit": round(float(level.float().mean()), 3),
             "exit_rate": round(float((level < L).float().mean()), 4),
             "predicted_speedup": round(predicted_speedup(models[s.gate], level, s, L, skip), 4),
             "tokens": len(table), "prompts": table.num_prompts}
+
+
+def test_replays(test: dict[str, LevelTable], options: dict[str, HeadChoice],
+                 ms: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """Every option's best setting of each gate kind, replayed on the test prompts."""
+    out = {}
+    for name, choice in options.items():
+        table = merge(test[JUMP], test["identity"], choice.lens_levels)
+        out[name] = {g: replay_report(table, c, choice.learned, choice.lens_levels, ms)
+                     for g, c in choice.found.by_gate.items()}
+    return out
 
 
 def summary(table: LevelTable) -> dict[str, Any]:
@@ -216,18 +230,19 @@ def _plan(lm: CausalLM, cfg: FitConfig, texts: Texts, log: Any) -> None:
 def _calibrate(lm: CausalLM, ctx: HeadContext, cfg: FitConfig, jump: LowRankJumps, traces: dict[str, Traces],
                log: Any) -> tuple[dict[str, Any], dict[str, HeadChoice]]:
     L, cand = lm.num_layers, lens_candidates(lm.num_layers)
-    val = {JUMP: tables(lm, ctx, jump, traces["val"]), LENS: tables(lm, ctx, None, traces["val"], cand)}
+    val = {JUMP: tables(lm, ctx, jump, traces["val"], "val"), LENS: tables(lm, ctx, None, traces["val"], "val", cand)}
     gate = traces["fit"].first_prompts(cfg.gate_prompts)
     fit = None
     if "learned" in cfg.gates and cfg.gate_prompts > 0:
-        fit = {JUMP: tables(lm, ctx, jump, gate, with_entropy=False),
-               LENS: tables(lm, ctx, None, gate, cand, with_entropy=False)}
+        fit = {JUMP: tables(lm, ctx, jump, gate, "gate", with_entropy=False),
+               LENS: tables(lm, ctx, None, gate, "gate", cand, with_entropy=False)}
     gates = tuple(g for g in cfg.gates if g != "learned" or fit is not None)
     space = SearchSpace(gates, cfg.min_layers, cfg.strides, cfg.target)
     ms = measure(lm, jump, _any_gate(fit))
     choice, options = calibrate_heads(val, ms, space, fit, lens=cfg.lens)
     jump.with_lens(choice.lens_levels)
-    test = {JUMP: tables(lm, ctx, jump, traces["test"]), "identity": tables(lm, ctx, None, traces["test"])}
+    test = {JUMP: tables(lm, ctx, jump, traces["test"], "test"),
+            "identity": tables(lm, ctx, None, traces["test"], "test")}
     head_test = merge(test[JUMP], test["identity"], choice.lens_levels)
     best = choice.found.best
     log(f"stored: {best.gate} {best.threshold if best.gate != 'patience' else best.patience} from level "
@@ -237,7 +252,9 @@ def _calibrate(lm: CausalLM, ctx: HeadContext, cfg: FitConfig, jump: LowRankJump
             "calibration": best.as_dict(), "options": {k: c.report(L) for k, c in options.items()},
             "costs_ms": {k: round(v, 4) for k, v in ms.items()},
             "test": {"identity": summary(test["identity"]), "jump": summary(test[JUMP]),
-                     "exit_head": summary(head_test), "stored_setting": replay_report(head_test, choice, ms)}}, options
+                     "exit_head": summary(head_test),
+                     "stored_setting": replay_report(head_test, best, choice.learned, choice.lens_levels, ms),
+                     "by_option_and_gate": test_replays(test, options, ms)}}, options
 
 
 def _any_gate(fit: dict[str, LevelTable] | None) -> LearnedGate | None:
@@ -250,7 +267,7 @@ def _any_gate(fit: dict[str, LevelTable] | None) -> LearnedGate | None:
 def _all_level(lm: CausalLM, ctx: HeadContext, cfg: FitConfig, x: Tensor, y: Tensor, test: Traces) -> dict[str, Any]:
     """The comparison: one jump per level (N-NJTC, MSE then KL) on the same samples, on the test prompts."""
     _, bank = train_per_level(x, y, ctx, cfg.rank, kl_epochs=max(1, cfg.kl_epochs * 2), seed=cfg.seed)
-    return {**summary(tables(lm, ctx, bank, test, with_entropy=False)), "parameters": bank.num_parameters()}
+    return {**summary(tables(lm, ctx, bank, test, "test", with_entropy=False)), "parameters": bank.num_parameters()}
 
 
 def _save(out: Path, lm: CausalLM, cfg: FitConfig, jump: LowRankJumps, results: dict[str, Any],
@@ -299,6 +316,15 @@ def summary_markdown(r: dict[str, Any]) -> str:
               "| level | " + " | ".join(str(i + 1) for i in range(r["num_layers"] - 1)) + " |",
               "|---" * r["num_layers"] + "|"]
     lines += [f"| {name} | " + " | ".join(f"{p:.2f}" for p in m["precision"]) + " |" for name, m in rows]
+    lines += ["", "Each exit head's best setting of each gate (chosen on validation), on the test prompts:", "",
+              "| exit head | gate | setting (threshold or patience, first level, stride) | agreement (lower bound) | "
+              "exit rate | mean exit | predicted |", "|---|---|---|---|---|---|---|"]
+    for option, by_gate in t["by_option_and_gate"].items():
+        for g, x in by_gate.items():
+            knob = x["patience"] if g == "patience" else x["threshold"]
+            lines.append(f"| {option} | {g} | {knob}, {x['min_layer']}, {x['stride']} | {x['agreement']:.3f} "
+                         f"({x['lower_bound']:.3f}) | {x['exit_rate']:.3f} | {x['mean_exit']:.2f} | "
+                         f"{x['predicted_speedup']:.3f}x |")
     return "\n".join(lines) + "\n"
 
 

@@ -170,7 +170,8 @@ def test_fit_writes_a_ready_artifact(tiny_folder: Path, word_corpus: Path, tmp_p
     assert "stored setting on test" in printed
     r = json.loads((out / "results.json").read_text())
     assert r["split"] == "by sentence (no titles)"
-    assert set(r["test"]) == {"identity", "jump", "exit_head", "stored_setting"}
+    assert set(r["test"]) == {"identity", "jump", "exit_head", "stored_setting", "by_option_and_gate"}
+    assert set(r["test"]["by_option_and_gate"]["jump"]) == {"confidence", "entropy", "learned", "patience"}
     assert len(r["test"]["jump"]["precision"]) == 3
     assert set(r["options"]) <= {"jump", "lens"}
     assert r["samples"]["fit_rows"] == 24 * 3

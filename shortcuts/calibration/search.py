@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from shortcuts.calibration.config import CALIBRATED_GATES
 from shortcuts.calibration.costs import CostModel, cost_models, predicted_speedup
@@ -80,11 +81,14 @@ def search(table: LevelTable, target: float, costs: dict[str, CostModel], learne
     if "entropy" in costs and bool(table.entropy.isnan().any()):
         raise ValueError("the table was built without entropies (with_entropy=False); the entropy gate needs them")
     L, out = table.num_layers, {}
+    bar = tqdm(total=len(costs) * len(min_layers) * len(strides), desc="search", unit="level x stride",
+               disable=len(table) < 1000)
     for g, cost in costs.items():
         best = Calibration("confidence", 1.0, target, confidence, 1.0, 1.0, float(L), min(min_layers), min(strides),
                            len(table), table.num_prompts, 1.0)
         for m in min_layers:
             for stride in strides:
+                bar.update()
                 for t in grid(table, g):
                     p = int(t) if g == "patience" else 2
                     t = 0.0 if g == "patience" else t
@@ -101,6 +105,7 @@ def search(table: LevelTable, target: float, costs: dict[str, CostModel], learne
                                            float(level.float().mean()), m, stride, len(table), table.num_prompts,
                                            speed, p)
         out[g] = best
+    bar.close()
     return out
 
 

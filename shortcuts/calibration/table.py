@@ -118,10 +118,11 @@ def _never(n: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor
 @torch.inference_mode()
 def states_table(head: ExitHead, full_head: Callable[[Tensor], Tensor], states: Tensor, prompt: Tensor,
                  num_layers: int, chunk: int = 256, with_entropy: bool = True,
-                 levels: Iterable[int] | None = None) -> LevelTable:
+                 levels: Iterable[int] | None = None, desc: str | None = None) -> LevelTable:
     """The table of decode-step states (N, L+1, d): level 0 the embedding, 1..L-1 the exit levels,
     L the final state (pre-norm); ``full_head`` maps final states to the model's logits. ``levels``: only
-    these exit levels are evaluated (default all); at the others no gate fires (``_never``)."""
+    these exit levels are evaluated (default all); at the others no gate fires (``_never``). ``desc``: a
+    progress bar over the levels with this label."""
     L = num_layers
     wanted = set(range(1, L) if levels is None else levels)
 
@@ -130,8 +131,9 @@ def states_table(head: ExitHead, full_head: Callable[[Tensor], Tensor], states: 
         return [torch.cat(p) for p in zip(*parts, strict=True)]
 
     final_conf, _, final_top, _ = chunks(states[:, L], lambda f: _head_stats(full_head(f.float()), False))
+    bar = tqdm(range(1, L), desc=desc, unit="level", disable=desc is None)
     stats = [chunks(states[:, lv], lambda h, lv=lv: _head_stats(head(h.float(), lv), with_entropy))  # type: ignore[misc]
-             if lv in wanted else list(_never(len(states), final_conf.device)) for lv in range(1, L)]
+             if lv in wanted else list(_never(len(states), final_conf.device)) for lv in bar]
     conf, ent, top, margin = (torch.stack([s[k] for s in stats], dim=1).cpu() for k in range(4))
     x = states.float()
     delta = (x[:, 1:L] - x[:, : L - 1]).norm(dim=-1) / x[:, : L - 1].norm(dim=-1).clamp_min(1e-6)
