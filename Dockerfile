@@ -10,7 +10,7 @@ ARG CPU_IMAGE=python:3.11-slim
 
 FROM ${CPU_IMAGE} AS base-cpu
 ENV TORCH_INDEX=https://download.pytorch.org/whl/cpu \
-    PROJECT_EXTRAS=serve
+    PROJECT_EXTRAS=serve,bnb
 
 FROM ${CUDA_IMAGE} AS base-gpu
 RUN apt-get update -qq \

@@ -12,7 +12,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q $(WHEELS) -c requirements.lock torch
-	$(PIP) install -q $(WHEELS) -c requirements.lock -e ".[serve,dev]"
+	$(PIP) install -q $(WHEELS) -c requirements.lock -e ".[serve,dev,bnb]"
 	touch $@
 
 lock: setup
@@ -75,7 +75,7 @@ soak: setup
 # the GPU check (issue 23, docs/gpu.md): on a GPU machine, every stage of scripts/gpu_check.sh (results in runs/gpu);
 # gpu-pack prepares, on a machine with network, what a GPU machine without one lacks (.gpu/a, .gpu/b)
 gpu-check:
-	scripts/gpu_check.sh receive a receive b probe tests smoke model bench shapes
+	scripts/gpu_check.sh receive a receive b probe tests smoke model bench serve shapes
 
 gpu-pack: assets
 	scripts/gpu_pack.sh

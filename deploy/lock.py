@@ -1,5 +1,5 @@
 """Write requirements.lock: the exact versions, from the running environment, of everything onejump
-needs (pyproject.toml's dependencies and its serve and dev extras, followed transitively), and nothing
+needs (pyproject.toml's dependencies and its serve, dev and bnb extras, followed transitively), and nothing
 else the environment happens to hold. ``make lock`` runs it; the Dockerfile and ``make setup`` install
 with ``-c requirements.lock``. Torch is written without its local build tag (``2.13.0``, not
 ``2.13.0+cpu``): the index picks the build (CPU or CUDA), the lock the version."""
@@ -15,7 +15,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
-EXTRAS = ("serve", "dev")
+EXTRAS = ("serve", "dev", "bnb")
 
 
 def roots() -> list[Requirement]:

@@ -5,12 +5,13 @@
 # GGUF in two halves) into the git-ignored .gpu/a and .gpu/b, each small enough to travel with one command.
 #
 #   scripts/gpu_check.sh receive a probe tests smoke     # first command: site + half the model, probe, CUDA tests
-#   scripts/gpu_check.sh receive b model bench shapes    # second: the model, benches, shapes and the projection
+#   scripts/gpu_check.sh receive b model bench serve shapes  # second: the model, benches, server, shapes, projection
 #   make gpu-check                                       # all stages on a machine that has the files already
 #
 # Stages: receive DIR (move .gpu/DIR into $WORK), probe (GPU, driver, CUDA, torch, bitsandbytes), tests (pytest -m
 # cuda), smoke (the shapes script on a tiny random model), model (SmolLM2 from its GGUF, as `onejump assets`
-# converts it), bench (onejump bench: bf16, bnb-8bit, bnb-4bit; batch 1 and 8), shapes (random Gemma-3 and 7B
+# converts it), bench (onejump bench: bf16, bnb-8bit, bnb-4bit; batch 1 and 8), serve (the server with bnb-4bit,
+# one request per mode), shapes (random Gemma-3 and 7B
 # shapes, the projection at SmolLM2's exit traces). Each stage logs to $OUT/<stage>.log and goes on after a failure.
 set -u
 cd "$(dirname "$0")/.."
@@ -21,8 +22,8 @@ mkdir -p "$OUT" "$WORK"
 export PYTHONPATH="$WORK/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 MODEL="$WORK/models/smollm2-135m-instruct"
 JUMP=docs/results/smollm2-135m/jump.safetensors
-PROMPTS=${GPU_PROMPTS:-evals/workloads/grounded.jsonl}
-OPEN_PROMPTS=${GPU_OPEN_PROMPTS:-evals/workloads/open.jsonl}
+PROMPTS=${GPU_PROMPTS:-evals/workloads/grounded-heldout.jsonl}
+OPEN_PROMPTS=${GPU_OPEN_PROMPTS:-evals/workloads/open-heldout.jsonl}
 NEW_TOKENS=${GPU_NEW_TOKENS:-64}
 failed=()
 
@@ -74,7 +75,7 @@ print(convert_gguf(Path('$gguf'), Path('$MODEL')))"
 
 bench() {  # bench NAME QUANTIZATION BATCH PROMPTS MAX_PROMPTS
   "$PY" -m shortcuts.cli bench --model "$MODEL" --jump "$JUMP" --prompts "$4" --max-prompts "$5" \
-    --new-tokens "$NEW_TOKENS" --device cuda --dtype bfloat16 --quantization "$2" --batch-size "$3" --graphs \
+    --new-tokens "$NEW_TOKENS" --device cuda --dtype bfloat16 --quantization "$2" --batch-size "$3" --graphs --keep-going \
     --json > "$OUT/bench-$1.json"
   tail -c 2000 "$OUT/bench-$1.json"; echo
 }
@@ -89,6 +90,15 @@ stage_bench() {
   done
 }
 
+stage_serve() {  # the server on the GPU with bitsandbytes 4-bit: /ready, one request per mode, /v1/models, metrics
+  ONEJUMP_MODEL="$MODEL" ONEJUMP_JUMP="$JUMP" ONEJUMP_QUANTIZATION=bnb-4bit ONEJUMP_DEVICE=cuda ONEJUMP_PORT=8765 \
+    "$PY" -m service > "$OUT/serve-server.log" 2>&1 &
+  local pid=$! rc=0
+  "$PY" scripts/gpu_serve_smoke.py "$OUT/serve.json" || rc=$?
+  kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+  return $rc
+}
+
 stage_shapes() {
   "$PY" -m shortcuts.lab.gpu_shapes --out "$OUT/shapes.json" --traces "$OUT/bench-bf16-b1.json"
 }
@@ -101,7 +111,7 @@ run_stage() {
   else echo "=== $name FAILED in $((SECONDS - t0))s"; failed+=("$name"); fi
 }
 
-[ $# -gt 0 ] || set -- probe tests smoke model bench shapes
+[ $# -gt 0 ] || set -- probe tests smoke model bench serve shapes
 while [ $# -gt 0 ]; do
   stage=$1; shift
   if [ "$stage" = receive ]; then run_stage receive "$1"; shift; else run_stage "$stage"; fi

@@ -37,15 +37,16 @@ def check_readable(path: Path, what: str) -> None:
 
 def preflight(settings: Settings) -> None:
     """Cheap checks before the model loads: the model and jump files are readable, the jump
-    artifact reads and fits the model's configuration (layers and width). The weight fingerprint
-    is checked once the weights load."""
+    artifact reads and was fitted on a model with this configuration (architecture, layers, width,
+    vocabulary, heads: the configuration half of its fingerprint). The weight half of the
+    fingerprint is checked once the weights load."""
     model = Path(settings.model)
     if model.exists():
         check_readable(model, "the model")
     if not settings.jump:
         return
     check_readable(Path(settings.jump), "the jump artifact")
-    from shortcuts.adapter import CausalLM
+    from shortcuts.adapter import CausalLM, config_fingerprint
     from shortcuts.artifact import JumpArtifact
 
     artifact = JumpArtifact.load(settings.jump)
@@ -55,6 +56,10 @@ def preflight(settings: Settings) -> None:
     if (layers, width) != (artifact.num_layers, artifact.config.hidden_size):
         raise ValueError(f"jump artifact {settings.jump} is for {artifact.base_model} (L={artifact.num_layers}, "
                          f"d={artifact.config.hidden_size}), but {settings.model} has L={layers}, d={width}")
+    expected = artifact.fingerprint.get("config_sha256")
+    if expected is not None and expected != config_fingerprint(config):
+        raise ValueError(f"jump artifact {settings.jump} is for {artifact.base_model}, not {settings.model}: the model "
+                         "configuration differs (architecture, vocabulary, MLP width or attention heads)")
     if layers and settings.exit_min_layer is not None and settings.exit_min_layer >= layers:
         raise ValueError(f"exit_min_layer={settings.exit_min_layer} must be in [1, {layers - 1}] for {settings.model}")
 
@@ -85,14 +90,10 @@ class ExitPolicy:
 def exit_policy(extra: dict[str, Any], settings: Settings, num_layers: int) -> ExitPolicy:
     """The server's exit policy for an artifact's ``extra`` (empty without one)."""
     overrides = Overrides(gate=settings.exit_gate, threshold=settings.exit_threshold,
-                          min_layer=settings.exit_min_layer, stride=settings.exit_stride)
-    return ExitPolicy(StoredCalibration.from_extra(extra), overrides, num_layers, precision_of(settings.quantization),
+                          min_layer=settings.exit_min_layer, stride=settings.exit_stride, draft=settings.exit_draft,
+                          max_draft=settings.exit_max_draft)
+    return ExitPolicy(StoredCalibration.from_extra(extra), overrides, num_layers, settings.quantization,
                       settings.exit_mode)
-
-
-def precision_of(quantization: str) -> str:
-    """The stored-setting precision of the service's ``quantization`` (bitsandbytes' formats)."""
-    return {"8bit": "bnb-8bit", "4bit": "bnb-4bit"}.get(quantization, quantization)
 
 
 def load_decoder(settings: Settings) -> tuple[Engine, ExitPolicy]:
@@ -105,8 +106,7 @@ def load_decoder(settings: Settings) -> tuple[Engine, ExitPolicy]:
 
     device_map = settings.device_map_value
     device = resolve_device(settings.device) if device_map is None else map_main_device(device_map)
-    lm = CausalLM.load(settings.model, dtype=resolve_dtype(settings, device), device=device,
-                       quantization=settings.quantization, device_map=device_map)
+    lm = CausalLM.load(settings.model, dtype=resolve_dtype(settings, device), device=device, device_map=device_map)
     jump, extra = None, {}
     if settings.jump:
         artifact = JumpArtifact.load(Path(settings.jump))
@@ -122,7 +122,10 @@ def load_decoder(settings: Settings) -> tuple[Engine, ExitPolicy]:
     log.info("loaded %s on %s (%d layers), jump %s, exit defaults %s", settings.model, lm.placement().describe(),
              lm.num_layers, settings.jump or "none (identity)", defaults)
     decoder = EarlyExitDecoder(lm, jump, max_seq_len=settings.max_prompt_tokens + settings.max_new_tokens,
-                               compile=settings.compile, learned_gate=learned)
+                               compile=settings.compile, learned_gate=learned, quantization=settings.quantization,
+                               bnb_4bit_type=settings.bnb_4bit_type, release=True)
     if settings.compile:
         log.info("compiled the decoder blocks in %.1fs", decoder.compile_seconds)
+    log.info("weights: %s", decoder.weights_report())
+    log.info("step costs of exact mode's draft policy: %s", decoder.step_costs.as_dict())  # timed now, not later
     return decoder, policy

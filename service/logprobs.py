@@ -5,9 +5,12 @@ so that an early exit's logprobs are not taken for the full model's."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.protocol import ChatLogprobs, CompletionLogprobs, TokenLogprob, TopLogprob
+
+if TYPE_CHECKING:
+    from shortcuts.engine.api import TokenTrace, TopLogprobs
 
 
 def _piece(tokenizer: Any, token: int) -> str:
@@ -18,8 +21,8 @@ def _top(tokenizer: Any, pairs: Sequence[tuple[int, float]] | None) -> dict[str,
     return None if pairs is None else {_piece(tokenizer, t): lp for t, lp in pairs}
 
 
-def completion_logprobs(tokenizer: Any, traces: Sequence[Any], prompt_ids: Sequence[int] | None,
-                        scores: Sequence[tuple[float, Sequence[tuple[int, float]]]] | None, offset: int,
+def completion_logprobs(tokenizer: Any, traces: Sequence[TokenTrace], prompt_ids: Sequence[int] | None,
+                        scores: Sequence[tuple[float, TopLogprobs]] | None, offset: int,
                         num_layers: int) -> CompletionLogprobs:
     """The generated tokens' logprobs (their text starting at character ``offset``), after the echoed
     prompt's when ``prompt_ids`` are given (scored by the full model; the first token has none)."""
@@ -45,7 +48,7 @@ def completion_logprobs(tokenizer: Any, traces: Sequence[Any], prompt_ids: Seque
     return out
 
 
-def chat_logprobs(tokenizer: Any, traces: Sequence[Any]) -> ChatLogprobs:
+def chat_logprobs(tokenizer: Any, traces: Sequence[TokenTrace]) -> ChatLogprobs:
     content = []
     for t in traces:
         piece = _piece(tokenizer, t.token)

@@ -9,13 +9,13 @@ import dataclasses
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from service.config import Settings
-from service.engine import Done, Engine, Job
+from service.engine import Done, Job, Worker, layers_saved
 from service.errors import BadRequestError, ModelNotFoundError, NotReadyError, ServiceError
 from service.logprobs import chat_logprobs, completion_logprobs
 from service.protocol import (
@@ -23,7 +23,9 @@ from service.protocol import (
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatLogprobs,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     DetokenizeRequest,
@@ -34,11 +36,15 @@ from service.protocol import (
     Usage,
 )
 from service.support import check_supported
-from service.text import TextAssembler
+from service.text import StopMatcher, TextAssembler
 from shortcuts.calibration import Overrides
 from shortcuts.engine.settings import ExitSettings, GenerationSettings
 
+if TYPE_CHECKING:
+    from shortcuts.engine.api import TokenTrace, TopLogprobs
+
 AnyRequest = CompletionRequest | ChatCompletionRequest
+AnyResponse = CompletionResponse | ChatCompletionResponse
 KEEPALIVE_S = 10.0  # an SSE comment this often while a stream waits for its first or next token
 
 
@@ -56,11 +62,12 @@ class Choice:
     prompt: Prompt
     text: TextAssembler
     job: Job | None = None
-    scores: list[Any] | None = None  # echo with logprobs: the prompt's (logprob, top) after its first token
-    traces: list[Any] = field(default_factory=list)  # the tokens whose text was returned (up to a stop string)
+    score_job: Job | None = None  # echo with logprobs: the prompt's scoring (on the first choice of a prompt)
+    scores: list[tuple[float, TopLogprobs]] | None = None  # echo with logprobs: the prompt's after its first token
+    traces: list[TokenTrace] = field(default_factory=list)  # the tokens whose text was returned (to a stop string)
     done: Done | None = None
 
-    def add(self, trace: Any) -> str:
+    def add(self, trace: TokenTrace) -> str:
         """One generated token; the text it makes safe to show."""
         if self.text.stopped:
             return ""
@@ -80,7 +87,7 @@ class Choice:
 
 
 class Serving:
-    def __init__(self, engine: Engine, settings: Settings):
+    def __init__(self, engine: Worker, settings: Settings):
         self.engine, self.settings = engine, settings
 
     # --- request → prompts and settings --------------------------------------------------------
@@ -128,7 +135,7 @@ class Serving:
         s = self.settings
         max_tokens = self.max_tokens(req)
         temperature = s.default_temperature if req.temperature is None else req.temperature
-        bias = tuple((int(k), v) for k, v in (req.logit_bias or {}).items())
+        bias = req.bias
         vocab = len(self.engine.model.tokenizer)
         if any(t >= vocab for t, _ in bias):
             raise BadRequestError(f"logit_bias names token ids outside the vocabulary [0, {vocab})", "logit_bias")
@@ -187,46 +194,54 @@ class Serving:
         return DetokenizeResponse(prompt=self.engine.model.tokenizer.decode(req.tokens))
 
     # --- running -------------------------------------------------------------------------------
-    async def handle(self, req: AnyRequest, request: Request) -> Any:
+    def _prepare(self, req: AnyRequest) -> tuple[list[Prompt], GenerationSettings, StopMatcher]:
+        """Everything that grows with the body, in a worker thread: the prompts tokenized (a 4 MiB
+        prompt takes a while), the generation settings (logit_bias checked), the stop strings compiled."""
+        return self.prompts(req), self.generation_settings(req), StopMatcher(req.stop_strings)
+
+    async def handle(self, req: AnyRequest, request: Request) -> StreamingResponse | AnyResponse:
         self.engine.check_admitting()  # 503 before any work
         self.check_model(req.model)
         check_supported(req)
-        prompts = await asyncio.to_thread(self.prompts, req)  # a 4 MiB prompt takes a while to tokenize
-        settings = self.generation_settings(req)
-        choices = [Choice(k * req.n + i, p, TextAssembler(self.engine.model.tokenizer, req.stop_strings))
+        prompts, settings, stops = await asyncio.to_thread(self._prepare, req)
+        choices = [Choice(k * req.n + i, p, TextAssembler(self.engine.model.tokenizer, stops))
                    for k, p in enumerate(prompts) for i in range(req.n)]
         if len(choices) > self.settings.queue_size:
             raise BadRequestError(f"{len(prompts)} prompt(s) x n={req.n} = {len(choices)} choices exceeds this "
                                   f"server's limit of {self.settings.queue_size} (ONEJUMP_QUEUE_SIZE)", "n")
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, choices))  # scoring included
         try:
             await self._score(req, choices)
             self._submit(req, choices, settings)  # 429/503 keep their HTTP status
         except BaseException:
+            watcher.cancel()
             _cancel(choices)
             raise
         if req.stream:  # headers and a first frame at once; a later error (504 included) is an error frame
+            watcher.cancel()  # the stream's own end (a client that left included) cancels its choices
             return StreamingResponse(self._sse(req, choices), media_type="text/event-stream")
-        return await self._collect(req, request, choices)
+        return await self._collect(req, choices, watcher)
 
     async def _score(self, req: AnyRequest, choices: list[Choice]) -> None:
-        """echo with logprobs: the full model scores each prompt once (a job of its own)."""
+        """echo with logprobs: the full model scores each prompt once (a job of its own, which a client
+        that leaves cancels between two chunks)."""
         if not (isinstance(req, CompletionRequest) and req.echo and req.logprobs is not None):
             return
+        scores = None
         for c in choices:
             if c.index % req.n == 0:
-                job = self.engine.submit(c.prompt.ids, GenerationSettings(), score_top_n=req.logprobs)
-                scores = next(e for e in [e async for e in job.stream()] if isinstance(e, Done)).scores
+                c.score_job = self.engine.submit(c.prompt.ids, GenerationSettings(), score_top_n=req.logprobs)
+                scores = await c.score_job.scores()
             c.scores = scores
 
-    def _submit(self, req: AnyRequest, choices: list[Choice], settings: Any) -> None:
+    def _submit(self, req: AnyRequest, choices: list[Choice], settings: GenerationSettings) -> None:
         if self.max_tokens(req) == 0:
             return
         for c in choices:
             seed = None if settings.seed is None else (settings.seed + c.index % req.n) % (2**63)
             c.job = self.engine.submit(c.prompt.ids, dataclasses.replace(settings, seed=seed))
 
-    async def _collect(self, req: AnyRequest, request: Request, choices: list[Choice]) -> Any:
-        watcher = asyncio.create_task(_cancel_on_disconnect(request, choices))
+    async def _collect(self, req: AnyRequest, choices: list[Choice], watcher: asyncio.Task[None]) -> AnyResponse:
         try:
             await asyncio.gather(*(_run(c) for c in choices))
         finally:
@@ -234,16 +249,17 @@ class Serving:
             _cancel(choices)
         for c in choices:
             c.text.finish()
-        return self._response(req, choices)
+        return await asyncio.to_thread(self._response, req, choices)  # logprobs of long echoes take a while
 
     async def _sse(self, req: AnyRequest, choices: list[Choice]) -> AsyncIterator[str]:
         base = self._response(req, [])
-        events: asyncio.Queue[Any] = asyncio.Queue()
+        events: asyncio.Queue[tuple[Choice, TokenTrace | Done | ServiceError | None]] = asyncio.Queue()
         pumps = [asyncio.create_task(_pump(c, events)) for c in choices]
         left = len(choices)
         try:
-            for c in choices:  # the role (chat) or an empty text (the echo), before the first token
-                yield _frame(self._chunk(base, c, c.prompt.text if _echo(req) else "", [], echo=_echo(req)))
+            for c in choices:  # the role (chat) or the echo, before the first token (in a thread: long logprobs)
+                echo = c.prompt.text if _echo(req) else ""
+                yield _frame(await asyncio.to_thread(self._chunk, base, c, echo, [], echo=_echo(req)))
             while left:
                 try:
                     c, event = await asyncio.wait_for(events.get(), timeout=KEEPALIVE_S)
@@ -255,7 +271,9 @@ class Serving:
                 if event is None or isinstance(event, Done):
                     left -= 1
                     c.done = event
-                    final = self._response(req, choices) if not left and not _include_usage(req) else None
+                    final = None
+                    if not left and not _include_usage(req):
+                        final = await asyncio.to_thread(self._response, req, choices)
                     yield _frame(self._chunk(base, c, c.text.finish(), [], c.finish_reason, final))
                     continue
                 n = len(c.traces)
@@ -263,10 +281,10 @@ class Serving:
                 if delta or len(c.traces) > n and req.top_n is not None:
                     yield _frame(self._chunk(base, c, delta, c.traces[n:]))
             if _include_usage(req):
-                final = self._response(req, choices)
+                last = await asyncio.to_thread(self._response, req, choices)
                 yield _frame(base.model_dump(include={"id", "created", "model"})
-                             | {"object": _object(base), "choices": [], "usage": final.usage.model_dump(),
-                                "early_exit": final.early_exit.model_dump() if final.early_exit else None})
+                             | {"object": _object(base), "choices": [], "usage": _dump(last.usage),
+                                "early_exit": last.early_exit.model_dump() if last.early_exit else None})
         except ServiceError as e:  # after the first byte an error becomes an error frame
             yield _frame({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.status}})
         finally:
@@ -276,7 +294,7 @@ class Serving:
         yield "data: [DONE]\n\n"
 
     # --- bodies --------------------------------------------------------------------------------
-    def _response(self, req: AnyRequest, choices: list[Choice]) -> Any:
+    def _response(self, req: AnyRequest, choices: list[Choice]) -> AnyResponse:
         prompt_tokens = sum(len(c.prompt.ids) for c in choices if c.index % req.n == 0)
         n = sum(len(c.traces) for c in choices)
         usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=n, total_tokens=prompt_tokens + n)
@@ -292,8 +310,8 @@ class Serving:
                for c in choices]
         return CompletionResponse(model=name, usage=usage, early_exit=report, choices=out)
 
-    def _completion_logprobs(self, req: CompletionRequest, c: Choice, traces: list[Any] | None = None,
-                             offset: int | None = None) -> Any:
+    def _completion_logprobs(self, req: CompletionRequest, c: Choice, traces: list[TokenTrace] | None = None,
+                             offset: int | None = None) -> CompletionLogprobs | None:
         if req.logprobs is None:
             return None
         tok = self.engine.model.tokenizer
@@ -303,7 +321,7 @@ class Serving:
                                        len(prompt.text) if prompt else 0, self.engine.model.num_layers)
         return completion_logprobs(tok, traces, None, None, offset or 0, self.engine.model.num_layers)
 
-    def _chat_logprobs(self, req: ChatCompletionRequest, traces: list[Any]) -> Any:
+    def _chat_logprobs(self, req: ChatCompletionRequest, traces: list[TokenTrace]) -> ChatLogprobs | None:
         return chat_logprobs(self.engine.model.tokenizer, traces) if req.logprobs else None
 
     def _report(self, req: AnyRequest, choices: list[Choice]) -> ExitReport:
@@ -311,15 +329,25 @@ class Serving:
         gens = [c.done.generation for c in choices if c.done is not None]
         computed = sum(g.stats.layers_computed for g in gens)
         skipped = sum(g.stats.layers_skipped for g in gens)
+        saved = sum(layers_saved(g, self.engine.model.num_layers) for g in gens)
         drafted = sum(g.stats.drafted for g in gens)
         accepted = sum(g.stats.accepted for g in gens)
         mode = choices[0].job.settings.exit.mode if choices[0].job else "off"
+        exact = mode == "exact" and bool(gens)
+        by: dict[str, dict[str, int]] = {"drafted": {}, "accepted": {}}
+        for g in gens:
+            for key, counts in (("drafted", g.stats.drafted_by), ("accepted", g.stats.accepted_by)):
+                for source, n in counts.items():
+                    by[key][source] = by[key].get(source, 0) + n
         return ExitReport(mode=mode, num_layers=self.engine.model.num_layers, exit_layers=layers,
                           mean_exit_layer=sum(layers) / max(len(layers), 1), layers_computed=computed,
-                          layers_skipped=skipped, acceptance_rate=accepted / drafted if drafted else None)
+                          layers_skipped=skipped, layers_saved=saved,
+                          acceptance_rate=accepted / drafted if drafted else None,
+                          drafted=by["drafted"] if exact else None, accepted=by["accepted"] if exact else None,
+                          verifications=sum(g.stats.verifications for g in gens) if exact else None)
 
-    def _chunk(self, base: Any, c: Choice, delta: str, traces: list[Any], finish: str | None = None,
-               final: Any = None, echo: bool = False) -> dict[str, Any]:
+    def _chunk(self, base: AnyResponse, c: Choice, delta: str, traces: list[TokenTrace], finish: str | None = None,
+               final: AnyResponse | None = None, echo: bool = False) -> dict[str, Any]:
         """One SSE body: choice ``c``'s text ``delta`` with the logprobs of ``traces`` (or, for the echo,
         of the prompt) when asked, its finish reason, and on the last frame usage and the exit report."""
         req_logprobs = None
@@ -338,9 +366,13 @@ class Serving:
                 req_logprobs = completion_logprobs(tok, traces, None, None, start, layers).model_dump()
             body["choices"] = [{"index": c.index, "text": delta, "finish_reason": finish, "logprobs": req_logprobs}]
         if final is not None:
-            body |= {"usage": final.usage.model_dump(),
+            body |= {"usage": _dump(final.usage),
                      "early_exit": final.early_exit.model_dump() if final.early_exit else None}
         return body
+
+
+def _dump(usage: Usage | None) -> dict[str, Any] | None:
+    return None if usage is None else usage.model_dump()
 
 
 def _echo(req: AnyRequest) -> bool:
@@ -351,7 +383,7 @@ def _include_usage(req: AnyRequest) -> bool:
     return bool(req.stream_options and req.stream_options.include_usage)
 
 
-def _object(base: Any) -> str:
+def _object(base: AnyResponse) -> str:
     return "chat.completion.chunk" if isinstance(base, ChatCompletionResponse) else "text_completion"
 
 
@@ -365,7 +397,7 @@ async def _run(c: Choice) -> None:
             c.add(event)
 
 
-async def _pump(c: Choice, events: asyncio.Queue[Any]) -> None:
+async def _pump(c: Choice, events: asyncio.Queue[tuple[Choice, TokenTrace | Done | ServiceError | None]]) -> None:
     """A choice's events onto the stream's queue, its error included; an echo alone is done at once."""
     if c.job is None:
         await events.put((c, None))
@@ -379,8 +411,9 @@ async def _pump(c: Choice, events: asyncio.Queue[Any]) -> None:
 
 def _cancel(choices: list[Choice]) -> None:
     for c in choices:
-        if c.job is not None:
-            c.job.cancel()
+        for job in (c.score_job, c.job):
+            if job is not None:
+                job.cancel()
 
 
 def _frame(body: dict[str, Any]) -> str:

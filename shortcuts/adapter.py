@@ -21,40 +21,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from shortcuts.architectures import arch_spec
 from shortcuts.errors import UnsupportedModelError
 from shortcuts.placement import DeviceMap, Placement, refuse_offload, resolve_map
-
-Quantization = Literal["none", "8bit", "4bit"]
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """Where an architecture keeps its parts, as attribute paths from the CausalLM module."""
-
-    layers: str
-    norm: str
-    embed: str
-    norm_kind: Literal["rms", "layer"]
-    norm_offset: float = 0.0  # Gemma's RMSNorm scales by (1 + weight)
-
-
-_DECODER: dict[str, Any] = {"layers": "model.layers", "norm": "model.norm", "embed": "model.embed_tokens"}
-ARCHITECTURES: dict[str, ArchSpec] = {
-    "llama": ArchSpec(**_DECODER, norm_kind="rms"),
-    "mistral": ArchSpec(**_DECODER, norm_kind="rms"),
-    "qwen2": ArchSpec(**_DECODER, norm_kind="rms"),
-    "qwen3": ArchSpec(**_DECODER, norm_kind="rms"),
-    "gemma3_text": ArchSpec(**_DECODER, norm_kind="rms", norm_offset=1.0),
-    "gpt2": ArchSpec(layers="transformer.h", norm="transformer.ln_f", embed="transformer.wte", norm_kind="layer"),
-}
-
-
-def arch_spec(model_type: str) -> ArchSpec:
-    if model_type not in ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"model_type {model_type!r} is not supported; onejump knows {', '.join(sorted(ARCHITECTURES))}"
-        )
-    return ARCHITECTURES[model_type]
 
 
 @dataclass(frozen=True)
@@ -95,20 +64,6 @@ def _gguf_dense(extra: dict[str, str]) -> dict[str, Any]:
     return {"quantization_config": GgufConfig(dequantize=True)}
 
 
-def _quantization_config(quantization: Quantization, device: str) -> dict[str, Any]:
-    if quantization == "none":
-        return {}
-    if not device.startswith("cuda") or not torch.cuda.is_available():
-        raise ValueError(f"quantization={quantization!r} needs a CUDA device (bitsandbytes); got device={device!r}")
-    from transformers import BitsAndBytesConfig
-
-    if quantization == "8bit":
-        return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
-    if quantization == "4bit":
-        return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)}
-    raise ValueError(f"quantization must be none, 8bit or 4bit; got {quantization!r}")
-
-
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -133,6 +88,7 @@ class CausalLM:
         self.norm: Any = _get(model, self.spec.norm)
         self.embed_tokens: Any = _get(model, self.spec.embed)
         self.lm_head: Any = self.model.get_output_embeddings()
+        self._vocab_size = int(self.lm_head.weight.shape[0])  # read once: the engine may free the head's weight
         self.softcap: float | None = getattr(self.config, "final_logit_softcapping", None)
 
     @staticmethod
@@ -147,8 +103,9 @@ class CausalLM:
 
     @classmethod
     def load(cls, spec: str | Path, dtype: str = "float32", device: str = "cpu",
-             quantization: Quantization = "none", device_map: DeviceMap | None = None) -> CausalLM:
-        """Load a hub id, a local folder or a ``.gguf`` file; refuse unknown architectures early.
+             device_map: DeviceMap | None = None) -> CausalLM:
+        """Load a hub id, a local folder or a ``.gguf`` file, dense (the engine quantizes the weights itself:
+        ``engine.weights``); refuse unknown architectures early.
         ``device_map`` (``shortcuts.placement``) spreads the modules over several devices instead of
         putting the model on ``device``: a strategy ("auto", "balanced", "sequential"), a device list
         ("cuda:0,cuda:1": the blocks split evenly) or a dict; offloading to disk or meta is refused."""
@@ -157,17 +114,14 @@ class CausalLM:
         config = cls.load_config(spec)  # fail before loading any weights
         source, extra = _split_spec(spec)
         device = resolve_device(device) if device_map is None else "cuda"  # a map places every module itself
-        kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), **extra, **_gguf_dense(extra),
-                                  **_quantization_config(quantization, device)}
+        kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), **extra, **_gguf_dense(extra)}
         if device_map is not None:
             kwargs["device_map"] = resolve_map(device_map, config)
-        elif quantization != "none":
-            kwargs["device_map"] = device
         model: Any = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         if device_map is not None:
             refuse_offload(getattr(model, "hf_device_map", None) or {},
                            [n for n, p in model.named_parameters() if p.device.type == "meta"])
-        elif quantization == "none":
+        else:
             model = model.to(device)
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
         if tokenizer.pad_token_id is None:
@@ -185,7 +139,7 @@ class CausalLM:
 
     @property
     def vocab_size(self) -> int:
-        return int(self.lm_head.weight.shape[0])
+        return self._vocab_size
 
     @property
     def device(self) -> torch.device:
@@ -226,10 +180,7 @@ class CausalLM:
     # --- identity of the weights ---------------------------------------------------------------
     def fingerprint(self) -> dict[str, Any]:
         """A config hash plus weight statistics that survive dtype changes and 8/4-bit loads."""
-        keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size",
-                "num_attention_heads", "num_key_value_heads", "n_embd", "n_layer", "n_head")
-        conf = {k: getattr(self.config, k, None) for k in keys}
-        conf_hash = hashlib.sha256(json.dumps(conf, sort_keys=True).encode()).hexdigest()[:16]
+        conf_hash = config_fingerprint(self.config)
         emb = self.embed_tokens.weight.detach().float()
         rows = torch.linspace(0, emb.shape[0] - 1, 8).long()
         return {
@@ -238,6 +189,15 @@ class CausalLM:
             "embed_rows": [round(float(v), 4) for v in emb[rows].sum(-1)],
             "final_norm_sum": round(float(self.norm.weight.detach().float().sum()), 4),
         }
+
+
+def config_fingerprint(config: Any) -> str:
+    """The configuration half of ``CausalLM.fingerprint`` (architecture, width, depth, vocabulary, heads):
+    a jump artifact's model can be checked from its config alone, before any weight loads."""
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size",
+            "num_attention_heads", "num_key_value_heads", "n_embd", "n_layer", "n_head")
+    conf = {k: getattr(config, k, None) for k in keys}
+    return hashlib.sha256(json.dumps(conf, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def soft_cap(logits: Tensor, cap: float | None) -> Tensor:

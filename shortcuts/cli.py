@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from shortcuts.errors import OnejumpError
 
@@ -67,13 +68,18 @@ def _calibrate(args: argparse.Namespace) -> int:
     from shortcuts.calibration.config import CalibrateConfig
 
     fields = {k: v for k, v in vars(args).items() if k not in ("command", "handler", "verbose", "cache")}
-    cal, path = run_calibrate(CalibrateConfig(**{**fields, "gates": tuple(args.gates),
-                                                 "min_layers": tuple(args.min_layers), "strides": tuple(args.strides)}))
-    print(f"{cal.gate} threshold {cal.threshold}: agreement {cal.agreement:.3f} (lower bound {cal.lower_bound:.3f} "
-          f"at {cal.confidence:.0%}, target {cal.target}), exits checked from level {cal.min_layer} every "
-          f"{cal.stride}, mean exit "
-          f"layer {cal.mean_exit_layer:.1f}, predicted speed-up {cal.predicted_speedup:.2f}x, "
-          f"{cal.tokens} tokens of {cal.prompts} prompts; saved in {path}")
+    tuples = {k: tuple(getattr(args, k)) for k in ("gates", "min_layers", "strides", "exact_prompts")}
+    done = run_calibrate(CalibrateConfig(**{**fields, **tuples}))
+    if (cal := done.approximate) is not None:
+        print(f"{cal.gate} threshold {cal.threshold}: agreement {cal.agreement:.3f} (lower bound "
+              f"{cal.lower_bound:.3f} at {cal.confidence:.0%}, target {cal.target}), exits checked from level "
+              f"{cal.min_layer} every {cal.stride}, mean exit layer {cal.mean_exit_layer:.1f}, predicted speed-up "
+              f"{cal.predicted_speedup:.2f}x, {cal.tokens} tokens of {cal.prompts} prompts")
+    if done.exact is not None:
+        print(f"exact mode: draft {done.exact.name!r}, against never drafting {done.exact_speeds[done.exact.name]}")
+        for name, speeds in done.exact_speeds.items():
+            print(f"  {name:<24} {speeds}")
+    print(f"saved in {done.path}")
     return 0
 
 
@@ -101,6 +107,15 @@ def _calibrate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-lens", dest="lens", action="store_false",
                    help="keep the jump at every level (default: also search the logit lens where it predicts "
                         "better, and keep the faster)")
+    p.add_argument("--exact-prompts", nargs="+", default=[], help="prompt files (text lines, {\"text\"} or "
+                   "{\"messages\"} .jsonl) exact mode's draft policy is timed on, e.g. "
+                   "evals/workloads/grounded-tune.jsonl evals/workloads/open-tune.jsonl: drafts must pay on the "
+                   "first and never lose on any")
+    p.add_argument("--exact-max-prompts", type=int, default=d["exact_max_prompts"].default)
+    p.add_argument("--exact-only", action="store_true", help="calibrate exact mode's draft policy only (keep the "
+                   "stored approximate setting)")
+    _quantization_args(p, "calibrated: the setting is stored for that precision")
+    p.add_argument("--compile", action="store_true", help="the engine's blocks compiled (as ONEJUMP_COMPILE)")
     p.set_defaults(handler=_calibrate)
 
 
@@ -116,6 +131,9 @@ def _agreement(args: argparse.Namespace) -> int:
     from shortcuts.calibration.agreement import run_agreement
     from shortcuts.calibration.config import AgreementConfig
 
+    if not Path(args.prompts).is_file():  # before the model loads; a prompts file is yours, not an asset
+        raise FileNotFoundError(f"--prompts {args.prompts}: no such file (.jsonl with {{\"text\": ...}} per line, "
+                                "or text with one prompt a line)")
     fields = {k: v for k, v in vars(args).items() if k not in ("command", "handler", "verbose", "json")}
     result = run_agreement(AgreementConfig(**fields))
     if args.json:
@@ -152,6 +170,8 @@ def _agreement_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _quantization_args(p, "replayed (its stored setting resolves)")
+    p.add_argument("--compile", action="store_true", help="the engine's blocks compiled (as ONEJUMP_COMPILE)")
     p.set_defaults(handler=_agreement)
 
 
@@ -160,6 +180,13 @@ def _inspect(args: argparse.Namespace) -> int:
 
     print(json.dumps(JumpArtifact.load(args.jump).metadata(), indent=1))
     return 0
+
+
+def _quantization_args(p: argparse.ArgumentParser, what: str) -> None:
+    from shortcuts.engine.settings import QUANTIZATIONS
+
+    p.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
+                   help=f"the engine's weight format {what} (quantized from the dense weights: docs/quantization.md)")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -224,6 +251,8 @@ def _fit_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--val-fraction", type=float, default=None)
     g.add_argument("--variants", nargs="+", default=None, help=f"default {' '.join(VARIANTS[:3])}")
     g.add_argument("--default-variant", default=None, help="force the saved default; else by predicted speed")
+    _quantization_args(p, "the setting is calibrated at (--study: the default variant's speed is predicted at); the "
+                       "recipe calibrates the dense model: run `onejump calibrate --quantization` after it")
     p.set_defaults(handler=_fit)
 
 

@@ -38,6 +38,7 @@ class StudyConfig:
     target: float = 0.95  # greedy agreement the default variant's exits must keep (lower bound)
     select_prompts: int = 32  # validation prompts continued greedily to predict each variant's speed
     select_new_tokens: int = 24
+    quantization: str = "none"  # the engine's weight format the default variant's speed is predicted at
     plots: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -82,6 +83,7 @@ class FitConfig:
     lens: bool = True  # the logit lens at the levels where it predicts better, if that calibrates faster
     all_level: bool = False  # also train one jump per level on the same data, for the comparison
     threads: int | None = None  # None: torch's, or 1 when the machine is already busy (load >= cores)
+    quantization: str = "none"  # the recipe calibrates the dense model; other formats: `onejump calibrate` after
     device: str = "cpu"
     dtype: str = "float32"
     plots: bool = True
@@ -99,3 +101,6 @@ class FitConfig:
             raise ValueError(f"gates {unknown} cannot be calibrated; use {', '.join(FIT_GATES)}")
         if not 0.0 < self.target <= 1.0:
             raise ValueError(f"target={self.target} must be in (0, 1]")
+        if self.quantization != "none":
+            raise ValueError(f"fit calibrates the dense model; for quantization={self.quantization!r} run `onejump "
+                             f"calibrate --jump <its jump.safetensors> --quantization {self.quantization}` after it")

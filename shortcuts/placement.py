@@ -25,12 +25,14 @@ the devices (``onejump`` has been tested on CPUs only: docs/scale.md).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from shortcuts.architectures import arch_spec
 from shortcuts.errors import OnejumpError
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -69,8 +71,6 @@ def parse_device_map(text: str) -> DeviceMap:
     if text in STRATEGIES:
         return text
     if text.startswith("{"):
-        import json
-
         try:
             value = json.loads(text)
         except json.JSONDecodeError as e:
@@ -120,8 +120,6 @@ def _module_names(config: Any) -> tuple[str, list[str], bool]:
     embedding; from a model built on the meta device (no memory, no weights)."""
     from transformers import AutoModelForCausalLM
 
-    from shortcuts.adapter import arch_spec
-
     spec = arch_spec(config.model_type)
     with torch.device("meta"):
         model: Any = AutoModelForCausalLM.from_config(config)
@@ -135,8 +133,6 @@ def split_map(config: Any, devices: Sequence[Device]) -> dict[str, Device]:
     """A device map that splits the decoder blocks evenly over ``devices``, in order (the first
     devices take one block more when they do not divide evenly). Module names as accelerate wants
     them (``model.layers.3``), every module with weights named once."""
-    from shortcuts.adapter import arch_spec
-
     devices = device_list(devices)
     layers_path = arch_spec(config.model_type).layers
     stack, children, tied = _module_names(config)
@@ -210,8 +206,6 @@ class Placement:
     @classmethod
     def from_map(cls, config: Any, device_map: Mapping[str, Device]) -> Placement:
         """The plan a device map gives, from its names alone (no model, no devices needed)."""
-        from shortcuts.adapter import arch_spec
-
         layers = arch_spec(config.model_type).layers
         n = int(getattr(config, "num_hidden_layers", None) or config.n_layer)
         return cls(tuple(map_device(device_map, f"{layers}.{i}") for i in range(n)), map_device(device_map, "lm_head"))

@@ -9,7 +9,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from tqdm import tqdm
@@ -18,14 +18,17 @@ from shortcuts.adapter import CausalLM
 from shortcuts.artifact import JumpArtifact
 from shortcuts.calibration.costs import measure
 from shortcuts.calibration.search import SearchSpace, calibrate
-from shortcuts.calibration.table import continuations, level_table
+from shortcuts.calibration.table import continuations, engine_continuations, engine_table, level_table
 from shortcuts.collect import StateSet, cached_states, read_corpus, sample_sentences
 from shortcuts.config import PAPER_VARIANT, StudyConfig
+from shortcuts.engine.decoder import EarlyExitDecoder
 from shortcuts.engine.exit_head import ExitHead
+from shortcuts.engine.settings import QUANTIZATIONS, Quantization
 from shortcuts.evaluate import LevelScores, Method, choose, evaluate_method, model_top1, ojfa_scores
 from shortcuts.heads import HeadContext
 from shortcuts.jump import JumpConfig, LowRankJumps
 from shortcuts.prompts import article_split
+from shortcuts.report import plot_methods, summary_markdown, write_plots
 from shortcuts.train import KLToModel, MSEToFinal, TrainConfig, train_bank
 
 
@@ -123,6 +126,8 @@ def _default_variant(trained: dict[str, Trained], val: StateSet, ctx: HeadContex
 def run_study(cfg: StudyConfig) -> dict[str, Any]:
     """The whole pipeline; writes artifacts, results.json, summary.md and plots to cfg.out_dir."""
     t0, out = time.perf_counter(), Path(cfg.out_dir)
+    if cfg.quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization={cfg.quantization!r} must be one of {', '.join(QUANTIZATIONS)}")
     train_texts, test_texts, n_val = _sentences(cfg)
     lm = CausalLM.load(cfg.model, dtype=cfg.dtype, device=cfg.device)
     for v in cfg.variants:  # a bad rank fails now, not after collection
@@ -160,13 +165,22 @@ def _speed_by_variant(lm: CausalLM, cfg: StudyConfig, trained: dict[str, Trained
     ``cfg.target``, from costs measured here. A residual jump's check is a full head: it rarely pays."""
     texts = [t for t in val_texts if len(lm.tokenizer(t)["input_ids"]) >= 4][: cfg.select_prompts]
     prompts = [lm.tokenizer(t)["input_ids"][:32] for t in texts]
-    conts = continuations(lm, prompts, cfg.select_new_tokens)
     space = SearchSpace(("confidence",), strides=(1, 2, 3), target=cfg.target)
+    quantization = cast(Quantization, cfg.quantization)  # checked by run_fit
+    # at a weight format other than the dense model's, the engine at that format continues and decides
+    engine = None if cfg.quantization == "none" else EarlyExitDecoder(lm, None, quantization=quantization)
+    conts = continuations(lm, prompts, cfg.select_new_tokens) if engine is None else \
+        engine_continuations(engine, prompts, cfg.select_new_tokens)
     out = {}
     for v, t in trained.items():
         jump = t.bank.select(t.chosen).to(lm.device)
-        table = level_table(lm, ExitHead(lm, jump), prompts, conts, with_entropy=False)
-        out[v] = calibrate(table, measure(lm, jump, None, repeats=10), None, space).best.as_dict()
+        if engine is None:
+            table = level_table(lm, ExitHead(lm, jump), prompts, conts, with_entropy=False)
+        else:
+            engine.exit_head = ExitHead(lm, jump, engine.runner)
+            table = engine_table(engine, prompts, conts, with_entropy=False)
+        ms = measure(lm, jump, None, repeats=10, quantization=quantization)
+        out[v] = {**calibrate(table, ms, None, space).best.as_dict(), "quantization": cfg.quantization}
     return out
 
 
@@ -199,8 +213,6 @@ def _save_artifacts(out: Path, lm: CausalLM, cfg: StudyConfig, trained: dict[str
 
 
 def write_outputs(out: Path, results: dict[str, Any], plots: bool = True) -> None:
-    from shortcuts.report import summary_markdown, write_plots
-
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "summary.md").write_text(summary_markdown(results))
@@ -229,7 +241,5 @@ def run_evaluate(model: str, jump_path: str, corpus: str, out_dir: str, n: int =
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "evaluation.json").write_text(json.dumps(results, indent=1))
-    from shortcuts.report import plot_methods
-
     plot_methods(results, list(methods), f"{Path(jump_path).name} on {Path(corpus).name}", out / "evaluation.png")
     return results

@@ -14,12 +14,22 @@ Arm = Callable[[list[int]], list[int]]  # a prompt's ids -> the generated tokens
 U = TypeVar("U")
 
 
-def time_arms(arms: dict[str, Callable[[U], Any]], prompts: Sequence[U]) -> dict[str, dict[str, Any]]:
+def time_arms(arms: dict[str, Callable[[U], Any]], prompts: Sequence[U],
+              failed: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
     """Seconds and outputs per arm, arms interleaved prompt by prompt (or batch by batch: a unit is what an
-    arm takes) with the order rotating (so a noisy neighbour hits every arm alike), after one warm-up unit."""
-    names = list(arms)
-    for name in names:
-        arms[name](prompts[0])
+    arm takes) with the order rotating (so a noisy neighbour hits every arm alike), after one warm-up unit.
+    With ``failed``, an arm whose warm-up raises is left out and its error recorded there (a bench then
+    reports the other arms); without it the error propagates."""
+    names = []
+    for name, arm in arms.items():
+        try:
+            arm(prompts[0])
+        except Exception as e:
+            if failed is None:
+                raise
+            failed[name] = f"{type(e).__name__}: {e}"
+            continue
+        names.append(name)
     out: dict[str, dict[str, Any]] = {n: {"seconds": 0.0, "tokens": []} for n in names}
     for k, ids in enumerate(tqdm(prompts, desc="bench", unit="prompt")):
         for name in names[k % len(names):] + names[: k % len(names)]:

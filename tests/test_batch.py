@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.models import ARCHS, build_tiny, fitted_jump, sharpen
+from support.models import ARCHS, build_tiny, check_catchup_invariants, fitted_jump, sharpen
 
 from shortcuts.adapter import CausalLM
 from shortcuts.engine.batch import BatchDecoder
@@ -45,10 +45,7 @@ def assert_same(batched: Generation, alone: Generation) -> None:
 def check_invariants(batch: BatchDecoder) -> None:
     """Every layer of a row holds the keys/values of all its fed tokens but the pending ones."""
     for s in batch.running:
-        levels = [p.level for p in s.pending]
-        assert levels == sorted(levels, reverse=True)
-        for i in range(batch.num_layers):
-            assert batch.cache.length(i, s.row) == s.length - s.missing(i)
+        check_catchup_invariants(batch.cache, s, batch.num_layers)
 
 
 @pytest.fixture(params=ARCHS)
@@ -143,8 +140,10 @@ def test_exact_mode_in_a_mixed_batch(sharp: tuple[CausalLM, EarlyExitDecoder]) -
     """Self-speculative rows next to off and approximate rows: each equals its single-decoder run,
     and the exact rows' tokens are the full model's, with drafts both accepted and rejected."""
     lm, dec = sharp
-    modes = [{"mode": "exact", "threshold": 0.3}, {"mode": "off"}, {"mode": "approximate", "threshold": 0.4},
-             {"mode": "exact", "threshold": 0.5, "max_draft": 2}, {"mode": "exact", "threshold": 0.0, "min_layer": 2}]
+    modes = [{"mode": "exact", "draft": "exit", "threshold": 0.3}, {"mode": "off"},
+             {"mode": "approximate", "threshold": 0.4},
+             {"mode": "exact", "draft": "exit", "threshold": 0.5, "max_draft": 2},
+             {"mode": "exact", "draft": "exit", "threshold": 0.0, "min_layer": 2}]
     sets = [gen_settings(20, **kw) for kw in modes]
     ps = prompts(len(sets), seed=2)
     batched = BatchDecoder(dec, max_batch_size=5).generate(ps, sets)
@@ -190,7 +189,7 @@ def test_seeded_sampling_per_sequence(sharp: tuple[CausalLM, EarlyExitDecoder]) 
     decoder's draws, different across seeds, whatever shares the batch."""
     lm, dec = sharp
     ps = prompts(4, seed=4)
-    sets = [gen_settings(16, temperature=1.0, seed=seed, mode=mode, threshold=0.5)
+    sets = [gen_settings(16, temperature=1.0, seed=seed, mode=mode, threshold=0.5, draft="exit")
             for seed, mode in zip((1, 2, 1, 3), ("off", "approximate", "approximate", "exact"), strict=True)]
     first = BatchDecoder(dec, 4).generate(ps, sets)
     again = BatchDecoder(dec, 2).generate(ps, sets)  # other batch mates, other slots
@@ -201,7 +200,10 @@ def test_seeded_sampling_per_sequence(sharp: tuple[CausalLM, EarlyExitDecoder]) 
     assert other[0].tokens != first[0].tokens
 
 
-def test_stop_budget_and_callbacks(make_tiny) -> None:
+def test_stop_budget_and_cancel_through_the_step_outputs(make_tiny) -> None:
+    """Tokens and finishes arrive by one route, ``step``'s outputs: a sequence done at its first token is
+    reported (finished) by the next step, never taking a slot; a stop token and a cancel end the others;
+    a cancelled sequence is reported no more."""
     lm = make_tiny("llama")
     dec = EarlyExitDecoder(lm)
     batch = BatchDecoder(dec, max_batch_size=2)
@@ -210,16 +212,24 @@ def test_stop_budget_and_callbacks(make_tiny) -> None:
     assert one.done
     assert one.generation.finish_reason == "length"
     assert batch.free_slots == 2
+    (out,) = batch.step()
+    assert (out.seq, out.tokens, out.finish) == (one, tuple(one.generation.trace), "length")
+    assert batch.step() == []
     ref = dec.generate(p, gen_settings(10, mode="off")).tokens
     stop = GenerationSettings(max_new_tokens=10, stop_token_ids=(ref[3],), exit=ExitSettings(mode="off"))
     seen: list[int] = []
     stopped = batch.add(p, stop)
-    aborted = batch.add(p, gen_settings(10, mode="off"), on_token=lambda t: seen.append(t.token) is None and
-                        len(seen) < 5)
+    aborted = batch.add(p, gen_settings(10, mode="off"))
     finished: list[SequenceRun] = []
     while batch.running:
-        finished += batch.step()
-    assert {id(s) for s in finished} == {id(stopped), id(aborted)}
+        for out in batch.step():
+            if out.seq is aborted:
+                seen += [t.token for t in out.tokens]
+            if out.finish is not None:
+                finished.append(out.seq)
+        if len(seen) >= 5 and not aborted.done:
+            batch.cancel(aborted)
+    assert {id(s) for s in finished} == {id(stopped)}  # the cancelled one is not reported
     assert stopped.generation.tokens == ref[: ref.index(ref[3]) + 1]
     assert stopped.generation.finish_reason == "stop"
     assert aborted.generation.tokens == seen == ref[:5]
@@ -249,7 +259,8 @@ def test_context_limit_in_a_batch(sharp: tuple[CausalLM, EarlyExitDecoder]) -> N
     lm, dec = sharp
     long_prompt = prompts(1)[0] * 60
     ps = [long_prompt[:120], prompts(1)[0]]
-    sets = [gen_settings(40, mode="exact", threshold=0.3), gen_settings(12, mode="approximate", threshold=0.4)]
+    sets = [gen_settings(40, mode="exact", draft="exit", threshold=0.3),
+            gen_settings(12, mode="approximate", threshold=0.4)]
     batched = BatchDecoder(dec, 2).generate(ps, sets)
     assert (len(batched[0].tokens), batched[0].finish_reason) == (8, "length")  # 128 positions in all
     for p, s, b in zip(ps, sets, batched, strict=True):

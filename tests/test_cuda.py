@@ -32,6 +32,7 @@ def on_cuda(arch: str, dtype: torch.dtype) -> tuple[CausalLM, object]:
 
 
 def gen(mode: str, n: int = 12, temperature: float = 0.0, **kw: object) -> GenerationSettings:
+    kw.setdefault("draft", "exit")  # the exit head's drafts: the same on both paths (auto's depend on timings)
     exits = ExitSettings(mode=mode, threshold=0.5, min_layer=1, stride=1, **kw)  # type: ignore[arg-type]
     return GenerationSettings(max_new_tokens=n, stop_token_ids=(), temperature=temperature, seed=11, exit=exits)
 
@@ -54,6 +55,9 @@ def test_graphs_equal_eager_and_exact_equals_off(arch: str, dtype: torch.dtype) 
             if mode == "exact":
                 assert a.tokens == off
             exited += sum(t.exit_layer < lm.num_layers for t in a.trace)
+        for draft in ("ngram", "auto"):  # n-gram chunks through the captured graphs
+            exact = graphed.generate(ids * 3, gen("exact", draft=draft))
+            assert exact.tokens == eager.generate(ids * 3, gen("off")).tokens
     assert exited > 0
     assert graphed.runner.graphs.captured > 0
 

@@ -12,14 +12,26 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from support.models import ARCHS, PROMPT, build_tiny, fitted_jump, prompt_ids, settings, sharpen
+from support.models import (
+    ARCHS,
+    PROMPT,
+    build_tiny,
+    catch_up,
+    check_catchup_invariants,
+    decode_alone,
+    fitted_jump,
+    prompt_ids,
+    settings,
+    sharpen,
+)
 
 from shortcuts.adapter import CausalLM
 from shortcuts.engine.cache import KVCache, RowCall
-from shortcuts.engine.decoder import DecodeState, EarlyExitDecoder, Generation
-from shortcuts.engine.exit_head import ExitGate, ExitHead, entropy
+from shortcuts.engine.decoder import EarlyExitDecoder, Generation
+from shortcuts.engine.exit_head import ExitGate, ExitHead, confidence_and_top, entropy, to_host
 from shortcuts.engine.runner import LayerRunner
 from shortcuts.engine.sampling import distribution, make_generator, speculative_accept
+from shortcuts.engine.sequence import SequenceRun
 from shortcuts.engine.settings import ExitSettings, GenerationSettings
 from shortcuts.jump import JumpConfig, LowRankJumps
 
@@ -182,20 +194,26 @@ def test_gates() -> None:
     peaked = torch.tensor([50.0, 0.0, 0.0])  # softmax max-prob rounds to exactly 1.0
     flat = torch.zeros(3)
     assert float(torch.softmax(peaked, -1).max()) == 1.0
+    def fires(gate: ExitGate, logits: torch.Tensor) -> bool:
+        """The gate on one row of exit logits, given what the engine computes at a check."""
+        ((top, conf),) = to_host(*confidence_and_top(logits[None]))
+        return gate.decide(conf, top, float(entropy(logits)))
+
     never = ExitGate(ExitSettings(threshold=1.0))
-    assert never(peaked) == (False, 1.0)  # threshold 1.0 never exits, even at probability 1
+    assert to_host(*confidence_and_top(peaked[None])) == [(0, 1.0)]
+    assert not fires(never, peaked)  # threshold 1.0 never exits, even at probability 1
     conf = ExitGate(ExitSettings(threshold=0.5))
-    assert conf(peaked)[0]
-    assert not conf(flat)[0]
+    assert fires(conf, peaked)
+    assert not fires(conf, flat)
     ent = ExitGate(ExitSettings(gate="entropy", threshold=0.5))
-    assert ent(peaked)[0]
-    assert not ent(flat)[0]  # entropy log(3) = 1.1 nats
+    assert fires(ent, peaked)
+    assert not fires(ent, flat)  # entropy log(3) = 1.1 nats
     assert float(entropy(flat)) == pytest.approx(torch.log(torch.tensor(3.0)).item())
     pat = ExitGate(ExitSettings(gate="patience", patience=3))
     other = torch.tensor([0.0, 1.0, 0.0])
-    assert [pat(x)[0] for x in (peaked, peaked, other, other, other)] == [False, False, False, False, True]
+    assert [fires(pat, x) for x in (peaked, peaked, other, other, other)] == [False, False, False, False, True]
     pat.reset()
-    assert not pat(other)[0]
+    assert not fires(pat, other)
 
 
 # --- settings ----------------------------------------------------------------------------------------
@@ -276,7 +294,8 @@ def test_exact_mode_equals_off(sharp: tuple[CausalLM, EarlyExitDecoder]) -> None
     ref = _off(dec, ids).tokens
     drafted = rejected = 0
     for threshold, min_layer, max_draft in ((0.0, 1, 4), (0.3, 1, 4), (0.5, 2, 2), (0.7, 1, 8), (1.0, 1, 4)):
-        gen = dec.generate(ids, settings(mode="exact", threshold=threshold, min_layer=min_layer, max_draft=max_draft))
+        gen = dec.generate(ids, settings(mode="exact", draft="exit", threshold=threshold, min_layer=min_layer,
+                                         max_draft=max_draft))
         assert gen.tokens == ref, threshold
         s = gen.stats
         assert s.accepted == sum(t.kind == "accepted" for t in gen.trace)
@@ -314,13 +333,6 @@ def test_approximate_tokens_come_from_the_heads_that_decided(sharp: tuple[Causal
             assert float(torch.softmax(earlier, -1).max()) < threshold
 
 
-def _check_catchup_invariants(dec: EarlyExitDecoder, state: DecodeState) -> None:
-    levels = [p.level for p in state.pending]
-    assert levels == sorted(levels, reverse=True)
-    for i in range(dec.num_layers):
-        assert state.layer_length(i) == state.length - state.missing(i)
-
-
 def test_catchup_caches_cover_every_token_exactly(sharp: tuple[CausalLM, EarlyExitDecoder]) -> None:
     """After approximate decoding each layer covers every token but the pending ones; after a flush
     every layer holds exactly the keys/values a full prefill of the same tokens computes."""
@@ -328,17 +340,17 @@ def test_catchup_caches_cover_every_token_exactly(sharp: tuple[CausalLM, EarlyEx
     ids = prompt_ids(lm)
     skipped = 0
     for threshold in (0.3, 0.5):
-        gen, state = dec.generate_with_state(ids, settings(mode="approximate", threshold=threshold))
+        gen, cache, seq = decode_alone(dec, ids, settings(mode="approximate", threshold=threshold))
         skipped += gen.stats.layers_skipped
         fed = ids + gen.tokens[:-1]
-        assert state.length == len(fed)
-        _check_catchup_invariants(dec, state)
-        dec.flush(state)
-        assert not state.pending
+        assert seq.length == len(fed)
+        check_catchup_invariants(cache, seq, dec.num_layers)
+        catch_up(dec.runner, cache, seq)
+        assert not seq.pending
         ref = dec.runner.new_cache()
         dec.runner.forward(torch.tensor([fed]), ref)
         for i in range(lm.num_layers):
-            for a, b in zip(state.layer_kv(i), ref.row_kv(i), strict=True):
+            for a, b in zip(cache.row_kv(i, seq.row), ref.row_kv(i), strict=True):
                 assert torch.allclose(a, b, atol=1e-4), i
     assert skipped > 0
 
@@ -346,28 +358,28 @@ def test_catchup_caches_cover_every_token_exactly(sharp: tuple[CausalLM, EarlyEx
 def test_exact_mode_keeps_caches_consistent(sharp: tuple[CausalLM, EarlyExitDecoder]) -> None:
     lm, dec = sharp
     ids = prompt_ids(lm)
-    gen, state = dec.generate_with_state(ids, settings(mode="exact", threshold=0.3))
+    gen, cache, seq = decode_alone(dec, ids, settings(mode="exact", draft="exit", threshold=0.3))
     assert gen.stats.drafted > gen.stats.accepted  # some rejections, so some crops happened
-    _check_catchup_invariants(dec, state)
-    dec.flush(state)
+    check_catchup_invariants(cache, seq, dec.num_layers)
+    catch_up(dec.runner, cache, seq)
     ref = dec.runner.new_cache()
-    fed = ids + gen.tokens[: state.length - len(ids)]
+    fed = ids + gen.tokens[: seq.length - len(ids)]
     dec.runner.forward(torch.tensor([fed]), ref)
     for i in range(lm.num_layers):
-        assert torch.allclose(state.layer_kv(i)[0], ref.row_kv(i)[0], atol=1e-4)
+        assert torch.allclose(cache.row_kv(i, seq.row)[0], ref.row_kv(i)[0], atol=1e-4)
 
 
 def test_copy_policy_fills_skipped_layers_at_once(sharp: tuple[CausalLM, EarlyExitDecoder]) -> None:
     lm, dec = sharp
     ids = prompt_ids(lm)
-    gen, state = dec.generate_with_state(ids, settings(mode="approximate", threshold=0.4, kv_policy="copy"))
+    gen, cache, seq = decode_alone(dec, ids, settings(mode="approximate", threshold=0.4, kv_policy="copy"))
     assert gen.stats.kv_fills > 0
-    assert not state.pending
-    assert [state.layer_length(i) for i in range(lm.num_layers)] == [state.length] * lm.num_layers
+    assert not seq.pending
+    assert [cache.length(i, seq.row) for i in range(lm.num_layers)] == [seq.length] * lm.num_layers
     ref = dec.runner.new_cache()
     dec.runner.forward(torch.tensor([ids + gen.tokens[:-1]]), ref)
     deepest = lm.num_layers - 1  # copied keys there are approximations, not the full model's
-    assert not torch.allclose(state.layer_kv(deepest)[0], ref.row_kv(deepest)[0], atol=1e-3)
+    assert not torch.allclose(cache.row_kv(deepest, seq.row)[0], ref.row_kv(deepest)[0], atol=1e-3)
 
 
 @pytest.mark.parametrize("kv_policy", ["catchup", "copy"])
@@ -377,11 +389,12 @@ def test_without_exits_every_mode_equals_off(sharp: tuple[CausalLM, EarlyExitDec
     ref = _off(dec, ids).tokens
     modes = ["approximate", "exact"] if kv_policy == "catchup" else ["approximate"]
     for mode in modes:
-        gen = dec.generate(ids, settings(mode=mode, threshold=1.0, kv_policy=kv_policy))
+        gen = dec.generate(ids, settings(mode=mode, threshold=1.0, kv_policy=kv_policy, draft="exit"))
         assert gen.tokens == ref
         assert gen.stats.exit_checks == 0  # a confidence threshold of 1.0 cannot fire: nothing is checked
         assert gen.stats.layers_skipped == gen.stats.kv_fills == gen.stats.drafted == 0
-        unreachable = dec.generate(ids, settings(mode=mode, gate="entropy", threshold=0.0, kv_policy=kv_policy))
+        unreachable = dec.generate(ids, settings(mode=mode, gate="entropy", threshold=0.0, kv_policy=kv_policy,
+                                                 draft="exit"))
         assert unreachable.tokens == ref
         assert unreachable.stats.exit_checks > 0
 
@@ -466,17 +479,28 @@ def test_bench_runs_end_to_end_on_a_tiny_model(make_tiny: Callable[..., CausalLM
     assert "exact t=0.3" in text
 
 
-def test_on_token_streams_and_can_abort(make_tiny: Callable[..., CausalLM]) -> None:
+def test_step_outputs_stream_and_cancel_stops(make_tiny: Callable[..., CausalLM]) -> None:
+    """Tokens arrive through the batch's step outputs, in order; cancelling stops the sequence there."""
     lm = make_tiny("llama")
     dec = EarlyExitDecoder(lm)
     ids = lm.tokenizer(PROMPT)["input_ids"]
     settings = GenerationSettings(max_new_tokens=10, stop_token_ids=(), exit=ExitSettings(mode="off"))
-    seen: list[int] = []
-    full = dec.generate(ids, settings, on_token=lambda t: seen.append(t.token) is None)
+    full = dec.generate(ids, settings)
+
+    def stream(cut_at: int | None) -> tuple[list[int], SequenceRun]:
+        batch, seen = dec.batch(1), []
+        seq = batch.add(ids, settings)
+        while batch.running or not seen:
+            seen += [t.token for out in batch.step() for t in out.tokens]
+            if cut_at is not None and len(seen) >= cut_at:
+                batch.cancel(seq)
+        return seen, seq
+
+    seen, seq = stream(None)
     assert seen == full.tokens
-    cut = dec.generate(ids, settings, on_token=lambda t: len(seen) < 13 and seen.append(t.token) is None)
-    assert cut.finish_reason == "abort"
-    assert cut.tokens == full.tokens[:4]  # the 4th token's callback said stop; it is still reported
+    seen, cut = stream(4)
+    assert cut.generation.finish_reason == "abort"
+    assert cut.generation.tokens == seen == full.tokens[:4]
 
 
 # --- the contract with transformers, and compiled blocks -------------------------------------------------
@@ -486,7 +510,9 @@ def test_load_refuses_a_runner_that_does_not_reproduce_the_model(make_tiny: Call
     back, as a transformers release changing a block's math would) is refused at load."""
     lm = make_tiny("llama")
     runner = LayerRunner(lm)
-    assert runner.self_check() < 1e-5
+    check = runner.self_check()
+    assert check.math < 1e-5
+    assert check.error == check.math  # format "none": the dense model is the reference
     down = lm.layers[1].mlp.down_proj
     down.weight = torch.nn.Parameter(down.weight.detach() * 1.5)  # the model changes; the runner's copy does not
     from shortcuts.errors import UnsupportedModelError
@@ -522,7 +548,8 @@ def test_compiled_blocks_decode_the_same_tokens(arch: str) -> None:
     compiled = EarlyExitDecoder(lm, dec.exit_head.jump, compile=True)
     assert compiled.compile_seconds > 0
     ids = prompt_ids(lm)
-    for kw in ({"mode": "off"}, {"mode": "approximate", "threshold": 0.3}, {"mode": "exact", "threshold": 0.3}):
+    for kw in ({"mode": "off"}, {"mode": "approximate", "threshold": 0.3},
+               {"mode": "exact", "draft": "exit", "threshold": 0.3}):
         a, b = dec.generate(ids, settings(**kw)), compiled.generate(ids, settings(**kw))
         assert a.tokens == b.tokens
         assert [t.exit_layer for t in a.trace] == [t.exit_layer for t in b.trace]
@@ -544,11 +571,12 @@ def test_distribution_survives_extreme_temperature_and_top_p() -> None:
 
 
 def test_quantized_weights_are_refused_with_a_message(make_tiny: Callable[..., CausalLM]) -> None:
-    """Integer (bitsandbytes-style) weights in the blocks: refused by name, never decoded wrongly."""
+    """Integer (a pre-quantized checkpoint's) weights in the blocks: refused with what to do instead (load
+    the dense model, choose the engine's weight format), never decoded wrongly."""
     from shortcuts.errors import UnsupportedModelError
 
     lm = make_tiny("llama")
     proj = lm.layers[0].self_attn.q_proj
     proj.weight = torch.nn.Parameter(proj.weight.detach().to(torch.int8), requires_grad=False)
-    with pytest.raises(UnsupportedModelError, match="8/4-bit"):
+    with pytest.raises(UnsupportedModelError, match="already quantized.*ONEJUMP_QUANTIZATION"):
         LayerRunner(lm)

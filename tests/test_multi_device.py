@@ -26,6 +26,7 @@ from torch.utils._pytree import tree_flatten
 from shortcuts.adapter import CausalLM
 from shortcuts.engine.decoder import EarlyExitDecoder
 from shortcuts.engine.settings import ExitSettings, GenerationSettings
+from shortcuts.engine.weights import linear_tensors
 from shortcuts.jump import LowRankJumps
 from shortcuts.placement import (
     OffloadError,
@@ -138,13 +139,15 @@ def test_each_check_has_its_head_copy_on_its_blocks_device(models: tuple[CausalL
     assert dec.runner.blocks.devices == (CPU0, CPU0, CPU1, CPU1)
     head = dec.exit_head
     assert [head.levels[level].device for level in (1, 2, 3)] == [CPU0, CPU0, CPU1]
-    assert head.levels[1].W is head.levels[2].W  # one copy per device for a bank of one jump
-    assert all(head.levels[level].W.is_contiguous() for level in (1, 3))  # type: ignore[union-attr]
-    ptr = [head.levels[level].W.untyped_storage().data_ptr() for level in (1, 3)]  # type: ignore[union-attr]
+    assert head.levels[1].M is head.levels[2].M  # one copy per device for a bank of one jump
+    assert head.levels[1].M is not head.levels[3].M
+    assert head.levels[1].A_T is head.levels[2].A_T
+    ptr = [head.levels[level].A_T.untyped_storage().data_ptr() for level in (1, 3)]  # type: ignore[union-attr]
     assert ptr[0] != ptr[1]
     assert set(dec.runner.rope) == {CPU0, CPU1}
     identity = EarlyExitDecoder(split, None, check=False).exit_head
-    assert identity.levels[3].ctx is not identity.levels[1].ctx  # the logit lens copies W_U and the norm
+    assert identity.levels[3].head is not identity.levels[1].head  # the logit lens copies W_U and the norm
+    assert identity.levels[3].norm is not identity.levels[1].norm
 
 
 @pytest.mark.parametrize(("mode", "kv_policy"), [("approximate", "catchup"), ("approximate", "copy"),
@@ -219,7 +222,7 @@ def owners(dec: EarlyExitDecoder, cache: Any, devices: list[torch.device]) -> di
         own(head.tensors(), ("head", head.device))
     for dev, tables in dec.runner.rope.items():
         own(list(tables.values()), ("rope", dev))
-    own([dec.runner.unembedding, dec.lm.norm.weight], ("full", None))
+    own([*linear_tensors(dec.runner.head), dec.runner.final_norm.weight], ("full", None))
     return out
 
 
@@ -240,6 +243,7 @@ def test_an_exited_token_reads_nothing_of_a_later_device(models: tuple[CausalLM,
     batch = dec.single
     L = split.num_layers
     seq = batch.add(split.tokenizer(PROMPTS[0]).input_ids, gen_settings(mode, 0.4, max_new_tokens=24))
+    assert [out.seq for out in batch.step()] == [seq]  # the first token's report: nothing is decoded
     table = owners(dec, batch.cache, devices)
     seen: dict[int, int] = {}
     while not seq.done:

@@ -56,15 +56,20 @@ def exit_heatmap(grid: tuple[int, int, int, int]) -> dict[str, Any]:
 
 
 def early_exit_panels() -> list[dict[str, Any]]:
-    skipped, computed = (f"sum({rate(f'onejump_layers_{k}_total')})" for k in ("skipped", "computed"))
+    skipped, computed, saved = (f"sum({rate(f'onejump_layers_{k}_total')})" for k in ("skipped", "computed", "saved"))
     return [
         exit_heatmap((0, 0, 12, 9)),
-        panel("Mean exit layer", (12, 0, 6, 9),
+        panel("Mean exit layer", (12, 0, 4, 9),
               [("mean", f"sum({rate('onejump_exit_layer_sum')}) / sum({rate('onejump_exit_layer_count')})")],
               "short", "Mean depth at which generated tokens were decided."),
-        panel("Layers skipped", (18, 0, 6, 9), [("skipped", f"100 * {skipped} / ({skipped} + {computed})")],
-              "percent", "Share of decoder-layer evaluations saved by exits: skipped / (skipped + computed); "
-                         "computed includes catch-up and verification."),
+        panel("% skipped in own step", (16, 0, 4, 9), [("skipped", f"100 * {skipped} / ({skipped} + {computed})")],
+              "percent", "Share of decoder-layer evaluations that exited tokens did not run in their own step: "
+                         "skipped / (skipped + computed). Not work saved: catch-up (and exact mode's verification) "
+                         "runs most of them later, with the next token that goes deeper; see '% saved'."),
+        panel("% saved", (20, 0, 4, 9), [("saved", f"100 * {saved} / ({saved} + {computed})")],
+              "percent", "Share of decoder-layer evaluations never run: onejump_layers_saved_total (layers x tokens "
+                         "fed - computed) / (saved + computed); computed includes catch-up and verification. "
+                         "This is the work early exits really saved."),
         panel("Tokens by exit kind", (0, 9, 8, 8),
               [("{{exit}}", f"sum by (exit) ({rate('onejump_tokens_total')})")], "short",
               "early: decided by the jump head; full: full depth; verified: drafted early and accepted by "

@@ -18,11 +18,12 @@ import torch
 from shortcuts.adapter import CausalLM
 from shortcuts.artifact import JumpArtifact
 from shortcuts.assets import default_model_dir
+from shortcuts.calibration.calibrate import precision_engine
 from shortcuts.calibration.config import AgreementConfig
 from shortcuts.calibration.costs import CostModel, cost_models, measure, predicted_speedup
 from shortcuts.calibration.exact import replay_exact
 from shortcuts.calibration.replay import bootstrap_lower_bound, oracle_levels, replay
-from shortcuts.calibration.setting import DENSE, Overrides, StoredCalibration, resolve_modes
+from shortcuts.calibration.setting import Overrides, StoredCalibration, resolve_modes
 from shortcuts.calibration.table import continued_table
 from shortcuts.engine.exit_head import ExitHead
 from shortcuts.engine.learned_gate import LearnedGate
@@ -50,18 +51,20 @@ def run_agreement(cfg: AgreementConfig) -> dict[str, Any]:
     L = lm.num_layers
     overrides = Overrides(gate=cfg.gate, threshold=cfg.threshold, min_layer=cfg.min_layer,  # type: ignore[arg-type]
                           stride=cfg.stride)
-    modes = resolve_modes(StoredCalibration.from_extra(artifact.extra), overrides, L, DENSE)
+    modes = resolve_modes(StoredCalibration.from_extra(artifact.extra), overrides, L, cfg.quantization)
     s, exact = modes["approximate"].settings, modes["exact"].settings
     gate = LearnedGate.from_extra(artifact.extra)
     if gate is None and "learned" in (s.gate, exact.gate):
         raise ValueError(f"{cfg.jump} has no learned gate (extra['gate']); use --gate confidence or entropy")
     prompts = read_prompts(lm, cfg.prompts, cfg.max_prompts)
     jump = artifact.jump.to(lm.device)
-    table = continued_table(lm, ExitHead(lm, jump), prompts, cfg.new_tokens,
-                            with_entropy="entropy" in (s.gate, exact.gate))
+    engine = precision_engine(lm, artifact, cfg.quantization, cfg.compile)
+    head = engine.exit_head if engine is not None else ExitHead(lm, jump)
+    table = continued_table(lm, head, prompts, cfg.new_tokens, with_entropy="entropy" in (s.gate, exact.gate),
+                            engine=engine)
     level, picked = replay(table, s, gate)
     agree = picked == table.final_top
-    models, skip, ms = _costs(cfg.costs, lm, jump, gate)
+    models, skip, ms = _costs(cfg, lm, jump, gate)
     first = oracle_levels(table)["first_hit"].float().mean()
     return {
         "agreement": float(agree.float().mean()), "agreement_lower": bootstrap_lower_bound(agree, table.prompt),
@@ -77,7 +80,7 @@ def run_agreement(cfg: AgreementConfig) -> dict[str, Any]:
                   "lens_check_blocks": _cost(models, s.gate).lens, "head_blocks": _cost(models, s.gate).head,
                   "skipped_layer_blocks": skip, "ms": ms},
         "lens_levels": list(jump.lens_levels),
-        "jump": cfg.jump, "model": lm.name,
+        "jump": cfg.jump, "model": lm.name, "quantization": cfg.quantization, "compiled": cfg.compile,
     }
 
 
@@ -86,14 +89,15 @@ def _cost(models: dict[str, CostModel], gate: str) -> CostModel:
     return models.get(gate, models["confidence"])
 
 
-def _costs(kind: str, lm: CausalLM, jump: LowRankJumps,
+def _costs(cfg: AgreementConfig, lm: CausalLM, jump: LowRankJumps,
            gate: LearnedGate | None) -> tuple[dict[str, CostModel], float, dict[str, float]]:
     """Cost models per gate kind, a skipped layer's cost (blocks) and the timings (ms) they come from."""
+    kind = cfg.costs
     if kind == "flops":
         model = CostModel.from_model(lm, jump.config.rank if jump.is_pure else None).with_lens(jump.lens_levels)
         return {"confidence": model, "entropy": model, "learned": model}, 0.0, {}
     if kind != "measured":
         raise ValueError(f"costs={kind!r} must be measured or flops")
-    ms = measure(lm, jump, gate, repeats=20)
+    ms = measure(lm, jump, gate, repeats=20, quantization=cfg.quantization, compile=cfg.compile)
     models, skip = cost_models(ms, jump.lens_levels)
     return models, skip, ms

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shortcuts.engine.settings import Gate
+from shortcuts.engine.settings import Gate, Quantization
 
 CALIBRATED_GATES: tuple[Gate, ...] = ("confidence", "entropy", "learned", "patience")  # the gate kinds a search ranks
 
@@ -28,8 +28,13 @@ class CalibrateConfig:
     gate_corpus: str | None = None  # training prompts of the learned gate (.jsonl with titles: fit articles)
     gate_prompts: int = 100
     lens: bool = True  # also search the logit lens as the exit head where it predicts better
+    exact_prompts: tuple[str, ...] = ()  # prompt files exact mode's draft policy is timed on (the first: grounded)
+    exact_max_prompts: int = 12  # prompts of each file
+    exact_only: bool = False  # keep approximate mode's stored setting, calibrate exact mode's draft policy
     device: str = "cpu"
     dtype: str = "float32"
+    quantization: Quantization = "none"  # the engine's weight format the setting is calibrated (and stored) for
+    compile: bool = False  # the engine's blocks compiled (int8 then keeps float32 activations)
 
 
 @dataclass
@@ -47,3 +52,5 @@ class AgreementConfig:
     device: str = "cpu"
     dtype: str = "float32"
     threads: int | None = None
+    quantization: Quantization = "none"  # the weight format replayed (and whose stored setting resolves)
+    compile: bool = False

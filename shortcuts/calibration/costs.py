@@ -24,10 +24,10 @@ from torch import Tensor
 
 from shortcuts.adapter import CausalLM
 from shortcuts.engine.cache import RowCall
-from shortcuts.engine.exit_head import ExitHead, entropy, max_probability
+from shortcuts.engine.exit_head import ExitHead, confidence_and_top, entropy, to_host
 from shortcuts.engine.learned_gate import LearnedGate, gate_features
 from shortcuts.engine.runner import LayerRunner
-from shortcuts.engine.settings import ExitSettings
+from shortcuts.engine.settings import ExitSettings, Quantization
 from shortcuts.jump import LowRankJumps
 
 
@@ -93,7 +93,8 @@ class BlockPass:
         self.runner, self.ctx = runner, ctx
         self.cache = runner.new_cache(1, ctx + q + 1)
         dev = runner.lm.device
-        self.h = torch.randn(1, q, runner.lm.hidden_size, generator=torch.Generator().manual_seed(q)).to(dev)
+        seed = torch.Generator().manual_seed(q)
+        self.h = torch.randn(1, q, runner.lm.hidden_size, generator=seed).to(dev, runner.dtype)
         self.call = RowCall([0], [ctx], [q], q, dev)
 
     def __call__(self) -> None:
@@ -124,20 +125,23 @@ def interleaved(passes: dict[str, BlockPass], after_pass: dict[str, Callable[[],
 
 @torch.inference_mode()
 def measure(lm: CausalLM, jump: LowRankJumps | None, gate: LearnedGate | None = None,
-            repeats: int = 30) -> dict[str, float]:
+            repeats: int = 30, quantization: Quantization = "none", compile: bool = False) -> dict[str, float]:
     """Milliseconds per token: block, block x4 (per block, 4 tokens of a row at once), full head, exit
-    head and checks; blocks over whole passes, the rest right after one (see ``BlockPass``)."""
-    runner = LayerRunner(lm, 128)
+    head and checks; blocks over whole passes, the rest right after one (see ``BlockPass``); with the
+    matrices in the weight format ``quantization`` (``engine.weights``), the blocks compiled or not."""
+    runner = LayerRunner(lm, 128, compile=compile, quantization=quantization)
+    if compile:
+        runner.warm_up()
     one, four = BlockPass(runner, 1), BlockPass(runner, 4)
-    head, lens = ExitHead(lm, jump, lens_levels=()), ExitHead(lm, None)
+    head, lens = ExitHead(lm, jump, runner, lens_levels=()), ExitHead(lm, None, runner)
     state, level = one.h[0].float(), lm.num_layers // 2
     prev, conf = torch.zeros(1, dtype=torch.long), torch.ones(1)
     after: dict[str, Callable[[], object]] = {
         "full head": lambda: runner.full_logits(state),  # the engine's head
         "exit head": lambda: head(state, level),
-        "check confidence": lambda: max_probability(head(state, level)[0]),
+        "check confidence": lambda: to_host(*confidence_and_top(head(state, level))),  # as the engine reads it
         "check entropy": lambda: float(entropy(head(state, level)[0])),
-        "check lens": lambda: max_probability(lens(state, level)[0])}
+        "check lens": lambda: to_host(*confidence_and_top(lens(state, level)))}
     if gate is not None:
         def learned() -> None:
             f, _, _ = gate_features(head(state, level), level, lm.num_layers, state, state, prev, conf)

@@ -83,13 +83,16 @@ class HeadChoice:
 
 def calibrate_heads(val: dict[str, LevelTable], ms: dict[str, float], space: SearchSpace,
                     fit: dict[str, LevelTable] | None = None, learned: LearnedGate | None = None,
-                    lens: bool = True) -> tuple[HeadChoice, dict[str, HeadChoice]]:
+                    lens: bool = True, only: tuple[int, ...] | None = None) -> tuple[HeadChoice, dict[str, HeadChoice]]:
     """Search each option (``JUMP``: the jump at every level; ``LENS``: the lens where it predicts better on
     ``val``) and return the fastest at the target and every option's result. ``val``/``fit``: tables of the
     jump (``JUMP``) and of the lens (``LENS``) on the calibration prompts and on the learned gate's training
-    prompts; with ``fit`` the learned gate is fitted per option, else ``learned`` is used as given."""
+    prompts; with ``fit`` the learned gate is fitted per option, else ``learned`` is used as given. ``only``:
+    search that option alone (lens levels given, () for the jump everywhere)."""
     options: dict[str, tuple[int, ...]] = {JUMP: ()}
-    if lens and LENS in val and (better := better_levels(val[JUMP], val[LENS])):
+    if only is not None:
+        options = {LENS if only else JUMP: tuple(only)}
+    elif lens and LENS in val and (better := better_levels(val[JUMP], val[LENS])):
         options[LENS] = better
     out: dict[str, HeadChoice] = {}
     for name, levels in options.items():

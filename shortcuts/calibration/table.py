@@ -6,6 +6,10 @@ model's top-1. With the catch-up KV policy the early-exit decoder sees exactly t
 (skipped layers' keys/values are the full model's, computed later), so replaying a gate over the
 table (``replay``) gives, without decoding again, the exit layer and the token the decoder would
 pick at each step given the full model's prefix. ``EarlyExitDecoder.follow`` checks this by decoding.
+
+At a weight format other than the dense model's (``engine.weights``), the table comes from the engine at
+that format (``engine_table``): its full depth continues the prompts, its blocks give the states, its
+head and exit head (in that format) decide; what calibrates each precision apart.
 """
 
 from __future__ import annotations
@@ -19,8 +23,11 @@ from tqdm import tqdm
 
 from shortcuts.adapter import CausalLM
 from shortcuts.collect import block_outputs
+from shortcuts.engine.cache import RowCall
+from shortcuts.engine.decoder import EarlyExitDecoder
 from shortcuts.engine.exit_head import ExitHead, entropy
 from shortcuts.engine.learned_gate import head_stats
+from shortcuts.engine.settings import ExitSettings, GenerationSettings
 
 
 @dataclass
@@ -182,6 +189,51 @@ def level_table(lm: CausalLM, head: ExitHead, prompts: list[list[int]], conts: l
 
 
 def continued_table(lm: CausalLM, head: ExitHead, prompts: list[list[int]], new_tokens: int,
-                    with_entropy: bool = True) -> LevelTable:
-    """The full model continues ``prompts`` greedily for ``new_tokens``; the table of those steps."""
+                    with_entropy: bool = True, engine: EarlyExitDecoder | None = None) -> LevelTable:
+    """The full model continues ``prompts`` greedily for ``new_tokens``; the table of those steps. With
+    ``engine`` (a decoder at some weight format) the engine's full depth, states and heads (``engine_table``)."""
+    if engine is not None:
+        return engine_table(engine, prompts, engine_continuations(engine, prompts, new_tokens), with_entropy)
     return level_table(lm, head, prompts, continuations(lm, prompts, new_tokens), with_entropy=with_entropy)
+
+
+# --- the same from the engine, at its weight format ---------------------------------------------------
+def engine_continuations(engine: EarlyExitDecoder, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """The engine's full-depth greedy continuation of each prompt, ``new_tokens`` long (EOS suppressed)."""
+    s = GenerationSettings(max_new_tokens=new_tokens, stop_token_ids=(), exit=ExitSettings(mode="off"))
+    return [engine.generate(p, s).tokens for p in tqdm(prompts, desc="reference", unit="prompt")]
+
+
+@torch.inference_mode()
+def engine_levels(engine: EarlyExitDecoder, ids: list[int]) -> Tensor:
+    """(T, L+1, d) states of one sequence through the engine's blocks: the embedding, then each block's output."""
+    runner = engine.runner
+    cache = runner.new_cache(1, len(ids))
+    h = runner.embed_rows(torch.tensor([ids]), torch.arange(len(ids)).unsqueeze(0))
+    call = RowCall([0], [0], [len(ids)], len(ids), h.device)
+    states = [h[0]]
+    for i in range(runner.num_layers):
+        h = runner.block(i, h, call, cache)
+        states.append(h[0].to(states[0].device))
+    return torch.stack(states, dim=1)
+
+
+def engine_table(engine: EarlyExitDecoder, prompts: list[list[int]], conts: list[list[int]],
+                 with_entropy: bool = True, chunk: int = 256) -> LevelTable:
+    """``level_table`` from the engine: its blocks' states, its exit head, its full head."""
+    heads = {"head": TableHead(engine.exit_head)}
+    return engine_tables(engine, heads, prompts, conts, with_entropy, chunk)["head"]
+
+
+def engine_tables(engine: EarlyExitDecoder, heads: dict[str, TableHead], prompts: list[list[int]],
+                  conts: list[list[int]], with_entropy: bool = True, chunk: int = 256) -> dict[str, LevelTable]:
+    """``level_tables`` from the engine: its blocks' states, each head (built on its runner), its full head."""
+    if not prompts or min(len(c) for c in conts) < 2:
+        raise ValueError("need at least one prompt and continuations of 2+ tokens (step 0 is the prefill)")
+    states, rows = [], []
+    for i, (p, c) in enumerate(tqdm(list(zip(prompts, conts, strict=True)), desc="levels", unit="prompt")):
+        states.append(engine_levels(engine, p + c)[len(p) : len(p) + len(c) - 1])
+        rows.append(torch.full((len(c) - 1,), i))
+    x, r = torch.cat(states), torch.cat(rows)
+    return {k: states_table(h.head, engine.runner.full_logits, x, r, engine.num_layers, chunk, with_entropy, h.levels)
+            for k, h in heads.items()}

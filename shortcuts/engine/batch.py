@@ -17,28 +17,57 @@ would decode it alone, up to float rounding of batched matrix products:
 - exact (self-speculative): drafts are exits; a step that goes to full depth verifies the row's
   caught-up drafts with the full head on all of its tokens and crops the row on a rejection.
 
-Continuous: ``add`` prefills a new prompt on its own (a batch of one, in its slot) and emits its
-first token; the sequence joins the next ``step``. Finished or cancelled sequences leave and
-free their slot for the next ``add``.
+Continuous: ``add`` prefills a new prompt on its own (a batch of one, in its slot) and picks its
+first token; the sequence joins the token steps after that. Tokens and finishes reach the caller by
+one route, ``step``'s ``SequenceOutput``s: the next ``step`` after an ``add`` reports the new
+sequences' first tokens (before anything else is computed, so a first token is never held back by
+the others' step), every other ``step`` decodes one token for every running sequence and reports
+that. Finished or cancelled sequences leave and free their slot for the next ``add``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
+from shortcuts.adapter import CausalLM
 from shortcuts.engine.cache import RowCall
-from shortcuts.engine.exit_head import confidence_and_top, entropy, top_and_confidence
+from shortcuts.engine.drafts import DraftStats, Plan, StepCosts, batch_cap
+from shortcuts.engine.exit_head import ExitHead, confidence_and_top, entropy, to_host
 from shortcuts.engine.graphs import Checked, ExitCheck
-from shortcuts.engine.sequence import Generation, OnToken, Pending, SequenceRun
+from shortcuts.engine.learned_gate import LearnedGate, gate_features
+from shortcuts.engine.runner import LayerRunner
+from shortcuts.engine.sequence import Generation, Pending, SequenceOutput, SequenceRun
 from shortcuts.engine.settings import GenerationSettings
+from shortcuts.errors import Cancelled
 
-if TYPE_CHECKING:
-    from shortcuts.engine.decoder import EarlyExitDecoder
+
+class Model(Protocol):
+    """What a batch decodes with: the model-facing half of ``EarlyExitDecoder`` (its runner, exit head,
+    learned gate and checks), which builds batches of itself."""
+
+    lm: CausalLM
+    runner: LayerRunner
+    num_layers: int
+    exit_head: ExitHead
+    learned_gate: LearnedGate | None
+    eos_ids: tuple[int, ...]
+    draft_stats: DraftStats
+
+    @property
+    def step_costs(self) -> StepCosts: ...
+
+    def check_prompt(self, prompt_ids: list[int]) -> None: ...
+
+    def check_settings(self, settings: GenerationSettings) -> None: ...
+
+
+PREFILL_CHUNK = 256  # prompt tokens per forward pass in prefill and scoring; ``stop`` is asked between chunks
+Stop = Callable[[], bool]  # True: stop the work (raises ``Cancelled`` between two chunks)
 
 
 @dataclass
@@ -74,7 +103,7 @@ class BatchDecoder:
     Shares the model, runner and exit head of ``decoder``. Use ``add`` / ``step`` / ``cancel``
     for continuous batching, or ``generate`` to run a list of prompts to completion."""
 
-    def __init__(self, decoder: EarlyExitDecoder, max_batch_size: int = 8):
+    def __init__(self, decoder: Model, max_batch_size: int = 8):
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"{max_batch_size=} must be an integer >= 1")
         self.decoder = decoder
@@ -85,6 +114,7 @@ class BatchDecoder:
         self.max_batch_size = max_batch_size
         self.cache = self.runner.new_cache(max_batch_size)
         self.slots: list[SequenceRun | None] = [None] * max_batch_size
+        self._added: list[SequenceRun] = []  # added since the last ``step``: their first token is unreported
 
     # --- public API ------------------------------------------------------------------------------
     @property
@@ -101,10 +131,12 @@ class BatchDecoder:
 
     @torch.inference_mode()
     def add(self, prompt_ids: Sequence[int], settings: GenerationSettings | None = None,
-            on_token: OnToken | None = None, forced: list[int] | None = None) -> SequenceRun:
-        """Prefill a prompt in a free slot and emit its first token; it decodes from the next ``step``.
-        A sequence done at once (one token, or a stop token) frees its slot before returning.
-        ``forced``: teacher forcing (see ``SequenceRun``)."""
+            forced: list[int] | None = None, stop: Stop | None = None, chunk: int = PREFILL_CHUNK) -> SequenceRun:
+        """Prefill a prompt in a free slot and pick its first token (the next ``step`` reports it); the
+        sequence decodes in the steps after. A sequence done at once (one token, or a stop token)
+        frees its slot before returning. ``forced``: teacher forcing (see ``SequenceRun``). The prompt
+        goes through the blocks ``chunk`` tokens at a time; ``stop`` is asked before each chunk
+        (``Cancelled`` when it says so: the slot stays free)."""
         settings = settings or GenerationSettings()
         ids = [int(t) for t in prompt_ids]
         self.decoder.check_prompt(ids)
@@ -113,34 +145,45 @@ class BatchDecoder:
             raise RuntimeError(f"the batch is full ({self.max_batch_size} sequences)")
         row = self.slots.index(None)
         dec = self.decoder
+        exits = settings.exit
+        costs = dec.step_costs if exits.mode == "exact" and exits.draft == "auto" else None
         seq = SequenceRun(row, len(ids), settings, self.num_layers, self.runner.context_length, dec.eos_ids,
-                          dec.lm.device, on_token, forced, prompt=ids)
+                          dec.lm.device, forced, prompt=ids, costs=costs, draft_stats=dec.draft_stats)
         self.cache.reset_row(row)
-        logits = self._prefill(row, ids)
-        if not seq.emit(seq.pick_full(logits, top_and_confidence(logits[None])[0])):
+        logits = self._prefill(row, ids, stop, chunk)
+        if not seq.emit(seq.pick_full(logits, to_host(*confidence_and_top(logits[None]))[0])):
             self.slots[row] = seq
+        self._added.append(seq)
         return seq
 
     def cancel(self, seq: SequenceRun) -> None:
-        """Stop a sequence (finish reason "abort" unless it had finished) and free its slot."""
+        """Stop a sequence (finish reason "abort" unless it had finished) and free its slot; ``step``
+        reports nothing more of it."""
         if seq.finish is None:
             seq.finish = "abort"
         self._release(seq)
+        if seq in self._added:
+            self._added.remove(seq)
 
     @torch.inference_mode()
-    def step(self) -> list[SequenceRun]:
-        """One token step for every running sequence; returns the ones that finished (slots freed)."""
+    def step(self) -> list[SequenceOutput]:
+        """What is new, per sequence: after ``add``, the added sequences' first tokens (nothing is
+        decoded then); else one token step for every running sequence, whose new tokens and finishes
+        it reports (finished sequences have freed their slots)."""
+        if self._added:
+            added, self._added = self._added, []
+            return [out for s in added if (out := s.report()) is not None]
         seqs = self.running
         if not seqs:
             return []
-        for s in seqs:
-            s.begin_step()
+        plans = [s.begin_step() for s in seqs]
+        self._cap_drafts(seqs, plans)
         exits = self._climb(self._start(seqs))
         self._fill_copies(exits)
-        done = [s for s in seqs if s.done]
-        for s in done:
-            self._release(s)
-        return done
+        for s in seqs:
+            if s.done:
+                self._release(s)
+        return [out for s in seqs if (out := s.report()) is not None]
 
     def generate(self, prompts: Sequence[Sequence[int]],
                  settings: GenerationSettings | Sequence[GenerationSettings] | None = None) -> list[Generation]:
@@ -150,7 +193,7 @@ class BatchDecoder:
         if len(settings) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(settings)} settings")
         seqs: list[SequenceRun] = []
-        while len(seqs) < len(prompts) or self.running:
+        while len(seqs) < len(prompts) or self.running or self._added:
             while len(seqs) < len(prompts) and self.free_slots:
                 seqs.append(self.add(prompts[len(seqs)], settings[len(seqs)]))
             self.step()
@@ -160,24 +203,48 @@ class BatchDecoder:
     def _group(self, seqs: list[SequenceRun], h: Tensor, counts: list[int], starts: list[int],
                waiting: list[int]) -> _Group:
         return _Group(seqs, h, counts, starts, waiting, RowCall([s.row for s in seqs], starts, counts, h.shape[1],
-                                                                h.device))
+                                                                h.device, self.cache.capacity))
 
-    def _prefill(self, row: int, ids: list[int]) -> Tensor:
-        """The prompt through every block in its own row (a batch of one); the last logits (V,)."""
-        n = len(ids)
-        h = self.runner.embed_rows(torch.tensor([ids]), torch.arange(n).unsqueeze(0))
-        call = RowCall([row], [0], [n], n, h.device)
-        for i in range(self.num_layers):
-            h = self.runner.block(i, h, call, self.cache)
+    def _prefill(self, row: int, ids: list[int], stop: Stop | None = None, chunk: int = PREFILL_CHUNK) -> Tensor:
+        """The prompt through every block in its own row (a batch of one), ``chunk`` tokens at a time;
+        the last logits (V,)."""
+        n, size = len(ids), max(chunk, 1)
+        h = None
+        for a in range(0, n, size):
+            if stop is not None and stop():
+                self.cache.reset_row(row)
+                raise Cancelled(f"prefill stopped after {a} of {n} tokens")
+            q = min(size, n - a)
+            h = self.runner.embed_rows(torch.tensor([ids[a : a + q]]), torch.arange(a, a + q).unsqueeze(0))
+            call = RowCall([row], [a], [q], q, h.device)
+            for i in range(self.num_layers):
+                h = self.runner.block(i, h, call, self.cache)
+        assert h is not None
         return self.runner.full_logits(h[0, -1])
 
     # --- one step --------------------------------------------------------------------------------
+    def _cap_drafts(self, seqs: list[SequenceRun], plans: list[Plan]) -> None:
+        """Cap the ``auto`` rows' n-gram drafts at what pays for the whole batch (``drafts.batch_cap``:
+        its chunk is padded to the longest row)."""
+        if len(seqs) < 2 or not any(p.source == "ngram" and len(p.yields) > 1 for p in plans):
+            return
+        cap = batch_cap(plans, self.decoder.step_costs)
+        if cap is not None:
+            for s, p in zip(seqs, plans, strict=True):
+                if len(p.yields) > 1:
+                    s.cap(cap)
+
     def _start(self, seqs: list[SequenceRun]) -> _Group:
-        """Every running sequence's next token at its position, one row each."""
-        ids = torch.tensor([[s.next_token] for s in seqs])
+        """Every running sequence's fed tokens (its next token, then any n-gram drafts) at its
+        position, one row each, right-padded to the longest."""
+        feeds = [s.feed for s in seqs]
+        counts = [len(f) for f in feeds]
+        q = max(counts)
+        ids = torch.tensor([f + [f[-1]] * (q - len(f)) for f in feeds])
         starts = [s.length for s in seqs]
-        h = self.runner.embed_rows(ids, torch.tensor(starts).unsqueeze(1))
-        return self._group(seqs, h, [1] * len(seqs), starts, [len(s.pending) for s in seqs])
+        positions = (torch.tensor(starts).unsqueeze(1) + torch.arange(q)).clamp(max=self.runner.context_length - 1)
+        h = self.runner.embed_rows(ids, positions)
+        return self._group(seqs, h, counts, starts, [len(s.pending) for s in seqs])
 
     def _climb(self, g: _Group) -> list[_Exit]:
         """Blocks 1..L for the rows still climbing, a run of blocks at a time (``runner.segment``) from one
@@ -272,8 +339,6 @@ class BatchDecoder:
         """The learned gate's score of every checked row (m,), or None when no row uses it."""
         if self.learned is None or not any(s.settings.exit.gate == "learned" for s in seqs):
             return None
-        from shortcuts.engine.learned_gate import gate_features
-
         dev = logits.device
         prev_top = torch.tensor([-1 if s.check_top is None else s.check_top for s in seqs], device=dev)
         prev_conf = torch.tensor([s.prev_confidence for s in seqs], device=dev)
@@ -323,7 +388,7 @@ class BatchDecoder:
             toks += list(range(first, g.counts[j]))
         dev = g.h.device
         logits = self.runner.full_logits(g.h[torch.tensor(rows, device=dev), torch.tensor(toks, device=dev)])
-        tops = top_and_confidence(logits)  # one sync for every row of the step
+        tops = to_host(*confidence_and_top(logits))  # one sync for every row of the step
         for j, (s, (a, b)) in enumerate(zip(g.seqs, spans, strict=True)):
             assert g.waiting[j] == 0
             s.reached_top(logits[a:b], tops[a:b], g.starts[j])
@@ -351,6 +416,6 @@ class BatchDecoder:
             e.seq.stats.kv_fills += self.num_layers - e.level
 
     def _release(self, seq: SequenceRun) -> None:
-        """Free the slot; the row's keys stay readable (``EarlyExitDecoder.state``) until the next ``add``."""
+        """Free the slot; the row's keys stay in ``cache`` (readable for inspection) until the next ``add``."""
         if 0 <= seq.row < len(self.slots) and self.slots[seq.row] is seq:
             self.slots[seq.row] = None

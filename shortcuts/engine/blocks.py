@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from shortcuts.adapter import CausalLM
+from shortcuts.engine.settings import Quantization
+from shortcuts.engine.weights import Linear, prepare_linear
 from shortcuts.errors import UnsupportedModelError
 
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh"}
@@ -49,56 +51,53 @@ class Norm(NamedTuple):
 
 
 class BlockWeights(NamedTuple):
-    """One decoder block (a tuple of tensors, so that a compiled block takes them as inputs and one
-    graph serves every layer). Matrices are ``prepare``d: on a CPU packed for oneDNN's matrix
-    product (about 1.5x faster than nn.Linear for one row, 3x for eight: docs/engine.md), else
-    dense (in, out). Sizes (out, in): qkv (Hq·D + 2·Hkv·D, d), kv (2·Hkv·D, d, the copy policy's
-    fill), o (d, Hq·D), up (2·I or I, d; gate then up), down (d, I)."""
+    """One decoder block (a tuple of tensors and ``weights.Linear`` tuples, so that a compiled block takes
+    them as inputs and one graph serves every layer). Matrices are ``weights.prepare_linear``d in the
+    engine's weight format, each with its bias. Sizes (out, in): qkv (Hq·D + 2·Hkv·D, d), kv (2·Hkv·D, d,
+    the copy policy's fill), o (d, Hq·D), up (2·I or I, d; gate then up), down (d, I)."""
 
     attn_norm: Norm
-    qkv: Tensor
-    qkv_bias: Tensor | None
-    kv: Tensor
-    kv_bias: Tensor | None
+    qkv: Linear
+    kv: Linear
     q_norm: Norm | None
     k_norm: Norm | None
-    o: Tensor
-    o_bias: Tensor | None
+    o: Linear
     post_attn_norm: Norm | None  # Gemma's sandwich norm on the attention output
     mlp_norm: Norm
-    up: Tensor  # gate and up stacked for gated MLPs
-    up_bias: Tensor | None
-    down: Tensor
-    down_bias: Tensor | None
+    up: Linear  # gate and up stacked for gated MLPs
+    down: Linear
     post_mlp_norm: Norm | None
 
+    @property
+    def linears(self) -> tuple[Linear, ...]:
+        return (self.qkv, self.kv, self.o, self.up, self.down)
 
-def _norm(module: Any, kind: str, offset: float) -> Norm:
+
+@dataclass(frozen=True)
+class Format:
+    """How ``Blocks`` prepares the matrices: the weight format, oneDNN packing (format "none" on a CPU;
+    compiled blocks take dense weights), the dtype the blocks compute in (norms, attention, KV cache) and
+    bitsandbytes' 4-bit type."""
+
+    quantization: Quantization = "none"
+    pack: bool = True
+    dtype: torch.dtype | None = None  # None: the model's
+    bnb_4bit_type: str = "nf4"
+
+    def linear(self, weight: Tensor, bias: Tensor | None) -> Linear:
+        """Format "none" stores the weight in the blocks' dtype; the others compute in their kernel's."""
+        dtype = self.dtype if self.quantization == "none" else None
+        return prepare_linear(weight, bias, self.quantization, weight.device, pack=self.pack,
+                              bnb_4bit_type=self.bnb_4bit_type, dtype=dtype)
+
+
+def norm_of(module: Any, kind: str, offset: float, dtype: torch.dtype | None) -> Norm:
     eps = getattr(module, "eps", None) or getattr(module, "variance_epsilon", None)
     if eps is None:
         raise UnsupportedModelError(f"cannot find the epsilon of {type(module).__name__}")
     bias = getattr(module, "bias", None)
-    return Norm(kind, module.weight.detach() + offset, None if bias is None else bias.detach(), float(eps))
-
-
-def prepare(weight: Tensor, pack: bool) -> Tensor:
-    """An (out, in) weight as ``affine`` multiplies by it: packed for oneDNN on a CPU (``pack``),
-    else a dense (in, out) copy. Packing falls back to dense where oneDNN refuses the tensor."""
-    weight = weight.detach().contiguous()
-    if pack and weight.device.type == "cpu" and torch.backends.mkldnn.is_available():
-        try:
-            return torch.ops.mkldnn._reorder_linear_weight(weight, None)
-        except (RuntimeError, AttributeError):
-            pass
-    return weight.T.contiguous()
-
-
-def affine(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """x (..., in) times a ``prepare``d weight, plus b: (..., out)."""
-    if w.is_mkldnn:
-        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-    y = x @ w
-    return y if b is None else y + b
+    weight = (module.weight.detach() + offset).to(dtype or module.weight.dtype)
+    return Norm(kind, weight, None if bias is None else bias.detach().to(weight.dtype), float(eps))
 
 
 def _bias(*linears: Any) -> Tensor | None:
@@ -109,41 +108,54 @@ def _bias(*linears: Any) -> Tensor | None:
                       for m, b in zip(linears, biases, strict=True)])
 
 
-def _block(matrices: dict[str, Tensor], biases: dict[str, Tensor | None], q_dim: int, pack: bool,
+def _block(matrices: dict[str, Tensor], biases: dict[str, Tensor | None], q_dim: int, fmt: Format,
            **norms: Norm | None) -> BlockWeights:
     """BlockWeights from (out, in) matrices qkv, o, up, down and their biases."""
     qkv, qkv_bias = matrices["qkv"], biases["qkv"]
-    ready = {name: prepare(m, pack) for name, m in matrices.items()}
-    return BlockWeights(qkv=ready["qkv"], qkv_bias=qkv_bias, kv=prepare(qkv[q_dim:], pack),
-                        kv_bias=None if qkv_bias is None else qkv_bias[q_dim:].contiguous(),
-                        o=ready["o"], o_bias=biases["o"], up=ready["up"], up_bias=biases["up"], down=ready["down"],
-                        down_bias=biases["down"], **norms)  # type: ignore[arg-type]
+    ready = {name: fmt.linear(m, biases[name]) for name, m in matrices.items()}
+    kv = fmt.linear(qkv[q_dim:], None if qkv_bias is None else qkv_bias[q_dim:])
+    return BlockWeights(qkv=ready["qkv"], kv=kv, o=ready["o"], up=ready["up"], down=ready["down"],
+                        **norms)  # type: ignore[arg-type]
 
 
-def _decoder_block(layer: Any, offset: float, gemma: bool, pack: bool) -> BlockWeights:
+def _decoder_block(layer: Any, offset: float, gemma: bool, fmt: Format) -> BlockWeights:
     attn, mlp = layer.self_attn, layer.mlp
     q_norm = getattr(attn, "q_norm", None)
     k_norm = getattr(attn, "k_norm", None)
     mlp_norm = layer.pre_feedforward_layernorm if gemma else layer.post_attention_layernorm
     projections = {"qkv": (attn.q_proj, attn.k_proj, attn.v_proj), "o": (attn.o_proj,),
                    "up": (mlp.gate_proj, mlp.up_proj), "down": (mlp.down_proj,)}
+    dt = fmt.dtype
     return _block({k: torch.cat([m.weight.detach() for m in ms]) for k, ms in projections.items()},
-                  {k: _bias(*ms) for k, ms in projections.items()}, attn.q_proj.weight.shape[0], pack,
-                  attn_norm=_norm(layer.input_layernorm, "rms", offset),
-                  q_norm=None if q_norm is None else _norm(q_norm, "rms", offset),
-                  k_norm=None if k_norm is None else _norm(k_norm, "rms", offset),
-                  post_attn_norm=_norm(layer.post_attention_layernorm, "rms", offset) if gemma else None,
-                  mlp_norm=_norm(mlp_norm, "rms", offset),
-                  post_mlp_norm=_norm(layer.post_feedforward_layernorm, "rms", offset) if gemma else None)
+                  {k: _bias(*ms) for k, ms in projections.items()}, attn.q_proj.weight.shape[0], fmt,
+                  attn_norm=norm_of(layer.input_layernorm, "rms", offset, dt),
+                  q_norm=None if q_norm is None else norm_of(q_norm, "rms", offset, dt),
+                  k_norm=None if k_norm is None else norm_of(k_norm, "rms", offset, dt),
+                  post_attn_norm=norm_of(layer.post_attention_layernorm, "rms", offset, dt) if gemma else None,
+                  mlp_norm=norm_of(mlp_norm, "rms", offset, dt),
+                  post_mlp_norm=norm_of(layer.post_feedforward_layernorm, "rms", offset, dt) if gemma else None)
 
 
-def _gpt2_block(layer: Any, pack: bool) -> BlockWeights:
+def _gpt2_block(layer: Any, fmt: Format) -> BlockWeights:
     """GPT-2's Conv1D stores (in, out): transposed to (out, in)."""
     attn, mlp = layer.attn, layer.mlp
     convs = {"qkv": attn.c_attn, "o": attn.c_proj, "up": mlp.c_fc, "down": mlp.c_proj}
     return _block({k: c.weight.detach().T for k, c in convs.items()}, {k: c.bias.detach() for k, c in convs.items()},
-                  attn.c_attn.weight.shape[0], pack, attn_norm=_norm(layer.ln_1, "layer", 0.0), q_norm=None,
-                  k_norm=None, post_attn_norm=None, mlp_norm=_norm(layer.ln_2, "layer", 0.0), post_mlp_norm=None)
+                  attn.c_attn.weight.shape[0], fmt, attn_norm=norm_of(layer.ln_1, "layer", 0.0, fmt.dtype), q_norm=None,
+                  k_norm=None, post_attn_norm=None, mlp_norm=norm_of(layer.ln_2, "layer", 0.0, fmt.dtype),
+                  post_mlp_norm=None)
+
+
+def packed_modules(lm: CausalLM) -> list[tuple[Any, bool]]:
+    """Every module whose weight ``Blocks`` copies into its matrices, with whether it stores (in, out)
+    (GPT-2's Conv1D): what the engine may free once it holds its own copies."""
+    if lm.config.model_type == "gpt2":
+        return [(m, True) for layer in lm.layers for m in (layer.attn.c_attn, layer.attn.c_proj, layer.mlp.c_fc,
+                                                            layer.mlp.c_proj)]
+    names = ("q_proj", "k_proj", "v_proj", "o_proj")
+    return [(m, False) for layer in lm.layers
+            for m in (*(getattr(layer.self_attn, n) for n in names), layer.mlp.gate_proj, layer.mlp.up_proj,
+                      layer.mlp.down_proj)]
 
 
 def unsupported(config: Any) -> list[str]:
@@ -190,7 +202,7 @@ def block_forward(g: Geometry, w: BlockWeights, h: Tensor, k_buf: Tensor, v_buf:
     Pure tensor code (no host reads): the same function runs eagerly or under ``torch.compile``."""
     n, q, _ = h.shape
     D, Hq, Hkv = g.head_dim, g.num_heads, g.num_kv_heads
-    qkv = affine(w.attn_norm(h), w.qkv, w.qkv_bias)
+    qkv = w.qkv(w.attn_norm(h))
     qs, ks, vs = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
     qs, ks, vs = qs.view(n, q, Hq, D), ks.view(n, q, Hkv, D), vs.view(n, q, Hkv, D)
     if w.q_norm is not None:
@@ -204,17 +216,17 @@ def block_forward(g: Geometry, w: BlockWeights, h: Tensor, k_buf: Tensor, v_buf:
     v_buf[rows[:, None], :, positions] = vs.transpose(1, 2)
     keys, values = k_buf[rows, :, :kv_len], v_buf[rows, :, :kv_len]  # (n, H_kv, kv_len, D)
     attn = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, scale=g.scale, enable_gqa=True)
-    out = affine(attn.transpose(1, 2).reshape(n, q, Hq * D), w.o, w.o_bias)
+    out = w.o(attn.transpose(1, 2).reshape(n, q, Hq * D))
     if w.post_attn_norm is not None:
         out = w.post_attn_norm(out)
     h = h + out
-    x = affine(w.mlp_norm(h), w.up, w.up_bias)
+    x = w.up(w.mlp_norm(h))
     if g.gated:
         gate, up = x.chunk(2, dim=-1)
         x = (F.silu(gate) if g.activation == "silu" else F.gelu(gate, approximate="tanh")) * up
     else:
         x = F.gelu(x, approximate="tanh")
-    x = affine(x, w.down, w.down_bias)
+    x = w.down(x)
     if w.post_mlp_norm is not None:
         x = w.post_mlp_norm(x)
     return h + x
@@ -226,7 +238,7 @@ def kv_forward(g: Geometry, w: BlockWeights, h: Tensor, cos: Tensor | None,
     policy's fill (norm, k/v projections, k-norm, rotary; no attention, no MLP)."""
     n, q, _ = h.shape
     D, Hkv = g.head_dim, g.num_kv_heads
-    kv = affine(w.attn_norm(h), w.kv, w.kv_bias)
+    kv = w.kv(w.attn_norm(h))
     ks, vs = kv.split([Hkv * D, Hkv * D], dim=-1)
     ks, vs = ks.view(n, q, Hkv, D), vs.view(n, q, Hkv, D)
     if w.k_norm is not None:
@@ -238,20 +250,24 @@ def kv_forward(g: Geometry, w: BlockWeights, h: Tensor, cos: Tensor | None,
 
 
 def quantized(lm: CausalLM) -> bool:
-    """Whether the blocks hold quantized weights (bitsandbytes 8/4-bit: integer storage)."""
+    """Whether the model's blocks hold quantized weights (a bitsandbytes or other pre-quantized checkpoint:
+    integer storage)."""
     return any(not p.dtype.is_floating_point for p in lm.layers.parameters())
 
 
 class Blocks:
-    """Every decoder block of a ``CausalLM`` as ``BlockWeights``, plus the attention geometry."""
+    """Every decoder block of a ``CausalLM`` as ``BlockWeights`` in a weight ``Format``, plus the attention
+    geometry."""
 
-    def __init__(self, lm: CausalLM, pack: bool = True):
+    def __init__(self, lm: CausalLM, fmt: Format | None = None):
+        fmt = fmt or Format()
         config = lm.config
         if problems := unsupported(config):
             raise UnsupportedModelError(f"{lm.name}: onejump's engine does not handle {', '.join(problems)}")
         if quantized(lm):
-            raise UnsupportedModelError(f"{lm.name}: the engine's block math needs dense weights; 8/4-bit "
-                                        "(bitsandbytes) models are not served yet (issue: the GPU path)")
+            raise UnsupportedModelError(f"{lm.name}: the checkpoint is already quantized; the engine quantizes "
+                                        "dense weights itself: load the dense model and choose the weight format "
+                                        "(ONEJUMP_QUANTIZATION / --quantization)")
         self.gpt2 = config.model_type == "gpt2"
         gemma = config.model_type.startswith("gemma")
         act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None) or \
@@ -267,7 +283,8 @@ class Blocks:
         self.geometry = Geometry(self.num_heads, self.num_kv_heads, self.head_dim, self.scale, self.activation,
                                  self.gated)
         offset = lm.spec.norm_offset
-        self.weights = [_gpt2_block(layer, pack) if self.gpt2 else _decoder_block(layer, offset, gemma, pack)
+        self.format = fmt
+        self.weights = [_gpt2_block(layer, fmt) if self.gpt2 else _decoder_block(layer, offset, gemma, fmt)
                         for layer in lm.layers]
         self.devices = lm.placement().blocks  # block i runs where its weights are
 

@@ -24,53 +24,27 @@ checks) and decodes a single sequence as a batch of one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
 
 from shortcuts.adapter import CausalLM
-from shortcuts.engine.batch import BatchDecoder
-from shortcuts.engine.cache import KVCache, RowCall
+from shortcuts.engine.batch import PREFILL_CHUNK, BatchDecoder, Stop
+from shortcuts.engine.drafts import DraftStats, StepCosts
 from shortcuts.engine.exit_head import ExitHead
-from shortcuts.engine.runner import LayerRunner
+from shortcuts.engine.runner import LayerRunner, SelfCheck
 from shortcuts.engine.sampling import TopLogprobs
-from shortcuts.engine.sequence import Generation, OnToken, Pending, SequenceRun, Stats, TokenTrace
-from shortcuts.engine.settings import GenerationSettings
+from shortcuts.engine.sequence import Generation, SequenceRun, Stats, TokenTrace
+from shortcuts.engine.settings import GenerationSettings, Quantization
+from shortcuts.errors import Cancelled
 from shortcuts.jump import LowRankJumps
 
 if TYPE_CHECKING:
     from shortcuts.engine.learned_gate import LearnedGate
 
-__all__ = ["DecodeState", "EarlyExitDecoder", "Generation", "Stats", "TokenTrace"]
+__all__ = ["EarlyExitDecoder", "Generation", "Stats", "TokenTrace"]
 
 DEFAULT_MAX_SEQ_LEN = 2048
-
-
-@dataclass
-class DecodeState:
-    """A finished sequence's row of the cache, for inspection: fed tokens and pending tokens."""
-
-    cache: KVCache
-    seq: SequenceRun
-
-    @property
-    def length(self) -> int:
-        return self.seq.length
-
-    @property
-    def pending(self) -> list[Pending]:
-        return self.seq.pending
-
-    def missing(self, layer: int) -> int:
-        return self.seq.missing(layer)
-
-    def layer_kv(self, layer: int) -> tuple[Tensor, Tensor]:
-        return self.cache.row_kv(layer, self.seq.row)
-
-    def layer_length(self, layer: int) -> int:
-        return self.cache.length(layer, self.seq.row)
 
 
 class EarlyExitDecoder:
@@ -78,29 +52,50 @@ class EarlyExitDecoder:
 
     ``jump`` None uses the identity shortcut (the logit lens) as exit head. ``max_seq_len`` caps
     the positions the static KV caches hold (default: the model's context, at most 2048).
-    ``check`` compares the layer-by-layer pass with the model's own logits first (``LayerRunner.self_check``);
-    ``compile`` runs the blocks under ``torch.compile`` (``runner.compiled_block``), compiled here;
-    ``graphs`` runs runs of blocks at static shapes, as CUDA graphs on a GPU (``graphs.SegmentGraphs``;
-    "auto": on a GPU only)."""
+    ``check`` compares the layer-by-layer pass with the model's own logits first (``LayerRunner.self_check``,
+    its figures in ``self_check``); ``compile`` runs the blocks under ``torch.compile``
+    (``runner.compiled_block``), compiled here; ``graphs`` runs runs of blocks at static shapes, as CUDA
+    graphs on a GPU (``graphs.SegmentGraphs``; "auto": on a GPU only). ``quantization``: the weight format
+    of every matrix (``weights``; the exit head's included); ``dtype``: the blocks' activations and KV cache
+    (default: the model's). ``release``: free the model's own copies of the matrices the engine holds
+    (``LayerRunner.release_model_weights``): the model's ``forward`` no longer works after."""
 
     def __init__(self, lm: CausalLM, jump: LowRankJumps | None = None, max_seq_len: int | None = None,
                  check: bool = True, compile: bool = False, learned_gate: LearnedGate | None = None,
-                 graphs: bool | str = False):
+                 graphs: bool | str = "auto", quantization: Quantization = "none", release: bool = False,
+                 bnb_4bit_type: str = "nf4", dtype: torch.dtype | None = None):
         self.lm = lm
         if learned_gate is not None and learned_gate.num_layers != lm.num_layers:
             raise ValueError(f"the learned gate is for {learned_gate.num_layers} layers, the model has {lm.num_layers}")
         self.learned_gate = learned_gate
-        self.runner = LayerRunner(lm, max_seq_len or DEFAULT_MAX_SEQ_LEN, compile=compile)
+        self.runner = LayerRunner(lm, max_seq_len or DEFAULT_MAX_SEQ_LEN, compile=compile, quantization=quantization,
+                                  dtype=dtype, bnb_4bit_type=bnb_4bit_type)
         self.compile_seconds = self.runner.warm_up() if compile else 0.0
-        if check:
-            self.runner.self_check()
-        if graphs is True or (graphs == "auto" and lm.device.type == "cuda"):
+        self.self_check: SelfCheck | None = self.runner.self_check() if check else None
+        if graphs is True or (graphs == "auto" and lm.device.type == "cuda" and not compile):
             self.runner.use_graphs(max_rows=64)
         self.num_layers = lm.num_layers
-        self.exit_head = ExitHead(lm, jump)
+        self.exit_head = ExitHead(lm, jump, self.runner)
+        if release:
+            self.runner.release_model_weights()
         eos = lm.config.eos_token_id
         self.eos_ids: tuple[int, ...] = () if eos is None else tuple(eos) if isinstance(eos, list) else (int(eos),)
         self._single: BatchDecoder | None = None
+        self._step_costs: StepCosts | None = None
+        self.draft_stats = DraftStats()  # what exact mode's rows learned about their drafts (the auto policy)
+
+    @property
+    def step_costs(self) -> StepCosts:
+        """The measured cost of full-depth steps by chunk size, which exact mode's ``auto`` draft
+        policy weighs drafts with: timed on first use (``StepCosts.measure``, about 30 passes of the
+        model; a server times it at start-up), or set."""
+        if self._step_costs is None:
+            self._step_costs = StepCosts.measure(self)
+        return self._step_costs
+
+    @step_costs.setter
+    def step_costs(self, costs: StepCosts) -> None:
+        self._step_costs = costs
 
     @property
     def single(self) -> BatchDecoder:
@@ -122,21 +117,27 @@ class EarlyExitDecoder:
     def tokenizer(self) -> Any:
         return self.lm.tokenizer
 
-    # --- public API ------------------------------------------------------------------------------
-    def generate(self, prompt_ids: list[int], settings: GenerationSettings | None = None,
-                 on_token: OnToken | None = None) -> Generation:
-        """Continue ``prompt_ids``; see ``GenerationSettings`` and ``ExitSettings``. ``on_token`` sees
-        each token as it is decided; returning False stops generation (finish_reason "abort")."""
-        return self.generate_with_state(prompt_ids, settings, on_token)[0]
+    @property
+    def quantization(self) -> Quantization:
+        return self.runner.quantization
 
-    def generate_with_state(self, prompt_ids: list[int], settings: GenerationSettings | None = None,
-                            on_token: OnToken | None = None) -> tuple[Generation, DecodeState]:
-        """``generate``, also returning the decode state (the row's KV cache, pending tokens)."""
-        batch = self.single
-        seq = batch.add(prompt_ids, settings, on_token)
-        while not seq.done:
-            batch.step()
-        return seq.generation, DecodeState(batch.cache, seq)
+    def weights_report(self) -> dict[str, Any]:
+        """The weight format, the megabytes of the engine's matrices (blocks and head) and the self-check's
+        figures (``runner.SelfCheck``; None when it did not run)."""
+        return {"quantization": self.quantization, "weights_mb": round(self.runner.weights_bytes / 2**20, 1),
+                "self_check": None if self.self_check is None else self.self_check.to_dict()}
+
+    # --- public API ------------------------------------------------------------------------------
+    def generate(self, prompt_ids: list[int], settings: GenerationSettings | None = None) -> Generation:
+        """Continue ``prompt_ids``; see ``GenerationSettings`` and ``ExitSettings``. (To see tokens as
+        they come, or to stop early: ``batch`` and its ``step`` outputs, as the server does.)"""
+        return self._alone(self.single.add(prompt_ids, settings)).generation
+
+    def _alone(self, seq: SequenceRun) -> SequenceRun:
+        """Step the batch of one until ``seq``'s finish is reported."""
+        while not any(out.finish is not None for out in self.single.step()):
+            pass
+        return seq
 
     def follow(self, prompt_ids: list[int], continuation: list[int],
                settings: GenerationSettings | None = None) -> list[TokenTrace]:
@@ -147,57 +148,42 @@ class EarlyExitDecoder:
         if settings.exit.mode == "exact":
             raise ValueError("follow() replays modes 'off' and 'approximate'; exact mode always agrees")
         self.check_prompt(prompt_ids + continuation[:-1])
-        batch = self.single
-        seq = batch.add(prompt_ids, settings, forced=list(continuation))
-        while not seq.done:
-            batch.step()
-        return seq.picked[1:]
+        return self._alone(self.single.add(prompt_ids, settings, forced=list(continuation))).picked[1:]
 
     @torch.inference_mode()
-    def score(self, prompt_ids: list[int], top_n: int = 0) -> list[tuple[float, TopLogprobs]]:
+    def score(self, prompt_ids: list[int], top_n: int = 0, stop: Stop | None = None,
+              chunk: int = PREFILL_CHUNK) -> list[tuple[float, TopLogprobs]]:
         """The full model's log-probability of each token of ``prompt_ids`` after the first, given the
-        tokens before it, with the ``top_n`` most likely (token, logprob) there: one forward pass in a
-        cache of its own (prompt scoring, OpenAI's ``echo`` with ``max_tokens`` 0)."""
+        tokens before it, with the ``top_n`` most likely (token, logprob) there: a forward pass in a
+        cache of its own (prompt scoring, OpenAI's ``echo`` with ``max_tokens`` 0), ``chunk`` tokens at a
+        time; ``stop`` is asked before each chunk (``Cancelled`` when it says so)."""
         self.check_prompt(prompt_ids)
         ids = torch.tensor([prompt_ids])
-        logits = self.runner.forward(ids, self.runner.new_cache(1, capacity=len(prompt_ids)), start=0)  # (1, n, V)
-        lp = torch.log_softmax(logits[0, :-1].float(), dim=-1)  # (n-1, V)
-        targets = ids[0, 1:].to(lp.device)
-        chosen = lp.gather(1, targets[:, None])[:, 0].tolist()
-        if not top_n:
-            return [(c, ()) for c in chosen]
-        top = lp.topk(min(top_n, lp.shape[-1]), dim=-1)
-        pairs = [tuple(zip(i, v, strict=True)) for i, v in zip(top.indices.tolist(), top.values.tolist(), strict=True)]
-        return list(zip(chosen, pairs, strict=True))
-
-    @torch.inference_mode()
-    def flush(self, state: DecodeState) -> None:
-        """Run every pending token through the blocks it skipped, so all layers cover all tokens."""
-        seq, pending = state.seq, state.seq.pending
-        if not pending:
-            return
-        h: Tensor | None = None
-        joined = 0  # the last ``joined`` pending tokens are in h
-        for i in range(pending[-1].level, self.num_layers):
-            k = len(pending) - joined
-            while k and pending[k - 1].level == i:  # levels never increase with position: a suffix joins
-                k -= 1
-            if k < len(pending) - joined:
-                new = torch.cat([p.h for p in pending[k : len(pending) - joined]]).unsqueeze(0)  # (1, m, d)
-                h = new if h is None else torch.cat([new, h], dim=1)
-                joined = len(pending) - k
-            assert h is not None
-            call = RowCall([seq.row], [seq.length - joined], [joined], joined, h.device)
-            h = self.runner.block(i, h, call, state.cache)
-        pending.clear()
+        n = len(prompt_ids)
+        cache = self.runner.new_cache(1, capacity=n)
+        out: list[tuple[float, TopLogprobs]] = []
+        for a in range(0, n - 1, max(chunk, 1)):
+            if stop is not None and stop():
+                raise Cancelled(f"scoring stopped after {a} of {n} tokens")
+            b = min(a + max(chunk, 1), n - 1)  # positions a..b-1 predict tokens a+1..b
+            logits = self.runner.forward(ids[:, a:b], cache, start=a)  # (1, b-a, V)
+            lp = torch.log_softmax(logits[0].float(), dim=-1)  # (b-a, V)
+            targets = ids[0, a + 1 : b + 1].to(lp.device)
+            chosen = lp.gather(1, targets[:, None])[:, 0].tolist()
+            if not top_n:
+                out += [(c, ()) for c in chosen]
+                continue
+            top = lp.topk(min(top_n, lp.shape[-1]), dim=-1)
+            pairs = [tuple(zip(i, v, strict=True)) for i, v in zip(top.indices.tolist(), top.values.tolist(),
+                                                                    strict=True)]
+            out += list(zip(chosen, pairs, strict=True))
+        return out
 
     def check_settings(self, settings: GenerationSettings) -> None:
         """ValueError for settings this decoder cannot honour: exit levels outside the model, a
         learned gate it does not have."""
         exits = settings.exit
         exits.check_levels(self.num_layers)
-        if exits.mode == "exact" and exits.draft in ("ngram", "auto"):
-            raise ValueError(f"draft={exits.draft!r} is not implemented by this engine yet; use 'exit' or 'none'")
         if exits.mode != "off" and exits.gate == "learned" and self.learned_gate is None:
             raise ValueError("gate='learned' needs a jump artifact with a learned gate (onejump calibrate --gates "
                              "learned); this server's has none")

@@ -24,19 +24,34 @@ how the tests check it against the eager path, token for token.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
+from shortcuts.adapter import CausalLM
+from shortcuts.engine.blocks import Blocks
 from shortcuts.engine.cache import KVCache, RowCall
 from shortcuts.engine.exit_head import LevelHead, confidence_and_top
 
-if TYPE_CHECKING:
-    from shortcuts.engine.runner import LayerRunner
 
+class Stack(Protocol):
+    """What a segment runs: the blocks of a ``LayerRunner`` with their masks' windows and rotary tables
+    (a protocol, so that the runner, which owns the segments, is not imported here)."""
+
+    lm: CausalLM
+    blocks: Blocks
+    context_length: int
+    windows: list[int | None]
+    layer_types: list[str | None]
+    typed_rope: bool
+    rope: dict[torch.device, dict[str | None, tuple[Tensor, Tensor]]]
+    block_fn: Callable[..., Tensor]
+
+log = logging.getLogger("onejump.engine")
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16)
 MIN_KV = 64
@@ -88,7 +103,7 @@ class Shape:
 class _Segment:
     """Blocks first..last-1 at one static shape: static inputs, the body, and its graph (if captured)."""
 
-    def __init__(self, runner: LayerRunner, cache: KVCache, shape: Shape, device: torch.device,
+    def __init__(self, runner: Stack, cache: KVCache, shape: Shape, device: torch.device,
                  head: LevelHead | None = None):
         self.runner, self.cache, self.shape, self.head = runner, cache, shape, head
         assert cache.spare_row is not None
@@ -177,13 +192,14 @@ class SegmentGraphs:
     ``supports(first, last, call)`` says whether a call can take this path: its blocks on one
     device, its rows and tokens within the buckets, and its positions within the cache's slack."""
 
-    def __init__(self, runner: LayerRunner, capture: bool, max_rows: int = 8):
+    def __init__(self, runner: Stack, capture: bool, max_rows: int = 8):
         self.runner = runner
         self.capture = capture
         self.row_buckets = tuple(b for b in ROW_BUCKETS if b < max_rows) + (max_rows,)
         self.segments: dict[tuple[int, Shape, int | None], _Segment] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.captured = 0
+        self.capture_error: str | None = None  # why capturing stopped, if it did
 
     def supports(self, first: int, last: int, h: Tensor, call: RowCall, cache: KVCache,
                  head: LevelHead | None = None) -> bool:
@@ -223,8 +239,12 @@ class SegmentGraphs:
             seg = self.segments[key] = _Segment(self.runner, cache, shape, h.device,
                                                 None if check is None else check.head)
             if self.capture:
-                seg.capture(self.pool)
-                self.captured += 1
+                try:
+                    seg.capture(self.pool)
+                    self.captured += 1
+                except RuntimeError as e:  # an op that syncs with the host (e.g. a kernel library's) cannot be captured
+                    self.capture, self.capture_error = False, f"{type(e).__name__}: {e}"
+                    log.warning("CUDA graph capture failed, static shapes run eagerly from now on: %s", e)
         return seg
 
 

@@ -35,6 +35,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from shortcuts.engine.exit_head import confidence_and_top
+
 FEATURES = ("confidence", "margin", "log_odds", "level", "agree_prev", "delta", "prev_confidence")
 KIND = "learned"
 
@@ -44,13 +46,12 @@ def feature_names(num_layers: int) -> list[str]:
 
 
 def head_stats(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """From exit logits (B, V): confidence (max probability), margin (top-1 - top-2 probability) and
-    top-1, each (B,), with one softmax-free pass: p_k = exp(l_k - l_1) / sum exp(l - l_1)."""
+    """From exit logits (B, V): confidence (max probability, ``confidence_and_top``), margin (top-1 minus
+    top-2 probability: p_2 = p_1 exp(l_2 - l_1)) and top-1, each (B,)."""
     logits = logits.float()
-    top2, idx = logits.topk(2, dim=-1)  # (B, 2)
-    z = torch.exp(logits - top2[:, :1]).sum(-1)  # (B,)
-    conf = 1.0 / z
-    return conf, conf - torch.exp(top2[:, 1] - top2[:, 0]) / z, idx[:, 0]
+    conf, top = confidence_and_top(logits)
+    top2 = logits.topk(2, dim=-1).values  # (B, 2)
+    return conf, conf * (1.0 - torch.exp(top2[:, 1] - top2[:, 0])), top
 
 
 def build_features(confidence: Tensor, margin: Tensor, level: Tensor, agree_prev: Tensor, delta: Tensor,

@@ -8,24 +8,43 @@ length, which is what early exit needs), and the head. Blocks may live on differ
 never touches the later devices.
 
 ``self_check`` compares the whole layer-by-layer pass with the model's own logits on a short
-input; loading refuses a model (or a transformers release) for which they differ.
+input; loading refuses a model (or a transformers release) for which they differ. With a quantized
+weight format (``weights``) the reference is the model run with the weights the engine multiplies by
+(dequantized), and the difference from the dense model (the quantization's error) is measured too.
+``release_model_weights`` then frees the model's copies of every matrix the engine holds in its own.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from shortcuts.adapter import CausalLM, soft_cap
-from shortcuts.engine.blocks import Blocks, affine, block_forward, kv_forward, prepare, rope_tables
+from shortcuts.engine.blocks import (
+    Blocks,
+    Format,
+    Norm,
+    block_forward,
+    kv_forward,
+    norm_of,
+    packed_modules,
+    rope_tables,
+)
 from shortcuts.engine.cache import KVCache, RowCall
 from shortcuts.engine.exit_head import confidence_and_top
 from shortcuts.engine.graphs import SLACK, Checked, ExitCheck, SegmentGraphs
+from shortcuts.engine.settings import Quantization
+from shortcuts.engine.weights import Dense, Linear, head_format, prepare_linear
 from shortcuts.errors import UnsupportedModelError
+
+log = logging.getLogger("onejump.engine")
 
 
 def layer_windows(config: object, num_layers: int) -> list[int | None]:
@@ -55,14 +74,48 @@ class Chunk:
         return RowCall(list(range(B)), [self.start] * B, [q] * B, q, self.h.device)
 
 
-class LayerRunner:
-    """Embedding, single decoder blocks and the head of a ``CausalLM``, over a ``KVCache``."""
+@dataclass(frozen=True)
+class SelfCheck:
+    """What ``LayerRunner.self_check`` measured, as shares of the model's logits' scale: ``math``, the
+    engine's logits against the model run with the same (dequantized) weights, held to ``tolerance``;
+    ``error``, against the dense model (the quantization's error; ``math`` itself for format "none")."""
 
-    def __init__(self, lm: CausalLM, max_seq_len: int | None = None, compile: bool = False):
+    quantization: str
+    dtype: str
+    math: float
+    error: float
+    tolerance: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def math_tolerance(quantization: Quantization, dtype: torch.dtype) -> float:
+    """How far the engine's logits may be from the reference's (a share of their scale): float32 math
+    agrees to rounding; bf16/fp16 activations round every product, and so do bitsandbytes' 4-bit CPU
+    kernels whatever the input's dtype; LLM.int8 also quantizes the activations (by row, outliers apart)."""
+    if quantization == "bnb-8bit":
+        return 6e-2
+    return 1e-3 if dtype == torch.float32 and quantization == "none" else 3e-2
+
+
+class LayerRunner:
+    """Embedding, single decoder blocks and the head of a ``CausalLM``, over a ``KVCache``, with the
+    matrices in the weight format ``quantization`` (``weights``; each computes in its kernel's dtype) and
+    the blocks (norms, attention, residual stream, KV cache) in ``dtype`` (default: the model's)."""
+
+    def __init__(self, lm: CausalLM, max_seq_len: int | None = None, compile: bool = False,
+                 quantization: Quantization = "none", dtype: torch.dtype | None = None, bnb_4bit_type: str = "nf4"):
         self.lm = lm
         self.num_layers = lm.num_layers
         config = lm.config
-        self.blocks = Blocks(lm, pack=not compile)  # compiled graphs take dense weights
+        if compile and quantization.startswith("bnb"):
+            raise ValueError(f"compile=True does not take quantization={quantization!r}: bitsandbytes' layers do "
+                             "not compile; use int8/int4 or run eagerly")
+        self.quantization: Quantization = quantization
+        self.dtype = dtype or lm.lm_head.weight.dtype
+        fmt = Format(quantization, pack=not compile, dtype=self.dtype, bnb_4bit_type=bnb_4bit_type)
+        self.blocks = Blocks(lm, fmt)  # compiled graphs take dense weights
         self.windows = layer_windows(config, self.num_layers)
         types = getattr(config, "layer_types", None)
         self.layer_types: list[str | None] = list(types) if types else [None] * self.num_layers
@@ -72,12 +125,29 @@ class LayerRunner:
         tables = rope_tables(lm, self.context_length, self.blocks.head_dim)
         self.typed_rope = len(tables) > 1 or None not in tables
         # a copy of the rotary tables on every block's device: a block never reads another device's
-        self.rope = {dev: {kind: (cos.to(dev, copy=True), sin.to(dev, copy=True))
+        self.rope = {dev: {kind: (cos.to(dev, self.dtype, copy=True), sin.to(dev, self.dtype, copy=True))
                            for kind, (cos, sin) in tables.items()} for dev in dict.fromkeys(self.blocks.devices)}
-        head = lm.lm_head.weight
-        self.unembedding = prepare(head, pack=True) if head.device.type == "cpu" else None
+        head = lm.lm_head
+        self.final_norm: Norm = norm_of(lm.norm, lm.spec.norm_kind, lm.spec.norm_offset, self.dtype)
+        self.head: Linear = prepare_linear(head.weight, getattr(head, "bias", None), head_format(quantization),
+                                           head.weight.device, pack=not compile, bnb_4bit_type=bnb_4bit_type,
+                                           dtype=self.dtype if quantization == "none" else None)
         self.block_fn: Callable[..., Tensor] = compiled_block() if compile else block_forward
+        self._head_fn: Callable[[Norm, Linear, Tensor], Tensor] = compiled_head() if compile else head_forward
+        self.released = False
         self.graphs: SegmentGraphs | None = None  # static-shape segments (``use_graphs``)
+
+    @property
+    def weights_bytes(self) -> int:
+        """Bytes of the matrices the engine holds (blocks, with the copy policy's k/v view, and the head)."""
+        seen: set[int] = set()
+        total = 0
+        for w in self.blocks.weights:
+            for lin in (w.qkv, w.o, w.up, w.down, w.kv):
+                if id(lin) not in seen:
+                    seen.add(id(lin))
+                    total += lin.nbytes
+        return total + self.head.nbytes
 
     def use_graphs(self, max_rows: int, capture: bool | None = None) -> None:
         """Run runs of blocks at static shapes (``graphs.SegmentGraphs``), captured as CUDA graphs when the
@@ -89,7 +159,7 @@ class LayerRunner:
     def new_cache(self, rows: int = 1, capacity: int | None = None) -> KVCache:
         b = self.blocks
         return KVCache(self.num_layers, rows, capacity or self.context_length, b.num_kv_heads, b.head_dim,
-                       self.lm.lm_head.weight.dtype, b.devices, slack=SLACK if self.graphs is not None else 0)
+                       self.dtype, b.devices, slack=SLACK if self.graphs is not None else 0)
 
     # --- embedding ----------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -100,7 +170,7 @@ class LayerRunner:
         h = self.lm.embed_tokens(ids.to(self.lm.embed_tokens.weight.device))
         if self.wpe is not None:
             h = h + self.wpe(positions.to(self.wpe.weight.device)).to(h.device)
-        return h
+        return h.to(self.dtype)
 
     def embed(self, ids: Tensor, start: int) -> Chunk:
         """Token ids (B, q) at positions start.. for rows 0..B-1 -> a Chunk."""
@@ -130,7 +200,7 @@ class LayerRunner:
         k_buf, v_buf = cache.claim(i, call)
         cos, sin = self._rotary(i, call, dev)
         return self.block_fn(self.blocks.geometry, self.blocks.weights[i], h, k_buf, v_buf, call.rows_t,
-                              call.positions, call.kv_len, cos, sin, call.mask(self.windows[i]))
+                             call.positions, call.kv_len, cos, sin, call.mask(self.windows[i]))
 
     @torch.inference_mode()
     def segment(self, first: int, last: int, h: Tensor, call: RowCall, cache: KVCache) -> Tensor:
@@ -171,14 +241,13 @@ class LayerRunner:
 
     @torch.inference_mode()
     def full_logits(self, h: Tensor) -> Tensor:
-        """The model's own head on final states: (..., d) -> (..., V) float32. On a CPU the
-        unembedding is ``prepare``d as the blocks' matrices are; elsewhere the model's head module."""
-        h = h.to(self.lm.norm.weight.device)  # the final norm may sit with the last block, the head elsewhere
-        if self.unembedding is None:
-            return self.lm.head(h).float()
-        x = self.lm.norm(h.to(self.lm.lm_head.weight.dtype)).to(self.lm.device)
-        logits = affine(x, self.unembedding, getattr(self.lm.lm_head, "bias", None))
-        return soft_cap(logits, self.lm.softcap).float()
+        """The model's head on final states: (..., d) -> (..., V) float32: the final norm, then the
+        unembedding in the engine's weight format."""
+        norm_device = self.final_norm.weight.device  # the norm may sit with the last block, the head elsewhere
+        if norm_device != self.lm.device:
+            h = self.final_norm(h.to(norm_device, self.dtype)).to(self.lm.device)
+            return soft_cap(head_forward(None, self.head, h).float(), self.lm.softcap)
+        return soft_cap(self._head_fn(self.final_norm, self.head, h.to(self.dtype)).float(), self.lm.softcap)
 
     # --- one sequence per row, all rows in step (prefill, tests, the self-check) ----------------------
     def layer(self, i: int, chunk: Chunk, cache: KVCache) -> Chunk:
@@ -215,29 +284,128 @@ class LayerRunner:
             h = self.embed_rows(torch.ones(len(call.rows), call.q, dtype=torch.long), call.positions.cpu())
             for i in range(self.num_layers):
                 h = self.block(i, h, call, cache)
+            self.full_logits(h[0, -1])  # the head: a prefill's last token, every row's newest, a verified chunk
+            self.full_logits(h[:, -1])
+            self.full_logits(h[0])
         return time.perf_counter() - t0
 
     @torch.inference_mode()
-    def self_check(self, tokens: int = 12, rtol: float = 1e-3) -> float:
-        """The layer-by-layer logits against the model's own on a short input (prefill, then one
-        token with the cache); raises ``UnsupportedModelError`` when they differ. Returns the
-        largest difference relative to the logits' scale."""
+    def self_check(self, tokens: int = 12) -> SelfCheck:
+        """The layer-by-layer logits against the model's own on a short input (prefill, then one token
+        with the cache). With a quantized format the reference runs the model with the engine's
+        dequantized weights (``math``, held to ``math_tolerance``), and the difference from the dense
+        model is measured (``error``). Raises ``UnsupportedModelError`` when ``math`` is out of
+        tolerance; needs the model's weights (before ``release_model_weights``)."""
+        if self.released:
+            raise RuntimeError("self_check needs the model's own weights, which release_model_weights freed")
         vocab = self.lm.vocab_size
         ids = (torch.arange(tokens) * 7919 % max(vocab - 1, 1)).unsqueeze(0) + 1
-        ref = self.lm.model(ids.to(self.lm.embed_tokens.weight.device)).logits.float()
+        model_ids = ids.to(self.lm.embed_tokens.weight.device)
+        dense = self.lm.model(model_ids).logits.float()
         cache = self.new_cache(1)
         ours = torch.cat([self.forward(ids[:, :-1], cache), self.forward(ids[:, -1:], cache)], dim=1)
-        scale = float(ref.abs().max().clamp_min(1e-6))
-        diff = float((ours - ref.to(ours.device)).abs().max()) / scale
-        tol = rtol if self.lm.lm_head.weight.dtype == torch.float32 else 3e-2
-        if not diff <= tol:
+        scale = float(dense.abs().max().clamp_min(1e-6))
+        error = float((ours - dense.to(ours.device)).abs().max()) / scale
+        math = error
+        if self.quantization != "none":
+            with self._dequantized_model():
+                ref = self.lm.model(model_ids).logits.float()
+            math = float((ours - ref.to(ours.device)).abs().max()) / float(ref.abs().max().clamp_min(1e-6))
+        tol = math_tolerance(self.quantization, self.dtype)
+        if self.dtype == torch.float32 and self.lm.lm_head.weight.dtype != torch.float32:
+            tol = 3e-2  # a bf16/fp16 model computed in float32: the model's own forward rounds
+        check = SelfCheck(self.quantization, str(self.dtype).removeprefix("torch."), math, error, tol)
+        if not math <= tol:
             import transformers
 
             raise UnsupportedModelError(
                 f"onejump's layer-by-layer pass does not reproduce {self.lm.name}'s logits (largest difference "
-                f"{diff:.2e} of the logits' scale, tolerance {tol:.0e}) with transformers {transformers.__version__}; "
-                "this model or this transformers release is not supported by the engine")
-        return diff
+                f"{math:.2e} of the logits' scale, tolerance {tol:.0e}, weights {self.quantization}) with "
+                f"transformers {transformers.__version__}; this model or this transformers release is not "
+                "supported by the engine")
+        log.info("self-check of %s (weights %s, %s): %.2e of the logits' scale from the model run with the same "
+                 "weights (tolerance %.0e), %.2e from the dense model", self.lm.name, self.quantization, check.dtype,
+                 math, tol, error)
+        return check
+
+    @contextlib.contextmanager
+    def _dequantized_model(self) -> Iterator[None]:
+        """The model's packed modules (and its head, when quantized) hold the engine's dequantized
+        weights for the duration (new tensors; the model's own are put back after)."""
+        saved: list[tuple[Any, Any]] = []
+        rows = self._module_rows()
+        try:
+            for module, (lin, start, stop, conv) in rows.items():
+                w = lin.dequantized()[start:stop]
+                saved.append((module, module.weight))
+                module.weight = torch.nn.Parameter((w.T if conv else w).to(module.weight), requires_grad=False)
+            if not isinstance(self.head, Dense):
+                head = self.lm.lm_head
+                saved.append((head, head.weight))  # a tied head is untied for the duration
+                head.weight = torch.nn.Parameter(self.head.dequantized().to(head.weight), requires_grad=False)
+            yield
+        finally:
+            for module, weight in reversed(saved):
+                module.weight = weight
+
+    def _module_rows(self) -> dict[Any, tuple[Linear, int, int, bool]]:
+        """Each packed module of the model -> (the engine's matrix holding it, its rows there, Conv1D?)."""
+        out: dict[Any, tuple[Linear, int, int, bool]] = {}
+        modules = iter(packed_modules(self.lm))
+        qkv_parts, up_parts = 1 if self.blocks.gpt2 else 3, 2 if self.blocks.gated else 1
+        for w in self.blocks.weights:
+            for lin, parts in ((w.qkv, qkv_parts), (w.o, 1), (w.up, up_parts), (w.down, 1)):
+                start = 0
+                for _ in range(parts):
+                    module, conv = next(modules)
+                    rows = module.weight.shape[1 if conv else 0]
+                    out[module] = (lin, start, start + rows, conv)
+                    start += rows
+        return out
+
+    def release_model_weights(self) -> int:
+        """Free the model's copy of every matrix the engine holds in its own format (the blocks'
+        projections; the head too when the engine's copy is not the embedding's), leaving empty tensors
+        on the same devices; returns the bytes released. The model's own forward is unusable after."""
+        freed = 0
+        keep = {id(self.lm.embed_tokens.weight)}
+        modules = [m for m, _ in packed_modules(self.lm)]
+        if id(self.lm.lm_head.weight) not in keep:
+            modules.append(self.lm.lm_head)
+        for module in modules:
+            w = module.weight
+            if id(w) in keep or w.numel() == 0:
+                continue
+            freed += w.numel() * w.element_size()
+            module.weight = torch.nn.Parameter(w.new_empty(0), requires_grad=False)
+        self.released = True
+        _trim_heap()
+        log.info("released %.0f MB of the model's weights (the engine holds its own)", freed / 2**20)
+        return freed
+
+
+def _trim_heap() -> None:
+    """Give freed heap pages back to the OS (glibc keeps them otherwise, and RSS stays high)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    with contextlib.suppress(OSError, AttributeError):
+        if name:
+            ctypes.CDLL(name).malloc_trim(0)
+
+
+def head_forward(norm: Norm | None, head: Linear, h: Tensor) -> Tensor:
+    """The unembedding of final states h (..., d), after the final norm when one is given."""
+    return head(h if norm is None else norm(h))
+
+
+def compiled_head() -> Callable[..., Tensor]:
+    """``head_forward`` under ``torch.compile`` (with ``compiled_block``: the quantized formats' compiled
+    products keep float32 activations, and the head decides the token)."""
+    import torch._dynamo
+
+    return torch.compile(head_forward, dynamic=None, fullgraph=True)
 
 
 def compiled_block() -> Callable[..., Tensor]:

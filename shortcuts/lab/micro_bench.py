@@ -22,7 +22,7 @@ from shortcuts.artifact import JumpArtifact
 from shortcuts.assets import default_model_dir
 from shortcuts.bench import hf_generate
 from shortcuts.engine.decoder import EarlyExitDecoder, Generation
-from shortcuts.engine.exit_head import ExitGate, ExitHead
+from shortcuts.engine.exit_head import ExitGate, ExitHead, confidence_and_top, to_host
 from shortcuts.engine.runner import LayerRunner
 from shortcuts.engine.settings import ExitSettings, GenerationSettings
 from shortcuts.jump import LowRankJumps
@@ -79,7 +79,8 @@ def micro(lm: CausalLM, jump: LowRankJumps | None, repeats: int) -> dict[str, fl
     level = lm.num_layers // 2
 
     def check() -> None:
-        gate(head(state, level)[0])
+        ((top, conf),) = to_host(*confidence_and_top(head(state, level)))
+        gate.decide(conf, top)
 
     with torch.inference_mode():
         return {"block": median_seconds(one_block, repeats),

@@ -16,7 +16,7 @@ import torch
 from shortcuts.adapter import CausalLM
 from shortcuts.assets import default_model_dir
 from shortcuts.calibration.costs import BlockPass, interleaved
-from shortcuts.engine.exit_head import ExitHead, max_probability
+from shortcuts.engine.exit_head import ExitHead, confidence_and_top, to_host
 from shortcuts.engine.runner import LayerRunner
 from shortcuts.jump import JumpConfig, LowRankJumps
 
@@ -29,7 +29,7 @@ def rank_costs(lm: CausalLM, ranks: tuple[int, ...], repeats: int = 30) -> dict[
     state, level = one.h[0].float(), lm.num_layers // 2
     lens = ExitHead(lm, None)
     after: dict[str, Callable[[], object]] = {"full head": lambda: runner.full_logits(state),
-                                              "lens check": lambda: max_probability(lens(state, level)[0])}
+                                              "lens check": lambda: to_host(*confidence_and_top(lens(state, level)))}
     for r in ranks:
         torch.manual_seed(r)
         jump = LowRankJumps(JumpConfig(lm.hidden_size, r), n=1).eval()
@@ -37,7 +37,7 @@ def rank_costs(lm: CausalLM, ranks: tuple[int, ...], repeats: int = 30) -> dict[
             jump.lora_B.normal_()
         head = ExitHead(lm, jump)
         after[f"r={r} head"] = lambda head=head: head(state, level)  # type: ignore[misc]
-        after[f"r={r} check"] = lambda head=head: max_probability(head(state, level)[0])  # type: ignore[misc]
+        after[f"r={r} check"] = lambda head=head: to_host(*confidence_and_top(head(state, level)))  # type: ignore[misc]
     t = interleaved({"block": one}, after, one, repeats)
     return {k: {"ms": round(1000 * v, 4), "blocks": round(v / t["block"], 4)} for k, v in t.items()}
 

@@ -15,7 +15,10 @@ import torch
 
 from shortcuts.adapter import CausalLM
 from shortcuts.artifact import JumpArtifact
+from shortcuts.engine.cache import KVCache, RowCall
+from shortcuts.engine.decoder import EarlyExitDecoder
 from shortcuts.engine.runner import LayerRunner
+from shortcuts.engine.sequence import Generation, SequenceRun
 from shortcuts.engine.settings import ExitSettings, GenerationSettings
 from shortcuts.jump import JumpConfig, LowRankJumps
 
@@ -147,3 +150,46 @@ def tiny_artifact(lm: CausalLM) -> JumpArtifact:
     with torch.no_grad():
         bank.lora_B.normal_()
     return JumpArtifact(bank.eval(), lm.name, lm.fingerprint(), lm.num_layers, 2, [1.0, 3.0, 2.0], "words.txt")
+
+
+def check_catchup_invariants(cache: KVCache, seq: SequenceRun, num_layers: int) -> None:
+    """Pending levels never increase with position, and every layer of the sequence's row holds the
+    keys/values of all its fed tokens but the pending ones."""
+    levels = [p.level for p in seq.pending]
+    assert levels == sorted(levels, reverse=True)
+    for i in range(num_layers):
+        assert cache.length(i, seq.row) == seq.length - seq.missing(i)
+
+
+@torch.inference_mode()
+def catch_up(runner: LayerRunner, cache: KVCache, seq: SequenceRun) -> None:
+    """A reference for the tests, written apart from ``BatchDecoder``'s catch-up: run every pending token
+    of a finished sequence through the blocks it skipped, so that all layers of its row cover all its
+    tokens (then a full prefill of the same tokens must give the same keys/values)."""
+    pending = seq.pending
+    if not pending:
+        return
+    h: torch.Tensor | None = None
+    joined = 0  # the last ``joined`` pending tokens are in h
+    for i in range(pending[-1].level, runner.num_layers):
+        k = len(pending) - joined
+        while k and pending[k - 1].level == i:  # levels never increase with position: a suffix joins
+            k -= 1
+        if k < len(pending) - joined:
+            new = torch.cat([p.h for p in pending[k : len(pending) - joined]]).unsqueeze(0)  # (1, m, d)
+            h = new if h is None else torch.cat([new, h], dim=1)
+            joined = len(pending) - k
+        assert h is not None
+        call = RowCall([seq.row], [seq.length - joined], [joined], joined, h.device)
+        h = runner.block(i, h, call, cache)
+    pending.clear()
+
+
+def decode_alone(dec: EarlyExitDecoder, ids: list[int],
+                 s: GenerationSettings) -> tuple[Generation, KVCache, SequenceRun]:
+    """Decode in a batch of one; the generation, and the batch's cache and sequence to inspect."""
+    batch = dec.batch(1)
+    seq = batch.add(ids, s)
+    while not seq.done:
+        batch.step()
+    return seq.generation, batch.cache, seq
