@@ -189,6 +189,12 @@ def test_fit_writes_a_ready_artifact(tiny_folder: Path, word_corpus: Path, tmp_p
     assert main(["agreement", "--jump", str(out / "jump.safetensors"), "--model", str(tiny_folder), "--prompts",
                  str(word_corpus), "--max-prompts", "4", "--new-tokens", "4", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["lens_levels"] == r["lens_levels"]
+    recal = tmp_path / "recalibrated.safetensors"
+    assert main(["calibrate", "--jump", str(out / "jump.safetensors"), "--model", str(tiny_folder), "--corpus",
+                 str(word_corpus), "--prompts", "6", "--new-tokens", "4", "--offset", "0", "--out", str(recal)]) == 0
+    again = JumpArtifact.load(recal)
+    assert set(again.extra["exit_heads"]) <= {"jump", "lens"}
+    assert StoredCalibration.from_extra(again.extra).by_precision["none"].approximate is not None
 
 
 def test_fit_refuses_bad_input_before_loading(tiny_folder: Path, word_corpus: Path, tmp_path: Path,
