@@ -50,7 +50,7 @@ def read_prompt_file(path: str | Path) -> list[Prompt]:
     """Every prompt of a file, in order (see the module docstring)."""
     path = Path(path)
     if not path.is_file():
-        raise CorpusError(f"prompt file not found: {path}")
+        raise CorpusError(f"corpus not found: {path} (a prompt file: text lines or .jsonl)")
     out: list[Prompt] = []
     for k, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():

@@ -131,14 +131,22 @@ def replica_panels() -> list[dict[str, Any]]:
 
 
 def engine_panels() -> list[dict[str, Any]]:
-    """Exact mode's draft acceptance and the batch's KV-cache use, beside vLLM's equivalents."""
-    drafted, accepted = (f"sum({rate(f'onejump_spec_decode_num_{k}_tokens_total')})" for k in ("draft", "accepted"))
+    """Exact mode's drafts by source (the prompt's n-grams, the exit head) and the batch's KV-cache use,
+    beside vLLM's equivalents."""
+    drafted, accepted = (f"sum by (source) ({rate(f'onejump_spec_decode_num_{k}_tokens_total')})"
+                         for k in ("draft", "accepted"))
     return [
-        panel("Draft acceptance rate (exact mode)", (0, 41, 12, 8), [("accepted", f"{accepted} / {drafted}")],
-              "percentunit", "Share of the tokens drafted by early exits that the full model accepted "
-                             "(onejump_spec_decode_num_accepted_tokens / _draft_tokens); no data without exact-mode "
-                             "traffic."),
-        panel("KV cache usage", (12, 41, 12, 8), [("{{instance}}", f"max by (instance) "
+        panel("Draft acceptance rate by source (exact mode)", (0, 41, 8, 8),
+              [("{{source}}", f"{accepted} / ({drafted} > 0)")],
+              "percentunit", "Share of the drafted tokens that the full model accepted, by where the drafts came "
+                             "from: ngram (prompt lookup: the prompt and output so far) or exit (the exit head) "
+                             "(onejump_spec_decode_num_accepted_tokens / _draft_tokens, by source); a source that "
+                             "drafted nothing has no line."),
+        panel("Drafted and accepted tokens by source", (8, 41, 8, 8),
+              [("drafted {{source}}", drafted), ("accepted {{source}}", accepted)], "short",
+              "Tokens per second drafted, and accepted by the full model, per draft source. An accepted token is a "
+              "token decided without a full-depth pass of its own."),
+        panel("KV cache usage", (16, 41, 8, 8), [("{{instance}}", f"max by (instance) "
                                                                    f"(onejump_kv_cache_usage_perc{SEL})")],
               "percentunit", "Fraction of each replica's static KV cache (max_batch_size rows of the context "
                              "length) holding keys."),

@@ -228,7 +228,7 @@ class BatchDecoder:
         its chunk is padded to the longest row)."""
         if len(seqs) < 2 or not any(p.source == "ngram" and len(p.yields) > 1 for p in plans):
             return
-        cap = batch_cap(plans, self.decoder.step_costs)
+        cap = batch_cap(plans, self.decoder.step_costs, max(s.length for s in seqs))
         if cap is not None:
             for s, p in zip(seqs, plans, strict=True):
                 if len(p.yields) > 1:

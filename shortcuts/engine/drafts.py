@@ -46,6 +46,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal, Protocol
 
 import torch
@@ -132,7 +133,9 @@ def _interp(xs: tuple[int, ...], ys: tuple[float, ...], x: float) -> float:
 @dataclass(frozen=True)
 class StepCosts:
     """Seconds of a full-depth step: ``blocks`` over m token rows (a chunk of a row, or rows of a batch
-    padded to one length) and ``head`` over m positions, at the measured sizes; ``check``: one exit
+    padded to one length) and ``head`` over m positions, at the measured sizes, after a short prefix;
+    plus what the keys before cost: ``attend`` seconds per (query, key) pair (attention, every block)
+    and ``context`` per key and sequence whatever the queries (reading the cache). ``check``: one exit
     check (exit head + gate) of one row; ``layer``: one block for one token."""
 
     sizes: tuple[int, ...]
@@ -140,6 +143,8 @@ class StepCosts:
     head: tuple[float, ...]
     check: float
     num_layers: int
+    attend: float = 0.0
+    context: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.sizes or len(self.sizes) != len(self.blocks) or len(self.sizes) != len(self.head):
@@ -149,14 +154,25 @@ class StepCosts:
     def layer(self) -> float:
         return self.blocks[0] / self.num_layers
 
-    def step(self, rows: int, positions: int | None = None) -> float:
-        """A full-depth step over ``rows`` token rows whose full head judges ``positions`` (default: all)."""
-        return _interp(self.sizes, self.blocks, rows) + _interp(self.sizes, self.head, rows if positions is None
-                                                                 else positions)
+    def step(self, rows: int, positions: int | None = None, keys: int = 0, seqs: int = 1) -> float:
+        """A full-depth step over ``rows`` token rows whose full head judges ``positions`` (default: all),
+        the rows of ``seqs`` sequences attending to ``keys`` keys each."""
+        if positions is None and rows < len(self._chunks):
+            base = self._chunks[rows]
+        else:
+            base = _interp(self.sizes, self.blocks, rows) + _interp(self.sizes, self.head,
+                                                                    rows if positions is None else positions)
+        return base + keys * (self.attend * rows + self.context * seqs)
+
+    @cached_property
+    def _chunks(self) -> list[float]:
+        """``step(q)`` for one row's chunk of q = 0..64 tokens, worked out once (a row's plan reads it)."""
+        return [_interp(self.sizes, self.blocks, q) + _interp(self.sizes, self.head, q) for q in range(65)]
 
     def as_dict(self) -> dict[str, object]:
         return {"sizes": list(self.sizes), "blocks_s": [round(b, 6) for b in self.blocks],
-                "head_s": [round(h, 6) for h in self.head], "check_s": round(self.check, 6)}
+                "head_s": [round(h, 6) for h in self.head], "check_s": round(self.check, 6),
+                "attend_s_per_query_key": self.attend, "context_s_per_key": self.context}
 
     @classmethod
     def flat(cls, num_layers: int) -> StepCosts:
@@ -166,29 +182,42 @@ class StepCosts:
     @classmethod
     @torch.inference_mode()
     def measure(cls, decoder: Timed, sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64),
-                repeats: int = 3) -> StepCosts:
-        """Time whole passes of one row's chunk of each size (after a 32-token prefix) through every
-        block, then the full head on its positions and one exit check: sizes interleaved, the median
-        of ``repeats`` (after a warm-up round), made non-decreasing in the size."""
+                repeats: int = 3, long: int = 1024) -> StepCosts:
+        """Time whole passes of one row's chunk of each size through every block after a 32-token prefix,
+        then the full head on its positions and one exit check; and chunks of 1 and 8 tokens after a
+        ``long`` prefix (at most what the context leaves), whose extra time is the keys' cost
+        (``attend``, ``context``). Sizes interleaved, the median of ``repeats`` after a warm-up round,
+        made non-decreasing in the size."""
         runner = decoder.runner
-        prefix = min(32, runner.context_length - max(sizes) - 1)
-        if prefix < 1:
+        short = min(32, runner.context_length - max(sizes) - 1)
+        long = max(short, min(long, runner.context_length - max(sizes) - 1))
+        if short < 1:
             raise ValueError(f"the context ({runner.context_length}) is too short to time chunks of {max(sizes)}")
-        cache = runner.new_cache(1, capacity=prefix + max(sizes))
         vocab = decoder.lm.vocab_size
-        ids = (torch.arange(prefix + max(sizes)) * 7919 % max(vocab - 1, 1)).unsqueeze(0) + 1
-        runner.forward(ids[:, :prefix], cache)
+        ids = (torch.arange(long + max(sizes)) * 7919 % max(vocab - 1, 1)).unsqueeze(0) + 1
+        caches = {}
+        for prefix in dict.fromkeys((short, long)):  # one cache per prefix, filled once
+            caches[prefix] = runner.new_cache(1, capacity=prefix + max(sizes))
+            runner.forward(ids[:, :prefix], caches[prefix])
         level = max(1, decoder.num_layers // 2)
-        times: dict[int, list[tuple[float, float, float]]] = {q: [] for q in sizes}
+        runs = [(q, short) for q in sizes] + [(q, long) for q in (1, 8) if long > short]
+        times: dict[tuple[int, int], list[tuple[float, float, float]]] = {r: [] for r in runs}
         for rep in range(repeats + 1):
-            for q in sizes:
+            for q, prefix in runs:
+                cache = caches[prefix]
                 cache.crop_row(0, prefix)
-                times[q].append(_time_pass(decoder, cache, ids[:, prefix : prefix + q], prefix, level))
+                times[q, prefix].append(_time_pass(decoder, cache, ids[:, prefix : prefix + q], prefix, level))
             if rep == 0:
-                times = {q: [] for q in sizes}
-        med = [tuple(statistics.median(t[i] for t in times[q]) for i in range(3)) for q in sizes]
-        return cls(tuple(sizes), tuple(_monotone([m[0] for m in med])), tuple(_monotone([m[1] for m in med])),
-                   statistics.median(m[2] for m in med), decoder.num_layers)
+                times = {r: [] for r in runs}
+        med = {r: tuple(statistics.median(t[i] for t in times[r]) for i in range(3)) for r in runs}
+        attend = context = 0.0
+        if long > short:
+            extra = {q: med[q, long][0] + med[q, long][1] - med[q, short][0] - med[q, short][1] for q in (1, 8)}
+            attend = max(0.0, (extra[8] - extra[1]) / (7 * (long - short)))
+            context = max(0.0, extra[1] / (long - short) - attend)
+        return cls(tuple(sizes), tuple(_monotone([med[q, short][0] for q in sizes])),
+                   tuple(_monotone([med[q, short][1] for q in sizes])),
+                   statistics.median(m[2] for m in med.values()), decoder.num_layers, attend, context)
 
 
 def _sync(device: torch.device) -> None:
@@ -319,8 +348,8 @@ class Drafter:
         if self.index is not None:
             self.index.extend((token,))
 
-    def plan(self, room: int, stop: set[int]) -> Plan:
-        """This step's plan, drafting at most ``room`` tokens."""
+    def plan(self, room: int, stop: set[int], length: int = 0) -> Plan:
+        """This step's plan, drafting at most ``room`` tokens, the row's keys so far being ``length``."""
         if self.policy == "none":
             return PLAIN
         if self.policy == "exit":
@@ -333,18 +362,18 @@ class Drafter:
                 break
         if self.policy == "ngram":
             return Plan("ngram", tuple(tokens), n) if tokens else PLAIN
-        return self._auto(tokens, n)
+        return self._auto(tokens, n, length)
 
-    def _auto(self, tokens: list[int], n: int) -> Plan:
+    def _auto(self, tokens: list[int], n: int, length: int) -> Plan:
         costs = self.costs
         assert costs is not None
-        one = costs.step(1)
+        one = costs.step(1, keys=length)
         best, best_k = 1.0, 0
         yields: tuple[float, ...] = (1.0,)
         if tokens:
             yields = tuple(expected_tokens(self.acceptance.rate(n), len(tokens)))
             for k in range(1, len(tokens) + 1):
-                gain = yields[k] * one / costs.step(k + 1)
+                gain = yields[k] * one / costs.step(k + 1, keys=length + k)
                 if gain > best:
                     best, best_k = gain, k
         exit_gain = self.exit_yield.value() if self.exit else 0.0
@@ -364,14 +393,15 @@ class Drafter:
         if costs is None:
             return
         spent = sum(levels) * costs.layer + checks * costs.check + costs.step(len(levels) + 1)
-        self.exit_yield.observe((accepted + 1) * costs.step(1) / spent)
+        self.exit_yield.observe((accepted + 1) * costs.step(1) / spent)  # the keys' cost left out: exits pay it too
 
 
-def batch_cap(plans: list[Plan], costs: StepCosts) -> int | None:
+def batch_cap(plans: list[Plan], costs: StepCosts, keys: int = 0) -> int | None:
     """The most n-gram drafts an ``auto`` row of a batch should feed this step (None: no cap), from the
     batch's expected tokens per second over every cap K: rows are padded to the longest chunk, so a
     row's long draft makes every row's step dearer. Rows drafting under the fixed "ngram" policy keep
-    their drafts (their chunk is a floor); rows without n-gram drafts count one token each."""
+    their drafts (their chunk is a floor); rows without n-gram drafts count one token each. ``keys``: the
+    longest row's keys (every row's padded queries attend to that many)."""
     auto = [p for p in plans if p.source == "ngram" and len(p.yields) > 1]
     if len(plans) < 2 or not auto:
         return None
@@ -383,7 +413,8 @@ def batch_cap(plans: list[Plan], costs: StepCosts) -> int | None:
     for cap in range(max(len(p.tokens) for p in auto) + 1):
         made = made_fixed + sum(p.yields[min(cap, len(p.yields) - 1)] for p in auto)
         judged = judged_fixed + sum(min(cap, len(p.tokens)) + 1 for p in auto)
-        rate = made / costs.step(len(plans) * (max(cap, floor) + 1), judged)
+        q = max(cap, floor) + 1
+        rate = made / costs.step(len(plans) * q, judged, keys + q, len(plans))
         if rate > best:
             best, best_cap = rate, cap
     return best_cap

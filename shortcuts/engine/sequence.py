@@ -283,7 +283,7 @@ class SequenceRun:
         d = self.drafts
         if not d:
             assert self.drafter is not None
-            self.plan = self.drafter.plan(room, self.stop)
+            self.plan = self.drafter.plan(room, self.stop, self.length)
         self.check = self.plan.source == "exit" and len(d) < room and not (d and d[-1].token in self.stop)
         return self.plan
 
