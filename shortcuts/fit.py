@@ -1,6 +1,6 @@
 """``onejump fit``: the recipe that works, calibrated, in one command (docs/exits.md, docs/fit.md).
 
-1. **Decode-matched data** (``shortcuts.traces``): corpus sentences cut to 32 tokens are continued
+1. **Decode-matched data** (``shortcuts.calibration.traces``): corpus sentences cut to 32 tokens are continued
    greedily by the model; one pass keeps every level's state at every decode step. Fit prompts and
    validation prompts come from disjoint articles of a titled .jsonl (``prompts.article_split``), test
    prompts from the eval corpus.
@@ -42,6 +42,7 @@ from shortcuts.calibration.lens import JUMP, LENS, HeadChoice, calibrate_heads, 
 from shortcuts.calibration.replay import bootstrap_lower_bound, oracle_levels, replay
 from shortcuts.calibration.search import Calibration, SearchSpace
 from shortcuts.calibration.table import LevelTable, states_table
+from shortcuts.calibration.traces import Traces, decode_traces
 from shortcuts.collect import read_corpus
 from shortcuts.config import FitConfig
 from shortcuts.engine.exit_head import ExitHead
@@ -50,7 +51,6 @@ from shortcuts.errors import CorpusError
 from shortcuts.heads import HeadContext
 from shortcuts.jump import LowRankJumps
 from shortcuts.prompts import article_split, tokenize_prompts
-from shortcuts.traces import Traces, decode_traces
 from shortcuts.train import JointConfig, train_joint, train_per_level
 
 
@@ -99,12 +99,12 @@ def threads(asked: int | None) -> int:
 def estimate(lm: CausalLM, cfg: FitConfig, sample: list[list[int]]) -> dict[str, float]:
     """Seconds per phase, from work timed here on one batch of ``sample`` prompts (generation with the states
     kept, 2 and 6 new tokens; a full head on 256 rows). Rough (the machine's load moves it); printed first."""
-    from shortcuts.traces import _generate_keeping_states
+    from shortcuts.calibration.traces import generate_keeping_states
 
     times = []
     for n in (2, 6):
         t0 = time.perf_counter()
-        _generate_keeping_states(lm, sample, n)
+        generate_keeping_states(lm, sample, n)
         times.append(time.perf_counter() - t0)
     per_token = max(0.0, (times[1] - times[0]) / 4)
     per_prompt = (times[0] + per_token * (cfg.new_tokens - 2)) / len(sample)

@@ -17,12 +17,12 @@ from shortcuts.calibration.costs import CostModel, predicted_speedup
 from shortcuts.calibration.lens import JUMP, LENS, better_levels, calibrate_heads, merge
 from shortcuts.calibration.search import SearchSpace, search
 from shortcuts.calibration.table import LevelTable
+from shortcuts.calibration.traces import decode_traces, trace_states
 from shortcuts.cli import main
 from shortcuts.engine import EarlyExitDecoder
 from shortcuts.engine.exit_head import ExitHead
 from shortcuts.engine.settings import ExitSettings
 from shortcuts.jump import JumpConfig, LowRankJumps
-from shortcuts.traces import decode_traces, trace_states
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

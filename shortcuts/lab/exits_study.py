@@ -32,12 +32,12 @@ from shortcuts.adapter import CausalLM
 from shortcuts.artifact import JumpArtifact
 from shortcuts.calibration.replay import oracle_levels
 from shortcuts.calibration.table import LevelTable, states_table
+from shortcuts.calibration.traces import Traces
 from shortcuts.collect import StateSet
 from shortcuts.engine.exit_head import ExitHead
 from shortcuts.evaluate import choose, evaluate_method, model_top1, ojfa_scores
 from shortcuts.heads import HeadContext
 from shortcuts.jump import LowRankJumps, cosine_score
-from shortcuts.traces import Traces
 from shortcuts.train import JointConfig, level_stats, train_per_level
 from shortcuts.train import train_joint as joint
 

@@ -29,9 +29,9 @@ import torch
 
 from shortcuts.adapter import CausalLM
 from shortcuts.assets import default_model_dir, is_clean, split_sentences, wiki_split
+from shortcuts.calibration.traces import Traces, decode_traces, trace_states
 from shortcuts.collect import cached_states, read_corpus, sample_sentences
 from shortcuts.prompts import article_split, tokenize_prompts
-from shortcuts.traces import Traces, decode_traces, trace_states
 
 __all__ = ["Traces", "build", "docstring_sentences", "trace_states", "val_test_prompts"]
 
@@ -101,7 +101,7 @@ def parse_study(p: argparse.ArgumentParser, argv: list[str] | None) -> tuple[arg
     return a, out
 
 
-# --- traces (``shortcuts.traces``) ---------------------------------------------------------------
+# --- traces (``shortcuts.calibration.traces``) ---------------------------------------------------------------
 def build(lm: CausalLM, texts: list[str], n: int, new_tokens: int, seed: int, desc: str) -> tuple[Traces, dict]:
     prompts = tokenize_prompts(lm, texts, n, seed)
     traces, conts = decode_traces(lm, prompts, new_tokens, desc=desc)

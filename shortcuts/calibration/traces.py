@@ -87,7 +87,7 @@ def trace_states(lm: CausalLM, prompts: list[list[int]], conts: list[list[int]],
 
 
 @torch.inference_mode()
-def _generate_keeping_states(lm: CausalLM, batch: list[list[int]], new_tokens: int) -> tuple[list[list[int]], Tensor]:
+def generate_keeping_states(lm: CausalLM, batch: list[list[int]], new_tokens: int) -> tuple[list[list[int]], Tensor]:
     """Greedy continuations of a left-padded batch (EOS suppressed) and, at each decode step k = 1..K-1 (the
     forward call fed token k-1), every level's state of every row: (B, K-1, L+1, d) float16. Forward hooks
     read the states as ``generate`` runs, so no second pass over prompt + continuation is needed."""
@@ -129,7 +129,7 @@ def decode_traces(lm: CausalLM, prompts: list[list[int]], new_tokens: int, desc:
     states, prompt_ix, steps = [], [], []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
         batch = prompts[start : start + batch_size]
-        c, st = _generate_keeping_states(lm, batch, new_tokens)
+        c, st = generate_keeping_states(lm, batch, new_tokens)
         conts += c
         k = st.shape[1]
         states.append(st.reshape(-1, *st.shape[2:]))
