@@ -80,6 +80,10 @@ bench() {  # bench NAME QUANTIZATION BATCH PROMPTS MAX_PROMPTS
   tail -c 2000 "$OUT/bench-$1.json"; echo
 }
 
+stage_bench1() {  # the short version: grounded requests at batch 1, bf16 and bitsandbytes 4-bit side by side
+  bench grounded-b1 none,bnb-4bit 1 "$PROMPTS" 8
+}
+
 stage_bench() {  # every weight format side by side in one run: bf16 (none), bitsandbytes 8-bit and 4-bit
   bench grounded-b1 none,bnb-8bit,bnb-4bit 1 "$PROMPTS" 8
   bench open-b1 none 1 "$OPEN_PROMPTS" 8
@@ -93,6 +97,10 @@ stage_serve() {  # the server on the GPU with bitsandbytes 4-bit: /ready, one re
   "$PY" scripts/gpu_serve_smoke.py "$OUT/serve.json" || rc=$?
   kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
   return $rc
+}
+
+stage_shapes7b() {  # the 7B shape alone, projected at this run's SmolLM2 exit traces
+  "$PY" -m shortcuts.lab.gpu_shapes --out "$OUT/shapes-7b.json" --shapes llama-2-7b --traces "$OUT/bench-grounded-b1.json"
 }
 
 stage_shapes() {

@@ -25,6 +25,8 @@ from service.app import create_app
 from service.config import describe_error, parse_args
 from service.loading import preflight
 
+LAST_CHUNK_S = 5  # after the grace period, how long a prefill or scoring chunk in progress may take to end
+
 
 def bind(host: str, port: int) -> socket.socket:
     """The listening socket, bound now: a port in use stops start-up before the model loads."""
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             if engine.draining:  # a repeated SIGTERM does not cut the drain short
                 return
             engine.drain()  # new requests get 503 at once; running ones finish or are cancelled at the deadline
-            self.drained_by = time.monotonic() + settings.shutdown_timeout_s + 2
+            self.drained_by = time.monotonic() + settings.shutdown_timeout_s + LAST_CHUNK_S
 
         async def on_tick(self, counter: int) -> bool:
             if self.drained_by is not None and not self.should_exit:

@@ -94,9 +94,10 @@ class Settings(BaseSettings):
                           "cached on disk)")
     request_timeout_s: float = Field(120.0, gt=0, description="a request still queued after this gets 504 (at once)")
     max_body_bytes: int = Field(4 * 2**20, ge=1024, description="larger request bodies get 413 before they are read")
-    prefill_chunk_tokens: int = Field(256, ge=1, description="prompt tokens per forward pass in prefill and "
-                                      "prompt scoring; a client that leaves (or a shutdown) stops the work between "
-                                      "two chunks")
+    prefill_chunk_tokens: int | None = Field(None, ge=1, description="prompt tokens per forward pass in prefill "
+                                             "and prompt scoring; a client that leaves (or a shutdown) stops the "
+                                             "work between two chunks. Default: 64 on a CPU (a chunk of SmolLM2 "
+                                             "takes well under a second), 512 on a GPU")
     shutdown_timeout_s: int = Field(30, ge=0, description="on SIGTERM the server keeps listening: new requests get "
                                       "503, running ones get this long to finish, then are cancelled; then it exits")
     host: str = "127.0.0.1"

@@ -204,6 +204,7 @@ class Worker:
         self.metrics: Metrics | None = None
         self.batch_size: Histogram | None = None
         self.exit_policy: ExitPolicy | None = None  # once loaded
+        self.prefill_chunk = 64  # prompt tokens per forward pass (Settings.prefill_chunk_tokens; set once loaded)
         self._queue = JobQueue(settings.queue_size)
         self.draining = False  # SIGTERM: new requests get 503, running ones finish
         self._aborting = False  # stop(): the worker cancels what still runs
@@ -263,6 +264,8 @@ class Worker:
         scoring) are still queued during a drain, until the queue closes."""
         if not self.ready:
             raise NotReadyError(self.error or "the model is still loading; try again when /ready answers 200")
+        if self.draining and self._abort_due():  # a request admitted before the drain, but past its grace period
+            raise self._shutdown_error()
         job = Job(prompt_ids, gen_settings, asyncio.get_running_loop(), RequestStats(arrival=time.monotonic()),
                   queue_timeout=self.settings.request_timeout_s, expire=self._expire, score_top_n=score_top_n)
         job.stats.prompt_tokens = len(prompt_ids)
@@ -311,7 +314,11 @@ class Worker:
         self._serve()
 
     def _load(self) -> None:
+        from shortcuts.adapter import resolve_device
+
         self.decoder, self.exit_policy = load_decoder(self.settings)
+        on_gpu = self.settings.device_map is not None or resolve_device(self.settings.device).startswith("cuda")
+        self.prefill_chunk = self.settings.prefill_chunk_tokens or (512 if on_gpu else 64)
         self.metrics = Metrics(self.settings.model_name, self.model.num_layers)
         buckets = tuple(float(n) for n in range(1, self.settings.max_batch_size + 1))
         self.batch_size = Histogram("onejump_batch_size", "Sequences decoded together in one token step",
@@ -380,7 +387,7 @@ class Worker:
                 self._score(job)
                 return None
             return batch.add(job.prompt_ids, job.settings, stop=lambda: self._halted(job),
-                             chunk=self.settings.prefill_chunk_tokens)
+                             chunk=self.prefill_chunk)
         except Cancelled:
             self._fail_halted(job)
             return None
@@ -392,7 +399,7 @@ class Worker:
     def _score(self, job: Job) -> None:
         """A scoring job: the full model's logprobs of the prompt, done at once (no slot held)."""
         scores = self.model.score(job.prompt_ids, job.score_top_n or 0, stop=lambda: self._halted(job),
-                                  chunk=self.settings.prefill_chunk_tokens)
+                                  chunk=self.prefill_chunk)
         job.stats.finished, job.stats.finish_reason = time.monotonic(), "length"
         assert self.metrics is not None
         self.metrics.record(job.stats)

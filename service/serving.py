@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from service.config import Settings
 from service.engine import Done, Job, Worker, layers_saved
@@ -100,7 +100,7 @@ class Serving:
         tok = self.engine.model.tokenizer
         if isinstance(req, ChatCompletionRequest):
             ids = self.chat_ids([m.for_template() for m in req.messages])
-            return [Prompt(self._checked(ids), "")]
+            return [Prompt(self._checked(ids, "messages"), "")]
         out = []
         for p in req.prompts:
             if isinstance(p, str):
@@ -119,16 +119,17 @@ class Serving:
         except Exception as e:  # a template that raises on these messages (e.g. roles out of order)
             raise BadRequestError(f"the chat template cannot render these messages: {e}", "messages") from e
 
-    def _checked(self, ids: list[int]) -> list[int]:
+    def _checked(self, ids: list[int], param: str = "prompt") -> list[int]:
+        """The prompt's ids within the limits; a 400 naming ``param`` (``messages`` for a chat) otherwise."""
         limit = min(self.settings.max_prompt_tokens, self.engine.model.context_length - 1)
         vocab = len(self.engine.model.tokenizer)
         if not ids:
-            raise BadRequestError("the prompt has no tokens", "prompt")
+            raise BadRequestError("the prompt has no tokens", param)
         if len(ids) > limit:
-            raise BadRequestError(f"the prompt has {len(ids)} tokens; the limit is {limit}", "prompt")
+            raise BadRequestError(f"the prompt has {len(ids)} tokens; the limit is {limit}", param)
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
-            raise BadRequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})", "prompt")
+            raise BadRequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})", param)
         return ids
 
     def generation_settings(self, req: AnyRequest) -> GenerationSettings:
@@ -199,7 +200,7 @@ class Serving:
         prompt takes a while), the generation settings (logit_bias checked), the stop strings compiled."""
         return self.prompts(req), self.generation_settings(req), StopMatcher(req.stop_strings)
 
-    async def handle(self, req: AnyRequest, request: Request) -> StreamingResponse | AnyResponse:
+    async def handle(self, req: AnyRequest, request: Request) -> StreamingResponse | Response:
         self.engine.check_admitting()  # 503 before any work
         self.check_model(req.model)
         check_supported(req)
@@ -241,7 +242,7 @@ class Serving:
             seed = None if settings.seed is None else (settings.seed + c.index % req.n) % (2**63)
             c.job = self.engine.submit(c.prompt.ids, dataclasses.replace(settings, seed=seed))
 
-    async def _collect(self, req: AnyRequest, choices: list[Choice], watcher: asyncio.Task[None]) -> AnyResponse:
+    async def _collect(self, req: AnyRequest, choices: list[Choice], watcher: asyncio.Task[None]) -> Response:
         try:
             await asyncio.gather(*(_run(c) for c in choices))
         finally:
@@ -249,7 +250,10 @@ class Serving:
             _cancel(choices)
         for c in choices:
             c.text.finish()
-        return await asyncio.to_thread(self._response, req, choices)  # logprobs of long echoes take a while
+        # the body, logprobs of long echoes included, is built and serialized in a worker thread (FastAPI would
+        # encode a returned model on the event loop)
+        body = await asyncio.to_thread(lambda: self._response(req, choices).model_dump_json().encode())
+        return Response(body, media_type="application/json")
 
     async def _sse(self, req: AnyRequest, choices: list[Choice]) -> AsyncIterator[str]:
         base = self._response(req, [])

@@ -6,7 +6,8 @@ describes (a limit the schema cannot state, such as the vocabulary size, is said
 description), or a 404 for a model name the server does not serve.
 
 The default tier runs ``ONEJUMP_SCHEMATHESIS_EXAMPLES`` (6) examples per operation and mode; the slow test
-runs 1,000 requests or more (``ONEJUMP_SCHEMATHESIS_BIG``, 60 per operation and mode) and prints the tally:
+runs 1,000 requests or more (``ONEJUMP_SCHEMATHESIS_BIG``, 150 examples per operation and mode; hypothesis
+stops early where an operation has few distinct inputs) and prints the tally:
 ``pytest -s -m slow tests/test_schemathesis.py``."""
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from support.server import running_server, tiny_settings
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SMALL = int(os.environ.get("ONEJUMP_SCHEMATHESIS_EXAMPLES", "6"))
-BIG = int(os.environ.get("ONEJUMP_SCHEMATHESIS_BIG", "60"))
+BIG = int(os.environ.get("ONEJUMP_SCHEMATHESIS_BIG", "150"))
 TALLY: Counter[str] = Counter()
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 FUZZ: dict[str, Any] = {"deadline": None, "database": None, "suppress_health_check": list(HealthCheck)}
@@ -78,8 +79,8 @@ def check(case: schemathesis.Case, server: str, mode: schemathesis.GenerationMod
     if mode != schemathesis.GenerationMode.POSITIVE or status < 400:
         return
     error = json.loads(response.text)["error"]
-    if status == 404:
-        assert error["param"] == "model", error
+    if status == 404:  # a model name the server does not serve; or a path that names no route (an empty id)
+        assert error["param"] in ("model", None), error
         return
     assert status == 400, (status, error)
     assert _described(case, error["param"]), (f"a schema-valid body got a 400 the schema does not explain: "
