@@ -13,7 +13,10 @@ What ``store`` writes in the artifact's metadata:
   approximate mode's setting at the precision it was measured at; what the server, ``bench`` and
   ``agreement`` run (``setting.resolve``). ``store_exact`` writes exact mode's there too;
 - ``extra["gate"]``: the learned gate with its calibrated threshold and levels;
-- ``extra["calibration_search"]``: the best of each gate kind, and ``extra["costs_ms"]``.
+- ``extra["calibration_search"]``: the best of each gate kind, and ``extra["costs_ms"]``;
+- ``extra["exit_heads"]``: each exit-head option searched (the jump everywhere; the logit lens where it
+  predicts better, ``lens.calibrate_heads``) and its result; the chosen option's lens levels are the
+  artifact's ``lens_levels`` (``LowRankJumps.with_lens``), which every reader's exit head then uses.
 """
 
 from __future__ import annotations
@@ -27,10 +30,18 @@ from shortcuts.artifact import JumpArtifact
 from shortcuts.calibration.config import CALIBRATED_GATES, CalibrateConfig
 from shortcuts.calibration.costs import measure
 from shortcuts.calibration.exact import ExactCalibration
+from shortcuts.calibration.lens import JUMP, LENS, calibrate_heads, lens_candidates
 from shortcuts.calibration.replay import fit_learned_gate
-from shortcuts.calibration.search import Calibration, Found, SearchSpace, calibrate
+from shortcuts.calibration.search import Calibration, Found, SearchSpace
 from shortcuts.calibration.setting import DENSE, Overrides, StoredCalibration, resolve
-from shortcuts.calibration.table import LevelTable, continued_table
+from shortcuts.calibration.table import (
+    LevelTable,
+    TableHead,
+    continuations,
+    engine_continuations,
+    engine_tables,
+    level_tables,
+)
 from shortcuts.collect import read_corpus
 from shortcuts.engine.decoder import EarlyExitDecoder
 from shortcuts.engine.exit_head import ExitHead
@@ -81,14 +92,21 @@ def calibrate_approximate(lm: CausalLM, artifact: JumpArtifact, cfg: CalibrateCo
         raise ValueError(f"min_layer {bad_layers} must be in [1, {L - 1}]")
     gate = LearnedGate.from_extra(artifact.extra)
     engine = precision_engine(lm, artifact, cfg.quantization, cfg.compile)
+    fit = None
     if "learned" in cfg.gates and cfg.gate_corpus and cfg.gate_prompts > 0:
-        gate = fit_learned_gate(table_of(lm, artifact, gate_prompts(lm, cfg), cfg.new_tokens, engine))
+        fit = tables_of(lm, artifact, gate_prompts(lm, cfg), cfg.new_tokens, engine, cfg.lens)
     prompts = held_out_prompts(lm, cfg.corpus, cfg.prompts, offset=cfg.offset)
-    table = table_of(lm, artifact, prompts, cfg.new_tokens, engine)
-    ms = measure(lm, artifact.jump.to(lm.device), gate, quantization=cfg.quantization, compile=cfg.compile)
-    found = calibrate(table, ms, gate, space)
-    store(artifact, found, gate, ms, _provenance(cfg), precision=cfg.quantization)
-    return found.best
+    val = tables_of(lm, artifact, prompts, cfg.new_tokens, engine, cfg.lens)
+    timed_gate = gate or (fit_learned_gate(fit[JUMP]) if fit else None)
+    ms = measure(lm, artifact.jump.to(lm.device), timed_gate, quantization=cfg.quantization, compile=cfg.compile)
+    # the lens levels belong to the artifact, not to a precision: another precision keeps the dense model's
+    only = None if cfg.quantization == DENSE else artifact.jump.lens_levels
+    choice, options = calibrate_heads(val, ms, space, fit, gate, lens=cfg.lens, only=only)
+    artifact.jump.with_lens(choice.lens_levels)
+    store(artifact, choice.found, choice.learned, ms, _provenance(cfg), precision=cfg.quantization)
+    if cfg.quantization == DENSE:
+        artifact.extra["exit_heads"] = {k: c.report(L) for k, c in options.items()}
+    return choice.found.best
 
 
 def calibrate_exact(lm: CausalLM, artifact: JumpArtifact,
@@ -126,12 +144,20 @@ def precision_engine(lm: CausalLM, artifact: JumpArtifact, quantization: Quantiz
     return EarlyExitDecoder(lm, artifact.jump.to(lm.device), quantization=quantization, compile=compile)
 
 
-def table_of(lm: CausalLM, artifact: JumpArtifact, prompts: list[list[int]], new_tokens: int,
-             engine: EarlyExitDecoder | None = None) -> LevelTable:
-    """The level table of the artifact's exit head on ``prompts`` continued by the full model (by ``engine``
-    at its weight format when given)."""
-    head = engine.exit_head if engine is not None else ExitHead(lm, artifact.jump.to(lm.device))
-    return continued_table(lm, head, prompts, new_tokens, engine=engine)
+def tables_of(lm: CausalLM, artifact: JumpArtifact, prompts: list[list[int]], new_tokens: int,
+              engine: EarlyExitDecoder | None = None, lens: bool = True) -> dict[str, LevelTable]:
+    """The level tables of the artifact's jump (at every level, ``JUMP``) and of the logit lens (at its
+    candidate levels and the artifact's lens levels, ``LENS``) on ``prompts`` continued by the full model, from
+    one pass (by ``engine`` at its weight format when given)."""
+    runner = engine.runner if engine is not None else None
+    jump = artifact.jump.to(lm.device)
+    heads = {JUMP: TableHead(ExitHead(lm, jump, runner, lens_levels=()))}
+    if lens or jump.lens_levels:
+        levels = tuple(sorted({*lens_candidates(lm.num_layers), *jump.lens_levels}))
+        heads[LENS] = TableHead(ExitHead(lm, None, runner), levels)
+    if engine is not None:
+        return engine_tables(engine, heads, prompts, engine_continuations(engine, prompts, new_tokens))
+    return level_tables(lm, heads, prompts, continuations(lm, prompts, new_tokens))
 
 
 def gate_prompts(lm: CausalLM, cfg: CalibrateConfig) -> list[list[int]]:
