@@ -84,14 +84,12 @@ def plain_chat(messages: Messages) -> str:
 
 def read_prompts(lm: Any, path: str | Path, n: int | None = None, max_tokens: int = 64) -> list[list[int]]:
     """The first ``n`` prompts of a file, in order, as token ids; a text keeps its last ``max_tokens``
-    tokens, a longer chat request is refused. ``lm``: anything with a ``tokenizer``."""
+    tokens, a chat request stays whole (the engine refuses one that fills its context). ``lm``: anything
+    with a ``tokenizer``."""
     out = []
     for prompt in read_prompt_file(path)[: n or None]:
         ids = encode(lm.tokenizer, prompt)
-        if len(ids) > max_tokens:
-            if not isinstance(prompt, str):
-                raise CorpusError(f"{path}: a chat request of {len(ids)} tokens is longer than the {max_tokens} "
-                                  "this command takes")
+        if isinstance(prompt, str):
             ids = ids[-max_tokens:]
         if ids:
             out.append(ids)

@@ -110,6 +110,18 @@ def test_expected_tokens_and_monotone_costs() -> None:
     assert costs.step(10) == pytest.approx(3.0)
     assert costs.step(32) == pytest.approx(8.5)  # past the last size: its slope
     assert costs.layer == 0.1
+    keyed = StepCosts((1, 4, 16), (1.0, 1.0, 4.0), (0.5, 0.5, 0.5), 0.1, 10, attend=1e-3, context=2e-3)
+    assert keyed.step(4, keys=100) == pytest.approx(1.5 + 100 * (4e-3 + 2e-3))  # every query attends every key
+    assert keyed.step(8, 2, keys=10, seqs=2) == pytest.approx(keyed.step(8, 2) + 10 * (8e-3 + 4e-3))
+
+
+def test_long_contexts_make_chunks_dearer() -> None:
+    """Attention grows with the chunk times the keys: the same acceptance buys a shorter draft late in
+    a long sequence."""
+    costs = StepCosts((1, 2, 4, 8, 16), (1.0, 1.02, 1.05, 1.1, 1.6), (0.0,) * 5, 0.1, 4, attend=2e-4)
+    d = drafter(costs=costs, max_draft=8)
+    near, far = d.plan(10, set(), length=10), d.plan(10, set(), length=4000)
+    assert len(near.tokens) > len(far.tokens)
 
 
 def linear(num_layers: int = 4) -> StepCosts:

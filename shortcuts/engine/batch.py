@@ -14,8 +14,11 @@ would decode it alone, up to float rounding of batched matrix products:
   queries' outputs are discarded and their keys land past the row's length, where nothing reads them.
 - copy: after the layer loop, each skipped block's key/value projections fill the exited tokens'
   keys and values from their exit states (``runner.kv_projection``, for the rows that need that block).
-- exact (self-speculative): drafts are exits; a step that goes to full depth verifies the row's
-  caught-up drafts with the full head on all of its tokens and crops the row on a rejection.
+- exact (speculative): a row's drafts are exits (self-speculation) or n-gram tokens from its prompt and
+  output (fed at once after its token, a chunk of several tokens, right-padded like catch-up); a step that
+  goes to full depth verifies the row's drafts with the full head on all of its tokens and crops the row on a
+  rejection. Each row's drafter plans its own step (``drafts``); the ``auto`` rows' n-gram drafts are capped
+  at what pays for the whole batch (``drafts.batch_cap``).
 
 Continuous: ``add`` prefills a new prompt on its own (a batch of one, in its slot) and picks its
 first token; the sequence joins the token steps after that. Tokens and finishes reach the caller by

@@ -5,9 +5,10 @@ settings the exit head (head of the jump's estimate of the final state) is check
 
 - mode "off": every block, the model's own head (plain decoding, for reference).
 - mode "approximate": a token that exits at level l is predicted by the exit head.
-- mode "exact": exits only draft tokens; a full-depth pass over the drafted chunk verifies
-  them, keeps the longest prefix the full model agrees with plus the full model's next token,
-  and crops the caches past it (self-speculative decoding).
+- mode "exact": drafts come from the exit head (exits only draft tokens) or from the prompt and output
+  (n-gram lookup), as ``ExitSettings.draft`` says (``drafts``); a full-depth pass over the drafted chunk
+  verifies them, keeps the longest prefix the full model agrees with plus the full model's next token,
+  and crops the caches past it (speculative decoding; the same tokens as "off", greedy or seeded).
 
 Skipped layers (kv_policy): with "catchup" a token that exits at level l waits in ``pending``
 with its level-l state; the next token that goes deeper than l carries it through the skipped

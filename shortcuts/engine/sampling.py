@@ -1,5 +1,6 @@
 """Picking tokens: logits processors (penalties, bias), greedy, temperature + top-k/top-p/min-p
-sampling, the speculative accept/reject rule, and log-probabilities."""
+sampling, and log-probabilities. (Exact mode's drafts are one-hot proposals, verified by picking as plain
+decoding does and keeping a draft iff it is the pick: ``drafts`` module docstring.)"""
 
 from __future__ import annotations
 
@@ -129,16 +130,3 @@ def logprobs(logits: Tensor, token: int, n: int) -> tuple[float, TopLogprobs]:
     if top is None:
         return chosen, ()
     return chosen, tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True))
-
-
-def speculative_accept(p: Tensor, q: Tensor, token: int, generator: torch.Generator) -> int | None:
-    """Leviathan et al.'s rule for a token drawn from the draft distribution q (V,) when the target
-    is p (V,): keep it with probability min(1, p/q); return None if kept, else a replacement
-    drawn from normalise(max(p - q, 0)). The result is distributed exactly as p."""
-    p, q = p.float(), q.float().to(p.device)  # a draft's distribution may come from an earlier device
-    ratio = float(p[token]) / max(float(q[token]), 1e-30)
-    if ratio >= 1.0 or float(torch.rand((), generator=generator, device=p.device)) < ratio:
-        return None
-    residual = (p - q).clamp_min(0.0)
-    total = float(residual.sum())
-    return sample(residual / total if total > 0 else p, generator)

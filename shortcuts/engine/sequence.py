@@ -2,8 +2,8 @@
 
 ``SequenceRun`` is everything about a sequence that is not tensors in flight: its settings, its
 random generator, its gate, the tokens it has fed (``length``), the tokens that still owe deeper
-blocks their keys/values (``pending``, catch-up), its unverified drafts (exact mode), its output
-and its statistics. ``BatchDecoder`` moves the tensors and calls these rules; a single sequence
+blocks their keys/values (``pending``, catch-up), its drafter and unverified drafts (exact mode), its
+output and its statistics. ``BatchDecoder`` moves the tensors and calls these rules; a single sequence
 is a batch of one.
 """
 

@@ -4,8 +4,10 @@ n-gram index, after a short and a 2,000-token prompt, and the drafter alone.
 
     python -m shortcuts.lab.draft_profile [--json docs/drafts/profile.json]
 
-Prints milliseconds per step of each arm (interleaved, median of repeats) and microseconds of one
-``Drafter.plan`` + index update, and of indexing the prompt once.
+Prints milliseconds per step of each arm (median of repeats; exact mode's steps carry chunks, whose
+attention over the prompt is compute the cost model prices), and, after a 50- and a 2,000-token prompt,
+microseconds of one ``Drafter.plan`` + index update (the host work drafting adds to a step) and
+milliseconds of indexing the prompt once.
 """
 
 from __future__ import annotations
@@ -57,8 +59,8 @@ def drafter_us(prompt: tuple[int, ...], steps: int = 5000) -> dict[str, float]:
     d = Drafter(ExitSettings(mode="exact", draft="auto", max_draft=8), prompt, False, costs)
     t0 = time.perf_counter()
     for i in range(steps):
-        d.plan(20, {2}, 2000 + i)
-        d.append(prompt[i % 500])
+        d.plan(20, {2}, len(prompt) + i)
+        d.append(prompt[i % len(prompt)])
     per_step = (time.perf_counter() - t0) / steps
     return {"index_prompt_ms": round(index_ms, 3), "plan_and_update_us": round(per_step * 1e6, 2)}
 
@@ -72,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     rng = random.Random(0)
     dec = EarlyExitDecoder(tiny_llama(), check=False)
     dec.step_costs = StepCosts.flat(dec.num_layers)  # drafts always pay: the drafting path runs every step
-    out: dict[str, Any] = {"drafter": drafter_us(tuple(rng.randrange(4, 512) for _ in range(2000)))}
+    out: dict[str, Any] = {f"drafter_prompt_{n}": drafter_us(tuple(rng.randrange(4, 512) for _ in range(n)))
+                           for n in (50, 2000)}
     arms = {"off": ExitSettings(mode="off"), "exact auto": ExitSettings(mode="exact", draft="auto", threshold=1.0),
             "exact none": ExitSettings(mode="exact", draft="none")}
     for length in (50, 2000):
