@@ -270,13 +270,26 @@ def _int8(w: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Int8:
     return Int8(q.contiguous(), scale, bias)
 
 
+def _grid_steps(groups: Tensor, low: Tensor, high: Tensor, fit: float = 0.15) -> Tensor:
+    """The levels each group spans: the fewest k in 1..15 such that every value sits within ``fit`` of a
+    step of (high - low) / k from ``low`` (a group of weights that came from a 4-bit GGUF block lies on such
+    a grid, up to the bf16 rounding of its dequantized values); 15 where none fits (ordinary weights)."""
+    span = (high - low).clamp_min(1e-12)[..., None]
+    steps = torch.full(low.shape, 15, dtype=torch.long, device=low.device)
+    for k in range(14, 0, -1):  # a grid of k levels also fits every multiple of k: keep the fewest
+        r = (groups - low[..., None]) * (k / span)
+        steps = torch.where((r - r.round()).abs().amax(-1) < fit, k, steps)
+    return steps
+
+
 def _int4(w: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Int4:
-    """Groups of ``INT4_GROUP``: scale from the group's range, rounded to ``dtype`` (the kernel's); the zero
-    refitted by least squares to the rounded scale (half the error of min + 8·scale on GGUF-born weights)."""
+    """Groups of ``INT4_GROUP``: the scale from the group's range over its levels (15, or fewer when the
+    group lies on a coarser grid: GGUF-born weights come back exactly), rounded to ``dtype`` (the kernel's);
+    the zero refitted by least squares to the rounded scale."""
     out, inn = w.shape
     groups = w.reshape(out, inn // INT4_GROUP, INT4_GROUP)
     low, high = groups.amin(-1), groups.amax(-1)
-    scale = ((high - low) / 15).clamp_min(1e-12).to(dtype)  # (out, G)
+    scale = ((high - low) / _grid_steps(groups, low, high)).clamp_min(1e-12).to(dtype)  # (out, G)
     s = scale.float()[..., None]
     zero = (low + 8 * scale.float()).to(dtype)  # torch's convention: W = (q - 8)·scale + zero
     for _ in range(2):
