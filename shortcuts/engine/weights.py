@@ -8,7 +8,8 @@ into the format ``quantization`` names (``settings.QUANTIZATIONS``):
 - ``int8``: weight-only int8, one scale per output channel (symmetric), torch's ``_weight_int8pack_mm``;
 - ``int4``: weight-only int4 in groups of ``INT4_GROUP`` input channels (asymmetric: scale and zero per
   group), torch's ``_weight_int4pack_mm_for_cpu`` (``_weight_int4pack_mm`` on CUDA);
-- ``bnb-8bit``: bitsandbytes' LLM.int8 (``Linear8bitLt``, outlier threshold ``BNB_THRESHOLD``);
+- ``bnb-8bit``: bitsandbytes' LLM.int8 (``Linear8bitLt``; activations int8 by row, no outlier columns:
+  ``BNB_THRESHOLD``);
 - ``bnb-4bit``: bitsandbytes' 4-bit (``Linear4bit``), nf4 unless ``bnb_4bit_type="fp4"``.
 
 torch's int8/int4 CPU kernels are fast only with bf16 activations (docs/quantization.md), so those formats
@@ -35,7 +36,10 @@ from shortcuts.engine.settings import QUANTIZATIONS, Quantization
 
 INT4_GROUP = 32  # measured on SmolLM2 and Gemma-3 (docs/quantization.md): g32 is as fast as g64/g128, and exact
 # on weights that came from a 32-wide GGUF block format
-BNB_THRESHOLD = 6.0  # LLM.int8's outlier threshold (bitsandbytes' default)
+# LLM.int8's outlier threshold: 0, no outlier columns. With HF's 6.0 the columns taken apart in fp16 are those
+# where any row of a product exceeds it, so a row's result depends on the other rows of the batch (or of
+# a verified chunk): exact mode would not reproduce full depth. 0 keeps every row to itself (int8 by row).
+BNB_THRESHOLD = 0.0
 _KERNEL_MULTIPLE = 16  # torch's int8/int4 CPU kernels need in (int4: out as well) to be a multiple of 16
 
 
