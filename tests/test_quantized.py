@@ -165,3 +165,93 @@ def test_real_smollm2_at_every_format(smollm2: CausalLM, quantization: str) -> N
         released = EarlyExitDecoder(own, jump, quantization="int8", release=True)
         assert own.layers[5].mlp.up_proj.weight.numel() == 0
         assert released.generate(ids, settings(16, mode="off")).tokens == off.tokens
+
+
+# --- the commands ----------------------------------------------------------------------------------------
+class FakeLlama:
+    """llama-cpp-python's ``Llama`` as the bench uses it (the real one is an optional extra, not installed
+    in CI): greedy continuation of token ids, a token stream that the caller stops."""
+
+    made: list[FakeLlama] = []
+
+    def __init__(self, model_path: str, n_ctx: int, n_threads: int, n_threads_batch: int, verbose: bool):
+        self.model_path, self.n_threads, self.calls = model_path, n_threads, []
+        FakeLlama.made.append(self)
+
+    def generate(self, tokens: list[int], top_k: int, top_p: float, temp: float, repeat_penalty: float,
+                 reset: bool):
+        assert (top_k, temp, repeat_penalty, reset) == (1, 0.0, 1.0, True)  # greedy, from a fresh context
+        self.calls.append(list(tokens))
+        t = tokens[-1]
+        while True:  # never ends by itself: the arm takes exactly new_tokens
+            t = (t * 7 + 3) % 64
+            yield t
+
+
+def test_bench_times_every_format_and_llama_cpp_in_one_run(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+    import sys
+    import types
+
+    from support.models import PROMPT, tiny_artifact
+
+    from shortcuts.cli import main
+
+    lm = build_tiny("llama")
+    lm.model.save_pretrained(tmp_path / "tiny")
+    lm.tokenizer.save_pretrained(tmp_path / "tiny")
+    jump = tiny_artifact(lm).save(tmp_path / "jump.safetensors")
+    (tmp_path / "prompts.txt").write_text(f"{PROMPT}\nthe city of the river\n")
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(2048))
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=FakeLlama))
+    args = ["bench", "--model", str(tmp_path / "tiny"), "--jump", str(jump), "--prompts", str(tmp_path / "prompts.txt"),
+            "--new-tokens", "5", "--threads", "1", "--quantization", "int4,int8", "--llama-cpp", str(gguf), "--json"]
+    assert main(args) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"off", "off@int8", "off@int4", "approximate@int8", "exact@int4", "llama_cpp"} <= set(r["tok_s"])
+    q = r["quantization"]
+    assert list(q) == ["none", "int4", "int8"]  # the dense model first, then the order given
+    assert q["none"]["same_as_none"] == 1.0
+    assert q["int8"]["weights_mb"] < q["none"]["weights_mb"] / 3
+    assert all(0.0 <= e["same_as_none"] <= 1.0 and e["tok_s"] > 0 for e in q.values())
+    assert q["int4"]["self_check"]["quantization"] == "int4"
+    assert set(q["int8"]["exits_vs_full_depth"]) == {"approximate", "exact"}
+    assert r["llama_cpp"]["gguf"] == str(gguf)
+    fake = FakeLlama.made[-1]
+    assert fake.n_threads == 1
+    assert len(fake.calls) == 3  # the warm-up prompt, then each prompt once, interleaved with the other arms
+    assert fake.calls[1] == lm.tokenizer(PROMPT).input_ids
+    assert main([*args[:-3], "--quantization", "int3"]) == 2
+    assert "int3 not among" in capsys.readouterr().err
+
+
+def test_calibrate_stores_a_setting_per_precision(tiny_folder: Path, word_corpus: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """``calibrate --quantization int8`` reads its table from the engine at int8 and stores the setting for
+    int8 beside the dense model's; the server at int8 then runs it, at none the dense one."""
+    from support.models import tiny_artifact
+
+    from service.config import Settings
+    from service.loading import load_decoder
+    from shortcuts.artifact import JumpArtifact
+    from shortcuts.calibration.setting import StoredCalibration
+    from shortcuts.cli import main
+
+    jump = tiny_artifact(build_tiny("llama")).save(tmp_path / "jump.safetensors")
+    base = ["calibrate", "--model", str(tiny_folder), "--jump", str(jump), "--corpus", str(word_corpus),
+            "--prompts", "10", "--new-tokens", "8", "--offset", "0", "--target", "0.5"]
+    assert main(base) == 0
+    assert main([*base, "--quantization", "int8"]) == 0
+    capsys.readouterr()
+    stored = StoredCalibration.from_extra(JumpArtifact.load(jump).extra)
+    assert set(stored.by_precision) == {"none", "int8"}
+    int8 = stored.lookup("int8")[0]
+    assert int8 is not None and int8.approximate is not None
+    assert "costs_ms" in int8.approximate.measured
+    for q in ("none", "int8", "int4"):
+        _, policy = load_decoder(Settings(model=str(tiny_folder), jump=str(jump), quantization=q))
+        resolved = policy.resolve()
+        assert (resolved.precision, resolved.source) == (q, "calibration")
+        assert resolved.measured_at == ("none" if q == "int4" else q)  # int4: none stored, the dense one
