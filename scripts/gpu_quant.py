@@ -30,8 +30,8 @@ def kernels() -> dict[str, Any]:
         try:
             lin = prepare_linear(w, None, q)  # type: ignore[arg-type]
             deq = w.float() if q == "none" else lin.dequantized().float()
-            row: dict[str, Any] = {"format": lin.format, "weight_error": float((deq - w.float()).norm() / w.float().norm()),
-                                   "mb": lin.nbytes / 2**20}
+            error = float((deq - w.float()).norm() / w.float().norm())
+            row: dict[str, Any] = {"format": lin.format, "weight_error": error, "mb": lin.nbytes / 2**20}
             for rows in (1, 64):
                 x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16, generator=g)
                 y = lin(x).float()
