@@ -34,6 +34,9 @@ class RowCall:
         self.kv_len = max(starts) + q
         self.device = device
         self.rows_t = torch.tensor(self.rows, device=device)
+        # rows a, a+1, ..., b-1 in order: a block reads a view of the buffers instead of gathering them
+        first = self.rows[0]
+        self.span = (first, first + len(self.rows)) if self.rows == list(range(first, first + len(self.rows))) else None
         self.positions = torch.tensor(self.starts, device=device).unsqueeze(1) + torch.arange(q, device=device)
         self._masks: dict[int | None, Tensor | None] = {}
         self.rope: dict[str | None, tuple[Tensor, Tensor]] = {}  # rotary cos/sin per kind (runner._rotary)
