@@ -56,12 +56,11 @@ class Norm(NamedTuple):
 class BlockWeights(NamedTuple):
     """One decoder block (a tuple of tensors and ``weights.Linear`` tuples, so that a compiled block takes
     them as inputs and one graph serves every layer). Matrices are ``weights.prepare_linear``d in the
-    engine's weight format, each with its bias. Sizes (out, in): qkv (Hq·D + 2·Hkv·D, d), kv (2·Hkv·D, d,
-    the copy policy's fill), o (d, Hq·D), up (2·I or I, d; gate then up), down (d, I)."""
+    engine's weight format, each with its bias. Sizes (out, in): qkv (Hq·D + 2·Hkv·D, d), o (d, Hq·D),
+    up (2·I or I, d; gate then up), down (d, I)."""
 
     attn_norm: Norm
     qkv: Linear
-    kv: Linear
     q_norm: Norm | None
     k_norm: Norm | None
     o: Linear
@@ -73,7 +72,7 @@ class BlockWeights(NamedTuple):
 
     @property
     def linears(self) -> tuple[Linear, ...]:
-        return (self.qkv, self.kv, self.o, self.up, self.down)
+        return (self.qkv, self.o, self.up, self.down)
 
 
 @dataclass(frozen=True)
@@ -111,13 +110,11 @@ def _bias(*linears: Any) -> Tensor | None:
                       for m, b in zip(linears, biases, strict=True)])
 
 
-def _block(matrices: dict[str, Tensor], biases: dict[str, Tensor | None], q_dim: int, fmt: Format,
+def _block(matrices: dict[str, Tensor], biases: dict[str, Tensor | None], fmt: Format,
            **norms: Norm | None) -> BlockWeights:
     """BlockWeights from (out, in) matrices qkv, o, up, down and their biases."""
-    qkv, qkv_bias = matrices["qkv"], biases["qkv"]
     ready = {name: fmt.linear(m, biases[name]) for name, m in matrices.items()}
-    kv = fmt.linear(qkv[q_dim:], None if qkv_bias is None else qkv_bias[q_dim:])
-    return BlockWeights(qkv=ready["qkv"], kv=kv, o=ready["o"], up=ready["up"], down=ready["down"],
+    return BlockWeights(qkv=ready["qkv"], o=ready["o"], up=ready["up"], down=ready["down"],
                         **norms)  # type: ignore[arg-type]
 
 
@@ -130,7 +127,7 @@ def _decoder_block(layer: Any, offset: float, gemma: bool, fmt: Format) -> Block
                    "up": (mlp.gate_proj, mlp.up_proj), "down": (mlp.down_proj,)}
     dt = fmt.dtype
     return _block({k: torch.cat([m.weight.detach() for m in ms]) for k, ms in projections.items()},
-                  {k: _bias(*ms) for k, ms in projections.items()}, attn.q_proj.weight.shape[0], fmt,
+                  {k: _bias(*ms) for k, ms in projections.items()}, fmt,
                   attn_norm=norm_of(layer.input_layernorm, "rms", offset, dt),
                   q_norm=None if q_norm is None else norm_of(q_norm, "rms", offset, dt),
                   k_norm=None if k_norm is None else norm_of(k_norm, "rms", offset, dt),
@@ -144,7 +141,7 @@ def _gpt2_block(layer: Any, fmt: Format) -> BlockWeights:
     attn, mlp = layer.attn, layer.mlp
     convs = {"qkv": attn.c_attn, "o": attn.c_proj, "up": mlp.c_fc, "down": mlp.c_proj}
     return _block({k: c.weight.detach().T for k, c in convs.items()}, {k: c.bias.detach() for k, c in convs.items()},
-                  attn.c_attn.weight.shape[0], fmt, attn_norm=norm_of(layer.ln_1, "layer", 0.0, fmt.dtype), q_norm=None,
+                  fmt, attn_norm=norm_of(layer.ln_1, "layer", 0.0, fmt.dtype), q_norm=None,
                   k_norm=None, post_attn_norm=None, mlp_norm=norm_of(layer.ln_2, "layer", 0.0, fmt.dtype),
                   post_mlp_norm=None)
 
@@ -255,11 +252,11 @@ def _heads(g: Geometry, w: BlockWeights, qkv: Tensor, cos: Tensor | None,
 def kv_forward(g: Geometry, w: BlockWeights, h: Tensor, cos: Tensor | None,
                sin: Tensor | None) -> tuple[Tensor, Tensor]:
     """A block's keys and values (n, H_kv, q, D) for input states h (n, q, d), rotated: the copy
-    policy's fill (norm, k/v projections, k-norm, rotary; no attention, no MLP)."""
+    policy's fill (norm, k/v projections, k-norm, rotary; no attention, no MLP). The fused projection runs
+    whole (queries dropped): a k/v copy of it would hold a second copy of those rows for a rare policy."""
     n, q, _ = h.shape
-    D, Hkv = g.head_dim, g.num_kv_heads
-    kv = w.kv(w.attn_norm(h))
-    ks, vs = kv.split([Hkv * D, Hkv * D], dim=-1)
+    D, Hq, Hkv = g.head_dim, g.num_heads, g.num_kv_heads
+    ks, vs = w.qkv(w.attn_norm(h))[..., Hq * D :].split([Hkv * D, Hkv * D], dim=-1)
     ks, vs = ks.view(n, q, Hkv, D), vs.view(n, q, Hkv, D)
     if w.k_norm is not None:
         ks = w.k_norm(ks)

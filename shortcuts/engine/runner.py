@@ -158,15 +158,8 @@ class LayerRunner:
 
     @property
     def weights_bytes(self) -> int:
-        """Bytes of the matrices the engine holds (blocks, with the copy policy's k/v view, and the head)."""
-        seen: set[int] = set()
-        total = 0
-        for w in self.blocks.weights:
-            for lin in (w.qkv, w.o, w.up, w.down, w.kv):
-                if id(lin) not in seen:
-                    seen.add(id(lin))
-                    total += lin.nbytes
-        return total + self.head.nbytes
+        """Bytes of the matrices the engine holds (the blocks' and the head)."""
+        return sum(lin.nbytes for w in self.blocks.weights for lin in w.linears) + self.head.nbytes
 
     def use_graphs(self, max_rows: int, capture: bool | None = None) -> None:
         """Run runs of blocks at static shapes (``graphs.SegmentGraphs``), captured as CUDA graphs when the
