@@ -255,3 +255,17 @@ def test_calibrate_stores_a_setting_per_precision(tiny_folder: Path, word_corpus
         resolved = policy.resolve()
         assert (resolved.precision, resolved.source) == (q, "calibration")
         assert resolved.measured_at == ("none" if q == "int4" else q)  # int4: none stored, the dense one
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gemma3_text"])  # tied heads: a plain embedding, Gemma's scaled one
+def test_an_int8_head_tied_to_the_embedding_serves_both(arch: str) -> None:
+    """At int8 (and int4, whose head is int8) a head tied to the embedding gives the token rows too
+    (dequantized, Gemma's scale applied): the float embedding is freed with the rest, tokens unchanged."""
+    lm = build_tiny(arch)
+    assert lm.lm_head.weight is lm.embed_tokens.weight
+    ids = prompt_ids(lm)
+    before = EarlyExitDecoder(lm, None, quantization="int8").generate(ids, settings(10, mode="off")).tokens
+    dec = EarlyExitDecoder(lm, None, quantization="int8", release=True)
+    assert dec.runner.embedding_from_head
+    assert lm.embed_tokens.weight.numel() == 0
+    assert dec.generate(ids, settings(10, mode="off")).tokens == before

@@ -41,7 +41,7 @@ from shortcuts.engine.cache import KVCache, RowCall
 from shortcuts.engine.exit_head import confidence_and_top
 from shortcuts.engine.graphs import SLACK, Checked, ExitCheck, SegmentGraphs
 from shortcuts.engine.settings import Quantization
-from shortcuts.engine.weights import Dense, Linear, head_format, prepare_linear
+from shortcuts.engine.weights import Dense, Int8, Linear, head_format, prepare_linear
 from shortcuts.errors import UnsupportedModelError
 
 log = logging.getLogger("onejump.engine")
@@ -151,6 +151,9 @@ class LayerRunner:
         self.head: Linear = prepare_linear(head.weight, getattr(head, "bias", None), head_format(quantization),
                                            head.weight.device, pack=not compile, bnb_4bit_type=bnb_4bit_type,
                                            dtype=self.dtype if quantization == "none" else None)
+        # a head tied to the embedding and held at int8: token rows are read from it (the float copy is freed)
+        self.embedding_from_head = (lm.lm_head.weight is lm.embed_tokens.weight and isinstance(self.head, Int8)
+                                    and _plain_embedding(lm.embed_tokens))
         self.block_fn: Callable[..., Tensor] = compiled_block() if compile else block_forward
         self._head_fn: Callable[[Norm, Linear, Tensor], Tensor] = compiled_head() if compile else head_forward
         self.released = False
@@ -179,10 +182,22 @@ class LayerRunner:
         """Token ids (n, q) at positions (n, q) -> input states (n, q, d); Gemma scales inside its embedding."""
         if int(positions.max()) >= self.context_length:
             raise ValueError(f"positions up to {int(positions.max())} exceed the context {self.context_length}")
-        h = self.lm.embed_tokens(ids.to(self.lm.embed_tokens.weight.device))
+        h = self._lookup(ids)
         if self.wpe is not None:
             h = h + self.wpe(positions.to(self.wpe.weight.device)).to(h.device)
         return h.to(self.dtype)
+
+    def _lookup(self, ids: Tensor) -> Tensor:
+        """The token embedding of ids: the model's module, or the rows of the int8 head it is tied to
+        (dequantized; Gemma's scale applied as its module does)."""
+        if not self.embedding_from_head:
+            return self.lm.embed_tokens(ids.to(self.lm.embed_tokens.weight.device))
+        head = self.head
+        assert isinstance(head, Int8)
+        ids = ids.to(head.q.device)
+        h = head.q[ids].float() * head.scale[ids].float().unsqueeze(-1)
+        scale = getattr(self.lm.embed_tokens, "embed_scale", None)
+        return h if scale is None else h * scale.to(h.dtype)
 
     def embed(self, ids: Tensor, start: int) -> Chunk:
         """Token ids (B, q) at positions start.. for rows 0..B-1 -> a Chunk."""
@@ -350,8 +365,12 @@ class LayerRunner:
                 module.weight = torch.nn.Parameter((w.T if conv else w).to(module.weight), requires_grad=False)
             if not isinstance(self.head, Dense):
                 head = self.lm.lm_head
-                saved.append((head, head.weight))  # a tied head is untied for the duration
-                head.weight = torch.nn.Parameter(self.head.dequantized().to(head.weight), requires_grad=False)
+                deq = torch.nn.Parameter(self.head.dequantized().to(head.weight), requires_grad=False)
+                if self.embedding_from_head:  # the engine reads its token rows from the head: so does the reference
+                    saved.append((self.lm.embed_tokens, self.lm.embed_tokens.weight))
+                    self.lm.embed_tokens.weight = deq
+                saved.append((head, head.weight))  # else a tied head is untied for the duration
+                head.weight = deq
             yield
         finally:
             for module, weight in reversed(saved):
@@ -374,23 +393,29 @@ class LayerRunner:
 
     def release_model_weights(self) -> int:
         """Free the model's copy of every matrix the engine holds in its own format (the blocks'
-        projections; the head too when the engine's copy is not the embedding's), leaving empty tensors
-        on the same devices; returns the bytes released. The model's own forward is unusable after."""
-        freed = 0
-        keep = {id(self.lm.embed_tokens.weight)}
+        projections, the head; the embedding too when the engine reads its rows from an int8 head tied to
+        it, else the embedding stays, and with it a head tied to it), leaving empty tensors on the same
+        devices; returns the bytes released. The model's own forward is unusable after."""
+        keep = set() if self.embedding_from_head else {id(self.lm.embed_tokens.weight)}
         modules = [m for m, _ in packed_modules(self.lm)]
-        if id(self.lm.lm_head.weight) not in keep:
-            modules.append(self.lm.lm_head)
+        modules += [self.lm.lm_head] + ([self.lm.embed_tokens] if self.embedding_from_head else [])
+        freed: dict[int, int] = {}
         for module in modules:
             w = module.weight
             if id(w) in keep or w.numel() == 0:
                 continue
-            freed += w.numel() * w.element_size()
+            freed[id(w)] = w.numel() * w.element_size()
             module.weight = torch.nn.Parameter(w.new_empty(0), requires_grad=False)
         self.released = True
         _trim_heap()
-        log.info("released %.0f MB of the model's weights (the engine holds its own)", freed / 2**20)
-        return freed
+        log.info("released %.0f MB of the model's weights (the engine holds its own)", sum(freed.values()) / 2**20)
+        return sum(freed.values())
+
+
+def _plain_embedding(module: Any) -> bool:
+    """An embedding whose forward is a row lookup (times Gemma's ``embed_scale``), nothing else."""
+    return type(module) is torch.nn.Embedding or (isinstance(module, torch.nn.Embedding) and
+                                                  hasattr(module, "embed_scale"))
 
 
 def _trim_heap() -> None:
