@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     exact, timed = timed_choice(lm, art.jump, prompts["val"][: a.timed], [c for c in ranked if c != NEVER],
                                 a.new_tokens, quantization=a.quantization)
     exact_test = replay_exact(tables["test"], exact.exit_settings(), cost, skip)
-    result = {"jump": a.jump, "quantization": a.quantization, "costs_ms": ms, "cost_blocks": {"check": cost.check, "head": cost.head, "skip": skip},
+    result = {"jump": a.jump, "quantization": a.quantization, "costs_ms": ms,
+              "cost_blocks": {"check": cost.check, "head": cost.head, "skip": skip},
               "approximate": {"calibration": found.best.as_dict(),
                               "test": {"agreement": float(agree.float().mean()),
                                        "agreement_lower": bootstrap_lower_bound(agree, tables["test"].prompt),
