@@ -101,7 +101,7 @@ def _frame(rec: Record, frame: dict[str, Any], now: float, last: float | None) -
     if "usage" in frame:
         _final_frame(rec, frame)
     choices = frame.get("choices") or [{}]
-    if not choices[0].get("text"):
+    if not (choices[0].get("text") or (choices[0].get("delta") or {}).get("content")):
         return last
     rec.text_frames += 1
     if rec.ttft is None:
@@ -125,11 +125,13 @@ async def _read_stream(response: httpx.Response, rec: Record, start: float) -> N
         rec.error = None if rec.ok else "the stream ended without a final frame"
 
 
-async def stream_request(client: httpx.AsyncClient, body: dict[str, Any], rec: Record) -> None:
-    """POSTs a streamed /v1/completions and fills ``rec``; never raises except on cancellation."""
+async def stream_request(client: httpx.AsyncClient, body: dict[str, Any], rec: Record,
+                         path: str = "/v1/completions") -> None:
+    """POSTs a streamed /v1/completions (or /v1/chat/completions) and fills ``rec``; never raises except on
+    cancellation."""
     start = time.perf_counter()
     try:
-        async with client.stream("POST", "/v1/completions", json=body) as response:
+        async with client.stream("POST", path, json=body) as response:
             rec.status = response.status_code
             if response.status_code != 200:
                 await response.aread()

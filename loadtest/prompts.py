@@ -1,4 +1,5 @@
-"""Prompts: the Wikipedia test sentences (``{"text": ...}`` per line) or a plain file, one prompt a line."""
+"""Prompts: the Wikipedia test sentences (``{"text": ...}`` per line), chat requests (``{"messages": [...]}``
+per line, sent to /v1/chat/completions) or a plain file, one prompt a line."""
 
 from __future__ import annotations
 
@@ -6,22 +7,29 @@ import json
 import random
 from pathlib import Path
 
-from loadtest.records import LoadtestError
+from loadtest.records import LoadtestError, Prompt
 
 DEFAULT_PROMPTS = Path(".cache/onejump/data/wiki/test.jsonl")
 
 
-def _line_text(line: str, path: Path, number: int) -> str:
+def _line_text(line: str, path: Path, number: int) -> Prompt:
     if not line.startswith("{"):
         return line
     try:
-        text = json.loads(line)["text"]
+        row = json.loads(line)
+        if "messages" in row:
+            messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in row["messages"]]
+            if not messages:
+                raise ValueError("no messages")
+            return messages
+        text = row["text"]
     except (ValueError, KeyError, TypeError):
-        raise LoadtestError(f"{path}:{number}: expected a JSON object with a \"text\" field") from None
+        raise LoadtestError(f"{path}:{number}: expected a JSON object with a \"text\" field or a \"messages\" "
+                            "list") from None
     return str(text).strip()
 
 
-def load_prompts(path: Path, seed: int) -> list[str]:
+def load_prompts(path: Path, seed: int) -> list[Prompt]:
     """All non-empty prompts of ``path`` in a seeded random order."""
     if not path.is_file():
         hint = " (run `onejump assets` or pass --prompts)" if path == DEFAULT_PROMPTS else ""

@@ -10,6 +10,8 @@ Outcome = Literal["pending", "ok", "http_error", "stream_error", "transport_erro
 ERROR_OUTCOMES = ("http_error", "stream_error", "transport_error", "timeout")
 
 
+Prompt = str | list[dict[str, str]]  # a completion prompt, or a chat request's messages
+
 @dataclass(frozen=True)
 class Arm:
     """One setting of the request's ``early_exit`` object; arms are interleaved request by request."""
@@ -51,7 +53,7 @@ class Job:
     index: int  # position in the load point's schedule
     arm: Arm
     prompt_index: int
-    prompt: str
+    prompt: Prompt
 
 
 @dataclass

@@ -13,7 +13,7 @@ import httpx
 from tqdm import tqdm
 
 from loadtest.client import Scrape, auth_headers, scrape_metrics, stream_request
-from loadtest.records import Arm, Job, LoadPoint, Record
+from loadtest.records import Arm, Job, LoadPoint, Prompt, Record
 
 AtDeadline = Literal["wait", "cancel"]
 
@@ -45,7 +45,7 @@ class PointResult:
     after: Scrape | None = None
 
 
-def schedule(arms: Sequence[Arm], prompts: Sequence[str], requests: int) -> list[Job]:
+def schedule(arms: Sequence[Arm], prompts: Sequence[Prompt], requests: int) -> list[Job]:
     """Round-robin over the arms, request by request; the arms of one round share a prompt."""
     jobs = []
     for i in range(requests * len(arms)):
@@ -68,8 +68,10 @@ class Runner:
         return time.perf_counter() >= self.deadline
 
     def body(self, job: Job) -> dict[str, object]:
-        body: dict[str, object] = {"prompt": job.prompt, "max_tokens": self.plan.max_tokens, "stream": True,
-                                   "ignore_eos": self.plan.ignore_eos, "early_exit": job.arm.early_exit()}
+        chat = isinstance(job.prompt, list)
+        body: dict[str, object] = {"messages" if chat else "prompt": job.prompt, "max_tokens": self.plan.max_tokens,
+                                   "stream": True, "ignore_eos": self.plan.ignore_eos,
+                                   "early_exit": job.arm.early_exit()}
         if self.plan.model:
             body["model"] = self.plan.model
         return body
@@ -78,7 +80,8 @@ class Runner:
         rec = Record(index=job.index, arm=job.arm.label, mode=job.arm.mode, threshold=job.arm.threshold,
                      prompt_index=job.prompt_index, sent=time.perf_counter() - self.start)
         self.records.append(rec)
-        await stream_request(self.client, self.body(job), rec)
+        path = "/v1/chat/completions" if isinstance(job.prompt, list) else "/v1/completions"
+        await stream_request(self.client, self.body(job), rec, path)
         self.bar.update()
         if rec.failed:
             self.bar.set_postfix_str(f"errors {sum(r.failed for r in self.records)}", refresh=False)
@@ -140,7 +143,8 @@ async def run_point(client: httpx.AsyncClient, plan: Plan, point: LoadPoint, job
                        before=before, after=after)
 
 
-async def run_all(url: str, api_key: str | None, plan: Plan, points: Sequence[LoadPoint], prompts: Sequence[str],
+async def run_all(url: str, api_key: str | None, plan: Plan, points: Sequence[LoadPoint],
+                  prompts: Sequence[Prompt],
                   progress: bool = True) -> list[PointResult]:
     jobs = schedule(plan.arms, prompts, plan.requests)
     timeout = httpx.Timeout(plan.timeout, connect=5.0)

@@ -243,7 +243,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         preflight(args.url, args.api_key)
         if args.pid is not None and not Path(f"/proc/{args.pid}/status").exists():
             raise LoadtestError(f"no process {args.pid} (--pid)")
-        prompts = load_prompts(args.prompts, args.seed)
+        prompts = [p for p in load_prompts(args.prompts, args.seed) if isinstance(p, str)]
+        if not prompts:
+            raise LoadtestError(f"{args.prompts} holds only chat requests; the soak sends completion prompts")
     except LoadtestError as e:
         print(f"soak: {e}", file=sys.stderr)
         return 2

@@ -10,7 +10,7 @@
 #
 # Stages: receive DIR (move .gpu/DIR into $WORK), probe (GPU, driver, CUDA, torch, bitsandbytes), tests (pytest -m
 # cuda), smoke (the shapes script on a tiny random model), model (SmolLM2 from its GGUF, as `onejump assets`
-# converts it), bench (onejump bench: bf16, bnb-8bit, bnb-4bit; batch 1 and 8), serve (the server with bnb-4bit,
+# converts it), bench (onejump bench: bf16, bnb-8bit and bnb-4bit side by side; batch 1 and 8), serve (the server with bnb-4bit,
 # one request per mode), shapes (random Gemma-3 and 7B
 # shapes, the projection at SmolLM2's exit traces). Each stage logs to $OUT/<stage>.log and goes on after a failure.
 set -u
@@ -80,14 +80,14 @@ bench() {  # bench NAME QUANTIZATION BATCH PROMPTS MAX_PROMPTS
   tail -c 2000 "$OUT/bench-$1.json"; echo
 }
 
-stage_bench() {
-  bench bf16-b1 none 1 "$PROMPTS" 8
-  bench bf16-open-b1 none 1 "$OPEN_PROMPTS" 8
-  bench bf16-b8 none 8 "$PROMPTS" 16
-  for q in bnb-8bit bnb-4bit; do
-    bench "$q-b1" "$q" 1 "$PROMPTS" 8
-    bench "$q-b8" "$q" 8 "$PROMPTS" 16
-  done
+stage_bench1() {  # the short version: grounded requests at batch 1, bf16 and bitsandbytes 4-bit side by side
+  bench grounded-b1 none,bnb-4bit 1 "$PROMPTS" 8
+}
+
+stage_bench() {  # every weight format side by side in one run: bf16 (none), bitsandbytes 8-bit and 4-bit
+  bench grounded-b1 none,bnb-8bit,bnb-4bit 1 "$PROMPTS" 8
+  bench open-b1 none 1 "$OPEN_PROMPTS" 8
+  bench grounded-b8 none,bnb-8bit,bnb-4bit 8 "$PROMPTS" 16
 }
 
 stage_serve() {  # the server on the GPU with bitsandbytes 4-bit: /ready, one request per mode, /v1/models, metrics
@@ -99,8 +99,12 @@ stage_serve() {  # the server on the GPU with bitsandbytes 4-bit: /ready, one re
   return $rc
 }
 
+stage_shapes7b() {  # the 7B shape alone, projected at this run's SmolLM2 exit traces
+  "$PY" -m shortcuts.lab.gpu_shapes --out "$OUT/shapes-7b.json" --shapes llama-2-7b --traces "$OUT/bench-grounded-b1.json"
+}
+
 stage_shapes() {
-  "$PY" -m shortcuts.lab.gpu_shapes --out "$OUT/shapes.json" --traces "$OUT/bench-bf16-b1.json"
+  "$PY" -m shortcuts.lab.gpu_shapes --out "$OUT/shapes.json" --traces "$OUT/bench-grounded-b1.json"
 }
 
 run_stage() {

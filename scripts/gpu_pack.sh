@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 GGUF=${1:-.cache/onejump/models/SmolLM2-135M-Instruct.Q4_1.gguf}
 PKGS=(bitsandbytes==0.50.2 gguf==0.19.0 fastapi==0.165.0 starlette==1.10.0 pydantic==2.14.3 pydantic_core==2.50.4
       pydantic-settings==2.16.3 python-dotenv==1.2.4 typing-inspection==0.4.5 annotated-types==0.8.0 uvicorn==0.54.0
-      sse-starlette==3.7.0)
+      sse-starlette==3.7.0 opentelemetry-api==1.45.2 importlib-metadata zipp)  # fastapi imports opentelemetry
 grep -qx "/.gpu/" .git/info/exclude 2>/dev/null || echo "/.gpu/" >> .git/info/exclude
 tmp=$(mktemp -d)
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

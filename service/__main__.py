@@ -2,15 +2,21 @@
 
 Everything cheap is checked before the model loads (seconds to minutes): the settings, that the port
 is free (the socket is bound here and handed to uvicorn, so it stays ours), that the model and jump
-files are readable and fit. On SIGTERM (or Ctrl-C) the server stops admitting (503), lets running
-generations finish for up to ``shutdown_timeout_s``, cancels the rest, then exits."""
+files are readable and fit. On SIGTERM (or Ctrl-C) the server drains: it keeps listening, answers
+every new request 503 (``/ready`` too; ``/health`` and ``/metrics`` 200), lets running requests finish
+for up to ``shutdown_timeout_s``, cancels the rest (503, or an error frame for a stream), and exits
+once no request is left. A second Ctrl-C (SIGINT) exits at once; a repeated SIGTERM changes nothing."""
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import socket
 import sys
+import time
 from types import FrameType
+from typing import NoReturn
 
 import uvicorn
 from pydantic import ValidationError
@@ -18,6 +24,8 @@ from pydantic import ValidationError
 from service.app import create_app
 from service.config import describe_error, parse_args
 from service.loading import preflight
+
+LAST_CHUNK_S = 5  # after the grace period, how long a prefill or scoring chunk in progress may take to end
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -52,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     log = logging.getLogger("onejump.service")
     log.info("listening on http://%s:%d (the model loads next; /ready says when it serves)", settings.host,
              sock.getsockname()[1])
-    if settings.api_key is None and settings.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("listening on %s without an API key (ONEJUMP_API_KEY)", settings.host)
+    if settings.api_key is None and settings.allow_unauthenticated:
+        log.warning("listening on %s without an API key (ONEJUMP_ALLOW_UNAUTHENTICATED=true)", settings.host)
     server: uvicorn.Server | None = None
     failures: list[str] = []
 
@@ -65,19 +73,46 @@ def main(argv: list[str] | None = None) -> int:
 
     app = create_app(settings, on_fatal=fatal)
 
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            app.state.engine.drain()  # new requests get 503 at once; uvicorn waits for the running ones
-            super().handle_exit(sig, frame)
+    engine = app.state.engine
 
-    # the engine fails what still runs at shutdown_timeout_s (each client gets a 503 or an error frame);
-    # uvicorn cancels the request tasks a little later, should any hang
-    config = uvicorn.Config(app, log_level=settings.log_level,
-                            timeout_graceful_shutdown=settings.shutdown_timeout_s + 5)
+    class Server(uvicorn.Server):
+        """SIGTERM drains instead of closing the socket; the server exits once no request is left."""
+
+        drained_by: float | None = None  # when the drain gives up waiting (past the engine's grace period)
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if not self.started or (engine.draining and sig == signal.SIGINT):  # starting, or Ctrl-C twice: now
+                super().handle_exit(sig, frame)
+                return
+            if engine.draining:  # a repeated SIGTERM does not cut the drain short
+                return
+            engine.drain()  # new requests get 503 at once; running ones finish or are cancelled at the deadline
+            self.drained_by = time.monotonic() + settings.shutdown_timeout_s + LAST_CHUNK_S
+
+        async def on_tick(self, counter: int) -> bool:
+            if self.drained_by is not None and not self.should_exit:
+                late = time.monotonic() > self.drained_by
+                if not self.server_state.tasks or late:  # no request left (or they outstay the deadline)
+                    self.should_exit = True
+            return await super().on_tick(counter)
+
+    # the engine fails what still runs at shutdown_timeout_s (each client gets a 503 or an error frame), the
+    # drain ends when no request is left; uvicorn cancels request tasks that still hang 2 s after that
+    config = uvicorn.Config(app, log_level=settings.log_level, timeout_graceful_shutdown=2)
     server = Server(config)
     server.run(sockets=[sock])
     return 1 if failures or not server.started else 0
 
 
+def run(argv: list[str] | None = None) -> NoReturn:
+    """``main``, then exit at once: the logs flushed, without tearing the interpreter down (with torch loaded
+    that takes seconds, which count against the orchestrator's grace period)."""
+    code = main(argv)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -35,13 +35,18 @@ from service.protocol import (
 from service.serving import Serving
 from shortcuts import __version__
 
-OPEN_PATHS = ("/health", "/metrics")  # liveness probes and Prometheus need no key
+OPEN_PATHS = ("/health", "/metrics")  # liveness probes and Prometheus need no key (and answer during a drain)
 # what the OpenAPI schema publishes for the completion routes (a stream is text/event-stream)
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": what} for code, what in (
         (400, "bad input"), (401, "missing or wrong API key"), (404, "unknown model name"),
         (413, "request body too large"), (429, "queue full"), (503, "loading or shutting down"),
         (504, "queued past the request timeout"))}
+
+
+_METRICS: dict[int | str, dict[str, Any]] = {200: {
+    "description": "Prometheus text exposition format (every onejump_* series, plus process and platform), not JSON",
+    "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}}
 
 
 def _published(model: type) -> dict[int | str, dict[str, Any]]:
@@ -64,6 +69,20 @@ class ApiKeyMiddleware:
             return await self.app(scope, receive, send)
         return await send_error(send, 401, "authentication_error",
                                 "missing or wrong API key: send 'Authorization: Bearer <key>'")
+
+
+class DrainMiddleware:
+    """Once shutdown began (SIGTERM), every request but ``OPEN_PATHS`` gets 503 with the OpenAI error
+    body at once, before its body is read: the socket stays open until the running requests end."""
+
+    def __init__(self, app: ASGIApp, engine: Worker):
+        self.app, self.engine = app, engine
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.engine.draining and scope["path"] not in OPEN_PATHS:
+            return await send_error(send, 503, "service_unavailable", "the server is shutting down; retry on "
+                                    "another replica or once it is back")
+        return await self.app(scope, receive, send)
 
 
 class BodyLimitMiddleware:
@@ -153,6 +172,7 @@ def create_app(settings: Settings, on_fatal: Callable[[str], None] | None = None
     serving = Serving(engine, settings)
     install_handlers(app)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(DrainMiddleware, engine=engine)
     if settings.api_key is not None:  # added last: runs first, before the body is read or validated
         app.add_middleware(ApiKeyMiddleware, key=settings.api_key.get_secret_value())
 
@@ -168,7 +188,7 @@ def create_app(settings: Settings, on_fatal: Callable[[str], None] | None = None
             raise NotReadyError("the server is shutting down")
         return {"status": "ready", "model": settings.model_name}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses=_METRICS)
     async def metrics() -> Response:
         body = generate_latest(engine.metrics.registry) if engine.metrics else b""
         return Response(body, media_type=CONTENT_TYPE_LATEST)

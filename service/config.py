@@ -3,19 +3,49 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shortcuts.engine.settings import DEFAULT_MODE, Gate, Mode, Quantization
+from shortcuts.engine.settings import DEFAULT_MODE, DraftPolicy, Gate, Mode, Quantization
 
 if TYPE_CHECKING:
     from shortcuts.placement import DeviceMap
 
 DEFAULT_MODEL = ".cache/onejump/models/smollm2-135m-instruct"
 DEFAULT_JUMP = "docs/results/smollm2-135m/jump.safetensors"
+CHECKOUT = Path(__file__).resolve().parents[1]  # the repository (or the installed packages' folder)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` reaches this machine only (127.0.0.0/8, ::1, localhost); a name is not."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _default_model(v: str) -> str:
+    """The default model as the CLI finds it (``shortcuts.assets.default_model_dir``: $ONEJUMP_CACHE,
+    else ./.cache/onejump, else the checkout's), so ``python -m service`` works from any folder."""
+    if v != DEFAULT_MODEL:
+        return v
+    from shortcuts.assets import default_model_dir  # no torch: paths only
+
+    return str(default_model_dir())
+
+
+def _default_jump(v: str | None) -> str | None:
+    """The default jump from the working folder, else the checkout's."""
+    if v != DEFAULT_JUMP or Path(v).exists() or not (CHECKOUT / v).exists():
+        return v
+    return str(CHECKOUT / v)
 
 
 class Settings(BaseSettings):
@@ -23,8 +53,10 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="ONEJUMP_", extra="forbid")
 
-    model: str = Field(DEFAULT_MODEL, description="hub id, local folder or .gguf file")
-    jump: str | None = Field(DEFAULT_JUMP, description="jump artifact (.safetensors); empty: identity exit head")
+    model: str = Field(DEFAULT_MODEL, description="hub id, local folder or .gguf file (the default is found from "
+                       "any working folder, as the onejump command finds it)")
+    jump: str | None = Field(DEFAULT_JUMP, description="jump artifact (.safetensors); empty: identity exit head (the "
+                             "default: from the working folder, else the checkout's)")
     served_model_name: str | None = Field(None, description="name in /v1/models (default: the model's folder name)")
     served_model_aliases: str = Field("", description="comma-separated names also accepted as 'model' (any "
                                       "other name gets 404)")
@@ -47,6 +79,10 @@ class Settings(BaseSettings):
                                     "calibrated value, else 1")
     exit_min_layer: int | None = Field(None, ge=1, description="first exit level; default: the artifact's "
                                        "calibrated value, else 1")
+    exit_draft: DraftPolicy | None = Field(None, description="exact mode's draft source (auto, ngram, exit, none); "
+                                           "default: the artifact's calibrated policy, else auto")
+    exit_max_draft: int | None = Field(None, ge=1, le=16, description="exact mode: most drafts verified at once; "
+                                       "default: the artifact's calibrated value, else 8")
     default_max_tokens: int = Field(16, ge=1, description="max_tokens when a request names none (OpenAI: 16)")
     default_temperature: float = Field(0.0, ge=0.0, description="0 = greedy")
     max_prompt_tokens: int = Field(2048, ge=1)
@@ -58,12 +94,20 @@ class Settings(BaseSettings):
                           "cached on disk)")
     request_timeout_s: float = Field(120.0, gt=0, description="a request still queued after this gets 504 (at once)")
     max_body_bytes: int = Field(4 * 2**20, ge=1024, description="larger request bodies get 413 before they are read")
-    shutdown_timeout_s: int = Field(30, ge=0, description="on SIGTERM, running requests get this long to finish "
-                                      "(new ones get 503), then are cancelled")
+    prefill_chunk_tokens: int | None = Field(None, ge=1, description="prompt tokens per forward pass in prefill "
+                                             "and prompt scoring; a client that leaves (or a shutdown) stops the "
+                                             "work between two chunks. Default: 64 on a CPU (a chunk of SmolLM2 "
+                                             "takes well under a second), 512 on a GPU")
+    shutdown_timeout_s: int = Field(30, ge=0, description="on SIGTERM the server keeps listening: new requests get "
+                                      "503, running ones get this long to finish, then are cancelled; then it exits")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     api_key: SecretStr | None = Field(None, description="every route but /health and /metrics needs 'Authorization: "
-                                      "Bearer <key>'; empty or unset: no auth")
+                                      "Bearer <key>'; empty or unset: no key")
+    api_key_file: Path | None = Field(None, description="a file holding the key (a compose or Kubernetes secret), "
+                                      "instead of api_key; surrounding whitespace is dropped")
+    allow_unauthenticated: bool = Field(False, description="serve without a key on a host beyond loopback (refused "
+                                        "otherwise)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("api_key", mode="before")
@@ -74,6 +118,21 @@ class Settings(BaseSettings):
         if isinstance(v, SecretStr):
             v = v.get_secret_value()
         return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("api_key_file", mode="before")
+    @classmethod
+    def _empty_file_is_none(cls, v: object) -> object:
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("model", mode="after")
+    @classmethod
+    def _found_model(cls, v: str) -> str:
+        return _default_model(v)
+
+    @field_validator("jump", mode="after")
+    @classmethod
+    def _found_jump(cls, v: str | None) -> str | None:
+        return _default_jump(v)
 
     @field_validator("device_map", mode="before")
     @classmethod
@@ -92,6 +151,24 @@ class Settings(BaseSettings):
         from shortcuts.placement import parse_device_map
 
         return None if self.device_map is None else parse_device_map(self.device_map)
+
+    @model_validator(mode="after")
+    def _key(self) -> Settings:
+        """The key from ``api_key_file`` (one of the two, never both); an empty key is no key. A host
+        beyond loopback without a key is refused unless ``allow_unauthenticated`` says so."""
+        if self.api_key_file is not None:
+            if self.api_key is not None:
+                raise ValueError("give the API key in api_key or in api_key_file, not both")
+            try:
+                key = self.api_key_file.read_text().strip()
+            except OSError as e:
+                raise ValueError(f"api_key_file {self.api_key_file} cannot be read: {e.strerror}") from None
+            self.api_key = SecretStr(key) if key else None
+        if self.api_key is None and not self.allow_unauthenticated and not is_loopback(self.host):
+            raise ValueError(f"host={self.host!r} is reachable beyond this machine and no API key is set: set "
+                             "ONEJUMP_API_KEY_FILE (or ONEJUMP_API_KEY), or ONEJUMP_ALLOW_UNAUTHENTICATED=true to "
+                             "serve without a key")
+        return self
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Literal, Union
 from prometheus_client import Histogram
 
 from service.config import Settings
-from service.errors import NotReadyError, OverloadedError, QueueTimeoutError, ServiceError
+from service.errors import ClientGoneError, NotReadyError, OverloadedError, QueueTimeoutError, ServiceError
 from service.loading import ExitPolicy, load_decoder
 from service.metrics import Metrics, RequestStats
 
@@ -38,6 +38,13 @@ Running = dict[int, tuple["Job", "SequenceHandle"]]  # id(sequence) -> (job, seq
 
 log = logging.getLogger("onejump.service")
 _KIND = {"exited": "early", "full": "full", "accepted": "verified", "corrected": "full"}
+
+
+def layers_saved(generation: Generation, num_layers: int) -> int:
+    """Block evaluations never run: every token fed after the prompt would cost ``num_layers`` at full
+    depth; catch-up and verification count as computed (``Stats.layers_computed``)."""
+    stats = generation.stats
+    return max(num_layers * stats.steps - stats.layers_computed, 0)
 
 
 @dataclass
@@ -197,6 +204,7 @@ class Worker:
         self.metrics: Metrics | None = None
         self.batch_size: Histogram | None = None
         self.exit_policy: ExitPolicy | None = None  # once loaded
+        self.prefill_chunk = 64  # prompt tokens per forward pass (Settings.prefill_chunk_tokens; set once loaded)
         self._queue = JobQueue(settings.queue_size)
         self.draining = False  # SIGTERM: new requests get 503, running ones finish
         self._aborting = False  # stop(): the worker cancels what still runs
@@ -236,7 +244,7 @@ class Worker:
         for job in self._queue.close():
             self._fail(job, NotReadyError("the server is shutting down"), "shutdown")
         self._gauges()
-        if self._thread.is_alive():
+        if self._thread.is_alive() and self._ready.is_set():  # a load in progress is not waited for (a daemon)
             self._thread.join(timeout)
 
     def wait_ready(self, timeout: float) -> bool:
@@ -251,8 +259,13 @@ class Worker:
             raise NotReadyError("the server is shutting down")
 
     def submit(self, prompt_ids: list[int], gen_settings: GenerationSettings, score_top_n: int | None = None) -> Job:
-        """Queue a generation, or with ``score_top_n`` a scoring of the prompt (one full forward pass)."""
-        self.check_admitting()
+        """Queue a generation, or with ``score_top_n`` a scoring of the prompt (one full forward pass).
+        The route admits a request (``check_admitting``); its later jobs (one per choice, after its
+        scoring) are still queued during a drain, until the queue closes."""
+        if not self.ready:
+            raise NotReadyError(self.error or "the model is still loading; try again when /ready answers 200")
+        if self.draining and self._abort_due():  # a request admitted before the drain, but past its grace period
+            raise self._shutdown_error()
         job = Job(prompt_ids, gen_settings, asyncio.get_running_loop(), RequestStats(arrival=time.monotonic()),
                   queue_timeout=self.settings.request_timeout_s, expire=self._expire, score_top_n=score_top_n)
         job.stats.prompt_tokens = len(prompt_ids)
@@ -301,7 +314,11 @@ class Worker:
         self._serve()
 
     def _load(self) -> None:
+        from shortcuts.adapter import resolve_device
+
         self.decoder, self.exit_policy = load_decoder(self.settings)
+        on_gpu = self.settings.device_map is not None or resolve_device(self.settings.device).startswith("cuda")
+        self.prefill_chunk = self.settings.prefill_chunk_tokens or (512 if on_gpu else 64)
         self.metrics = Metrics(self.settings.model_name, self.model.num_layers)
         buckets = tuple(float(n) for n in range(1, self.settings.max_batch_size + 1))
         self.batch_size = Histogram("onejump_batch_size", "Sequences decoded together in one token step",
@@ -361,13 +378,19 @@ class Worker:
                                               f"the {self.settings.request_timeout_s:g}s request timeout"), "timeout")
             return None
         if job.cancelled.is_set():  # the client left while it waited
-            self._fail(job, ServiceError("cancelled"), "cancelled")
+            self._fail(job, ClientGoneError("cancelled"), "cancelled")
             return None
+        from shortcuts.errors import Cancelled
+
         try:
             if job.score_top_n is not None:
                 self._score(job)
                 return None
-            return batch.add(job.prompt_ids, job.settings)
+            return batch.add(job.prompt_ids, job.settings, stop=lambda: self._halted(job),
+                             chunk=self.prefill_chunk)
+        except Cancelled:
+            self._fail_halted(job)
+            return None
         except Exception as e:
             log.exception("generation failed")
             self._fail(job, ServiceError(f"generation failed: {e}"), "error")
@@ -375,19 +398,38 @@ class Worker:
 
     def _score(self, job: Job) -> None:
         """A scoring job: the full model's logprobs of the prompt, done at once (no slot held)."""
-        scores = self.model.score(job.prompt_ids, job.score_top_n or 0)
+        scores = self.model.score(job.prompt_ids, job.score_top_n or 0, stop=lambda: self._halted(job),
+                                  chunk=self.prefill_chunk)
         job.stats.finished, job.stats.finish_reason = time.monotonic(), "length"
         assert self.metrics is not None
         self.metrics.record(job.stats)
         job.post(Scored(scores))
+
+    def _abort_due(self) -> bool:
+        """Past the shutdown grace period (or stopping): what still runs must stop."""
+        return self._aborting or (self._abort_at is not None and time.monotonic() >= self._abort_at)
+
+    def _halted(self, job: Job) -> bool:
+        """Asked between two chunks of a prefill or a scoring: its client left, or the grace period ended."""
+        return job.cancelled.is_set() or self._abort_due()
+
+    def _shutdown_error(self) -> NotReadyError:
+        return NotReadyError(f"the server is shutting down: the generation was cancelled after the "
+                             f"{self.settings.shutdown_timeout_s}s grace period")
+
+    def _fail_halted(self, job: Job) -> None:
+        """A prefill or a scoring stopped between two chunks: a 503 at shutdown, else the client left."""
+        if job.cancelled.is_set():
+            self._fail(job, ClientGoneError("cancelled"), "cancelled")
+        else:
+            self._fail(job, self._shutdown_error(), "shutdown")
 
     def _abort_if_due(self, batch: Batch, running: Running) -> None:
         """Past the shutdown grace period: fail what still runs or waits with a 503 (an error frame
         for a stream), so that every client gets an answer before the server exits."""
         if self._abort_at is None or time.monotonic() < self._abort_at:
             return
-        error = NotReadyError(f"the server is shutting down: the generation was cancelled after the "
-                              f"{self.settings.shutdown_timeout_s}s grace period")
+        error = self._shutdown_error()
         for job in self._queue.close():
             self._fail(job, error, "shutdown")
         for job, seq in running.values():
@@ -443,8 +485,9 @@ class Worker:
         s = job.stats
         s.finished = time.monotonic()
         st = generation.stats
-        s.layers_computed, s.layers_skipped, s.drafted, s.accepted = (st.layers_computed, st.layers_skipped,
-                                                                      st.drafted, st.accepted)
+        s.layers_computed, s.layers_skipped = st.layers_computed, st.layers_skipped
+        s.drafted, s.accepted = dict(st.drafted_by), dict(st.accepted_by)
+        s.layers_saved = layers_saved(generation, self.model.num_layers)
         if generation.finish_reason == "abort" and not job.stop_hit:
             s.failure = "cancelled"  # the client went away
         else:

@@ -48,6 +48,12 @@ class QueueTimeoutError(ServiceError):
     status, kind = 504, "timeout"
 
 
+class ClientGoneError(ServiceError):
+    """The client went away (its work was stopped): nobody reads this answer (nginx's 499)."""
+
+    status, kind = 499, "client_closed_request"
+
+
 # what Starlette's own errors (unknown route, wrong method, unreadable body) become
 _HTTP_KINDS = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
@@ -68,9 +74,32 @@ async def send_error(send: Send, status: int, kind: str, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "tagged-union", "union"}
+
+
+def _is_tag(part: object) -> bool:
+    """A step of pydantic's error location that names a union member (``str``, ``list[int]``,
+    ``function-after[check_text(), str]``), not a field or an index."""
+    return isinstance(part, str) and (part in _TYPE_TAGS or any(c in part for c in "[]()-,"))
+
+
+def _most_telling(errors: list[dict]) -> dict:
+    """Of the errors pydantic lists (one per union member when a value fits none), the one that says most:
+    a check's own message (value_error), then a broken limit (too_long, greater_than, ...) before a type
+    mismatch (string_type, ...), then the deepest location (the member the value was meant for got furthest)."""
+    if not errors:
+        return {}
+
+    def rank(e: dict) -> tuple[bool, bool, int, int]:
+        kind = str(e.get("type", ""))
+        return kind == "value_error", not kind.endswith("_type"), len(e.get("loc", ())), -errors.index(e)
+
+    return max(errors, key=rank)
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    first = exc.errors()[0] if exc.errors() else {}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    first = _most_telling(list(exc.errors()))
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_tag(p)]
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
         return "request body is not valid JSON", None
@@ -81,7 +110,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        if exc.status >= 500:
+        if exc.status >= 500 and exc.status != 499:
             log.warning("%s: %s", exc.kind, exc.message)
         return error_response(exc.status, exc.kind, exc.message, exc.param)
 

@@ -37,15 +37,16 @@ def check_readable(path: Path, what: str) -> None:
 
 def preflight(settings: Settings) -> None:
     """Cheap checks before the model loads: the model and jump files are readable, the jump
-    artifact reads and fits the model's configuration (layers and width). The weight fingerprint
-    is checked once the weights load."""
+    artifact reads and was fitted on a model with this configuration (architecture, layers, width,
+    vocabulary, heads: the configuration half of its fingerprint). The weight half of the
+    fingerprint is checked once the weights load."""
     model = Path(settings.model)
     if model.exists():
         check_readable(model, "the model")
     if not settings.jump:
         return
     check_readable(Path(settings.jump), "the jump artifact")
-    from shortcuts.adapter import CausalLM
+    from shortcuts.adapter import CausalLM, config_fingerprint
     from shortcuts.artifact import JumpArtifact
 
     artifact = JumpArtifact.load(settings.jump)
@@ -55,6 +56,10 @@ def preflight(settings: Settings) -> None:
     if (layers, width) != (artifact.num_layers, artifact.config.hidden_size):
         raise ValueError(f"jump artifact {settings.jump} is for {artifact.base_model} (L={artifact.num_layers}, "
                          f"d={artifact.config.hidden_size}), but {settings.model} has L={layers}, d={width}")
+    expected = artifact.fingerprint.get("config_sha256")
+    if expected is not None and expected != config_fingerprint(config):
+        raise ValueError(f"jump artifact {settings.jump} is for {artifact.base_model}, not {settings.model}: the model "
+                         "configuration differs (architecture, vocabulary, MLP width or attention heads)")
     if layers and settings.exit_min_layer is not None and settings.exit_min_layer >= layers:
         raise ValueError(f"exit_min_layer={settings.exit_min_layer} must be in [1, {layers - 1}] for {settings.model}")
 
@@ -85,7 +90,8 @@ class ExitPolicy:
 def exit_policy(extra: dict[str, Any], settings: Settings, num_layers: int) -> ExitPolicy:
     """The server's exit policy for an artifact's ``extra`` (empty without one)."""
     overrides = Overrides(gate=settings.exit_gate, threshold=settings.exit_threshold,
-                          min_layer=settings.exit_min_layer, stride=settings.exit_stride)
+                          min_layer=settings.exit_min_layer, stride=settings.exit_stride, draft=settings.exit_draft,
+                          max_draft=settings.exit_max_draft)
     return ExitPolicy(StoredCalibration.from_extra(extra), overrides, num_layers, settings.quantization,
                       settings.exit_mode)
 
@@ -121,4 +127,5 @@ def load_decoder(settings: Settings) -> tuple[Engine, ExitPolicy]:
     if settings.compile:
         log.info("compiled the decoder blocks in %.1fs", decoder.compile_seconds)
     log.info("weights: %s", decoder.weights_report())
+    log.info("step costs of exact mode's draft policy: %s", decoder.step_costs.as_dict())  # timed now, not later
     return decoder, policy

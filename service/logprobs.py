@@ -4,6 +4,7 @@ so that an early exit's logprobs are not taken for the full model's."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -13,7 +14,9 @@ if TYPE_CHECKING:
     from shortcuts.engine.api import TokenTrace, TopLogprobs
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _piece(tokenizer: Any, token: int) -> str:
+    """One token's text; cached: a long echo with top logprobs decodes the same ids again and again."""
     return str(tokenizer.decode([token]))
 
 

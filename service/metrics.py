@@ -23,6 +23,7 @@ from prometheus_client import (
 FINISH_REASONS = ("stop", "length", "abort")
 FAILURE_REASONS = ("queue_full", "timeout", "cancelled", "error", "shutdown")
 EXIT_KINDS = ("early", "full", "verified")
+DRAFT_SOURCES = ("ngram", "exit")  # shortcuts.engine.drafts.SOURCES (not imported: no torch here)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
                    20.0, 40.0, 80.0)
@@ -45,8 +46,9 @@ class RequestStats:
     kinds: list[str] = field(default_factory=list)  # early | full | verified, per generated token
     layers_computed: int = 0
     layers_skipped: int = 0
-    drafted: int = 0  # exact mode: tokens drafted by exits, and those the full model accepted
-    accepted: int = 0
+    layers_saved: int = 0  # L x tokens fed - layers_computed: block evaluations never run
+    drafted: dict[str, int] = field(default_factory=dict)  # exact mode, by source: tokens drafted, and those the
+    accepted: dict[str, int] = field(default_factory=dict)  # full model accepted
     finish_reason: str | None = None  # stop | length | abort
     failure: str | None = None  # timeout | cancelled | error | ...
 
@@ -84,16 +86,21 @@ class Metrics:
                                     registry=reg, buckets=tuple(float(i) for i in range(1, num_layers + 1)))
         self.exit_confidence = Histogram(m + "exit_confidence", "Confidence of the head that decided each token",
                                          lbl, registry=reg, buckets=CONFIDENCE_BUCKETS)
-        self.layers_computed = Counter(m + "layers_computed", "Decoder-layer evaluations (token x layer)", lbl,
-                                       registry=reg)
-        self.layers_skipped = Counter(m + "layers_skipped", "Decoder-layer evaluations saved by exits", lbl,
-                                      registry=reg)
+        self.layers_computed = Counter(m + "layers_computed", "Decoder-layer evaluations (token x layer), catch-up "
+                                       "and verification included", lbl, registry=reg)
+        self.layers_skipped = Counter(m + "layers_skipped", "Decoder-layer evaluations a generated token did not "
+                                      "run in its own step because it exited; catch-up (and exact mode's "
+                                      "verification) may run them later, so this is not work saved: see "
+                                      "onejump_layers_saved_total", lbl, registry=reg)
+        self.layers_saved = Counter(m + "layers_saved", "Decoder-layer evaluations never run: layers x tokens fed "
+                                    "minus onejump_layers_computed_total (the work early exits really saved)", lbl,
+                                    registry=reg)
         self.tokens = Counter(m + "tokens", "Generated tokens by how they were decided", [*lbl, "exit"],
                               registry=reg)
-        self.drafted = Counter(m + "spec_decode_num_draft_tokens", "Exact mode: tokens drafted by early exits",
-                               lbl, registry=reg)
+        self.drafted = Counter(m + "spec_decode_num_draft_tokens", "Exact mode: drafted tokens, by source (ngram: "
+                               "prompt lookup, exit: the exit head)", [*lbl, "source"], registry=reg)
         self.accepted = Counter(m + "spec_decode_num_accepted_tokens", "Exact mode: drafted tokens the full "
-                                "model accepted", lbl, registry=reg)
+                                "model accepted, by source", [*lbl, "source"], registry=reg)
         self.kv_usage = Gauge(m + "kv_cache_usage_perc", "Fraction of the batch's static KV cache holding keys "
                               "(1 = full)", lbl, registry=reg)
         self.build = Gauge(m + "build_info", "Versions of this server (value 1)", ["version", "torch",
@@ -106,8 +113,11 @@ class Metrics:
         """Every series at zero from the start, so a rate() or an absent() works before the first event."""
         for metric in (self.ttft, self.itl, self.e2e, self.queue, self.prompt_tokens, self.generation_tokens,
                        self.running, self.waiting, self.exit_layer, self.exit_confidence, self.layers_computed,
-                       self.layers_skipped, self.drafted, self.accepted, self.kv_usage):
+                       self.layers_skipped, self.layers_saved, self.kv_usage):
             metric.labels(name)
+        for source in DRAFT_SOURCES:
+            self.drafted.labels(name, source)
+            self.accepted.labels(name, source)
         for reason in FINISH_REASONS:
             self.success.labels(name, reason)
         for reason in FAILURE_REASONS:
@@ -131,8 +141,11 @@ class Metrics:
             self.tokens.labels(name, kind).inc()
         self.layers_computed.labels(name).inc(s.layers_computed)
         self.layers_skipped.labels(name).inc(s.layers_skipped)
-        self.drafted.labels(name).inc(s.drafted)
-        self.accepted.labels(name).inc(s.accepted)
+        self.layers_saved.labels(name).inc(s.layers_saved)
+        for source, n in s.drafted.items():
+            self.drafted.labels(name, source).inc(n)
+        for source, n in s.accepted.items():
+            self.accepted.labels(name, source).inc(n)
         if s.failure is not None:
             self.failure.labels(name, s.failure).inc()
             return

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from service.config import Settings
-from service.engine import Done, Job, Worker
+from service.engine import Done, Job, Worker, layers_saved
 from service.errors import BadRequestError, ModelNotFoundError, NotReadyError, ServiceError
 from service.logprobs import chat_logprobs, completion_logprobs
 from service.protocol import (
@@ -36,7 +36,7 @@ from service.protocol import (
     Usage,
 )
 from service.support import check_supported
-from service.text import TextAssembler
+from service.text import StopMatcher, TextAssembler
 from shortcuts.calibration import Overrides
 from shortcuts.engine.settings import ExitSettings, GenerationSettings
 
@@ -62,6 +62,7 @@ class Choice:
     prompt: Prompt
     text: TextAssembler
     job: Job | None = None
+    score_job: Job | None = None  # echo with logprobs: the prompt's scoring (on the first choice of a prompt)
     scores: list[tuple[float, TopLogprobs]] | None = None  # echo with logprobs: the prompt's after its first token
     traces: list[TokenTrace] = field(default_factory=list)  # the tokens whose text was returned (to a stop string)
     done: Done | None = None
@@ -99,7 +100,7 @@ class Serving:
         tok = self.engine.model.tokenizer
         if isinstance(req, ChatCompletionRequest):
             ids = self.chat_ids([m.for_template() for m in req.messages])
-            return [Prompt(self._checked(ids), "")]
+            return [Prompt(self._checked(ids, "messages"), "")]
         out = []
         for p in req.prompts:
             if isinstance(p, str):
@@ -118,23 +119,24 @@ class Serving:
         except Exception as e:  # a template that raises on these messages (e.g. roles out of order)
             raise BadRequestError(f"the chat template cannot render these messages: {e}", "messages") from e
 
-    def _checked(self, ids: list[int]) -> list[int]:
+    def _checked(self, ids: list[int], param: str = "prompt") -> list[int]:
+        """The prompt's ids within the limits; a 400 naming ``param`` (``messages`` for a chat) otherwise."""
         limit = min(self.settings.max_prompt_tokens, self.engine.model.context_length - 1)
         vocab = len(self.engine.model.tokenizer)
         if not ids:
-            raise BadRequestError("the prompt has no tokens", "prompt")
+            raise BadRequestError("the prompt has no tokens", param)
         if len(ids) > limit:
-            raise BadRequestError(f"the prompt has {len(ids)} tokens; the limit is {limit}", "prompt")
+            raise BadRequestError(f"the prompt has {len(ids)} tokens; the limit is {limit}", param)
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
-            raise BadRequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})", "prompt")
+            raise BadRequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})", param)
         return ids
 
     def generation_settings(self, req: AnyRequest) -> GenerationSettings:
         s = self.settings
         max_tokens = self.max_tokens(req)
         temperature = s.default_temperature if req.temperature is None else req.temperature
-        bias = tuple((int(k), v) for k, v in (req.logit_bias or {}).items())
+        bias = req.bias
         vocab = len(self.engine.model.tokenizer)
         if any(t >= vocab for t, _ in bias):
             raise BadRequestError(f"logit_bias names token ids outside the vocabulary [0, {vocab})", "logit_bias")
@@ -193,35 +195,44 @@ class Serving:
         return DetokenizeResponse(prompt=self.engine.model.tokenizer.decode(req.tokens))
 
     # --- running -------------------------------------------------------------------------------
-    async def handle(self, req: AnyRequest, request: Request) -> StreamingResponse | AnyResponse:
+    def _prepare(self, req: AnyRequest) -> tuple[list[Prompt], GenerationSettings, StopMatcher]:
+        """Everything that grows with the body, in a worker thread: the prompts tokenized (a 4 MiB
+        prompt takes a while), the generation settings (logit_bias checked), the stop strings compiled."""
+        return self.prompts(req), self.generation_settings(req), StopMatcher(req.stop_strings)
+
+    async def handle(self, req: AnyRequest, request: Request) -> StreamingResponse | Response:
         self.engine.check_admitting()  # 503 before any work
         self.check_model(req.model)
         check_supported(req)
-        prompts = await asyncio.to_thread(self.prompts, req)  # a 4 MiB prompt takes a while to tokenize
-        settings = self.generation_settings(req)
-        choices = [Choice(k * req.n + i, p, TextAssembler(self.engine.model.tokenizer, req.stop_strings))
+        prompts, settings, stops = await asyncio.to_thread(self._prepare, req)
+        choices = [Choice(k * req.n + i, p, TextAssembler(self.engine.model.tokenizer, stops))
                    for k, p in enumerate(prompts) for i in range(req.n)]
         if len(choices) > self.settings.queue_size:
             raise BadRequestError(f"{len(prompts)} prompt(s) x n={req.n} = {len(choices)} choices exceeds this "
                                   f"server's limit of {self.settings.queue_size} (ONEJUMP_QUEUE_SIZE)", "n")
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, choices))  # scoring included
         try:
             await self._score(req, choices)
             self._submit(req, choices, settings)  # 429/503 keep their HTTP status
         except BaseException:
+            watcher.cancel()
             _cancel(choices)
             raise
         if req.stream:  # headers and a first frame at once; a later error (504 included) is an error frame
+            watcher.cancel()  # the stream's own end (a client that left included) cancels its choices
             return StreamingResponse(self._sse(req, choices), media_type="text/event-stream")
-        return await self._collect(req, request, choices)
+        return await self._collect(req, choices, watcher)
 
     async def _score(self, req: AnyRequest, choices: list[Choice]) -> None:
-        """echo with logprobs: the full model scores each prompt once (a job of its own)."""
+        """echo with logprobs: the full model scores each prompt once (a job of its own, which a client
+        that leaves cancels between two chunks)."""
         if not (isinstance(req, CompletionRequest) and req.echo and req.logprobs is not None):
             return
+        scores = None
         for c in choices:
             if c.index % req.n == 0:
-                job = self.engine.submit(c.prompt.ids, GenerationSettings(), score_top_n=req.logprobs)
-                scores = await job.scores()
+                c.score_job = self.engine.submit(c.prompt.ids, GenerationSettings(), score_top_n=req.logprobs)
+                scores = await c.score_job.scores()
             c.scores = scores
 
     def _submit(self, req: AnyRequest, choices: list[Choice], settings: GenerationSettings) -> None:
@@ -231,8 +242,7 @@ class Serving:
             seed = None if settings.seed is None else (settings.seed + c.index % req.n) % (2**63)
             c.job = self.engine.submit(c.prompt.ids, dataclasses.replace(settings, seed=seed))
 
-    async def _collect(self, req: AnyRequest, request: Request, choices: list[Choice]) -> AnyResponse:
-        watcher = asyncio.create_task(_cancel_on_disconnect(request, choices))
+    async def _collect(self, req: AnyRequest, choices: list[Choice], watcher: asyncio.Task[None]) -> Response:
         try:
             await asyncio.gather(*(_run(c) for c in choices))
         finally:
@@ -240,7 +250,10 @@ class Serving:
             _cancel(choices)
         for c in choices:
             c.text.finish()
-        return self._response(req, choices)
+        # the body, logprobs of long echoes included, is built and serialized in a worker thread (FastAPI would
+        # encode a returned model on the event loop)
+        body = await asyncio.to_thread(lambda: self._response(req, choices).model_dump_json().encode())
+        return Response(body, media_type="application/json")
 
     async def _sse(self, req: AnyRequest, choices: list[Choice]) -> AsyncIterator[str]:
         base = self._response(req, [])
@@ -248,8 +261,9 @@ class Serving:
         pumps = [asyncio.create_task(_pump(c, events)) for c in choices]
         left = len(choices)
         try:
-            for c in choices:  # the role (chat) or an empty text (the echo), before the first token
-                yield _frame(self._chunk(base, c, c.prompt.text if _echo(req) else "", [], echo=_echo(req)))
+            for c in choices:  # the role (chat) or the echo, before the first token (in a thread: long logprobs)
+                echo = c.prompt.text if _echo(req) else ""
+                yield _frame(await asyncio.to_thread(self._chunk, base, c, echo, [], echo=_echo(req)))
             while left:
                 try:
                     c, event = await asyncio.wait_for(events.get(), timeout=KEEPALIVE_S)
@@ -261,7 +275,9 @@ class Serving:
                 if event is None or isinstance(event, Done):
                     left -= 1
                     c.done = event
-                    final = self._response(req, choices) if not left and not _include_usage(req) else None
+                    final = None
+                    if not left and not _include_usage(req):
+                        final = await asyncio.to_thread(self._response, req, choices)
                     yield _frame(self._chunk(base, c, c.text.finish(), [], c.finish_reason, final))
                     continue
                 n = len(c.traces)
@@ -269,10 +285,10 @@ class Serving:
                 if delta or len(c.traces) > n and req.top_n is not None:
                     yield _frame(self._chunk(base, c, delta, c.traces[n:]))
             if _include_usage(req):
-                final = self._response(req, choices)
+                last = await asyncio.to_thread(self._response, req, choices)
                 yield _frame(base.model_dump(include={"id", "created", "model"})
-                             | {"object": _object(base), "choices": [], "usage": _dump(final.usage),
-                                "early_exit": final.early_exit.model_dump() if final.early_exit else None})
+                             | {"object": _object(base), "choices": [], "usage": _dump(last.usage),
+                                "early_exit": last.early_exit.model_dump() if last.early_exit else None})
         except ServiceError as e:  # after the first byte an error becomes an error frame
             yield _frame({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.status}})
         finally:
@@ -317,12 +333,22 @@ class Serving:
         gens = [c.done.generation for c in choices if c.done is not None]
         computed = sum(g.stats.layers_computed for g in gens)
         skipped = sum(g.stats.layers_skipped for g in gens)
+        saved = sum(layers_saved(g, self.engine.model.num_layers) for g in gens)
         drafted = sum(g.stats.drafted for g in gens)
         accepted = sum(g.stats.accepted for g in gens)
         mode = choices[0].job.settings.exit.mode if choices[0].job else "off"
+        exact = mode == "exact" and bool(gens)
+        by: dict[str, dict[str, int]] = {"drafted": {}, "accepted": {}}
+        for g in gens:
+            for key, counts in (("drafted", g.stats.drafted_by), ("accepted", g.stats.accepted_by)):
+                for source, n in counts.items():
+                    by[key][source] = by[key].get(source, 0) + n
         return ExitReport(mode=mode, num_layers=self.engine.model.num_layers, exit_layers=layers,
                           mean_exit_layer=sum(layers) / max(len(layers), 1), layers_computed=computed,
-                          layers_skipped=skipped, acceptance_rate=accepted / drafted if drafted else None)
+                          layers_skipped=skipped, layers_saved=saved,
+                          acceptance_rate=accepted / drafted if drafted else None,
+                          drafted=by["drafted"] if exact else None, accepted=by["accepted"] if exact else None,
+                          verifications=sum(g.stats.verifications for g in gens) if exact else None)
 
     def _chunk(self, base: AnyResponse, c: Choice, delta: str, traces: list[TokenTrace], finish: str | None = None,
                final: AnyResponse | None = None, echo: bool = False) -> dict[str, Any]:
@@ -389,8 +415,9 @@ async def _pump(c: Choice, events: asyncio.Queue[tuple[Choice, TokenTrace | Done
 
 def _cancel(choices: list[Choice]) -> None:
     for c in choices:
-        if c.job is not None:
-            c.job.cancel()
+        for job in (c.score_job, c.job):
+            if job is not None:
+                job.cancel()
 
 
 def _frame(body: dict[str, Any]) -> str:

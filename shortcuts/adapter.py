@@ -180,10 +180,7 @@ class CausalLM:
     # --- identity of the weights ---------------------------------------------------------------
     def fingerprint(self) -> dict[str, Any]:
         """A config hash plus weight statistics that survive dtype changes and 8/4-bit loads."""
-        keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size",
-                "num_attention_heads", "num_key_value_heads", "n_embd", "n_layer", "n_head")
-        conf = {k: getattr(self.config, k, None) for k in keys}
-        conf_hash = hashlib.sha256(json.dumps(conf, sort_keys=True).encode()).hexdigest()[:16]
+        conf_hash = config_fingerprint(self.config)
         emb = self.embed_tokens.weight.detach().float()
         rows = torch.linspace(0, emb.shape[0] - 1, 8).long()
         return {
@@ -192,6 +189,15 @@ class CausalLM:
             "embed_rows": [round(float(v), 4) for v in emb[rows].sum(-1)],
             "final_norm_sum": round(float(self.norm.weight.detach().float().sum()), 4),
         }
+
+
+def config_fingerprint(config: Any) -> str:
+    """The configuration half of ``CausalLM.fingerprint`` (architecture, width, depth, vocabulary, heads):
+    a jump artifact's model can be checked from its config alone, before any weight loads."""
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size",
+            "num_attention_heads", "num_key_value_heads", "n_embd", "n_layer", "n_head")
+    conf = {k: getattr(config, k, None) for k in keys}
+    return hashlib.sha256(json.dumps(conf, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def soft_cap(logits: Tensor, cap: float | None) -> Tensor:

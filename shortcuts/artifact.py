@@ -4,7 +4,10 @@ Metadata (key ``onejump``): format version, base model id and fingerprint, hidde
 count, the level the jump was trained at, rank, variant, the OJFA score table, the corpus, and
 optional extras (evaluation summary, calibrated setting, learned gate). Loading checks all of it.
 A jump with per-level normalisation also stores ``level_mean`` and ``level_var`` (L-1, d) and is
-written as format ``onejump.jump/2``, which older readers refuse instead of silently ignoring."""
+written as format ``onejump.jump/2``, which older readers refuse instead of silently ignoring. A jump
+whose exit head switches to the logit lens at some levels (``LowRankJumps.with_lens``) stores them as
+``lens_levels`` and is written as format ``onejump.jump/3`` (older readers refuse it: they would run the
+jump at those levels under a setting calibrated with the lens); this reader loads every format."""
 
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ from shortcuts.jump import JumpConfig, LowRankJumps
 
 FORMAT = "onejump.jump/1"
 FORMAT_LEVEL_NORM = "onejump.jump/2"  # /1 plus per-level input statistics level_mean, level_var (L-1, d)
+FORMAT_LENS = "onejump.jump/3"  # /1 or /2 plus metadata ``lens_levels``: levels whose exit head is the logit lens
+FORMATS = (FORMAT, FORMAT_LEVEL_NORM, FORMAT_LENS)
 _TENSORS = ("bn_weight", "bn_bias", "running_mean", "running_var", "lora_A", "lora_B", "bias")
 
 
@@ -43,13 +48,17 @@ class JumpArtifact:
 
     def metadata(self) -> dict[str, Any]:
         c = self.config
-        return {
-            "format": FORMAT if self.jump.level_norm is None else FORMAT_LEVEL_NORM,
+        lens = list(self.jump.lens_levels)
+        meta = {
+            "format": FORMAT_LENS if lens else FORMAT if self.jump.level_norm is None else FORMAT_LEVEL_NORM,
             "base_model": self.base_model, "fingerprint": self.fingerprint,
             "hidden_size": c.hidden_size, "num_layers": self.num_layers, "trained_level": self.trained_level,
             "rank": c.rank, "variant": c.variant, "bn_eps": c.bn_eps, "scores": self.scores,
             "corpus": self.corpus, "extra": self.extra,
         }
+        if lens:
+            meta["lens_levels"] = lens
+        return meta
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -67,8 +76,9 @@ class JumpArtifact:
             config.bn_eps = float(meta.get("bn_eps", config.bn_eps))
             jump = LowRankJumps(config, n=1)
             jump.load_state_dict({k: tensors[k] for k in _TENSORS})
-            if meta["format"] == FORMAT_LEVEL_NORM:
+            if "level_mean" in tensors and meta["format"] != FORMAT:
                 jump = jump.with_level_norm(tensors["level_mean"], tensors["level_var"])
+            jump.with_lens([int(x) for x in meta.get("lens_levels", [])])
             return cls(jump.eval(), meta["base_model"], meta["fingerprint"], int(meta["num_layers"]),
                        int(meta["trained_level"]), list(meta["scores"]), meta["corpus"], meta.get("extra", {}))
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
@@ -104,6 +114,6 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         meta = json.loads(raw)
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{path}: corrupt metadata ({e})") from e
-    if meta.get("format") not in (FORMAT, FORMAT_LEVEL_NORM):
-        raise ArtifactError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r} or {FORMAT_LEVEL_NORM!r}")
+    if meta.get("format") not in FORMATS:
+        raise ArtifactError(f"{path}: format {meta.get('format')!r}, expected one of {', '.join(FORMATS)}")
     return meta, tensors

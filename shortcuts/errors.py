@@ -22,3 +22,7 @@ class UnsupportedModelError(OnejumpError):
 
 class ArtifactError(OnejumpError):
     """A jump artifact is corrupt, or was trained for another model."""
+
+
+class Cancelled(Exception):  # noqa: N818 (a stop asked for, not an error of the caller's)
+    """Work stopped between two chunks because its caller asked (a client that left, a shutdown)."""

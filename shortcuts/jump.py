@@ -67,6 +67,7 @@ class LowRankJumps(nn.Module):
 
     running_mean: Tensor  # buffers, (n, d)
     running_var: Tensor
+    lens_levels: tuple[int, ...] = ()  # exit levels whose head is the logit lens instead (``with_lens``)
 
     def __init__(self, config: JumpConfig, n: int = 1):
         super().__init__()
@@ -109,6 +110,14 @@ class LowRankJumps(nn.Module):
         one.register_buffer("level_mean", mean.detach().float().clone())
         one.register_buffer("level_var", var.detach().float().clone())
         return one
+
+    def with_lens(self, levels: tuple[int, ...] | list[int]) -> LowRankJumps:
+        """This jump, with the exit levels (1-based) whose exit head is the logit lens (the model's own final
+        norm and head on h_l) instead of the jump: the levels where the lens predicts better. In place."""
+        if any(isinstance(lv, bool) or not isinstance(lv, int) or lv < 1 for lv in levels):
+            raise ValueError(f"lens levels must be integers >= 1; got {levels!r}")
+        self.lens_levels = tuple(sorted(set(levels)))
+        return self
 
     def at_level(self, index: int) -> LowRankJumps:
         """The plain jump (bank of one, no level norm) this bank applies at level index ``index`` (0-based)."""

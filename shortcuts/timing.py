@@ -3,6 +3,7 @@ Timing never goes in a test assertion; these feed the benches and exact mode's t
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +34,7 @@ def time_arms(arms: dict[str, Callable[[U], Any]], prompts: Sequence[U],
     out: dict[str, dict[str, Any]] = {n: {"seconds": 0.0, "tokens": []} for n in names}
     for k, ids in enumerate(tqdm(prompts, desc="bench", unit="prompt")):
         for name in names[k % len(names):] + names[: k % len(names)]:
+            gc.collect()  # no arm pays for the garbage another left (Hugging Face's generate leaves plenty)
             t0 = time.perf_counter()
             tokens = arms[name](ids)
             out[name]["seconds"] += time.perf_counter() - t0

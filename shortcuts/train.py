@@ -11,7 +11,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from shortcuts.heads import HeadContext, jump_logits
-from shortcuts.jump import ALL, LowRankJumps, mse
+from shortcuts.jump import ALL, JumpConfig, LowRankJumps, mse
 
 
 class Objective(Protocol):
@@ -142,3 +142,61 @@ def train_bank(jumps: LowRankJumps, inputs: Tensor, final: Tensor, objective: Ob
         bar.set_postfix(loss=f"{history[-1]:.4g}")
     jumps.eval()
     return history
+
+
+# --- the recipe that works: one jump for every level, on per-level standardised inputs ---------------------
+def level_stats(by_level: Tensor) -> tuple[Tensor, Tensor]:
+    """Each level's input mean and variance over the samples: (L-1, N, d) -> (L-1, d), (L-1, d)."""
+    return by_level.mean(1), by_level.var(1, unbiased=False)
+
+
+def compose_level_norm(jump: LowRankJumps, mean: Tensor, var: Tensor) -> LowRankJumps:
+    """A jump trained on per-level standardised inputs (x - mean_l) / sqrt(var_l + eps), as one jump on
+    raw inputs with per-level BatchNorm statistics (exact: both standardisations are affine)."""
+    eps = jump.config.bn_eps
+    s = torch.sqrt(var + eps)  # (L-1, d)
+    return jump.with_level_norm(mean + s * jump.running_mean, s.square() * (jump.running_var + eps) - eps)
+
+
+@dataclass
+class JointConfig:
+    """The joint jump's schedule: MSE to the final state, then KL to the model's distribution."""
+
+    rank: int = 32
+    mse_epochs: int = 4
+    kl_epochs: int = 1
+    mse_batch: int = 32  # samples per step (each with all its levels)
+    kl_batch: int = 16
+    lr: float = 1e-3
+    seed: int = 0
+    level_norm: bool = True
+
+
+def train_joint(inputs: Tensor, final: Tensor, ctx: HeadContext, cfg: JointConfig) -> LowRankJumps:
+    """One pure jump on all levels pooled (inputs (L-1, N, d) -> final (N, d)): MSE then KL, on per-level
+    standardised inputs (``cfg.level_norm``, folded back into per-level statistics) or raw ones."""
+    mean, var = level_stats(inputs)
+    x = (inputs - mean[:, None]) / torch.sqrt(var[:, None] + 1e-5) if cfg.level_norm else inputs
+    torch.manual_seed(cfg.seed)
+    jump = LowRankJumps(JumpConfig(inputs.shape[-1], cfg.rank, objective="kl"), n=1)
+    if cfg.mse_epochs > 0:
+        train_bank(jump, x, final, MSEToFinal(), TrainConfig(epochs=cfg.mse_epochs, batch_size=cfg.mse_batch,
+                                                             lr=cfg.lr, seed=cfg.seed), desc="joint mse")
+    if cfg.kl_epochs > 0:
+        train_bank(jump, x, final, KLToModel(ctx), TrainConfig(epochs=cfg.kl_epochs, batch_size=cfg.kl_batch,
+                                                               lr=cfg.lr, seed=cfg.seed),
+                   desc="joint kl", data_init=cfg.mse_epochs == 0)
+    return compose_level_norm(jump, mean, var) if cfg.level_norm else jump.eval()
+
+
+def train_per_level(inputs: Tensor, final: Tensor, ctx: HeadContext, rank: int, kl_epochs: int, mse_epochs: int = 20,
+                    seed: int = 0) -> tuple[LowRankJumps, LowRankJumps]:
+    """N-NJTC banks (one pure jump per level): MSE, then KL from it. Returns both."""
+    torch.manual_seed(seed)
+    mse_bank = LowRankJumps(JumpConfig(inputs.shape[-1], rank), n=inputs.shape[0])
+    train_bank(mse_bank, inputs, final, MSEToFinal(), TrainConfig(epochs=mse_epochs, seed=seed), desc="bank mse")
+    kl = LowRankJumps(JumpConfig(inputs.shape[-1], rank, objective="kl"), n=inputs.shape[0])
+    kl.load_state_dict(mse_bank.state_dict())
+    train_bank(kl, inputs, final, KLToModel(ctx), TrainConfig(epochs=kl_epochs, seed=seed), desc="bank kl",
+               chunk=4, data_init=False)
+    return mse_bank, kl

@@ -140,8 +140,10 @@ def test_exact_mode_in_a_mixed_batch(sharp: tuple[CausalLM, EarlyExitDecoder]) -
     """Self-speculative rows next to off and approximate rows: each equals its single-decoder run,
     and the exact rows' tokens are the full model's, with drafts both accepted and rejected."""
     lm, dec = sharp
-    modes = [{"mode": "exact", "threshold": 0.3}, {"mode": "off"}, {"mode": "approximate", "threshold": 0.4},
-             {"mode": "exact", "threshold": 0.5, "max_draft": 2}, {"mode": "exact", "threshold": 0.0, "min_layer": 2}]
+    modes = [{"mode": "exact", "draft": "exit", "threshold": 0.3}, {"mode": "off"},
+             {"mode": "approximate", "threshold": 0.4},
+             {"mode": "exact", "draft": "exit", "threshold": 0.5, "max_draft": 2},
+             {"mode": "exact", "draft": "exit", "threshold": 0.0, "min_layer": 2}]
     sets = [gen_settings(20, **kw) for kw in modes]
     ps = prompts(len(sets), seed=2)
     batched = BatchDecoder(dec, max_batch_size=5).generate(ps, sets)
@@ -187,7 +189,7 @@ def test_seeded_sampling_per_sequence(sharp: tuple[CausalLM, EarlyExitDecoder]) 
     decoder's draws, different across seeds, whatever shares the batch."""
     lm, dec = sharp
     ps = prompts(4, seed=4)
-    sets = [gen_settings(16, temperature=1.0, seed=seed, mode=mode, threshold=0.5)
+    sets = [gen_settings(16, temperature=1.0, seed=seed, mode=mode, threshold=0.5, draft="exit")
             for seed, mode in zip((1, 2, 1, 3), ("off", "approximate", "approximate", "exact"), strict=True)]
     first = BatchDecoder(dec, 4).generate(ps, sets)
     again = BatchDecoder(dec, 2).generate(ps, sets)  # other batch mates, other slots
@@ -257,7 +259,8 @@ def test_context_limit_in_a_batch(sharp: tuple[CausalLM, EarlyExitDecoder]) -> N
     lm, dec = sharp
     long_prompt = prompts(1)[0] * 60
     ps = [long_prompt[:120], prompts(1)[0]]
-    sets = [gen_settings(40, mode="exact", threshold=0.3), gen_settings(12, mode="approximate", threshold=0.4)]
+    sets = [gen_settings(40, mode="exact", draft="exit", threshold=0.3),
+            gen_settings(12, mode="approximate", threshold=0.4)]
     batched = BatchDecoder(dec, 2).generate(ps, sets)
     assert (len(batched[0].tokens), batched[0].finish_reason) == (8, "length")  # 128 positions in all
     for p, s, b in zip(ps, sets, batched, strict=True):

@@ -14,7 +14,7 @@ from shortcuts.calibration import StoredCalibration
 from shortcuts.cli import main
 
 TINY_FIT = ["--n-train", "120", "--n-test", "30", "--rank", "4", "--epochs", "3", "--kl-epochs", "1",
-            "--batch-size", "32", "--no-plots"]
+            "--batch-size", "32", "--no-plots", "--study"]
 
 
 def test_help_is_fast_and_light() -> None:

@@ -32,6 +32,7 @@ def on_cuda(arch: str, dtype: torch.dtype) -> tuple[CausalLM, object]:
 
 
 def gen(mode: str, n: int = 12, temperature: float = 0.0, **kw: object) -> GenerationSettings:
+    kw.setdefault("draft", "exit")  # the exit head's drafts: the same on both paths (auto's depend on timings)
     exits = ExitSettings(mode=mode, threshold=0.5, min_layer=1, stride=1, **kw)  # type: ignore[arg-type]
     return GenerationSettings(max_new_tokens=n, stop_token_ids=(), temperature=temperature, seed=11, exit=exits)
 
@@ -40,7 +41,7 @@ def gen(mode: str, n: int = 12, temperature: float = 0.0, **kw: object) -> Gener
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_graphs_equal_eager_and_exact_equals_off(arch: str, dtype: torch.dtype) -> None:
     lm, jump = on_cuda(arch, dtype)
-    eager = EarlyExitDecoder(lm, jump)
+    eager = EarlyExitDecoder(lm, jump, graphs=False)
     graphed = EarlyExitDecoder(lm, jump, graphs=True)
     assert graphed.runner.graphs is not None
     assert graphed.runner.graphs.capture
@@ -54,6 +55,9 @@ def test_graphs_equal_eager_and_exact_equals_off(arch: str, dtype: torch.dtype) 
             if mode == "exact":
                 assert a.tokens == off
             exited += sum(t.exit_layer < lm.num_layers for t in a.trace)
+        for draft in ("ngram", "auto"):  # n-gram chunks through the captured graphs
+            exact = graphed.generate(ids * 3, gen("exact", draft=draft))
+            assert exact.tokens == eager.generate(ids * 3, gen("off")).tokens
     assert exited > 0
     assert graphed.runner.graphs.captured > 0
 
@@ -62,7 +66,7 @@ def test_graphs_equal_eager_and_exact_equals_off(arch: str, dtype: torch.dtype) 
 def test_batched_on_cuda_with_graphs(arch: str) -> None:
     lm, jump = on_cuda(arch, torch.float32)
     settings = [gen("approximate"), gen("exact", temperature=0.8), gen("off"), gen("exact")]
-    alone = [EarlyExitDecoder(lm, jump).generate(p, s) for p, s in zip(PROMPTS, settings, strict=True)]
+    alone = [EarlyExitDecoder(lm, jump, graphs=False).generate(p, s) for p, s in zip(PROMPTS, settings, strict=True)]
     batched = EarlyExitDecoder(lm, jump, graphs=True).batch(3).generate(PROMPTS, settings)
     assert [g.tokens for g in batched] == [g.tokens for g in alone]
 
@@ -77,5 +81,37 @@ def test_a_captured_graph_is_replayed_with_new_inputs() -> None:
     first = dec.generate(PROMPTS[0], gen("off", n=4)).tokens
     other = dec.generate(PROMPTS[1], gen("off", n=4)).tokens
     assert graphs.captured == captured  # same shapes: replayed, not captured again
-    assert first == EarlyExitDecoder(lm, jump).generate(PROMPTS[0], gen("off", n=4)).tokens
-    assert other == EarlyExitDecoder(lm, jump).generate(PROMPTS[1], gen("off", n=4)).tokens
+    assert first == EarlyExitDecoder(lm, jump, graphs=False).generate(PROMPTS[0], gen("off", n=4)).tokens
+    assert other == EarlyExitDecoder(lm, jump, graphs=False).generate(PROMPTS[1], gen("off", n=4)).tokens
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ngram_chunks_through_captured_graphs(dtype: torch.dtype) -> None:
+    """Exact mode's n-gram drafts (multi-token chunks, rows of different lengths) through captured graphs:
+    the eager path's tokens, which are mode off's."""
+    from shortcuts.engine.drafts import StepCosts
+
+    lm, jump = on_cuda("llama", dtype)
+    eager, graphed = EarlyExitDecoder(lm, jump, graphs=False), EarlyExitDecoder(lm, jump, graphs=True)
+    for dec in (eager, graphed):
+        dec.step_costs = StepCosts.flat(dec.num_layers)
+    prompts = [(p * 3)[:18] for p in PROMPTS]
+    exact = GenerationSettings(max_new_tokens=16, stop_token_ids=(), exit=ExitSettings(mode="exact", draft="ngram"))
+    off = GenerationSettings(max_new_tokens=16, stop_token_ids=(), exit=ExitSettings(mode="off"))
+    a, b = eager.batch(3).generate(prompts, exact), graphed.batch(3).generate(prompts, exact)
+    assert [g.tokens for g in a] == [g.tokens for g in b] == [eager.generate(p, off).tokens for p in prompts]
+    assert sum(g.stats.accepted_by.get("ngram", 0) for g in b) > 0
+    assert graphed.runner.graphs is not None
+    assert graphed.runner.graphs.captured > 0
+
+
+@pytest.mark.parametrize("quantization", ["bnb-8bit", "bnb-4bit"])
+def test_bitsandbytes_on_cuda_exact_equals_its_full_depth(quantization: str) -> None:
+    """bitsandbytes weights in the engine on CUDA: exact mode gives that quantized model's full-depth tokens,
+    eager and graphed (a capture that fails falls back to eager static shapes, still the same tokens)."""
+    pytest.importorskip("bitsandbytes")
+    lm, jump = on_cuda("llama", torch.bfloat16)
+    for graphs in (False, True):
+        dec = EarlyExitDecoder(lm, jump, graphs=graphs, quantization=quantization)  # type: ignore[arg-type]
+        for ids in PROMPTS:
+            assert dec.generate(ids, gen("exact")).tokens == dec.generate(ids, gen("off")).tokens

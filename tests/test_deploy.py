@@ -239,6 +239,11 @@ def send_traffic(url: str) -> None:
         r = httpx.post(f"{url}/v1/completions", timeout=60, json={
             "prompt": "the king of the", "max_tokens": 6, "early_exit": {"mode": mode, "threshold": 0.0}})
         assert r.status_code == 200, r.text
+    for draft in ("exit", "ngram"):  # exact mode's two draft sources, each with drafts to count
+        r = httpx.post(f"{url}/v1/completions", timeout=60, json={
+            "prompt": "the king of the river and the king of the river and the king of the", "max_tokens": 8,
+            "early_exit": {"mode": "exact", "threshold": 0.0, "draft": draft}})
+        assert r.status_code == 200, r.text
     with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60, json={
             "messages": [{"role": "user", "content": "the city"}], "max_tokens": 5, "stream": True}) as r:
         assert [ln for ln in r.iter_lines() if ln][-1] == "data: [DONE]"

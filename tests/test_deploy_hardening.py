@@ -4,6 +4,7 @@ defaults that are safe on a shared host, and the image and ``make setup`` instal
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -58,15 +59,48 @@ def test_grafana_has_no_anonymous_access_and_no_default_password(compose: dict[s
     assert "/var/log/grafana" in compose["services"]["grafana"]["tmpfs"]  # writable under read_only
 
 
+def _duration(value: str) -> float:
+    m = re.fullmatch(r"(\d+)(m|s)", value)
+    assert m, value
+    return int(m[1]) * (60 if m[2] == "m" else 1)
+
+
 @pytest.mark.parametrize("name", ["onejump", "onejump-cpu"])
-def test_the_server_gets_the_key_and_time_to_drain(compose: dict[str, Any], name: str) -> None:
+def test_the_server_gets_the_key_as_a_secret_and_time_to_drain(compose: dict[str, Any], name: str,
+                                                                tmp_path: Path) -> None:
     service = compose["services"][name]
     env = service["environment"]
-    assert env["ONEJUMP_API_KEY"] == "${ONEJUMP_API_KEY:-}"
-    assert Settings(api_key=unset(env["ONEJUMP_API_KEY"])).api_key is None  # unset: no auth, not an empty key
+    assert "ONEJUMP_API_KEY" not in env  # `docker inspect` shows environment variables
+    assert "ONEJUMP_ALLOW_UNAUTHENTICATED" not in env
+    (secret,) = service["secrets"]
+    assert env["ONEJUMP_API_KEY_FILE"] == f"/run/secrets/{secret}"  # where compose mounts it
+    assert unset(compose["secrets"][secret]["file"]) == "./secrets/onejump-api-key"
+    key = tmp_path / "onejump-api-key"
+    key.write_text("s3cret\n")
+    parsed = Settings(host="0.0.0.0", api_key_file=str(key))  # noqa: S104 (the container listens on every interface)
+    assert parsed.api_key is not None
+    assert parsed.api_key.get_secret_value() == "s3cret"
     grace = int(unset(env["ONEJUMP_SHUTDOWN_TIMEOUT_S"]))
-    assert int(service["stop_grace_period"].removesuffix("s")) > grace  # docker's SIGKILL comes after the drain
+    # docker's SIGKILL comes after the drain: the timeout, the chunk in progress (LAST_CHUNK_S), uvicorn's 2 s
+    from service.__main__ import LAST_CHUNK_S
+
+    assert _duration(unset(service["stop_grace_period"])) > grace + LAST_CHUNK_S + 2
     assert "/tmp" in service["tmpfs"]
+
+
+@pytest.mark.parametrize("name", ["onejump", "onejump-cpu"])
+def test_the_server_writes_only_to_writable_places(compose: dict[str, Any], name: str) -> None:
+    """read_only root: HOME and the caches on the tmpfs; ONEJUMP_CACHE (inductor's cache with ONEJUMP_COMPILE)
+    and HF_HOME on the /data volume."""
+    service = compose["services"][name]
+    env = service["environment"]
+    writable = [*service["tmpfs"], *(v.split(":")[1] for v in service["volumes"] if not v.endswith(":ro"))]
+    image_env = dict(re.findall(r"(\w+)=(\S+)", (ROOT / "Dockerfile").read_text().split("FROM base-${FLAVOR} AS "
+                                                                                          "runtime")[1]))
+    for name_ in ("HOME", "XDG_CACHE_HOME"):
+        assert any(env[name_] == w or env[name_].startswith(w + "/") for w in writable), (name_, env[name_])
+    for name_ in ("ONEJUMP_CACHE", "HF_HOME"):
+        assert any(image_env[name_].startswith(w) for w in writable), (name_, image_env[name_])
 
 
 def locked() -> dict[str, str]:

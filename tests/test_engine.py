@@ -18,6 +18,7 @@ from support.models import (
     build_tiny,
     catch_up,
     check_catchup_invariants,
+    decode_alone,
     fitted_jump,
     prompt_ids,
     settings,
@@ -293,7 +294,8 @@ def test_exact_mode_equals_off(sharp: tuple[CausalLM, EarlyExitDecoder]) -> None
     ref = _off(dec, ids).tokens
     drafted = rejected = 0
     for threshold, min_layer, max_draft in ((0.0, 1, 4), (0.3, 1, 4), (0.5, 2, 2), (0.7, 1, 8), (1.0, 1, 4)):
-        gen = dec.generate(ids, settings(mode="exact", threshold=threshold, min_layer=min_layer, max_draft=max_draft))
+        gen = dec.generate(ids, settings(mode="exact", draft="exit", threshold=threshold, min_layer=min_layer,
+                                         max_draft=max_draft))
         assert gen.tokens == ref, threshold
         s = gen.stats
         assert s.accepted == sum(t.kind == "accepted" for t in gen.trace)
@@ -331,15 +333,6 @@ def test_approximate_tokens_come_from_the_heads_that_decided(sharp: tuple[Causal
             assert float(torch.softmax(earlier, -1).max()) < threshold
 
 
-def _alone(dec: EarlyExitDecoder, ids: list[int], s: GenerationSettings) -> tuple[Generation, KVCache, SequenceRun]:
-    """Decode in a batch of one; the generation, and the batch's cache and sequence to inspect."""
-    batch = dec.batch(1)
-    seq = batch.add(ids, s)
-    while not seq.done:
-        batch.step()
-    return seq.generation, batch.cache, seq
-
-
 def test_catchup_caches_cover_every_token_exactly(sharp: tuple[CausalLM, EarlyExitDecoder]) -> None:
     """After approximate decoding each layer covers every token but the pending ones; after a flush
     every layer holds exactly the keys/values a full prefill of the same tokens computes."""
@@ -347,7 +340,7 @@ def test_catchup_caches_cover_every_token_exactly(sharp: tuple[CausalLM, EarlyEx
     ids = prompt_ids(lm)
     skipped = 0
     for threshold in (0.3, 0.5):
-        gen, cache, seq = _alone(dec, ids, settings(mode="approximate", threshold=threshold))
+        gen, cache, seq = decode_alone(dec, ids, settings(mode="approximate", threshold=threshold))
         skipped += gen.stats.layers_skipped
         fed = ids + gen.tokens[:-1]
         assert seq.length == len(fed)
@@ -365,7 +358,7 @@ def test_catchup_caches_cover_every_token_exactly(sharp: tuple[CausalLM, EarlyEx
 def test_exact_mode_keeps_caches_consistent(sharp: tuple[CausalLM, EarlyExitDecoder]) -> None:
     lm, dec = sharp
     ids = prompt_ids(lm)
-    gen, cache, seq = _alone(dec, ids, settings(mode="exact", threshold=0.3))
+    gen, cache, seq = decode_alone(dec, ids, settings(mode="exact", draft="exit", threshold=0.3))
     assert gen.stats.drafted > gen.stats.accepted  # some rejections, so some crops happened
     check_catchup_invariants(cache, seq, dec.num_layers)
     catch_up(dec.runner, cache, seq)
@@ -379,7 +372,7 @@ def test_exact_mode_keeps_caches_consistent(sharp: tuple[CausalLM, EarlyExitDeco
 def test_copy_policy_fills_skipped_layers_at_once(sharp: tuple[CausalLM, EarlyExitDecoder]) -> None:
     lm, dec = sharp
     ids = prompt_ids(lm)
-    gen, cache, seq = _alone(dec, ids, settings(mode="approximate", threshold=0.4, kv_policy="copy"))
+    gen, cache, seq = decode_alone(dec, ids, settings(mode="approximate", threshold=0.4, kv_policy="copy"))
     assert gen.stats.kv_fills > 0
     assert not seq.pending
     assert [cache.length(i, seq.row) for i in range(lm.num_layers)] == [seq.length] * lm.num_layers
@@ -396,11 +389,12 @@ def test_without_exits_every_mode_equals_off(sharp: tuple[CausalLM, EarlyExitDec
     ref = _off(dec, ids).tokens
     modes = ["approximate", "exact"] if kv_policy == "catchup" else ["approximate"]
     for mode in modes:
-        gen = dec.generate(ids, settings(mode=mode, threshold=1.0, kv_policy=kv_policy))
+        gen = dec.generate(ids, settings(mode=mode, threshold=1.0, kv_policy=kv_policy, draft="exit"))
         assert gen.tokens == ref
         assert gen.stats.exit_checks == 0  # a confidence threshold of 1.0 cannot fire: nothing is checked
         assert gen.stats.layers_skipped == gen.stats.kv_fills == gen.stats.drafted == 0
-        unreachable = dec.generate(ids, settings(mode=mode, gate="entropy", threshold=0.0, kv_policy=kv_policy))
+        unreachable = dec.generate(ids, settings(mode=mode, gate="entropy", threshold=0.0, kv_policy=kv_policy,
+                                                 draft="exit"))
         assert unreachable.tokens == ref
         assert unreachable.stats.exit_checks > 0
 
@@ -554,7 +548,8 @@ def test_compiled_blocks_decode_the_same_tokens(arch: str) -> None:
     compiled = EarlyExitDecoder(lm, dec.exit_head.jump, compile=True)
     assert compiled.compile_seconds > 0
     ids = prompt_ids(lm)
-    for kw in ({"mode": "off"}, {"mode": "approximate", "threshold": 0.3}, {"mode": "exact", "threshold": 0.3}):
+    for kw in ({"mode": "off"}, {"mode": "approximate", "threshold": 0.3},
+               {"mode": "exact", "draft": "exit", "threshold": 0.3}):
         a, b = dec.generate(ids, settings(**kw)), compiled.generate(ids, settings(**kw))
         assert a.tokens == b.tokens
         assert [t.exit_layer for t in a.trace] == [t.exit_layer for t in b.trace]

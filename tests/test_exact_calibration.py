@@ -92,7 +92,8 @@ def test_replayed_exact_mode_drafts_and_accepts_what_the_engine_does(arch: str) 
     for threshold in (0.3, 0.5, 0.7):
         c = ExactCalibration("confidence", threshold, 2, 1, 1, 0.0, 0, 0)
         replayed = replay_exact(table, c.exit_settings(), CostModel(check=0.1, head=1.0), 0.0)
-        engine = [dec.generate(p, settings(n=16, mode="exact", threshold=threshold, min_layer=2, max_draft=1))
+        engine = [dec.generate(p, settings(n=16, mode="exact", draft="exit", threshold=threshold, min_layer=2,
+                                             max_draft=1))
                   for p in prompts]
         assert [g.tokens for g in engine] == conts
         assert replayed["drafted"] == sum(g.stats.drafted for g in engine)
@@ -139,3 +140,67 @@ def test_server_and_bench_take_exact_modes_own_setting() -> None:
     assert (approx.threshold, exact.mode, exact.threshold, exact.max_draft) == (0.6, "exact", 1.0, 2)
     args.threshold = 0.7
     assert resolve_modes(stored, overrides(args), 8)["exact"].settings.threshold == 0.7
+
+
+# --- the draft policy, chosen by timing --------------------------------------------------------------------
+def test_draft_candidates_and_the_choice_rule() -> None:
+    from shortcuts.calibration.drafts import NEVER_NAME, DraftCandidate, candidates, choose
+
+    plain = candidates(num_layers=4, exit_setting=None)
+    assert plain[0].name == NEVER_NAME
+    assert plain[0].setting.draft == "none"
+    assert {c.setting.draft for c in plain} == {"none", "auto", "ngram"}  # no exit setting: no exit drafts
+    assert all(c.setting.threshold == 1.0 for c in plain)  # auto without exit checks
+    exits = ExitSettings(mode="approximate", threshold=0.6, min_layer=2)
+    with_exit = candidates(4, exits)
+    assert {c.setting.draft for c in with_exit} == {"none", "auto", "ngram", "exit"}
+    assert any(c.setting.draft == "auto" and c.setting.threshold == 0.6 for c in with_exit)
+    assert len(candidates(4, ExitSettings(mode="approximate", threshold=1.0))) == len(plain)  # no check level
+    a, b, c = (DraftCandidate(n, ExitSettings(mode="exact", draft="auto")) for n in ("a", "b", "c"))
+    never = plain[0]
+    speeds = {NEVER_NAME: {"grounded": 1.0, "open": 1.0}, "a": {"grounded": 1.8, "open": 0.95},
+              "b": {"grounded": 1.5, "open": 1.0}, "c": {"grounded": 1.6, "open": 0.99}}
+    assert choose([never, a, b, c], speeds) is c  # a loses on open generation
+    assert choose([never, a], speeds) is never
+    assert choose([never, b], {NEVER_NAME: {"g": 1.0}, "b": {"g": 1.02}}) is never  # under the margin
+
+
+def test_exact_only_calibration_stores_a_timed_draft_policy(tmp_path) -> None:
+    """``onejump calibrate --exact-only --exact-prompts``: exact mode's setting becomes one of the timed
+    candidates, with every candidate's speed per workload; approximate mode's stored setting stays."""
+    import json
+
+    from support.models import save_tiny, tiny_artifact
+
+    from shortcuts.adapter import CausalLM
+    from shortcuts.calibration.calibrate import run_calibrate
+    from shortcuts.calibration.config import CalibrateConfig
+    from shortcuts.calibration.drafts import candidates
+    from shortcuts.calibration.setting import ModeSetting, Overrides, StoredCalibration, resolve
+
+    folder = save_tiny(tmp_path / "tiny")
+    lm = CausalLM.load(str(folder))
+    art = tiny_artifact(lm)
+    StoredCalibration().with_setting("none", "approximate", ModeSetting(threshold=0.7, min_layer=2)).to_extra(
+        art.extra)
+    path = art.save(tmp_path / "jump.safetensors")
+    grounded = tmp_path / "grounded.jsonl"
+    grounded.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "the king of the river " * k}]})
+                                + "\n" for k in (2, 3)))
+    opened = tmp_path / "open.txt"
+    opened.write_text("the war\nthe old city\n")
+    done = run_calibrate(CalibrateConfig(jump=str(path), model=str(folder), corpus="-", new_tokens=6,
+                                         exact_prompts=(str(grounded), str(opened)), exact_only=True))
+    assert done.approximate is None
+    assert done.exact is not None
+    names = [c.name for c in candidates(lm.num_layers, ExitSettings(mode="approximate", threshold=0.7, min_layer=2))]
+    assert set(done.exact_speeds) == set(names)
+    assert all(set(v) == {"grounded", "open"} for v in done.exact_speeds.values())
+    stored = StoredCalibration.from_extra(type(art).load(path).extra)
+    exact = resolve(stored, Overrides(mode="exact"), lm.num_layers)
+    assert exact.source == "calibration"
+    assert exact.settings.draft == done.exact.setting.draft
+    assert exact.settings.max_draft == done.exact.setting.max_draft
+    assert resolve(stored, Overrides(), lm.num_layers).settings.threshold == 0.7  # approximate's setting kept
+    with pytest.raises(ValueError, match="exact_prompts"):
+        run_calibrate(CalibrateConfig(jump=str(path), model=str(folder), corpus="-", exact_only=True))

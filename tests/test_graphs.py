@@ -7,6 +7,7 @@ import pytest
 from support.models import ARCHS, build_tiny, fitted_jump, sharpen
 
 from shortcuts.engine import EarlyExitDecoder, ExitSettings, GenerationSettings
+from shortcuts.engine.drafts import StepCosts
 from shortcuts.engine.graphs import bucket, kv_bucket
 
 PROMPTS = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16, 17], [4, 20]]
@@ -31,7 +32,7 @@ def test_buckets() -> None:
 @pytest.mark.parametrize("mode", ["off", "approximate", "exact"])
 def test_static_segments_give_the_eager_tokens(arch: str, mode: str) -> None:
     eager, static = _decoders(arch)
-    exits = ExitSettings(mode=mode, threshold=0.5, min_layer=1, stride=1, max_draft=3)
+    exits = ExitSettings(mode=mode, threshold=0.5, min_layer=1, stride=1, max_draft=3, draft="exit")
     s = GenerationSettings(max_new_tokens=12, stop_token_ids=(), exit=exits)
     exited = 0
     for ids in PROMPTS:
@@ -45,6 +46,23 @@ def test_static_segments_give_the_eager_tokens(arch: str, mode: str) -> None:
     assert mode == "off" or fused  # the checks ran fused to the end of their segments
     assert static.runner.graphs is not None
     assert static.runner.graphs.segments
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_static_segments_verify_ngram_chunks(arch: str) -> None:
+    """N-gram drafts (chunks of several tokens, rows of different lengths) through static segments:
+    the eager tokens, which are mode off's."""
+    eager, static = _decoders(arch)
+    for dec in (eager, static):  # auto's choice from a cost model, not from timings taken on a busy machine
+        dec.step_costs = StepCosts.flat(dec.num_layers)
+    prompts = [(p * 3)[:18] for p in PROMPTS]
+    for draft in ("ngram", "auto"):
+        s = GenerationSettings(max_new_tokens=16, stop_token_ids=(), exit=ExitSettings(mode="exact", draft=draft))
+        off = GenerationSettings(max_new_tokens=16, stop_token_ids=(), exit=ExitSettings(mode="off"))
+        a, b = eager.batch(3).generate(prompts, s), static.batch(3).generate(prompts, s)
+        assert [g.tokens for g in a] == [g.tokens for g in b] == [eager.generate(p, off).tokens for p in prompts]
+        assert sum(g.stats.accepted_by.get("ngram", 0) for g in b) > 0
+    assert any(shape.tokens > 2 for _, shape, _ in static.runner.graphs.segments)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])

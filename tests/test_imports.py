@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("shortcuts", "service", "loadtest")
-COMMANDS = ("shortcuts.cli", "shortcuts.fit", "shortcuts.bench")
+COMMANDS = ("shortcuts.cli", "shortcuts.fit", "shortcuts.study", "shortcuts.bench")
 MAY_IMPORT = {
     "core": {"core"},
     "engine": {"engine", "core"},

@@ -44,7 +44,8 @@ CRD_SCHEMAS = {("monitoring.coreos.com/v1", "ServiceMonitor"): SCHEMAS / "servic
 K8S_VERSIONS = ("1.30.0", kubernetes_validate.utils.latest_version())
 FLAVORS = ("cpu", "gpu")
 # variables the pods get that are not server settings, and who reads them
-OTHER_ENV = {"ONEJUMP_CACHE": "shortcuts/assets.py", "HF_HOME": None, "HF_HUB_OFFLINE": None, "HOME": None}
+OTHER_ENV = {"ONEJUMP_CACHE": "shortcuts/assets.py", "HF_HOME": None, "HF_HUB_OFFLINE": None, "HOME": None,
+             "TORCHINDUCTOR_CACHE_DIR": "shortcuts/engine/runner.py", "TRITON_CACHE_DIR": None}
 
 
 def _load(path: Path, name: str) -> ModuleType:
@@ -151,7 +152,7 @@ def test_the_schemas_refuse_what_the_cluster_would() -> None:
 
 
 MINIMAL = {"metrics": {"podAnnotations": False, "serviceMonitor": {"enabled": False}}, "dashboard": {"enabled": False},
-           "autoscaling": {"enabled": False}, "apiKey": {"existingSecret": ""},
+           "autoscaling": {"enabled": False}, "apiKey": {"existingSecret": "", "allowUnauthenticated": True},
            "model": {"fetch": {"enabled": False}, "volume": {"existingClaim": "models"}}}
 EXTRAS = {"flavor": "gpu", "podAnnotations": {"team": "ml"}, "podLabels": {"team": "ml"},
           "imagePullSecrets": [{"name": "registry"}], "affinity": {"podAntiAffinity": {}},
@@ -177,6 +178,8 @@ def test_bad_values_stop_the_render() -> None:
     for values in ({"flavor": "tpu"}, {"autoscaling": {"kind": "vpa"}}):
         with pytest.raises(helm_python.HelmError, match="expected"):
             renderer.render(values)
+    with pytest.raises(helm_python.HelmError, match="allowUnauthenticated"):  # no key, not allowed by name
+        renderer.render({"apiKey": {"existingSecret": ""}})
 
 
 # ---------------------------------------------------------------- the pods
@@ -227,20 +230,46 @@ def test_probes(objects: dict[str, dict[str, Any]]) -> None:
 
 
 def test_without_an_api_key_the_probes_are_plain_http() -> None:
-    deployment = by_kind(render(flavor="cpu", apiKey={"existingSecret": ""}))["Deployment"]
+    no_key = {"existingSecret": "", "allowUnauthenticated": True}
+    deployment = by_kind(render(flavor="cpu", apiKey=no_key))["Deployment"]
     c = container(deployment)
     assert "ONEJUMP_API_KEY" not in env(deployment)
+    assert "ONEJUMP_API_KEY_FILE" not in env(deployment)
+    assert env(deployment)["ONEJUMP_ALLOW_UNAUTHENTICATED"] == "true"  # allowed by name, never by default
     for probe in ("readinessProbe", "startupProbe"):
         assert c[probe]["httpGet"] == {"path": "/ready", "port": "http"}
     validate(deployment)
 
 
-def test_api_key_comes_from_a_secret(objects: dict[str, dict[str, Any]]) -> None:
-    ref = env(objects["Deployment"])["ONEJUMP_API_KEY"]
-    assert ref == {"secretKeyRef": {"name": "onejump-api-key", "key": "api-key"}}
+def test_api_key_comes_from_a_secret_file(objects: dict[str, dict[str, Any]]) -> None:
+    """The key is a file from the Secret (ONEJUMP_API_KEY_FILE), never an environment variable."""
+    deployment = objects["Deployment"]
+    variables = env(deployment)
+    assert "ONEJUMP_API_KEY" not in variables
+    assert "ONEJUMP_ALLOW_UNAUTHENTICATED" not in variables
+    path = Path(variables["ONEJUMP_API_KEY_FILE"])
+    volumes = {v["name"]: v for v in pod_spec(deployment)["volumes"]}
+    (mount,) = [m for m in container(deployment)["volumeMounts"] if m["mountPath"] == str(path.parent)]
+    assert mount["readOnly"] is True
+    secret = volumes[mount["name"]]["secret"]
+    assert secret["secretName"] == "onejump-api-key"
+    assert secret["items"] == [{"key": "api-key", "path": path.name}]
+    assert secret["defaultMode"] == 0o440
 
 
-def test_env_vars_are_server_settings_with_valid_values(objects: dict[str, dict[str, Any]]) -> None:
+def test_compile_caches_are_writable(objects: dict[str, dict[str, Any]]) -> None:
+    """ONEJUMP_COMPILE=true writes inductor's and triton's caches: on a writable emptyDir, never the read-only
+    model volume (ONEJUMP_CACHE=/data would put inductor's at /data/inductor) or root filesystem."""
+    deployment = objects["Deployment"]
+    volumes = {v["name"]: v for v in pod_spec(deployment)["volumes"]}
+    writable = [m["mountPath"] for m in container(deployment)["volumeMounts"]
+                if not m.get("readOnly") and "emptyDir" in volumes[m["name"]]]
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "HOME"):
+        path = env(deployment)[name]
+        assert any(path == w or path.startswith(w + "/") for w in writable), (name, path, writable)
+
+
+def test_env_vars_are_server_settings_with_valid_values(objects: dict[str, dict[str, Any]], tmp_path: Path) -> None:
     settings = {f"ONEJUMP_{name.upper()}" for name in Settings.model_fields}
     values = yaml.safe_load((renderer.CHART / "values.yaml").read_text())
     for workload in (objects["Deployment"], objects["Job"]):
@@ -251,7 +280,12 @@ def test_env_vars_are_server_settings_with_valid_values(objects: dict[str, dict[
         assert reader is None or name in (ROOT / reader).read_text()
     given = {k.removeprefix("ONEJUMP_").lower(): v for k, v in env(objects["Deployment"]).items()
              if k in settings and isinstance(v, str)}
+    key = tmp_path / "api-key"  # the Secret's file, as the pod would have it
+    key.write_text("s3cret\n")
+    given["api_key_file"] = str(key)
     parsed = Settings(**given)  # the server would start with these (bad values raise here)
+    assert parsed.api_key is not None
+    assert parsed.api_key.get_secret_value() == "s3cret"
     assert parsed.model_name == values["model"]["servedName"]
 
 
@@ -395,7 +429,9 @@ def test_the_ready_probe_with_the_api_key_passes_on_a_server(tiny_folder: Path) 
         port = url.rsplit(":", 1)[1]
 
         def probe(key: str) -> int:
-            probe_env = {**os.environ, "ONEJUMP_PORT": port, "ONEJUMP_API_KEY": key}
+            path = tiny_folder.parent / "api-key"
+            path.write_text(key + "\n")
+            probe_env = {**os.environ, "ONEJUMP_PORT": port, "ONEJUMP_API_KEY_FILE": str(path)}
             return subprocess.run([sys.executable, *command[1:]], env=probe_env, capture_output=True,
                                   timeout=30).returncode
 

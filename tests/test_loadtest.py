@@ -102,6 +102,21 @@ def test_closed_loop_interleaves_arms(url: str, prompts: Path, tmp_path: Path,
     assert "| load | mode |" in capsys.readouterr().out
 
 
+def test_chat_requests_go_to_the_chat_endpoint(url: str, tmp_path: Path) -> None:
+    """A prompt file of {"messages": [...]} lines: each request is a streamed chat completion, and exact
+    mode's arm makes the tokens the responses (and /metrics) count."""
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"the {w} of the {w} of the"}]})
+                             + "\n" for w in ("king", "river", "city")))
+    summary = run_ok(url, chats, tmp_path / "out", "--concurrency", "2", "--modes", "off,exact", "--requests", "2",
+                     "--max-tokens", "5")
+    (point,) = summary["load_points"]
+    assert (point["requests"], point["errors"], point["tokens"]) == (4, 0, 4 * 5)
+    check_consistent(summary)
+    records = json.loads((tmp_path / "out" / "requests.json").read_text())
+    assert all(r["outcome"] == "ok" and r["text_frames"] >= 1 for r in records)
+
+
 def test_open_loop_by_request_count(url: str, prompts: Path, tmp_path: Path) -> None:
     summary = run_ok(url, prompts, tmp_path, "--rates", "20", "40", "--modes", "off,exact", "--requests", "3",
                      "--max-tokens", "3", "--duration", "60")

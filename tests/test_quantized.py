@@ -79,7 +79,8 @@ def test_release_frees_the_models_matrices_and_decodes_the_same(make_tiny: Calla
     assert lm.layers[0].mlp.down_proj.weight.numel() == 0
     assert lm.lm_head.weight.numel() == 0
     assert lm.embed_tokens.weight.numel() > 0
-    assert lm.vocab_size == 64 and lm.device.type == "cpu"
+    assert lm.vocab_size == 64
+    assert lm.device.type == "cpu"
     assert dec.generate(ids, settings(12, mode="off")).tokens == before
     assert ref.generate(ids, settings(12, mode="off")).tokens == before  # the other decoder holds its own copies
     with pytest.raises(RuntimeError, match="freed"):
@@ -156,7 +157,8 @@ def test_real_smollm2_at_every_format(smollm2: CausalLM, quantization: str) -> N
 
     jump = JumpArtifact.load("docs/results/smollm2-135m/jump.safetensors").jump
     dec = EarlyExitDecoder(smollm2, jump, quantization=quantization)  # type: ignore[arg-type]
-    assert dec.self_check is not None and dec.self_check.held <= dec.self_check.tolerance
+    assert dec.self_check is not None
+    assert dec.self_check.held <= dec.self_check.tolerance
     ids = smollm2.tokenizer("The history of the city of Paris begins").input_ids
     off = dec.generate(ids, settings(16, mode="off"))
     assert dec.generate(ids, settings(16, mode="exact", threshold=0.8, min_layer=10)).tokens == off.tokens
@@ -248,7 +250,8 @@ def test_calibrate_stores_a_setting_per_precision(tiny_folder: Path, word_corpus
     stored = StoredCalibration.from_extra(JumpArtifact.load(jump).extra)
     assert set(stored.by_precision) == {"none", "int8"}
     int8 = stored.lookup("int8")[0]
-    assert int8 is not None and int8.approximate is not None
+    assert int8 is not None
+    assert int8.approximate is not None
     assert "costs_ms" in int8.approximate.measured
     for q in ("none", "int8", "int4"):
         _, policy = load_decoder(Settings(model=str(tiny_folder), jump=str(jump), quantization=q))

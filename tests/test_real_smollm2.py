@@ -35,7 +35,7 @@ def test_fit_on_real_smollm2(tmp_path: Path, smollm2: CausalLM) -> None:
     code = main(["fit", "--model", str(default_model_dir()), "--corpus", str(wiki_split("train")),
                  "--eval-corpus", str(wiki_split("test")), "--out-dir", str(out), "--cache", str(tmp_path),
                  "--n-train", "160", "--n-test", "60", "--rank", "16", "--epochs", "8", "--kl-epochs", "1",
-                 "--batch-size", "64"])
+                 "--batch-size", "64", "--study"])
     assert code == 0
     r = json.loads((out / "results.json").read_text())
     ident = r["methods"]["identity"]["precision"]

@@ -20,9 +20,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 PROMPT = [5, 9, 14, 9, 22, 31]
 
 
-def gs(n: int = 12, mode: str = "off", threshold: float = 0.5, **kw) -> GenerationSettings:
-    return GenerationSettings(max_new_tokens=n, stop_token_ids=(), exit=ExitSettings(mode=mode, threshold=threshold),
-                              **kw)
+def gs(n: int = 12, mode: str = "off", threshold: float = 0.5, draft: str = "auto", **kw) -> GenerationSettings:
+    return GenerationSettings(max_new_tokens=n, stop_token_ids=(),
+                              exit=ExitSettings(mode=mode, threshold=threshold, draft=draft), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -89,10 +89,14 @@ def test_exact_mode_stays_exact_under_processors(dec: tuple[CausalLM, EarlyExitD
     ref = d.generate(PROMPT, gs(n=20, **kw)).tokens
     drafted = 0
     for threshold in (0.0, 0.3, 0.6):
-        gen = d.generate(PROMPT, gs(n=20, mode="exact", threshold=threshold, **kw))
+        gen = d.generate(PROMPT, gs(n=20, mode="exact", draft="exit", threshold=threshold, **kw))
         assert gen.tokens == ref, threshold
         drafted += gen.stats.drafted
     assert drafted > 0
+    for draft in ("ngram", "auto"):  # n-gram drafts are judged under the penalties of the tokens before them
+        gen = d.generate(PROMPT, gs(n=20, mode="exact", draft=draft, threshold=1.0, **kw))
+        assert gen.tokens == ref, draft
+        assert gen.stats.drafted_by.get("exit", 0) == 0
 
 
 def test_sampling_with_processors_reproduces_and_batches(dec: tuple[CausalLM, EarlyExitDecoder]) -> None:
@@ -120,7 +124,7 @@ def test_logprobs_come_from_the_deciding_head(dec: tuple[CausalLM, EarlyExitDeco
     for t in approx.trace[1:]:
         assert t.exit_layer == 1
         assert t.top_logprobs[0][0] == t.token  # type: ignore[index]
-    exact = d.generate(PROMPT, gs(n=8, mode="exact", threshold=0.0, logprobs=1))
+    exact = d.generate(PROMPT, gs(n=8, mode="exact", draft="exit", threshold=0.0, logprobs=1))
     assert all(t.logprob is not None for t in exact.trace)
     assert any(t.kind == "accepted" and t.exit_layer < d.num_layers for t in exact.trace)
 

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 from pydantic import SecretStr, ValidationError
-from support.server import client, metric, running_server, tiny_settings
+from support.server import client, metric, metrics, running_server, tiny_settings
 
 from service.config import Settings, parse_args
 
@@ -43,10 +43,34 @@ def test_exact_mode_drafts_up_to_the_requests_max_draft(server: str) -> None:
     for d in (1, 4):
         resp = client(server).completions.create(model="tiny-llama", prompt="the king of the", max_tokens=9,
                                                  extra_body={"early_exit": {"mode": "exact", "threshold": 0.0,
-                                                                            "max_draft": d}})
+                                                                            "max_draft": d, "draft": "exit"}})
         reports[d] = resp.model_extra["early_exit"]["exit_layers"]
     assert reports[1] != reports[4]
     assert all(a == 4 or b == 4 for a, b in zip(reports[1][1:], reports[1][2:], strict=False))  # no 2 drafts in a row
+
+
+def test_exact_mode_drafts_from_the_prompt_and_reports_by_source(server: str) -> None:
+    """early_exit.draft "ngram": the text is full depth's, the report and the spec-decode counters say how
+    many tokens each source drafted and how many the full model kept."""
+    prompt = "the king of the river and the king of the river and the king of the"
+    off = client(server).completions.create(model="m", prompt=prompt, max_tokens=12,
+                                            extra_body={"early_exit": {"mode": "off"}})
+    before = {k: metric(server, f"onejump_spec_decode_num_{k}_tokens_total", source="ngram") for k in ("draft",
+                                                                                                      "accepted")}
+    resp = client(server).completions.create(model="m", prompt=prompt, max_tokens=12,
+                                             extra_body={"early_exit": {"mode": "exact", "draft": "ngram",
+                                                                        "max_draft": 6, "ngram_max": 3}})
+    assert resp.choices[0].text == off.choices[0].text
+    report = resp.model_extra["early_exit"]
+    assert report["drafted"]["ngram"] >= report["accepted"].get("ngram", 0)
+    assert report["drafted"]["ngram"] > 0
+    assert 1 <= report["verifications"] <= 12
+    assert off.model_extra["early_exit"]["drafted"] is None  # not exact mode: nothing to report
+    drafted = metric(server, "onejump_spec_decode_num_draft_tokens_total", source="ngram") - before["draft"]
+    kept = metric(server, "onejump_spec_decode_num_accepted_tokens_total", source="ngram") - before["accepted"]
+    assert (drafted, kept) == (report["drafted"]["ngram"], report["accepted"].get("ngram", 0))
+    series = metrics(server)  # every source's series exists from the start
+    assert any(k.startswith("onejump_spec_decode_num_draft_tokens_total") and '"source": "exit"' in k for k in series)
 
 
 def test_chat_and_stream_agree(server: str) -> None:
@@ -85,6 +109,8 @@ BAD = [
     ("/v1/completions", {"prompt": "a", "early_exit": {"mode": "fast"}}, "mode"),
     ("/v1/completions", {"prompt": "a", "early_exit": {"min_layer": 9}}, "min_layer"),
     ("/v1/completions", {"prompt": "a", "early_exit": {"mode": "exact", "max_draft": 0}}, "max_draft"),
+    ("/v1/completions", {"prompt": "a", "early_exit": {"mode": "exact", "draft": "oracle"}}, "draft"),
+    ("/v1/completions", {"prompt": "a", "early_exit": {"ngram_min": 3, "ngram_max": 2}}, "ngram_max"),
     ("/v1/completions", {"prompt": "a", "n": 17}, "n"),
     ("/v1/completions", {"max_tokens": 2}, "prompt"),
     ("/v1/chat/completions", {"messages": []}, "messages"),

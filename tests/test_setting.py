@@ -55,11 +55,26 @@ def test_resolve_precedence_and_provenance():
     assert other_gate.report()["measured_at"] is None
 
 
+def _extra(stored: StoredCalibration) -> dict:
+    extra: dict = {}
+    stored.to_extra(extra)
+    return extra
+
+
 def test_resolve_falls_back_and_checks_levels():
     assert resolve(None, Overrides(), 30).source == "built-in"
     only_approx = StoredCalibration({"none": PrecisionCalibration(ModeSetting(threshold=0.5, min_layer=4))})
     exact = resolve(only_approx, Overrides(mode="exact"), 30)
-    assert (exact.settings.threshold, exact.settings.min_layer, exact.settings.draft) == (0.5, 4, "exit")
+    assert (exact.settings.threshold, exact.settings.min_layer, exact.settings.draft) == (0.5, 4, "auto")
+    builtin = resolve(None, Overrides(mode="exact"), 30).settings  # exact mode drafts with auto by default
+    assert (builtin.draft, builtin.max_draft, builtin.ngram_min, builtin.ngram_max) == ("auto", 8, 1, 4)
+    given = resolve(None, Overrides(mode="exact", draft="ngram", ngram_min=2, ngram_max=3), 30)
+    assert (given.settings.draft, given.settings.ngram_min, given.report()["ngram_max"]) == ("ngram", 2, 3)
+    stored = StoredCalibration().with_setting("none", "exact", ModeSetting(draft="ngram", ngram_min=2, max_draft=6))
+    again = StoredCalibration.from_extra(_extra(stored))
+    assert resolve(again, Overrides(mode="exact"), 30).settings.ngram_min == 2
+    with pytest.raises(ValueError, match="ngram_max"):
+        ModeSetting(ngram_min=3, ngram_max=2)
     with pytest.raises(ValueError, match="min_layer"):
         resolve(only_approx, Overrides(), num_layers=4)
     with pytest.raises(ValueError, match="precision"):

@@ -56,15 +56,20 @@ def exit_heatmap(grid: tuple[int, int, int, int]) -> dict[str, Any]:
 
 
 def early_exit_panels() -> list[dict[str, Any]]:
-    skipped, computed = (f"sum({rate(f'onejump_layers_{k}_total')})" for k in ("skipped", "computed"))
+    skipped, computed, saved = (f"sum({rate(f'onejump_layers_{k}_total')})" for k in ("skipped", "computed", "saved"))
     return [
         exit_heatmap((0, 0, 12, 9)),
-        panel("Mean exit layer", (12, 0, 6, 9),
+        panel("Mean exit layer", (12, 0, 4, 9),
               [("mean", f"sum({rate('onejump_exit_layer_sum')}) / sum({rate('onejump_exit_layer_count')})")],
               "short", "Mean depth at which generated tokens were decided."),
-        panel("Layers skipped", (18, 0, 6, 9), [("skipped", f"100 * {skipped} / ({skipped} + {computed})")],
-              "percent", "Share of decoder-layer evaluations saved by exits: skipped / (skipped + computed); "
-                         "computed includes catch-up and verification."),
+        panel("% skipped in own step", (16, 0, 4, 9), [("skipped", f"100 * {skipped} / ({skipped} + {computed})")],
+              "percent", "Share of decoder-layer evaluations that exited tokens did not run in their own step: "
+                         "skipped / (skipped + computed). Not work saved: catch-up (and exact mode's verification) "
+                         "runs most of them later, with the next token that goes deeper; see '% saved'."),
+        panel("% saved", (20, 0, 4, 9), [("saved", f"100 * {saved} / ({saved} + {computed})")],
+              "percent", "Share of decoder-layer evaluations never run: onejump_layers_saved_total (layers x tokens "
+                         "fed - computed) / (saved + computed); computed includes catch-up and verification. "
+                         "This is the work early exits really saved."),
         panel("Tokens by exit kind", (0, 9, 8, 8),
               [("{{exit}}", f"sum by (exit) ({rate('onejump_tokens_total')})")], "short",
               "early: decided by the jump head; full: full depth; verified: drafted early and accepted by "
@@ -126,14 +131,22 @@ def replica_panels() -> list[dict[str, Any]]:
 
 
 def engine_panels() -> list[dict[str, Any]]:
-    """Exact mode's draft acceptance and the batch's KV-cache use, beside vLLM's equivalents."""
-    drafted, accepted = (f"sum({rate(f'onejump_spec_decode_num_{k}_tokens_total')})" for k in ("draft", "accepted"))
+    """Exact mode's drafts by source (the prompt's n-grams, the exit head) and the batch's KV-cache use,
+    beside vLLM's equivalents."""
+    drafted, accepted = (f"sum by (source) ({rate(f'onejump_spec_decode_num_{k}_tokens_total')})"
+                         for k in ("draft", "accepted"))
     return [
-        panel("Draft acceptance rate (exact mode)", (0, 41, 12, 8), [("accepted", f"{accepted} / {drafted}")],
-              "percentunit", "Share of the tokens drafted by early exits that the full model accepted "
-                             "(onejump_spec_decode_num_accepted_tokens / _draft_tokens); no data without exact-mode "
-                             "traffic."),
-        panel("KV cache usage", (12, 41, 12, 8), [("{{instance}}", f"max by (instance) "
+        panel("Draft acceptance rate by source (exact mode)", (0, 41, 8, 8),
+              [("{{source}}", f"{accepted} / ({drafted} > 0)")],
+              "percentunit", "Share of the drafted tokens that the full model accepted, by where the drafts came "
+                             "from: ngram (prompt lookup: the prompt and output so far) or exit (the exit head) "
+                             "(onejump_spec_decode_num_accepted_tokens / _draft_tokens, by source); a source that "
+                             "drafted nothing has no line."),
+        panel("Drafted and accepted tokens by source", (8, 41, 8, 8),
+              [("drafted {{source}}", drafted), ("accepted {{source}}", accepted)], "short",
+              "Tokens per second drafted, and accepted by the full model, per draft source. An accepted token is a "
+              "token decided without a full-depth pass of its own."),
+        panel("KV cache usage", (16, 41, 8, 8), [("{{instance}}", f"max by (instance) "
                                                                    f"(onejump_kv_cache_usage_perc{SEL})")],
               "percentunit", "Fraction of each replica's static KV cache (max_batch_size rows of the context "
                              "length) holding keys."),

@@ -77,7 +77,9 @@ def run_agreement(cfg: AgreementConfig) -> dict[str, Any]:
                                                                      gate)},
         "tokens": len(table), "prompts": table.num_prompts,
         "costs": {"source": cfg.costs, "check_blocks": _cost(models, s.gate).check,
-                  "head_blocks": _cost(models, s.gate).head, "skipped_layer_blocks": skip, "ms": ms},
+                  "lens_check_blocks": _cost(models, s.gate).lens, "head_blocks": _cost(models, s.gate).head,
+                  "skipped_layer_blocks": skip, "ms": ms},
+        "lens_levels": list(jump.lens_levels),
         "jump": cfg.jump, "model": lm.name, "quantization": cfg.quantization, "compiled": cfg.compile,
     }
 
@@ -92,10 +94,10 @@ def _costs(cfg: AgreementConfig, lm: CausalLM, jump: LowRankJumps,
     """Cost models per gate kind, a skipped layer's cost (blocks) and the timings (ms) they come from."""
     kind = cfg.costs
     if kind == "flops":
-        model = CostModel.from_model(lm, jump.config.rank if jump.is_pure else None)
+        model = CostModel.from_model(lm, jump.config.rank if jump.is_pure else None).with_lens(jump.lens_levels)
         return {"confidence": model, "entropy": model, "learned": model}, 0.0, {}
     if kind != "measured":
         raise ValueError(f"costs={kind!r} must be measured or flops")
     ms = measure(lm, jump, gate, repeats=20, quantization=cfg.quantization, compile=cfg.compile)
-    models, skip = cost_models(ms)
+    models, skip = cost_models(ms, jump.lens_levels)
     return models, skip, ms

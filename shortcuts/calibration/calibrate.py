@@ -13,42 +13,78 @@ What ``store`` writes in the artifact's metadata:
   approximate mode's setting at the precision it was measured at; what the server, ``bench`` and
   ``agreement`` run (``setting.resolve``). ``store_exact`` writes exact mode's there too;
 - ``extra["gate"]``: the learned gate with its calibrated threshold and levels;
-- ``extra["calibration_search"]``: the best of each gate kind, and ``extra["costs_ms"]``.
+- ``extra["calibration_search"]``: the best of each gate kind, and ``extra["costs_ms"]``;
+- ``extra["exit_heads"]``: each exit-head option searched (the jump everywhere; the logit lens where it
+  predicts better, ``lens.calibrate_heads``) and its result; the chosen option's lens levels are the
+  artifact's ``lens_levels`` (``LowRankJumps.with_lens``), which every reader's exit head then uses.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shortcuts.adapter import CausalLM
 from shortcuts.artifact import JumpArtifact
 from shortcuts.calibration.config import CALIBRATED_GATES, CalibrateConfig
 from shortcuts.calibration.costs import measure
 from shortcuts.calibration.exact import ExactCalibration
+from shortcuts.calibration.lens import JUMP, LENS, calibrate_heads, lens_candidates
 from shortcuts.calibration.replay import fit_learned_gate
-from shortcuts.calibration.search import Calibration, Found, SearchSpace, calibrate
-from shortcuts.calibration.setting import DENSE, StoredCalibration
-from shortcuts.calibration.table import LevelTable, continued_table
+from shortcuts.calibration.search import Calibration, Found, SearchSpace
+from shortcuts.calibration.setting import DENSE, Overrides, StoredCalibration, resolve
+from shortcuts.calibration.table import (
+    LevelTable,
+    TableHead,
+    continuations,
+    engine_continuations,
+    engine_tables,
+    level_tables,
+)
 from shortcuts.collect import read_corpus
 from shortcuts.engine.decoder import EarlyExitDecoder
 from shortcuts.engine.exit_head import ExitHead
 from shortcuts.engine.learned_gate import LearnedGate
 from shortcuts.engine.settings import Quantization
-from shortcuts.prompts import article_split, held_out_prompts, tokenize_prompts
+from shortcuts.prompts import article_split, held_out_prompts, read_prompts, tokenize_prompts
+
+if TYPE_CHECKING:
+    from shortcuts.calibration.drafts import DraftCandidate
 
 
-def run_calibrate(cfg: CalibrateConfig) -> tuple[Calibration, Path]:
-    """Calibrate ``cfg.jump`` and save it (in place unless ``cfg.out``); the setting stored and where."""
+@dataclass(frozen=True)
+class Calibrated:
+    """What ``run_calibrate`` stored: approximate mode's setting (None with ``exact_only``), exact mode's
+    draft policy with every candidate's timed speed per workload (None without ``exact_prompts``)."""
+
+    approximate: Calibration | None
+    exact: DraftCandidate | None
+    exact_speeds: dict[str, dict[str, float]]
+    path: Path
+
+
+def run_calibrate(cfg: CalibrateConfig) -> Calibrated:
+    """Calibrate ``cfg.jump`` and save it (in place unless ``cfg.out``): approximate mode's setting (unless
+    ``exact_only``) and, with ``exact_prompts``, exact mode's draft policy (``calibrate_exact``)."""
     if not 0.0 < cfg.target <= 1.0 or not 0.5 <= cfg.confidence < 1.0:
         raise ValueError(f"target={cfg.target} must be in (0, 1] and confidence={cfg.confidence} in [0.5, 1)")
     if cfg.prompts < 1 or cfg.new_tokens < 2 or cfg.offset < 0:
         raise ValueError(f"prompts={cfg.prompts} must be >= 1, new_tokens={cfg.new_tokens} >= 2, offset >= 0")
     if bad := [g for g in cfg.gates if g not in CALIBRATED_GATES]:
         raise ValueError(f"gates {bad} cannot be calibrated; use {', '.join(CALIBRATED_GATES)}")
+    if cfg.exact_only and not cfg.exact_prompts:
+        raise ValueError("exact_only needs exact_prompts (--exact-prompts): the prompts the draft policy is timed on")
     artifact = JumpArtifact.load(cfg.jump)  # fails fast on a bad artifact, before the model loads
     lm = CausalLM.load(cfg.model, dtype=cfg.dtype, device=cfg.device)
     artifact.check_model(lm)
+    best = None if cfg.exact_only else calibrate_approximate(lm, artifact, cfg)
+    exact, speeds = calibrate_exact(lm, artifact, cfg) if cfg.exact_prompts else (None, {})
+    return Calibrated(best, exact, speeds, artifact.save(cfg.out or cfg.jump))
+
+
+def calibrate_approximate(lm: CausalLM, artifact: JumpArtifact, cfg: CalibrateConfig) -> Calibration:
+    """Approximate mode's setting (module docstring), stored in ``artifact`` (not saved)."""
     L = lm.num_layers
     space = SearchSpace(tuple(cfg.gates), tuple(cfg.min_layers), tuple(cfg.strides or (cfg.stride,)), cfg.target,
                         cfg.confidence)
@@ -56,14 +92,47 @@ def run_calibrate(cfg: CalibrateConfig) -> tuple[Calibration, Path]:
         raise ValueError(f"min_layer {bad_layers} must be in [1, {L - 1}]")
     gate = LearnedGate.from_extra(artifact.extra)
     engine = precision_engine(lm, artifact, cfg.quantization, cfg.compile)
+    fit = None
     if "learned" in cfg.gates and cfg.gate_corpus and cfg.gate_prompts > 0:
-        gate = fit_learned_gate(table_of(lm, artifact, gate_prompts(lm, cfg), cfg.new_tokens, engine))
+        fit = tables_of(lm, artifact, gate_prompts(lm, cfg), cfg.new_tokens, engine, cfg.lens)
     prompts = held_out_prompts(lm, cfg.corpus, cfg.prompts, offset=cfg.offset)
-    table = table_of(lm, artifact, prompts, cfg.new_tokens, engine)
-    ms = measure(lm, artifact.jump.to(lm.device), gate, quantization=cfg.quantization, compile=cfg.compile)
-    found = calibrate(table, ms, gate, space)
-    store(artifact, found, gate, ms, _provenance(cfg), precision=cfg.quantization)
-    return found.best, artifact.save(cfg.out or cfg.jump)
+    val = tables_of(lm, artifact, prompts, cfg.new_tokens, engine, cfg.lens)
+    timed_gate = gate or (fit_learned_gate(fit[JUMP]) if fit else None)
+    ms = measure(lm, artifact.jump.to(lm.device), timed_gate, quantization=cfg.quantization, compile=cfg.compile)
+    # the lens levels belong to the artifact, not to a precision: another precision keeps the dense model's
+    only = None if cfg.quantization == DENSE else artifact.jump.lens_levels
+    choice, options = calibrate_heads(val, ms, space, fit, gate, lens=cfg.lens, only=only)
+    artifact.jump.with_lens(choice.lens_levels)
+    store(artifact, choice.found, choice.learned, ms, _provenance(cfg), precision=cfg.quantization)
+    if cfg.quantization == DENSE:
+        artifact.extra["exit_heads"] = {k: c.report(L) for k, c in options.items()}
+    return choice.found.best
+
+
+def calibrate_exact(lm: CausalLM, artifact: JumpArtifact,
+                    cfg: CalibrateConfig) -> tuple[DraftCandidate, dict[str, dict[str, float]]]:
+    """Exact mode's draft policy, timed on ``cfg.exact_prompts`` (``calibration.drafts``; its exit drafts at
+    approximate mode's stored setting), stored in ``artifact`` (not saved). Timed on the dense model: stored
+    for precision "none" (a quantized server reads it as measured at "none")."""
+    from shortcuts.calibration.drafts import candidates, choose, time_candidates
+    from shortcuts.engine.decoder import DEFAULT_MAX_SEQ_LEN
+
+    stored = StoredCalibration.from_extra(artifact.extra)
+    cal, _ = stored.lookup(DENSE)
+    exit_setting = None if cal is None or cal.approximate is None else \
+        resolve(stored, Overrides(), lm.num_layers, DENSE, "approximate").settings
+    room = DEFAULT_MAX_SEQ_LEN - cfg.new_tokens - 1
+    workloads = {Path(f).stem: read_prompts(lm, f, cfg.exact_max_prompts, max_tokens=room) for f in cfg.exact_prompts}
+    cands = candidates(lm.num_layers, exit_setting)
+    speeds = time_candidates(lm, artifact.jump.to(lm.device), LearnedGate.from_extra(artifact.extra), workloads,
+                             cands, cfg.new_tokens)
+    best = choose(cands, speeds)
+    measured = {"timed_speedup_vs_never": speeds[best.name], "candidates": speeds,
+                "prompts": {k: len(v) for k, v in workloads.items()}, "new_tokens": cfg.new_tokens,
+                "method": "engine timed against never drafting, arms interleaved; the fastest on the first "
+                          "workload that is never slower than 0.98x on any"}
+    stored.with_setting(DENSE, "exact", best.mode_setting(**measured)).to_extra(artifact.extra)
+    return best, speeds
 
 
 def precision_engine(lm: CausalLM, artifact: JumpArtifact, quantization: Quantization,
@@ -75,12 +144,20 @@ def precision_engine(lm: CausalLM, artifact: JumpArtifact, quantization: Quantiz
     return EarlyExitDecoder(lm, artifact.jump.to(lm.device), quantization=quantization, compile=compile)
 
 
-def table_of(lm: CausalLM, artifact: JumpArtifact, prompts: list[list[int]], new_tokens: int,
-             engine: EarlyExitDecoder | None = None) -> LevelTable:
-    """The level table of the artifact's exit head on ``prompts`` continued by the full model (by ``engine``
-    at its weight format when given)."""
-    head = engine.exit_head if engine is not None else ExitHead(lm, artifact.jump.to(lm.device))
-    return continued_table(lm, head, prompts, new_tokens, engine=engine)
+def tables_of(lm: CausalLM, artifact: JumpArtifact, prompts: list[list[int]], new_tokens: int,
+              engine: EarlyExitDecoder | None = None, lens: bool = True) -> dict[str, LevelTable]:
+    """The level tables of the artifact's jump (at every level, ``JUMP``) and of the logit lens (at its
+    candidate levels and the artifact's lens levels, ``LENS``) on ``prompts`` continued by the full model, from
+    one pass (by ``engine`` at its weight format when given)."""
+    runner = engine.runner if engine is not None else None
+    jump = artifact.jump.to(lm.device)
+    heads = {JUMP: TableHead(ExitHead(lm, jump, runner, lens_levels=()))}
+    if lens or jump.lens_levels:
+        levels = tuple(sorted({*lens_candidates(lm.num_layers), *jump.lens_levels}))
+        heads[LENS] = TableHead(ExitHead(lm, None, runner), levels)
+    if engine is not None:
+        return engine_tables(engine, heads, prompts, engine_continuations(engine, prompts, new_tokens))
+    return level_tables(lm, heads, prompts, continuations(lm, prompts, new_tokens))
 
 
 def gate_prompts(lm: CausalLM, cfg: CalibrateConfig) -> list[list[int]]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from shortcuts.engine.settings import Gate, Quantization
 
-CALIBRATED_GATES: tuple[Gate, ...] = ("confidence", "entropy", "learned")  # the gate kinds a search ranks
+CALIBRATED_GATES: tuple[Gate, ...] = ("confidence", "entropy", "learned", "patience")  # the gate kinds a search ranks
 
 
 @dataclass
@@ -27,6 +27,10 @@ class CalibrateConfig:
     strides: tuple[int, ...] = ()  # check every stride-th level; () = (stride,)
     gate_corpus: str | None = None  # training prompts of the learned gate (.jsonl with titles: fit articles)
     gate_prompts: int = 100
+    lens: bool = True  # also search the logit lens as the exit head where it predicts better
+    exact_prompts: tuple[str, ...] = ()  # prompt files exact mode's draft policy is timed on (the first: grounded)
+    exact_max_prompts: int = 12  # prompts of each file
+    exact_only: bool = False  # keep approximate mode's stored setting, calibrate exact mode's draft policy
     device: str = "cpu"
     dtype: str = "float32"
     quantization: Quantization = "none"  # the engine's weight format the setting is calibrated (and stored) for

@@ -1,12 +1,14 @@
 """What a decode step costs, in decoder blocks: the model calibration ranks settings by.
 
-``CostModel``: a gate check costs ``check`` blocks, the full LM head ``head`` blocks (paid only by
+``CostModel``: a gate check costs ``check`` blocks (``lens`` at the levels whose exit head is the logit
+lens: a full head and the gate), the full LM head ``head`` blocks (paid only by
 tokens that go full depth), a skipped layer ``skip`` blocks (catch-up runs it later in a chunk with the
 next deep token). ``measure`` times them on the machine at hand: a block (one token, 64 cached
 positions, timed over a pass through every block as decoding reads them), a block on 4 tokens at once
 (what catch-up runs the skipped layers in), the full LM head, and an exit check per gate kind (timed
 right after a pass, with cold caches as in decoding: the fused exit head plus the gate's max
-probability, entropy, or the learned gate's features and score). Medians of ``repeats`` runs, so one
+probability, entropy, or the learned gate's features and score; ``check lens``: the logit lens and the max
+probability). Medians of ``repeats`` runs, so one
 busy moment on a shared machine does not set the figure.
 """
 
@@ -14,14 +16,13 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
 from shortcuts.adapter import CausalLM
-from shortcuts.calibration.replay import checks
 from shortcuts.engine.cache import RowCall
 from shortcuts.engine.exit_head import ExitHead, confidence_and_top, entropy, to_host
 from shortcuts.engine.learned_gate import LearnedGate, gate_features
@@ -39,6 +40,22 @@ class CostModel:
 
     check: float = 0.0
     head: float = 0.0
+    lens: float = 0.0  # a check at a logit-lens level (``lens_levels``): a full head and the gate
+    lens_levels: frozenset[int] = frozenset()
+
+    def with_lens(self, levels: Iterable[int]) -> CostModel:
+        """This model with the checks at ``levels`` costing ``lens`` blocks."""
+        return replace(self, lens_levels=frozenset(levels))
+
+    def check_blocks(self, level: Tensor, s: ExitSettings, num_layers: int) -> Tensor:
+        """(N,) what each token's gate checks cost in blocks under ``s``: its checked levels up to its exit
+        level, each ``check`` blocks (``lens`` at a lens level)."""
+        levels = s.check_levels(num_layers)
+        if not levels:
+            return torch.zeros(level.shape[0])
+        per = torch.tensor([self.lens if lv in self.lens_levels else self.check for lv in levels])
+        paid = (torch.tensor(levels)[None, :] <= level[:, None]).float()
+        return paid @ per
 
     @classmethod
     def from_model(cls, lm: CausalLM, rank: int | None) -> CostModel:
@@ -47,20 +64,23 @@ class CostModel:
         block = sum(p.numel() for p in lm.layers[0].parameters())
         V, d = lm.vocab_size, lm.hidden_size
         check = V * d if rank is None else d * rank + V * (rank + 1)
-        return cls(check=check / block, head=V * d / block)
+        return cls(check=check / block, head=V * d / block, lens=V * d / block)
 
     def speedup(self, level: Tensor, checks: Tensor, num_layers: int) -> float:
-        """(L + head) over the mean cost of the replayed tokens."""
-        full = (level == num_layers).float()
-        cost = level.float() + self.check * checks.float() + self.head * full
+        """(L + head) over the mean cost of the replayed tokens (``checks``: how many each paid)."""
+        return self.speedup_paid(level.float(), self.check * checks.float(), level == num_layers, num_layers)
+
+    def speedup_paid(self, blocks: Tensor, check_blocks: Tensor, full: Tensor, num_layers: int) -> float:
+        """(L + head) over the mean of blocks run + checks paid (blocks) + the head for ``full`` tokens."""
+        cost = blocks + check_blocks + self.head * full.float()
         return (num_layers + self.head) / float(cost.mean())
 
 
 def predicted_speedup(cost: CostModel, level: Tensor, s: ExitSettings, num_layers: int, skip: float = 0.0) -> float:
     """Speed-up over full depth under ``cost`` of tokens that left at ``level`` under ``s``; each skipped
     layer still costs ``skip`` blocks (catch-up runs it later in a chunk with the next deep token)."""
-    extra = skip * (num_layers - level).float()
-    return cost.speedup(level.float() + extra, checks(level, s, num_layers), num_layers)
+    blocks = level.float() + skip * (num_layers - level).float()
+    return cost.speedup_paid(blocks, cost.check_blocks(level, s, num_layers), level == num_layers, num_layers)
 
 
 class BlockPass:
@@ -113,14 +133,15 @@ def measure(lm: CausalLM, jump: LowRankJumps | None, gate: LearnedGate | None = 
     if compile:
         runner.warm_up()
     one, four = BlockPass(runner, 1), BlockPass(runner, 4)
-    head = ExitHead(lm, jump, runner)
+    head, lens = ExitHead(lm, jump, runner, lens_levels=()), ExitHead(lm, None, runner)
     state, level = one.h[0].float(), lm.num_layers // 2
     prev, conf = torch.zeros(1, dtype=torch.long), torch.ones(1)
     after: dict[str, Callable[[], object]] = {
         "full head": lambda: runner.full_logits(state),  # the engine's head
         "exit head": lambda: head(state, level),
         "check confidence": lambda: to_host(*confidence_and_top(head(state, level))),  # as the engine reads it
-        "check entropy": lambda: float(entropy(head(state, level)[0]))}
+        "check entropy": lambda: float(entropy(head(state, level)[0])),
+        "check lens": lambda: to_host(*confidence_and_top(lens(state, level)))}
     if gate is not None:
         def learned() -> None:
             f, _, _ = gate_features(head(state, level), level, lm.num_layers, state, state, prev, conf)
@@ -131,10 +152,18 @@ def measure(lm: CausalLM, jump: LowRankJumps | None, gate: LearnedGate | None = 
     return {k: 1000 * v for k, v in out.items()}
 
 
-def cost_models(ms: dict[str, float]) -> tuple[dict[str, CostModel], float]:
-    """A cost model per gate kind, in blocks, and what a skipped layer still costs with catch-up: the
-    marginal block cost of one more token in a chunk, (block x4 - block) / 3, in blocks."""
+def cost_models(ms: dict[str, float], lens_levels: Iterable[int] = ()) -> tuple[dict[str, CostModel], float]:
+    """A cost model per gate kind, in blocks (checks at ``lens_levels`` cost the lens check plus what the
+    gate adds to the confidence check), and what a skipped layer still costs with catch-up: the
+    marginal block cost of one more token in a chunk, (block x4 - block) / 3, in blocks. Patience's check
+    (the exit head's top-1) costs what confidence's does."""
     b = ms["block"]
-    models = {g: CostModel(check=ms[f"check {g}"] / b, head=ms["full head"] / b)
-              for g in ("confidence", "entropy", "learned") if f"check {g}" in ms}
+    timed = {g: ms[f"check {g}"] for g in ("confidence", "entropy", "learned") if f"check {g}" in ms}
+    if "confidence" in timed:
+        timed["patience"] = timed["confidence"]
+    lens = ms.get("check lens", ms["full head"])
+    models = {g: CostModel(check=t / b, head=ms["full head"] / b,
+                           lens=(lens + max(0.0, t - timed.get("confidence", t))) / b,
+                           lens_levels=frozenset(lens_levels))
+              for g, t in timed.items()}
     return models, max(0.0, (ms["block x4"] - b) / 3 / b)

@@ -47,17 +47,24 @@ BUILTIN_THRESHOLD: dict[str, float] = {"confidence": 0.9, "learned": 0.9, "entro
 Source = Literal["calibration", "built-in"]
 
 
+_INTS = ("min_layer", "stride", "patience", "max_draft", "ngram_min", "ngram_max")
+_FIELDS = ("gate", "threshold", *_INTS, "draft")  # what a stored setting gives ExitSettings
+
+
 @dataclass(frozen=True)
 class ModeSetting:
-    """One mode's calibrated exit setting (exact mode also: where drafts come from and how many)."""
+    """One mode's calibrated exit setting (exact mode also: where drafts come from, how many, and the
+    n-gram lookup's match lengths)."""
 
     gate: Gate = "confidence"
     threshold: float = 0.9
     min_layer: int = 1
     stride: int = 1
     patience: int = 2
-    max_draft: int = 4
-    draft: DraftPolicy = "exit"
+    max_draft: int = 8
+    draft: DraftPolicy = "auto"
+    ngram_min: int = 1
+    ngram_max: int = 4
     measured: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -65,10 +72,12 @@ class ModeSetting:
             raise ValueError(f"gate={self.gate!r} must be one of {GATES}, draft={self.draft!r} one of {DRAFT_POLICIES}")
         if isinstance(self.threshold, bool) or not math.isfinite(float(self.threshold)):
             raise ValueError(f"threshold={self.threshold!r} must be a finite number")
-        for name in ("min_layer", "stride", "patience", "max_draft"):
+        for name in _INTS:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} must be an integer >= 1")
+        if self.ngram_max < self.ngram_min:
+            raise ValueError(f"ngram_max={self.ngram_max} must be >= ngram_min={self.ngram_min}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,7 +89,7 @@ class ModeSetting:
         if unknown:
             raise ValueError(f"unknown exit-setting fields {sorted(unknown)}")
         d = dict(d)
-        for name in ("min_layer", "stride", "patience", "max_draft"):
+        for name in _INTS:
             if name in d:
                 d[name] = int(d[name])
         if "threshold" in d:
@@ -180,6 +189,8 @@ class Overrides:
     patience: int | None = None
     max_draft: int | None = None
     draft: DraftPolicy | None = None
+    ngram_min: int | None = None
+    ngram_max: int | None = None
     kv_policy: KVPolicy | None = None
 
     def over(self, base: Overrides) -> Overrides:
@@ -205,7 +216,8 @@ class Resolved:
         """What bench, agreement and the server print: the fields that run and their provenance."""
         s = self.settings
         return {"mode": s.mode, "gate": s.gate, "threshold": s.threshold, "min_layer": s.min_layer, "stride": s.stride,
-                "patience": s.patience, "max_draft": s.max_draft, "draft": s.draft, "kv_policy": s.kv_policy,
+                "patience": s.patience, "max_draft": s.max_draft, "draft": s.draft, "ngram_min": s.ngram_min,
+                "ngram_max": s.ngram_max, "kv_policy": s.kv_policy,
                 "source": self.source, "measured_at": self.measured_at, "precision": self.precision,
                 "overridden": list(self.overridden)}
 
@@ -220,15 +232,14 @@ def resolve(stored: StoredCalibration | None, overrides: Overrides, num_layers: 
     cal, measured_at = (stored or StoredCalibration()).lookup(precision)
     base = cal.for_mode(mode) if cal is not None else None
     if base is None and mode == "exact" and cal is not None and cal.approximate is not None:
-        base = replace(cal.approximate, draft="exit")  # no exact calibration: draft at approximate's setting
+        base = replace(cal.approximate, draft="auto")  # no exact calibration: auto, exits at approximate's setting
     if base is not None and overrides.gate is not None and overrides.gate != base.gate:
         base = None  # a calibration holds for its gate
     source: Source = "calibration" if base is not None else "built-in"
     if base is None:
         gate = overrides.gate or "confidence"
         base, measured_at = ModeSetting(gate=gate, threshold=BUILTIN_THRESHOLD[gate]), None
-    values = {k: getattr(base, k) for k in ("gate", "threshold", "min_layer", "stride", "patience", "max_draft",
-                                            "draft")}
+    values = {k: getattr(base, k) for k in _FIELDS}
     given = overrides.given()
     values.update({k: v for k, v in given.items() if k != "mode"})
     settings = ExitSettings(mode=mode, **values)

@@ -14,7 +14,7 @@ head and exit head (in that format) decide; what calibrates each precision apart
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -115,47 +115,77 @@ def _head_stats(logits: Tensor, with_entropy: bool) -> tuple[Tensor, Tensor, Ten
     return conf, entropy(logits) if with_entropy else torch.full_like(conf, float("nan")), top, margin
 
 
+def _never(n: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The statistics of a level left out of a table: no gate fires there (confidence 0, entropy +inf,
+    top-1 -1: never the full model's)."""
+    zeros = torch.zeros(n, device=device)
+    return zeros, torch.full_like(zeros, float("inf")), torch.full((n,), -1, dtype=torch.long, device=device), zeros
+
+
 @torch.inference_mode()
 def states_table(head: ExitHead, full_head: Callable[[Tensor], Tensor], states: Tensor, prompt: Tensor,
-                 num_layers: int, chunk: int = 256, with_entropy: bool = True) -> LevelTable:
+                 num_layers: int, chunk: int = 256, with_entropy: bool = True,
+                 levels: Iterable[int] | None = None, desc: str | None = None) -> LevelTable:
     """The table of decode-step states (N, L+1, d): level 0 the embedding, 1..L-1 the exit levels,
-    L the final state (pre-norm); ``full_head`` maps final states to the model's logits."""
+    L the final state (pre-norm); ``full_head`` maps final states to the model's logits. ``levels``: only
+    these exit levels are evaluated (default all); at the others no gate fires (``_never``). ``desc``: a
+    progress bar over the levels with this label."""
     L = num_layers
+    wanted = set(range(1, L) if levels is None else levels)
 
     def chunks(x: Tensor, fn: Callable[[Tensor], tuple[Tensor, ...]]) -> list[Tensor]:
         parts = [fn(x[s : s + chunk]) for s in range(0, len(x), chunk)]
         return [torch.cat(p) for p in zip(*parts, strict=True)]
 
     final_conf, _, final_top, _ = chunks(states[:, L], lambda f: _head_stats(full_head(f.float()), False))
+    bar = tqdm(range(1, L), desc=desc, unit="level", disable=desc is None)
     stats = [chunks(states[:, lv], lambda h, lv=lv: _head_stats(head(h.float(), lv), with_entropy))  # type: ignore[misc]
-             for lv in range(1, L)]
+             if lv in wanted else list(_never(len(states), final_conf.device)) for lv in bar]
     conf, ent, top, margin = (torch.stack([s[k] for s in stats], dim=1).cpu() for k in range(4))
     x = states.float()
     delta = (x[:, 1:L] - x[:, : L - 1]).norm(dim=-1) / x[:, : L - 1].norm(dim=-1).clamp_min(1e-6)
     return LevelTable(conf, ent, top, final_top.cpu(), prompt.cpu(), L, margin, delta.cpu(), final_conf.cpu())
 
 
+@dataclass(frozen=True)
+class TableHead:
+    """An exit head to tabulate, and the levels it is evaluated at (None: all)."""
+
+    head: ExitHead
+    levels: tuple[int, ...] | None = None
+
+
 @torch.inference_mode()
-def _batch_table(lm: CausalLM, head: ExitHead, prompts: list[list[int]], conts: list[list[int]],
-                 chunk: int, with_entropy: bool) -> LevelTable:
+def _batch_tables(lm: CausalLM, heads: dict[str, TableHead], prompts: list[list[int]], conts: list[list[int]],
+                  chunk: int, with_entropy: bool) -> dict[str, LevelTable]:
     """Decode steps k = 1..K-1 of each continuation: the state at position len(prompt)+k-1 (fed
-    token k-1) predicts token k. Step 0 is the prefill, always full depth, so it is left out."""
+    token k-1) predicts token k. Step 0 is the prefill, always full depth, so it is left out. One forward
+    pass, one table per head."""
     outputs = all_levels(lm, [p + c for p, c in zip(prompts, conts, strict=True)])  # (B, T, L+1, d)
     rows = torch.cat([torch.full((len(c) - 1,), i) for i, c in enumerate(conts)]).to(lm.device)
     cols = torch.cat([torch.arange(len(p), len(p) + len(c) - 1) for p, c in zip(prompts, conts, strict=True)])
-    return states_table(head, lm.head, outputs[rows, cols.to(lm.device)], rows, lm.num_layers, chunk, with_entropy)
+    states = outputs[rows, cols.to(lm.device)]
+    return {k: states_table(h.head, lm.head, states, rows, lm.num_layers, chunk, with_entropy, h.levels)
+            for k, h in heads.items()}
+
+
+def level_tables(lm: CausalLM, heads: dict[str, TableHead], prompts: list[list[int]], conts: list[list[int]],
+                 batch_size: int = 8, chunk: int = 256, with_entropy: bool = True) -> dict[str, LevelTable]:
+    """The table of each head for every prompt (in order) and its continuation; see ``_batch_tables``."""
+    if not prompts or min(len(c) for c in conts) < 2:
+        raise ValueError("need at least one prompt and continuations of 2+ tokens (step 0 is the prefill)")
+    parts: dict[str, list[LevelTable]] = {k: [] for k in heads}
+    for start in tqdm(range(0, len(prompts), batch_size), desc="levels", unit="batch"):
+        end = start + batch_size
+        for k, t in _batch_tables(lm, heads, prompts[start:end], conts[start:end], chunk, with_entropy).items():
+            parts[k].append(t)
+    return {k: LevelTable.cat(v) for k, v in parts.items()}
 
 
 def level_table(lm: CausalLM, head: ExitHead, prompts: list[list[int]], conts: list[list[int]],
                 batch_size: int = 8, chunk: int = 256, with_entropy: bool = True) -> LevelTable:
-    """The table for every prompt (in order) and its continuation; see ``_batch_table``."""
-    if not prompts or min(len(c) for c in conts) < 2:
-        raise ValueError("need at least one prompt and continuations of 2+ tokens (step 0 is the prefill)")
-    tables = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="levels", unit="batch"):
-        end = start + batch_size
-        tables.append(_batch_table(lm, head, prompts[start:end], conts[start:end], chunk, with_entropy))
-    return LevelTable.cat(tables)
+    """The table for every prompt (in order) and its continuation; see ``_batch_tables``."""
+    return level_tables(lm, {"head": TableHead(head)}, prompts, conts, batch_size, chunk, with_entropy)["head"]
 
 
 def continued_table(lm: CausalLM, head: ExitHead, prompts: list[list[int]], new_tokens: int,
@@ -191,11 +221,19 @@ def engine_levels(engine: EarlyExitDecoder, ids: list[int]) -> Tensor:
 def engine_table(engine: EarlyExitDecoder, prompts: list[list[int]], conts: list[list[int]],
                  with_entropy: bool = True, chunk: int = 256) -> LevelTable:
     """``level_table`` from the engine: its blocks' states, its exit head, its full head."""
+    heads = {"head": TableHead(engine.exit_head)}
+    return engine_tables(engine, heads, prompts, conts, with_entropy, chunk)["head"]
+
+
+def engine_tables(engine: EarlyExitDecoder, heads: dict[str, TableHead], prompts: list[list[int]],
+                  conts: list[list[int]], with_entropy: bool = True, chunk: int = 256) -> dict[str, LevelTable]:
+    """``level_tables`` from the engine: its blocks' states, each head (built on its runner), its full head."""
     if not prompts or min(len(c) for c in conts) < 2:
         raise ValueError("need at least one prompt and continuations of 2+ tokens (step 0 is the prefill)")
     states, rows = [], []
     for i, (p, c) in enumerate(tqdm(list(zip(prompts, conts, strict=True)), desc="levels", unit="prompt")):
         states.append(engine_levels(engine, p + c)[len(p) : len(p) + len(c) - 1])
         rows.append(torch.full((len(c) - 1,), i))
-    return states_table(engine.exit_head, engine.runner.full_logits, torch.cat(states), torch.cat(rows),
-                        engine.num_layers, chunk, with_entropy)
+    x, r = torch.cat(states), torch.cat(rows)
+    return {k: states_table(h.head, engine.runner.full_logits, x, r, engine.num_layers, chunk, with_entropy, h.levels)
+            for k, h in heads.items()}

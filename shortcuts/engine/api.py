@@ -11,7 +11,7 @@ stops it (then nothing more of it is reported).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from shortcuts.engine.sampling import TopLogprobs
@@ -30,7 +30,9 @@ class Batch(Protocol):
     @property
     def free_slots(self) -> int: ...
 
-    def add(self, prompt_ids: Sequence[int], settings: GenerationSettings | None = None) -> SequenceHandle: ...
+    def add(self, prompt_ids: Sequence[int], settings: GenerationSettings | None = None, *,
+            stop: Callable[[], bool] | None = None, chunk: int = ...) -> SequenceHandle:
+        """Prefill ``chunk`` tokens at a time; ``stop`` (asked between chunks) raises ``Cancelled``."""
 
     def step(self) -> list[SequenceOutput]: ...
 
@@ -55,6 +57,8 @@ class Engine(Protocol):
 
     def check_settings(self, settings: GenerationSettings) -> None: ...
 
-    def score(self, prompt_ids: list[int], top_n: int = 0) -> list[tuple[float, TopLogprobs]]: ...
+    def score(self, prompt_ids: list[int], top_n: int = 0, stop: Callable[[], bool] | None = None,
+              chunk: int = ...) -> list[tuple[float, TopLogprobs]]:
+        """Prompt logprobs, ``chunk`` tokens a pass; ``stop`` (asked between chunks) raises ``Cancelled``."""
 
     def weights_report(self) -> dict[str, Any]: ...  # the weight format, its size, the load-time self-check

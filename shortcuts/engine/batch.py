@@ -27,7 +27,7 @@ that. Finished or cancelled sequences leave and free their slot for the next ``a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -36,12 +36,14 @@ from torch import Tensor
 
 from shortcuts.adapter import CausalLM
 from shortcuts.engine.cache import RowCall
+from shortcuts.engine.drafts import DraftStats, Plan, StepCosts, batch_cap
 from shortcuts.engine.exit_head import ExitHead, confidence_and_top, entropy, to_host
 from shortcuts.engine.graphs import Checked, ExitCheck
 from shortcuts.engine.learned_gate import LearnedGate, gate_features
 from shortcuts.engine.runner import LayerRunner
 from shortcuts.engine.sequence import Generation, Pending, SequenceOutput, SequenceRun
 from shortcuts.engine.settings import GenerationSettings
+from shortcuts.errors import Cancelled
 
 
 class Model(Protocol):
@@ -54,10 +56,18 @@ class Model(Protocol):
     exit_head: ExitHead
     learned_gate: LearnedGate | None
     eos_ids: tuple[int, ...]
+    draft_stats: DraftStats
+
+    @property
+    def step_costs(self) -> StepCosts: ...
 
     def check_prompt(self, prompt_ids: list[int]) -> None: ...
 
     def check_settings(self, settings: GenerationSettings) -> None: ...
+
+
+PREFILL_CHUNK = 256  # prompt tokens per forward pass in prefill and scoring; ``stop`` is asked between chunks
+Stop = Callable[[], bool]  # True: stop the work (raises ``Cancelled`` between two chunks)
 
 
 @dataclass
@@ -121,10 +131,12 @@ class BatchDecoder:
 
     @torch.inference_mode()
     def add(self, prompt_ids: Sequence[int], settings: GenerationSettings | None = None,
-            forced: list[int] | None = None) -> SequenceRun:
+            forced: list[int] | None = None, stop: Stop | None = None, chunk: int = PREFILL_CHUNK) -> SequenceRun:
         """Prefill a prompt in a free slot and pick its first token (the next ``step`` reports it); the
         sequence decodes in the steps after. A sequence done at once (one token, or a stop token)
-        frees its slot before returning. ``forced``: teacher forcing (see ``SequenceRun``)."""
+        frees its slot before returning. ``forced``: teacher forcing (see ``SequenceRun``). The prompt
+        goes through the blocks ``chunk`` tokens at a time; ``stop`` is asked before each chunk
+        (``Cancelled`` when it says so: the slot stays free)."""
         settings = settings or GenerationSettings()
         ids = [int(t) for t in prompt_ids]
         self.decoder.check_prompt(ids)
@@ -133,10 +145,12 @@ class BatchDecoder:
             raise RuntimeError(f"the batch is full ({self.max_batch_size} sequences)")
         row = self.slots.index(None)
         dec = self.decoder
+        exits = settings.exit
+        costs = dec.step_costs if exits.mode == "exact" and exits.draft == "auto" else None
         seq = SequenceRun(row, len(ids), settings, self.num_layers, self.runner.context_length, dec.eos_ids,
-                          dec.lm.device, forced, prompt=ids)
+                          dec.lm.device, forced, prompt=ids, costs=costs, draft_stats=dec.draft_stats)
         self.cache.reset_row(row)
-        logits = self._prefill(row, ids)
+        logits = self._prefill(row, ids, stop, chunk)
         if not seq.emit(seq.pick_full(logits, to_host(*confidence_and_top(logits[None]))[0])):
             self.slots[row] = seq
         self._added.append(seq)
@@ -162,8 +176,8 @@ class BatchDecoder:
         seqs = self.running
         if not seqs:
             return []
-        for s in seqs:
-            s.begin_step()
+        plans = [s.begin_step() for s in seqs]
+        self._cap_drafts(seqs, plans)
         exits = self._climb(self._start(seqs))
         self._fill_copies(exits)
         for s in seqs:
@@ -189,24 +203,48 @@ class BatchDecoder:
     def _group(self, seqs: list[SequenceRun], h: Tensor, counts: list[int], starts: list[int],
                waiting: list[int]) -> _Group:
         return _Group(seqs, h, counts, starts, waiting, RowCall([s.row for s in seqs], starts, counts, h.shape[1],
-                                                                h.device))
+                                                                h.device, self.cache.capacity))
 
-    def _prefill(self, row: int, ids: list[int]) -> Tensor:
-        """The prompt through every block in its own row (a batch of one); the last logits (V,)."""
-        n = len(ids)
-        h = self.runner.embed_rows(torch.tensor([ids]), torch.arange(n).unsqueeze(0))
-        call = RowCall([row], [0], [n], n, h.device)
-        for i in range(self.num_layers):
-            h = self.runner.block(i, h, call, self.cache)
+    def _prefill(self, row: int, ids: list[int], stop: Stop | None = None, chunk: int = PREFILL_CHUNK) -> Tensor:
+        """The prompt through every block in its own row (a batch of one), ``chunk`` tokens at a time;
+        the last logits (V,)."""
+        n, size = len(ids), max(chunk, 1)
+        h = None
+        for a in range(0, n, size):
+            if stop is not None and stop():
+                self.cache.reset_row(row)
+                raise Cancelled(f"prefill stopped after {a} of {n} tokens")
+            q = min(size, n - a)
+            h = self.runner.embed_rows(torch.tensor([ids[a : a + q]]), torch.arange(a, a + q).unsqueeze(0))
+            call = RowCall([row], [a], [q], q, h.device)
+            for i in range(self.num_layers):
+                h = self.runner.block(i, h, call, self.cache)
+        assert h is not None
         return self.runner.full_logits(h[0, -1])
 
     # --- one step --------------------------------------------------------------------------------
+    def _cap_drafts(self, seqs: list[SequenceRun], plans: list[Plan]) -> None:
+        """Cap the ``auto`` rows' n-gram drafts at what pays for the whole batch (``drafts.batch_cap``:
+        its chunk is padded to the longest row)."""
+        if len(seqs) < 2 or not any(p.source == "ngram" and len(p.yields) > 1 for p in plans):
+            return
+        cap = batch_cap(plans, self.decoder.step_costs, max(s.length for s in seqs))
+        if cap is not None:
+            for s, p in zip(seqs, plans, strict=True):
+                if len(p.yields) > 1:
+                    s.cap(cap)
+
     def _start(self, seqs: list[SequenceRun]) -> _Group:
-        """Every running sequence's next token at its position, one row each."""
-        ids = torch.tensor([[s.next_token] for s in seqs])
+        """Every running sequence's fed tokens (its next token, then any n-gram drafts) at its
+        position, one row each, right-padded to the longest."""
+        feeds = [s.feed for s in seqs]
+        counts = [len(f) for f in feeds]
+        q = max(counts)
+        ids = torch.tensor([f + [f[-1]] * (q - len(f)) for f in feeds])
         starts = [s.length for s in seqs]
-        h = self.runner.embed_rows(ids, torch.tensor(starts).unsqueeze(1))
-        return self._group(seqs, h, [1] * len(seqs), starts, [len(s.pending) for s in seqs])
+        positions = (torch.tensor(starts).unsqueeze(1) + torch.arange(q)).clamp(max=self.runner.context_length - 1)
+        h = self.runner.embed_rows(ids, positions)
+        return self._group(seqs, h, counts, starts, [len(s.pending) for s in seqs])
 
     def _climb(self, g: _Group) -> list[_Exit]:
         """Blocks 1..L for the rows still climbing, a run of blocks at a time (``runner.segment``) from one

@@ -24,10 +24,14 @@ from torch import Tensor
 
 
 class RowCall:
-    """Rows, first positions and real token counts of one call with q tokens per row."""
+    """Rows, first positions and real token counts of one call with q tokens per row.
+
+    ``limit`` (the cache's capacity): padding that would run past it is written at position limit - 1
+    instead, which no real token reaches (a sequence's fed positions stop at its context - 2: its last
+    token is never fed), so a short row next to a long chunk never overflows the cache."""
 
     def __init__(self, rows: Sequence[int], starts: Sequence[int], counts: Sequence[int], q: int,
-                 device: torch.device):
+                 device: torch.device, limit: int | None = None):
         if not rows or not len(rows) == len(starts) == len(counts):
             raise ValueError("a call needs one start and one count per row, and at least one row")
         self.rows, self.starts, self.counts, self.q = list(rows), list(starts), list(counts), q
@@ -38,6 +42,12 @@ class RowCall:
         first = self.rows[0]
         self.span = (first, first + len(self.rows)) if self.rows == list(range(first, first + len(self.rows))) else None
         self.positions = torch.tensor(self.starts, device=device).unsqueeze(1) + torch.arange(q, device=device)
+        if limit is not None and self.kv_len > limit:
+            if max(s + c for s, c in zip(self.starts, self.counts, strict=True)) >= limit:
+                raise ValueError(f"real positions up to {limit - 1} would fill the cache's last slot")
+            self.kv_len = limit
+            self.positions = self.positions.clamp(max=limit - 1)
+        self.limit = limit
         self._masks: dict[int | None, Tensor | None] = {}
         self.rope: dict[str | None, tuple[Tensor, Tensor]] = {}  # rotary cos/sin per kind (runner._rotary)
         self._moved: dict[torch.device, RowCall] = {device: self}
@@ -64,7 +74,7 @@ class RowCall:
         """The same call with its index tensors on another device (blocks split over devices); made
         once per device, so the blocks of a device share its masks and rotary lookups."""
         if device not in self._moved:
-            self._moved[device] = RowCall(self.rows, self.starts, self.counts, self.q, device)
+            self._moved[device] = RowCall(self.rows, self.starts, self.counts, self.q, device, self.limit)
             self._moved[device]._moved = self._moved
         return self._moved[device]
 

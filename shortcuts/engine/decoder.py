@@ -29,12 +29,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from shortcuts.adapter import CausalLM
-from shortcuts.engine.batch import BatchDecoder
+from shortcuts.engine.batch import PREFILL_CHUNK, BatchDecoder, Stop
+from shortcuts.engine.drafts import DraftStats, StepCosts
 from shortcuts.engine.exit_head import ExitHead
 from shortcuts.engine.runner import LayerRunner, SelfCheck
 from shortcuts.engine.sampling import TopLogprobs
 from shortcuts.engine.sequence import Generation, SequenceRun, Stats, TokenTrace
 from shortcuts.engine.settings import GenerationSettings, Quantization
+from shortcuts.errors import Cancelled
 from shortcuts.jump import LowRankJumps
 
 if TYPE_CHECKING:
@@ -79,6 +81,21 @@ class EarlyExitDecoder:
         eos = lm.config.eos_token_id
         self.eos_ids: tuple[int, ...] = () if eos is None else tuple(eos) if isinstance(eos, list) else (int(eos),)
         self._single: BatchDecoder | None = None
+        self._step_costs: StepCosts | None = None
+        self.draft_stats = DraftStats()  # what exact mode's rows learned about their drafts (the auto policy)
+
+    @property
+    def step_costs(self) -> StepCosts:
+        """The measured cost of full-depth steps by chunk size, which exact mode's ``auto`` draft
+        policy weighs drafts with: timed on first use (``StepCosts.measure``, about 30 passes of the
+        model; a server times it at start-up), or set."""
+        if self._step_costs is None:
+            self._step_costs = StepCosts.measure(self)
+        return self._step_costs
+
+    @step_costs.setter
+    def step_costs(self, costs: StepCosts) -> None:
+        self._step_costs = costs
 
     @property
     def single(self) -> BatchDecoder:
@@ -134,29 +151,39 @@ class EarlyExitDecoder:
         return self._alone(self.single.add(prompt_ids, settings, forced=list(continuation))).picked[1:]
 
     @torch.inference_mode()
-    def score(self, prompt_ids: list[int], top_n: int = 0) -> list[tuple[float, TopLogprobs]]:
+    def score(self, prompt_ids: list[int], top_n: int = 0, stop: Stop | None = None,
+              chunk: int = PREFILL_CHUNK) -> list[tuple[float, TopLogprobs]]:
         """The full model's log-probability of each token of ``prompt_ids`` after the first, given the
-        tokens before it, with the ``top_n`` most likely (token, logprob) there: one forward pass in a
-        cache of its own (prompt scoring, OpenAI's ``echo`` with ``max_tokens`` 0)."""
+        tokens before it, with the ``top_n`` most likely (token, logprob) there: a forward pass in a
+        cache of its own (prompt scoring, OpenAI's ``echo`` with ``max_tokens`` 0), ``chunk`` tokens at a
+        time; ``stop`` is asked before each chunk (``Cancelled`` when it says so)."""
         self.check_prompt(prompt_ids)
         ids = torch.tensor([prompt_ids])
-        logits = self.runner.forward(ids, self.runner.new_cache(1, capacity=len(prompt_ids)), start=0)  # (1, n, V)
-        lp = torch.log_softmax(logits[0, :-1].float(), dim=-1)  # (n-1, V)
-        targets = ids[0, 1:].to(lp.device)
-        chosen = lp.gather(1, targets[:, None])[:, 0].tolist()
-        if not top_n:
-            return [(c, ()) for c in chosen]
-        top = lp.topk(min(top_n, lp.shape[-1]), dim=-1)
-        pairs = [tuple(zip(i, v, strict=True)) for i, v in zip(top.indices.tolist(), top.values.tolist(), strict=True)]
-        return list(zip(chosen, pairs, strict=True))
+        n = len(prompt_ids)
+        cache = self.runner.new_cache(1, capacity=n)
+        out: list[tuple[float, TopLogprobs]] = []
+        for a in range(0, n - 1, max(chunk, 1)):
+            if stop is not None and stop():
+                raise Cancelled(f"scoring stopped after {a} of {n} tokens")
+            b = min(a + max(chunk, 1), n - 1)  # positions a..b-1 predict tokens a+1..b
+            logits = self.runner.forward(ids[:, a:b], cache, start=a)  # (1, b-a, V)
+            lp = torch.log_softmax(logits[0].float(), dim=-1)  # (b-a, V)
+            targets = ids[0, a + 1 : b + 1].to(lp.device)
+            chosen = lp.gather(1, targets[:, None])[:, 0].tolist()
+            if not top_n:
+                out += [(c, ()) for c in chosen]
+                continue
+            top = lp.topk(min(top_n, lp.shape[-1]), dim=-1)
+            pairs = [tuple(zip(i, v, strict=True)) for i, v in zip(top.indices.tolist(), top.values.tolist(),
+                                                                    strict=True)]
+            out += list(zip(chosen, pairs, strict=True))
+        return out
 
     def check_settings(self, settings: GenerationSettings) -> None:
         """ValueError for settings this decoder cannot honour: exit levels outside the model, a
         learned gate it does not have."""
         exits = settings.exit
         exits.check_levels(self.num_layers)
-        if exits.mode == "exact" and exits.draft in ("ngram", "auto"):
-            raise ValueError(f"draft={exits.draft!r} is not implemented by this engine yet; use 'exit' or 'none'")
         if exits.mode != "off" and exits.gate == "learned" and self.learned_gate is None:
             raise ValueError("gate='learned' needs a jump artifact with a learned gate (onejump calibrate --gates "
                              "learned); this server's has none")

@@ -140,7 +140,9 @@ class _Copies:
 class ExitHead:
     """Logits at an exit level: head(jump(h_l)). ``jump`` None is the identity shortcut
     (the logit lens, head(h_l)). A bank of one jump serves every level; a bank of L-1 jumps
-    uses jump l-1 at level l.
+    uses jump l-1 at level l. At ``lens_levels`` (default: the jump's own, ``LowRankJumps.with_lens``)
+    the head is the logit lens instead: the levels where it predicts better than the jump (late ones),
+    at the price of a full head per check.
 
     Each level's check runs on the device of block l (``Placement.check``): its tensors are copied
     there once, at construction (``levels``), so a token that exits at level l touches no device
@@ -151,8 +153,13 @@ class ExitHead:
     so before ``LayerRunner.release_model_weights``."""
 
     @torch.no_grad()
-    def __init__(self, lm: CausalLM, jump: LowRankJumps | None, runner: FullHead | None = None):
+    def __init__(self, lm: CausalLM, jump: LowRankJumps | None, runner: FullHead | None = None,
+                 lens_levels: tuple[int, ...] | None = None):
         self.num_layers = lm.num_layers
+        self.lens_levels = frozenset((jump.lens_levels if jump is not None else ()) if lens_levels is None
+                                     else lens_levels)
+        if bad := [lv for lv in self.lens_levels if not 1 <= lv < lm.num_layers]:
+            raise ValueError(f"lens levels {sorted(bad)} must be in [1, {lm.num_layers - 1}]")
         self.placement = lm.placement()
         self.quantization: Quantization = "none" if runner is None else runner.quantization
         ctx = HeadContext.from_model(lm).to(lm.device)
@@ -205,6 +212,9 @@ class ExitHead:
                head: Linear | None) -> LevelHead:
         """The head at ``level`` on its block's device, from the copies made there so far."""
         dev, j = self.placement.check(level), self.index(level)
+        if level in self.lens_levels:  # the logit lens: the model's own final norm and head on h_l
+            level_norm, level_head = copies.full_head(dev, ctx, norm, head)
+            return LevelHead(dev, "identity", norm=level_norm, head=level_head, dtype=self.dtype, softcap=self.softcap)
         if self.kind != "fused":
             jump = None if self.jump is None else copies.jump(dev, self.jump)
             level_norm, level_head = copies.full_head(dev, ctx, norm, head)

@@ -160,9 +160,10 @@ class _Segment:
             for _ in range(2):
                 self.body()
         torch.cuda.current_stream(self.h.device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
             self.out = self.body()
+        self.graph = graph  # only a capture that succeeded is replayed
 
     def run(self, h: Tensor, call: RowCall) -> Tensor:
         """The blocks on the call's rows (h (n, q, d), n and q at most the shape's); returns (n, q, d)."""

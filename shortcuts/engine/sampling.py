@@ -27,23 +27,59 @@ def make_generator(seed: int | None, device: str | torch.device = "cpu") -> torc
     return gen
 
 
+class Processors:
+    """vLLM's logits processors for one sequence, prepared once per request: the prompt's tokens as a
+    mask and the bias as a dense row, per device and vocabulary size. A head's logits then cost a few
+    whole-row tensor ops, whatever the number of biased tokens or the prompt's length."""
+
+    def __init__(self, s: GenerationSettings, prompt: Sequence[int]):
+        self.s = s
+        self.prompt = sorted(set(prompt)) if s.repetition_penalty != 1.0 else []
+        self._rows: dict[tuple[torch.device, int], tuple[Tensor | None, Tensor | None]] = {}
+
+    def _prepared(self, device: torch.device, vocab: int) -> tuple[Tensor | None, Tensor | None]:
+        """(prompt mask (V,) bool or None, bias (V,) float32 or None) on ``device``."""
+        key = (device, vocab)
+        if key not in self._rows:
+            mask = bias = None
+            if self.prompt:
+                mask = torch.zeros(vocab, dtype=torch.bool)
+                mask[torch.tensor([t for t in self.prompt if t < vocab], dtype=torch.long)] = True
+                mask = mask.to(device)
+            pairs = [(t, b) for t, b in self.s.logit_bias if t < vocab]
+            if pairs:
+                bias = torch.zeros(vocab, dtype=torch.float32)
+                bias[torch.tensor([t for t, _ in pairs])] = torch.tensor([b for _, b in pairs], dtype=torch.float32)
+                bias = bias.to(device)
+            self._rows[key] = (mask, bias)
+        return self._rows[key]
+
+    def __call__(self, logits: Tensor, output: Sequence[int]) -> Tensor:
+        """The processed row (V,) float32: the repetition penalty on every token of the prompt and
+        the output, the frequency and presence penalties on the output's tokens, then the bias.
+        The input is not changed."""
+        s, given = self.s, logits
+        logits = logits.float()
+        dev, vocab = logits.device, logits.shape[-1]
+        prompt_mask, bias = self._prepared(dev, vocab)
+        out = torch.tensor(list(output), dtype=torch.long, device=dev) if output else None
+        if s.repetition_penalty != 1.0 and (prompt_mask is not None or out is not None):
+            seen = prompt_mask.clone() if prompt_mask is not None else torch.zeros(vocab, dtype=torch.bool, device=dev)
+            if out is not None:
+                seen[out] = True
+            scaled = torch.where(logits > 0, logits / s.repetition_penalty, logits * s.repetition_penalty)
+            logits = torch.where(seen, scaled, logits)
+        if out is not None and (s.frequency_penalty or s.presence_penalty):
+            counts = torch.bincount(out, minlength=vocab)[:vocab].float()
+            logits = logits - (s.frequency_penalty * counts + s.presence_penalty * (counts > 0).float())
+        if bias is not None:
+            logits = logits + bias
+        return logits.clone() if logits is given else logits
+
+
 def penalize(logits: Tensor, s: GenerationSettings, prompt: Sequence[int], output: Sequence[int]) -> Tensor:
-    """vLLM's logits processors on one row (V,): the repetition penalty on every token of the prompt
-    and the output, the frequency and presence penalties on the output's tokens, then the bias.
-    Returns a new float32 row (the input is not changed)."""
-    logits = logits.float().clone()
-    dev, vocab = logits.device, logits.shape[-1]
-    if s.repetition_penalty != 1.0 and (prompt or output):
-        seen = torch.tensor(sorted(set(prompt) | set(output)), device=dev)
-        v = logits[seen]
-        logits[seen] = torch.where(v > 0, v / s.repetition_penalty, v * s.repetition_penalty)
-    if output and (s.frequency_penalty or s.presence_penalty):
-        ids, counts = torch.unique(torch.tensor(list(output), device=dev), return_counts=True)
-        logits[ids] -= s.frequency_penalty * counts.float() + s.presence_penalty
-    for token, bias in s.logit_bias:
-        if token < vocab:
-            logits[token] += bias
-    return logits
+    """``Processors(s, prompt)`` applied once to a row (V,); returns a new float32 row."""
+    return Processors(s, prompt)(logits, output)
 
 
 def distribution(logits: Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0,

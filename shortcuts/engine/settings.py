@@ -56,9 +56,11 @@ class ExitSettings:
         skipped together with the next token that goes deeper (exact keys/values, delayed);
         "copy" fills the skipped layers' keys/values at once from the exit state.
     max_draft: in exact mode, the most drafted tokens verified by one full-depth pass.
-    draft: in exact mode, where drafts come from: "exit" (the exit head, self-speculation), "ngram"
-        (the longest suffix match in the prompt and output), "auto" (per step, whichever source is
-        predicted to pay), "none" (never draft: full depth).
+    draft: in exact mode, where drafts come from (``drafts``): "exit" (the exit head, self-speculation),
+        "ngram" (the longest suffix match in the prompt and output, prompt lookup), "auto" (per step and
+        per row, the source predicted to yield the most tokens per second, or none), "none" (never
+        draft: full depth).
+    ngram_min, ngram_max: the suffix lengths the n-gram lookup matches, longest first.
     """
 
     mode: Mode = "exact"
@@ -68,8 +70,10 @@ class ExitSettings:
     min_layer: int = 1
     stride: int = 1
     kv_policy: KVPolicy = "catchup"
-    max_draft: int = 4
-    draft: DraftPolicy = "exit"
+    max_draft: int = 8
+    draft: DraftPolicy = "auto"
+    ngram_min: int = 1
+    ngram_max: int = 4
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
@@ -87,6 +91,8 @@ class ExitSettings:
         _check_int("min_layer", self.min_layer, 1)
         _check_int("stride", self.stride, 1)
         _check_int("max_draft", self.max_draft, 1)
+        _check_int("ngram_min", self.ngram_min, 1)
+        _check_int("ngram_max", self.ngram_max, self.ngram_min)
         if self.mode == "exact" and self.kv_policy != "catchup":
             raise ValueError(f"mode='exact' needs kv_policy='catchup' (verification recomputes the skipped "
                              f"layers exactly); got kv_policy={self.kv_policy!r}")

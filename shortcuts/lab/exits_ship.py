@@ -27,11 +27,11 @@ from shortcuts.calibration.costs import cost_models, measure, predicted_speedup
 from shortcuts.calibration.replay import bootstrap_lower_bound, fit_learned_gate, oracle_levels, replay
 from shortcuts.calibration.search import Calibration, SearchSpace, calibrate
 from shortcuts.calibration.table import LevelTable
+from shortcuts.calibration.traces import Traces
 from shortcuts.engine.learned_gate import LearnedGate
 from shortcuts.heads import HeadContext
 from shortcuts.jump import LowRankJumps
 from shortcuts.lab.exits_study import table_for
-from shortcuts.lab.traces import Traces
 
 
 def report(table: LevelTable, found: Calibration, gate: LearnedGate | None, ms: dict[str, float]) -> dict[str, Any]:

@@ -32,52 +32,20 @@ from shortcuts.adapter import CausalLM
 from shortcuts.artifact import JumpArtifact
 from shortcuts.calibration.replay import oracle_levels
 from shortcuts.calibration.table import LevelTable, states_table
+from shortcuts.calibration.traces import Traces
 from shortcuts.collect import StateSet
 from shortcuts.engine.exit_head import ExitHead
 from shortcuts.evaluate import choose, evaluate_method, model_top1, ojfa_scores
 from shortcuts.heads import HeadContext
-from shortcuts.jump import JumpConfig, LowRankJumps, cosine_score
-from shortcuts.lab.traces import Traces
-from shortcuts.train import KLToModel, MSEToFinal, TrainConfig, train_bank
-
-
-def level_stats(by_level: Tensor) -> tuple[Tensor, Tensor]:
-    """Each level's input mean and variance over the samples: (L-1, N, d) -> (L-1, d), (L-1, d)."""
-    return by_level.mean(1), by_level.var(1, unbiased=False)
-
-
-def compose_level_norm(jump: LowRankJumps, mean: Tensor, var: Tensor) -> LowRankJumps:
-    """A jump trained on per-level standardised inputs (x - mean_l) / sqrt(var_l + eps), as one jump on
-    raw inputs with per-level BatchNorm statistics (exact: both standardisations are affine)."""
-    eps = jump.config.bn_eps
-    s = torch.sqrt(var + eps)  # (L-1, d)
-    return jump.with_level_norm(mean + s * jump.running_mean, s.square() * (jump.running_var + eps) - eps)
-
-
-def train_per_level(inputs: Tensor, final: Tensor, ctx: HeadContext, rank: int, kl_epochs: int,
-                    seed: int = 0) -> tuple[LowRankJumps, LowRankJumps]:
-    """N-NJTC banks (one pure jump per level): MSE (20 epochs), then KL from it."""
-    torch.manual_seed(seed)
-    mse = LowRankJumps(JumpConfig(inputs.shape[-1], rank), n=inputs.shape[0])
-    train_bank(mse, inputs, final, MSEToFinal(), TrainConfig(epochs=20, seed=seed), desc="bank mse")
-    kl = LowRankJumps(JumpConfig(inputs.shape[-1], rank, objective="kl"), n=inputs.shape[0])
-    kl.load_state_dict(mse.state_dict())
-    train_bank(kl, inputs, final, KLToModel(ctx), TrainConfig(epochs=kl_epochs, seed=seed), desc="bank kl",
-               chunk=4, data_init=False)
-    return mse, kl
+from shortcuts.jump import LowRankJumps, cosine_score
+from shortcuts.train import JointConfig, level_stats, train_per_level
+from shortcuts.train import train_joint as joint
 
 
 def train_joint(inputs: Tensor, final: Tensor, ctx: HeadContext, rank: int, level_norm: bool, epochs: int = 4,
                 kl_epochs: int = 1, seed: int = 0) -> LowRankJumps:
     """One pure jump on all levels pooled: MSE then KL, on raw or per-level standardised inputs."""
-    mean, var = level_stats(inputs)
-    x = (inputs - mean[:, None]) / torch.sqrt(var[:, None] + 1e-5) if level_norm else inputs
-    torch.manual_seed(seed)
-    jump = LowRankJumps(JumpConfig(inputs.shape[-1], rank, objective="kl"), n=1)
-    train_bank(jump, x, final, MSEToFinal(), TrainConfig(epochs=epochs, batch_size=32, seed=seed), desc="joint mse")
-    train_bank(jump, x, final, KLToModel(ctx), TrainConfig(epochs=kl_epochs, batch_size=16, seed=seed),
-               desc="joint kl", data_init=False)
-    return compose_level_norm(jump, mean, var) if level_norm else jump
+    return joint(inputs, final, ctx, JointConfig(rank, epochs, kl_epochs, seed=seed, level_norm=level_norm))
 
 
 def table_for(lm: CausalLM, ctx: HeadContext, jump: LowRankJumps | None, traces: Traces,

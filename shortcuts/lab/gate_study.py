@@ -19,11 +19,11 @@ from shortcuts.artifact import JumpArtifact
 from shortcuts.calibration.costs import cost_models
 from shortcuts.calibration.replay import gate_training_rows
 from shortcuts.calibration.search import search
+from shortcuts.calibration.traces import Traces
 from shortcuts.engine.learned_gate import LearnedGate
 from shortcuts.heads import HeadContext
 from shortcuts.lab.exits_ship import report
 from shortcuts.lab.exits_study import table_for
-from shortcuts.lab.traces import Traces
 
 
 def main(argv: list[str] | None = None) -> None:

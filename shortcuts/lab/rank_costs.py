@@ -1,39 +1,45 @@
-"""Check cost against rank, measured: ``python -m shortcuts.lab.rank_costs --ranks 8 16 32 64``.
+"""Check cost against rank, measured as decoding sees it: ``python -m shortcuts.lab.rank_costs --ranks 8 16 32 64``.
 
-Times one decoder block and, for random pure jumps of each rank, the fused exit head and a full
-confidence check (head + max probability), medians of ``--repeats`` runs, one thread."""
+A block is timed over whole passes through every block (one token, 64 cached positions), and right after a
+pass (cold caches, as in decoding) the full head, the logit-lens check (the model's own head on h_l and the
+max probability) and, for a random pure jump of each rank, the fused exit head and its confidence check; all
+interleaved repeat by repeat (``calibration.costs.interleaved``), medians, one thread."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 
 import torch
 
 from shortcuts.adapter import CausalLM
 from shortcuts.assets import default_model_dir
-from shortcuts.calibration.costs import measure
+from shortcuts.calibration.costs import BlockPass, interleaved
 from shortcuts.engine.exit_head import ExitHead, confidence_and_top, to_host
+from shortcuts.engine.runner import LayerRunner
 from shortcuts.jump import JumpConfig, LowRankJumps
-from shortcuts.timing import median_seconds
 
 
 @torch.inference_mode()
-def rank_costs(lm: CausalLM, ranks: tuple[int, ...], repeats: int = 30) -> dict[int, dict[str, float]]:
-    """The fused exit head and check (confidence) at each rank, ms and blocks, with random jumps."""
-    ms_block = measure(lm, None, repeats=repeats)["block"]
-    state, level, out = torch.randn(1, lm.hidden_size), lm.num_layers // 2, {}
+def rank_costs(lm: CausalLM, ranks: tuple[int, ...], repeats: int = 30) -> dict[str, dict[str, float]]:
+    """ms and blocks of the full head, the lens check, and each rank's fused exit head and check."""
+    runner = LayerRunner(lm, 128)
+    one = BlockPass(runner, 1)
+    state, level = one.h[0].float(), lm.num_layers // 2
+    lens = ExitHead(lm, None)
+    after: dict[str, Callable[[], object]] = {"full head": lambda: runner.full_logits(state),
+                                              "lens check": lambda: to_host(*confidence_and_top(lens(state, level)))}
     for r in ranks:
         torch.manual_seed(r)
         jump = LowRankJumps(JumpConfig(lm.hidden_size, r), n=1).eval()
         with torch.no_grad():
             jump.lora_B.normal_()
         head = ExitHead(lm, jump)
-        t_head = 1000 * median_seconds(lambda head=head: head(state, level), repeats)  # type: ignore[misc]
-        t_check = 1000 * median_seconds(lambda head=head: to_host(*confidence_and_top(head(state, level))), repeats)  # type: ignore[misc]
-        out[r] = {"head_ms": t_head, "check_ms": t_check, "head_blocks": t_head / ms_block,
-                  "check_blocks": t_check / ms_block}
-    return out
+        after[f"r={r} head"] = lambda head=head: head(state, level)  # type: ignore[misc]
+        after[f"r={r} check"] = lambda head=head: to_host(*confidence_and_top(head(state, level)))  # type: ignore[misc]
+    t = interleaved({"block": one}, after, one, repeats)
+    return {k: {"ms": round(1000 * v, 4), "blocks": round(v / t["block"], 4)} for k, v in t.items()}
 
 
 def main(argv: list[str] | None = None) -> None:

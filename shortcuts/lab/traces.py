@@ -23,19 +23,17 @@ import inspect
 import json
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
-from torch import Tensor
-from tqdm import tqdm
 
 from shortcuts.adapter import CausalLM
 from shortcuts.assets import default_model_dir, is_clean, split_sentences, wiki_split
-from shortcuts.calibration.table import all_levels, continuations
+from shortcuts.calibration.traces import Traces, decode_traces, trace_states
 from shortcuts.collect import cached_states, read_corpus, sample_sentences
 from shortcuts.prompts import article_split, tokenize_prompts
+
+__all__ = ["Traces", "build", "docstring_sentences", "trace_states", "val_test_prompts"]
 
 OOD_MODULES = (
     "argparse", "ast", "asyncio", "base64", "bisect", "calendar", "collections", "concurrent.futures",
@@ -103,68 +101,11 @@ def parse_study(p: argparse.ArgumentParser, argv: list[str] | None) -> tuple[arg
     return a, out
 
 
-# --- traces ------------------------------------------------------------------------------------------
-@dataclass
-class Traces:
-    """States at every decode step of every prompt. states: (N, L+1, d) float16, level 0 = embedding;
-    prompt: (N,) prompt index; step: (N,) decode step k (1..K-1) in its prompt's continuation."""
-
-    states: Tensor
-    prompt: Tensor
-    step: Tensor
-
-    def __len__(self) -> int:
-        return int(self.prompt.shape[0])
-
-    @property
-    def num_layers(self) -> int:
-        return self.states.shape[1] - 1
-
-    def levels(self, rows: Tensor | slice = slice(None)) -> Tensor:
-        """Exit-level states (L-1, n, d) float32 of the chosen rows (levels 1..L-1)."""
-        return self.states[rows, 1:-1].float().transpose(0, 1)
-
-    def final(self, rows: Tensor | slice = slice(None)) -> Tensor:
-        return self.states[rows, -1].float()
-
-    def sample(self, per_prompt: int, seed: int = 0) -> Tensor:
-        """Row indices: up to ``per_prompt`` random steps of each prompt."""
-        g = torch.Generator().manual_seed(seed)
-        rows = []
-        for p in range(int(self.prompt.max()) + 1):
-            idx = torch.nonzero(self.prompt == p).flatten()
-            rows.append(idx[torch.randperm(len(idx), generator=g)[:per_prompt]])
-        return torch.cat(rows).sort().values
-
-    def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"states": self.states.contiguous(), "prompt": self.prompt, "step": self.step}, str(path))
-
-    @classmethod
-    def load(cls, path: Path) -> Traces:
-        t = load_file(str(path))
-        return cls(t["states"], t["prompt"], t["step"])
-
-
-def trace_states(lm: CausalLM, prompts: list[list[int]], conts: list[list[int]], batch_size: int = 16,
-                 desc: str = "trace") -> Traces:
-    """Every decode step k >= 1 of each continuation: the state at position len(prompt)+k-1."""
-    states, prompt_ix, steps = [], [], []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
-        ps, cs = prompts[start : start + batch_size], conts[start : start + batch_size]
-        out = all_levels(lm, [p + c for p, c in zip(ps, cs, strict=True)])
-        for i, (p, c) in enumerate(zip(ps, cs, strict=True)):
-            cols = torch.arange(len(p), len(p) + len(c) - 1)
-            states.append(out[i, cols].half().cpu())
-            prompt_ix.append(torch.full((len(cols),), start + i))
-            steps.append(torch.arange(1, len(c)))
-    return Traces(torch.cat(states), torch.cat(prompt_ix), torch.cat(steps))
-
-
+# --- traces (``shortcuts.calibration.traces``) ---------------------------------------------------------------
 def build(lm: CausalLM, texts: list[str], n: int, new_tokens: int, seed: int, desc: str) -> tuple[Traces, dict]:
     prompts = tokenize_prompts(lm, texts, n, seed)
-    conts = continuations(lm, prompts, new_tokens)
-    return trace_states(lm, prompts, conts, desc=desc), {"prompts": prompts, "continuations": conts}
+    traces, conts = decode_traces(lm, prompts, new_tokens, desc=desc)
+    return traces, {"prompts": prompts, "continuations": conts}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,8 +16,9 @@ import torch
 from shortcuts.adapter import CausalLM
 from shortcuts.artifact import JumpArtifact
 from shortcuts.engine.cache import KVCache, RowCall
+from shortcuts.engine.decoder import EarlyExitDecoder
 from shortcuts.engine.runner import LayerRunner
-from shortcuts.engine.sequence import SequenceRun
+from shortcuts.engine.sequence import Generation, SequenceRun
 from shortcuts.engine.settings import ExitSettings, GenerationSettings
 from shortcuts.jump import JumpConfig, LowRankJumps
 
@@ -182,3 +183,13 @@ def catch_up(runner: LayerRunner, cache: KVCache, seq: SequenceRun) -> None:
         call = RowCall([seq.row], [seq.length - joined], [joined], joined, h.device)
         h = runner.block(i, h, call, cache)
     pending.clear()
+
+
+def decode_alone(dec: EarlyExitDecoder, ids: list[int],
+                 s: GenerationSettings) -> tuple[Generation, KVCache, SequenceRun]:
+    """Decode in a batch of one; the generation, and the batch's cache and sequence to inspect."""
+    batch = dec.batch(1)
+    seq = batch.add(ids, s)
+    while not seq.done:
+        batch.step()
+    return seq.generation, batch.cache, seq

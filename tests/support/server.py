@@ -65,3 +65,24 @@ def metrics(url: str) -> dict[str, float]:
 def metric(url: str, name: str, **labels: str) -> float:
     return sum(v for k, v in metrics(url).items()
                if k.startswith(name + "{") and all(f'"{a}": "{b}"' in k for a, b in labels.items()))
+
+
+ERROR_KEYS = {"message", "type", "param", "code"}
+
+
+def openai_error(r: httpx.Response, status: int) -> dict:
+    """The one error body: {"error": {"message", "type", "param", "code"}} with the HTTP status as code."""
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    body = r.json()
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) == ERROR_KEYS, body
+    assert body["error"]["code"] == status
+    assert body["error"]["message"]
+    return body["error"]
+
+
+def post(url: str, body: object, path: str = "/v1/completions", headers: dict | None = None) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(f"{url}{path}", content=content, headers={"content-type": "application/json"} | (headers or {}),
+                      timeout=60)

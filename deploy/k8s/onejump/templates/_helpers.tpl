@@ -66,10 +66,16 @@ capabilities:
   drop: [ALL]
 {{- end -}}
 
+{{/* where the API key's Secret is mounted as a file (ONEJUMP_API_KEY_FILE) */}}
+{{- define "onejump.apiKeyFile" -}}
+{{- printf "%s/api-key" .Values.apiKey.mountPath -}}
+{{- end -}}
+
 {{/*
 The /ready check. Without an API key an httpGet; with one, /ready answers 401 to a probe without the key and
-kubelet's httpGet headers cannot come from a Secret, so an exec probe sends ONEJUMP_API_KEY with Python's urllib
-(the image has no curl). urlopen raises on any status >= 400: the probe fails with a non-zero exit.
+kubelet's httpGet headers cannot come from a Secret, so an exec probe sends the key read from ONEJUMP_API_KEY_FILE
+with Python's urllib (the image has no curl). urlopen raises on any status >= 400: the probe fails with a non-zero
+exit.
 */}}
 {{- define "onejump.readyCheck" -}}
 {{- if .Values.apiKey.existingSecret -}}
@@ -77,7 +83,7 @@ exec:
   command:
     - python
     - -c
-    - "import os, urllib.request as u; u.urlopen(u.Request('http://127.0.0.1:%s/ready' % os.environ['ONEJUMP_PORT'], headers={'Authorization': 'Bearer ' + os.environ['ONEJUMP_API_KEY']}), timeout=4)"
+    - "import os, urllib.request as u; k = open(os.environ['ONEJUMP_API_KEY_FILE']).read().strip(); u.urlopen(u.Request('http://127.0.0.1:%s/ready' % os.environ['ONEJUMP_PORT'], headers={'Authorization': 'Bearer ' + k}), timeout=4)"
 {{- else -}}
 httpGet:
   path: /ready
