@@ -40,8 +40,10 @@ micro-bench: assets
 test: assets deploy-tools
 	$(PY) -m pytest
 
+# math, tiny models and HTTP on tiny models (< 3 min); `make test` runs every tier
+FAST := not real and not slow and not fuzz and not k8s and not subprocess and not timing and not cuda
 test-fast: setup
-	$(PY) -m pytest -m "not real"
+	$(PY) -m pytest -m "$(FAST)"
 
 lint: setup
 	$(VENV)/bin/ruff check shortcuts service loadtest tests deploy evals

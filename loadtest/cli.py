@@ -10,9 +10,7 @@ from typing import NoReturn
 
 from loadtest.prompts import DEFAULT_PROMPTS
 from loadtest.records import Arm, LoadPoint, LoadtestError
-
-MODES = ("off", "approximate", "exact")
-GATES = ("confidence", "entropy", "patience")
+from shortcuts.engine.settings import GATES, MODES  # the request's early_exit literals (torch-free)
 
 
 class Parser(argparse.ArgumentParser):

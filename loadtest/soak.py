@@ -33,8 +33,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from loadtest.client import auth_headers, check_target, preflight, stream_request
 from loadtest.prompts import DEFAULT_PROMPTS, load_prompts
 from loadtest.records import LoadtestError, Record
+from shortcuts.engine.settings import MODES
 
-MODES = ("off", "approximate", "exact")
 COUNTERS = {  # metric sample -> what the responses say it must have grown by
     "onejump_request_success_total": "requests finished",
     "onejump_request_failure_total": "requests failed",

@@ -1,4 +1,7 @@
-"""Model and jump loading for the service (runs in the engine's thread, never on the event loop)."""
+"""Model and jump loading for the service (runs in the engine's thread, never on the event loop), and
+the exit policy: ``calibration.resolve`` of a request's ``early_exit`` over the server's flags over the
+artifact's stored setting. Torch and the engine are imported inside the functions that load them, so
+importing the service (and ``python -m service --help``) stays light."""
 
 from __future__ import annotations
 

@@ -20,10 +20,11 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
+from shortcuts.engine.settings import DRAFT_SOURCES
+
 FINISH_REASONS = ("stop", "length", "abort")
 FAILURE_REASONS = ("queue_full", "timeout", "cancelled", "error", "shutdown")
 EXIT_KINDS = ("early", "full", "verified")
-DRAFT_SOURCES = ("ngram", "exit")  # shortcuts.engine.drafts.SOURCES (not imported: no torch here)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
                    20.0, 40.0, 80.0)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from support.models import ARCHS, WORDS, build_tiny, save_tiny
+from support.server import StepGate
 
 from shortcuts.adapter import CausalLM
 
@@ -52,6 +53,15 @@ def word_corpus(tmp_path: Path) -> Path:
     path = tmp_path / "words.txt"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@pytest.fixture
+def step_gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[StepGate]:
+    """The in-process servers' token steps wait for ``step_gate.open()`` (opened at the end in any case)."""
+    gate = StepGate()
+    gate.install(monkeypatch)
+    yield gate
+    gate.open()
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.models import ARCHS, build_tiny, fitted_jump, prompt_ids, settings, sharpen
+from support.models import arch_params, build_tiny, fitted_jump, prompt_ids, settings, sharpen
 
 from shortcuts.adapter import CausalLM
 from shortcuts.calibration.costs import CostModel
@@ -26,7 +26,7 @@ def _prompts(lm) -> list[list[int]]:
     return [base, base[3:], base[:7]]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", arch_params())
 def test_replayed_gate_equals_teacher_forced_decoding(arch: str) -> None:
     """With catch-up the decoder sees the full model's states, so the table's replay of a gate
     gives exactly the decoder's exit levels and picks, step by step."""
@@ -131,6 +131,7 @@ def test_calibrate_weighs_check_cost_against_depth() -> None:
     assert checks(level, s, 4).tolist() == [2, 2]
 
 
+@pytest.mark.slow
 def test_sweep_runs_every_section_on_a_tiny_model(tiny_folder: Path, word_corpus: Path, tmp_path: Path,
                                                   make_tiny: Callable[..., CausalLM]) -> None:
     import json

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.models import ARCHS, build_tiny, check_catchup_invariants, fitted_jump, sharpen
+from support.models import arch_params, build_tiny, check_catchup_invariants, fitted_jump, sharpen
 
 from shortcuts.adapter import CausalLM
 from shortcuts.engine.batch import BatchDecoder
@@ -48,7 +48,7 @@ def check_invariants(batch: BatchDecoder) -> None:
         check_catchup_invariants(batch.cache, s, batch.num_layers)
 
 
-@pytest.fixture(params=ARCHS)
+@pytest.fixture(params=arch_params())
 def sharp(request: pytest.FixtureRequest) -> tuple[CausalLM, EarlyExitDecoder]:
     lm = sharpen(build_tiny(request.param))
     return lm, EarlyExitDecoder(lm, fitted_jump(lm))

@@ -17,12 +17,14 @@ TINY_FIT = ["--n-train", "120", "--n-test", "30", "--rank", "4", "--epochs", "3"
             "--batch-size", "32", "--no-plots", "--study"]
 
 
+@pytest.mark.subprocess
 def test_help_is_fast_and_light() -> None:
     code = "import sys, shortcuts.cli; shortcuts.cli.build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"  # no torch at import or for --help
 
 
+@pytest.mark.slow
 def test_fit_end_to_end_on_a_tiny_model(tiny_folder: Path, word_corpus: Path, tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "fit"
@@ -75,7 +77,7 @@ def test_fit_refuses_bad_input(args: list[str], message: str, tiny_folder: Path,
     assert "Traceback" not in err
 
 
-def test_evaluate_refuses_a_mismatched_or_corrupttiny_artifact(tiny_folder: Path, word_corpus: Path, tmp_path: Path,
+def test_evaluate_refuses_a_mismatched_or_corrupt_artifact(tiny_folder: Path, word_corpus: Path, tmp_path: Path,
                                                            make_tiny, capsys: pytest.CaptureFixture[str]) -> None:
     from support.models import tiny_artifact
 
@@ -102,6 +104,7 @@ def test_fit_refuses_unknown_architecture_and_missing_model(tmp_path: Path, word
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_calibrate_stores_the_threshold_the_server_then_uses(tiny_folder: Path, word_corpus: Path, tmp_path: Path,
                                                               make_tiny, capsys: pytest.CaptureFixture[str]) -> None:
     from support.models import tiny_artifact

@@ -222,6 +222,7 @@ def test_dashboard_metrics_exist_in_the_service(dashboard: dict[str, Any]) -> No
 # ---------------------------------------------------------------- Prometheus itself
 
 @needs_prometheus
+@pytest.mark.subprocess
 def test_promtool_accepts_the_config() -> None:
     done = subprocess.run(["promtool", "check", "config", str(PROMETHEUS_YML)], capture_output=True, text=True,
                           timeout=60)
@@ -271,6 +272,7 @@ def exposed_names(url: str) -> set[str]:
 @needs_prometheus
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.subprocess
 def test_every_dashboard_query_returns_data(dashboard: dict[str, Any], tiny_folder: Path, tmp_path: Path) -> None:
     settings = tiny_settings(tiny_folder, max_new_tokens=400)
     with running_server(settings) as url, running_prometheus(url, tmp_path) as prom:

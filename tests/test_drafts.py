@@ -10,7 +10,7 @@ import random
 
 import pytest
 import torch
-from support.models import ARCHS, build_tiny, decode_alone, fitted_jump, sharpen
+from support.models import arch_params, build_tiny, decode_alone, fitted_jump, sharpen
 
 from shortcuts.adapter import CausalLM
 from shortcuts.engine.batch import BatchDecoder
@@ -200,7 +200,7 @@ def gen_settings(n: int = 24, draft: str = "auto", temperature: float = 0.0, see
                               exit=ExitSettings(draft=draft, **exit_kw))  # type: ignore[arg-type]
 
 
-@pytest.fixture(params=ARCHS)
+@pytest.fixture(params=arch_params())
 def sharp(request: pytest.FixtureRequest) -> tuple[CausalLM, EarlyExitDecoder]:
     lm = sharpen(build_tiny(request.param))
     return lm, EarlyExitDecoder(lm, fitted_jump(lm))

@@ -13,8 +13,8 @@ from collections.abc import Callable
 import pytest
 import torch
 from support.models import (
-    ARCHS,
     PROMPT,
+    arch_params,
     build_tiny,
     catch_up,
     check_catchup_invariants,
@@ -38,7 +38,7 @@ from shortcuts.jump import JumpConfig, LowRankJumps
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(params=ARCHS)
+@pytest.fixture(params=arch_params())
 def sharp(request: pytest.FixtureRequest) -> tuple[CausalLM, EarlyExitDecoder]:
     lm = sharpen(build_tiny(request.param))
     return lm, EarlyExitDecoder(lm, fitted_jump(lm))
@@ -134,6 +134,30 @@ def test_runner_refuses_non_contiguous_positions(tiny_lm: CausalLM) -> None:
     chunk = runner.embed(torch.tensor([[8]]), start=4)
     with pytest.raises(RuntimeError, match="contiguous"):
         runner.layer(0, chunk, cache)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 5])
+def test_warm_up_runs_every_call_kind_on_any_number_of_rows(rows: int, make_tiny: Callable[..., CausalLM]) -> None:
+    """Every call kind of the warm-up fits the rows asked for (it once built a 3-row call whatever the
+    number), eagerly here: the compiled path is the same calls (``test_compiled_blocks_decode_the_same_tokens``)."""
+    runner = LayerRunner(make_tiny("qwen2"))
+    assert runner.warm_up(rows) >= 0.0
+
+
+def test_compiling_scopes_its_settings() -> None:
+    """Compiling raises dynamo's per-function graph limit and points inductor's cache at onejump's, for the
+    compile only: both are as they were afterwards."""
+    import os
+
+    import torch._dynamo
+
+    from shortcuts.engine.runner import INDUCTOR_CACHE, compiling
+
+    limit, cache = torch._dynamo.config.cache_size_limit, os.environ.get(INDUCTOR_CACHE)
+    with compiling():
+        assert torch._dynamo.config.cache_size_limit >= 64
+        assert os.environ[INDUCTOR_CACHE] == cache or os.environ[INDUCTOR_CACHE].endswith("inductor")
+    assert (torch._dynamo.config.cache_size_limit, os.environ.get(INDUCTOR_CACHE)) == (limit, cache)
 
 
 def test_fill_kv_writes_the_layers_own_keys_and_values(tiny_lm: CausalLM) -> None:

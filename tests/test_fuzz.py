@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support.server import running_server, tiny_settings
 
-pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow, pytest.mark.fuzz]
 EXAMPLES = int(os.environ.get("ONEJUMP_FUZZ_EXAMPLES", "250"))
 BUDGET_S = float(os.environ.get("ONEJUMP_FUZZ_BUDGET_S", "12"))  # per test: then the examples left send nothing
 ROUTES = {"/v1/completions": "CompletionRequest", "/v1/chat/completions": "ChatCompletionRequest"}

@@ -28,6 +28,7 @@ def test_buckets() -> None:
     assert kv_bucket(5000, 4096) == 4096
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mode", ["off", "approximate", "exact"])
 def test_static_segments_give_the_eager_tokens(arch: str, mode: str) -> None:
@@ -48,6 +49,7 @@ def test_static_segments_give_the_eager_tokens(arch: str, mode: str) -> None:
     assert static.runner.graphs.segments
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
 def test_static_segments_verify_ngram_chunks(arch: str) -> None:
     """N-gram drafts (chunks of several tokens, rows of different lengths) through static segments:
@@ -65,6 +67,7 @@ def test_static_segments_verify_ngram_chunks(arch: str) -> None:
     assert any(shape.tokens > 2 for _, shape, _ in static.runner.graphs.segments)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
 def test_static_segments_in_a_batch_with_catch_up_and_sampling(arch: str) -> None:
     eager, static = _decoders(arch)

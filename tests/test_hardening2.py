@@ -229,6 +229,7 @@ WORST = {  # each within the body limit and every documented limit, 16 choices
 }
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("case", list(WORST))
 def test_health_answers_during_the_worst_request(server: str, case: str) -> None:
     path, body = WORST[case]
@@ -266,6 +267,7 @@ def _leave_after(url: str, body: dict, seconds: float) -> float:
     return time.monotonic()
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("kind", ["scoring", "prefill"])
 def test_a_client_that_leaves_stops_its_work_within_a_chunk(tiny_model_dir: Path, slow_blocks: list[float],
                                                             kind: str) -> None:
@@ -402,6 +404,7 @@ def test_the_key_comes_from_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         Settings(api_key_file=str(tmp_path / "missing"))
 
 
+@pytest.mark.subprocess
 def test_the_server_refuses_to_start_beyond_loopback_without_a_key(tiny_model_dir: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ONEJUMP_")} | {"PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-m", "service", "--model", str(tiny_model_dir), "--jump", "", "--host",
@@ -458,6 +461,7 @@ def test_agreement_checks_the_prompts_file_before_the_model_loads(monkeypatch: p
     assert "onejump assets" not in err
 
 
+@pytest.mark.subprocess
 def test_the_default_artifacts_are_found_from_any_folder(tmp_path: Path) -> None:
     """As the onejump command finds them: the server started elsewhere than the checkout."""
     code = ("from service.config import Settings; from shortcuts.assets import default_model_dir; s = Settings(); "
@@ -536,6 +540,8 @@ def _during_drain(url: str, kept: object) -> list[tuple[str, int]]:
     return seen
 
 
+@pytest.mark.subprocess
+@pytest.mark.timing
 @pytest.mark.slow
 def test_sigterm_drains_with_the_socket_open(tiny_model_dir: Path) -> None:
     """SIGTERM during a stream: new requests on fresh and kept-alive connections get 503 with the OpenAI body,
@@ -572,6 +578,8 @@ def test_sigterm_drains_with_the_socket_open(tiny_model_dir: Path) -> None:
         proc.kill()
 
 
+@pytest.mark.subprocess
+@pytest.mark.timing
 @pytest.mark.slow
 @pytest.mark.parametrize("state", ["idle", "scoring", "prefill", "queued"])
 def test_sigterm_ends_within_the_shutdown_timeout_in_every_state(tiny_model_dir: Path, state: str) -> None:

@@ -4,7 +4,8 @@ under ``TYPE_CHECKING``, and the engine package's lazy names): no cycles, and th
 Layers: ``service`` -> (``shortcuts.calibration``, ``shortcuts.engine``) -> core (the rest of
 ``shortcuts``); calibration may use the engine, the engine never uses calibration, the commands
 (``cli``, ``fit``, ``bench``) or the service; core uses neither; nothing but ``shortcuts.lab`` imports
-``shortcuts.lab``, which may import anything."""
+``shortcuts.lab``, which may import anything; ``loadtest`` (an HTTP client) takes only the
+request literals from ``shortcuts.engine.settings``."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ MAY_IMPORT = {
     "calibration": {"calibration", "engine", "core"},
     "commands": {"commands", "calibration", "engine", "core"},
     "service": {"service", "calibration", "engine", "core"},
-    "loadtest": {"loadtest"},
+    "loadtest": {"loadtest", "engine"},  # the request's literals (engine.settings, torch-free)
     "lab": {"lab", "commands", "calibration", "engine", "core", "service"},
 }
 

@@ -36,6 +36,7 @@ from support.server import running_server, tiny_settings
 
 from service.config import Settings
 
+pytestmark = pytest.mark.k8s
 K8S = ROOT / "deploy/k8s"
 SCHEMAS = K8S / "schemas"
 CRD_SCHEMAS = {("monitoring.coreos.com/v1", "ServiceMonitor"): SCHEMAS / "servicemonitor_v1.json",

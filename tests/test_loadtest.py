@@ -138,6 +138,7 @@ def test_duration_stops_an_open_loop_run(url: str, prompts: Path, tmp_path: Path
     check_consistent(summary)
 
 
+@pytest.mark.timing  # two requests in flight at a 1 s deadline: true on a quiet machine
 def test_cancel_at_deadline_is_counted(url: str, prompts: Path, tmp_path: Path) -> None:
     summary = run_ok(url, prompts, tmp_path, "--concurrency", "2", "--requests", "1000", "--duration", "1",
                      "--max-tokens", "100", "--at-deadline", "cancel")
@@ -175,6 +176,7 @@ def test_refusals(args: list[str], message: str, prompts: Path, capsys: pytest.C
     assert err.count("\n") == 1, err
 
 
+@pytest.mark.subprocess
 def test_refusal_from_the_command_line_has_no_traceback() -> None:
     proc = subprocess.run([sys.executable, "-m", "loadtest", "--rates", "0"], capture_output=True, text=True,
                           timeout=60, cwd=Path(__file__).parents[1])

@@ -131,6 +131,7 @@ def test_ojfa_scores_and_choice() -> None:
         choose([])
 
 
+@pytest.mark.slow
 def test_training_recovers_a_low_rank_map() -> None:
     """Final = W·h + c with W of rank R: MSE training should fit it far better than the mean."""
     g = torch.Generator().manual_seed(0)

@@ -16,7 +16,7 @@ from shortcuts.collect import collect_states
 from shortcuts.errors import ArtifactError
 from shortcuts.heads import HeadContext
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def test_real_model_parts(smollm2: CausalLM) -> None:
@@ -30,6 +30,7 @@ def test_real_model_parts(smollm2: CausalLM) -> None:
     assert smollm2.tokenizer.decode(int(logits.argmax())).strip() == "Paris"
 
 
+@pytest.mark.slow
 def test_fit_on_real_smollm2(tmp_path: Path, smollm2: CausalLM) -> None:
     out = tmp_path / "fit"
     code = main(["fit", "--model", str(default_model_dir()), "--corpus", str(wiki_split("train")),

@@ -40,7 +40,8 @@ def _command(args: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [c if c in ("stored", "threshold") else pytest.param(c, marks=pytest.mark.slow)
+                                  for c in CASES])
 def test_bench_agreement_and_server_report_the_same_setting(case: str, calibrated: Path, tiny_model_dir: Path,
                                                             word_corpus: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:

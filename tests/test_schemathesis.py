@@ -30,7 +30,7 @@ from schemathesis.specs.openapi.checks import (
 )
 from support.server import running_server, tiny_settings
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.fuzz]
 SMALL = int(os.environ.get("ONEJUMP_SCHEMATHESIS_EXAMPLES", "6"))
 BIG = int(os.environ.get("ONEJUMP_SCHEMATHESIS_BIG", "150"))
 TALLY: Counter[str] = Counter()

@@ -20,6 +20,7 @@ def test_slope() -> None:
     assert slope_per_min([(0, 1)]) is None
 
 
+@pytest.mark.slow
 def test_a_short_soak_passes(tiny_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("the king of the\nthe city\na new song of the north\n")

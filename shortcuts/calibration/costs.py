@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from shortcuts.adapter import CausalLM
+from shortcuts.calibration.config import CALIBRATED_GATES
 from shortcuts.engine.cache import RowCall
 from shortcuts.engine.exit_head import ExitHead, confidence_and_top, entropy, to_host
 from shortcuts.engine.learned_gate import LearnedGate, gate_features
@@ -158,7 +159,7 @@ def cost_models(ms: dict[str, float], lens_levels: Iterable[int] = ()) -> tuple[
     marginal block cost of one more token in a chunk, (block x4 - block) / 3, in blocks. Patience's check
     (the exit head's top-1) costs what confidence's does."""
     b = ms["block"]
-    timed = {g: ms[f"check {g}"] for g in ("confidence", "entropy", "learned") if f"check {g}" in ms}
+    timed: dict[str, float] = {g: ms[f"check {g}"] for g in CALIBRATED_GATES if f"check {g}" in ms}
     if "confidence" in timed:
         timed["patience"] = timed["confidence"]
     lens = ms.get("check lens", ms["full head"])

@@ -43,6 +43,7 @@ SCHEMA = 1
 KEY = "exit"
 PRECISIONS = QUANTIZATIONS
 DENSE: Quantization = "none"  # the model's own dtype: the precision the commands measure and run at
+STORED_MODES: tuple[Mode, ...] = ("approximate", "exact")  # the modes a calibration stores a setting for
 BUILTIN_THRESHOLD: dict[str, float] = {"confidence": 0.9, "learned": 0.9, "entropy": 0.5, "patience": 0.9}
 Source = Literal["calibration", "built-in"]
 
@@ -112,9 +113,9 @@ class PrecisionCalibration:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PrecisionCalibration:
-        if unknown := set(d) - {"approximate", "exact"}:
+        if unknown := set(d) - set(STORED_MODES):
             raise ValueError(f"unknown modes {sorted(unknown)} in a stored calibration")
-        return cls(*(ModeSetting.from_dict(d[m]) if m in d else None for m in ("approximate", "exact")))
+        return cls(*(ModeSetting.from_dict(d[m]) if m in d else None for m in STORED_MODES))
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,7 @@ class StoredCalibration:
 
     def with_setting(self, precision: str, mode: Mode, setting: ModeSetting) -> StoredCalibration:
         """A copy with ``mode``'s setting at ``precision`` replaced (what a calibration stores)."""
-        if precision not in PRECISIONS or mode not in ("approximate", "exact"):
+        if precision not in PRECISIONS or mode not in STORED_MODES:
             raise ValueError(f"precision={precision!r} must be one of {PRECISIONS}, mode approximate or exact")
         cal = self.by_precision.get(precision, PrecisionCalibration())
         return StoredCalibration({**self.by_precision, precision: replace(cal, **{mode: setting})})
@@ -252,5 +253,4 @@ def resolve_modes(stored: StoredCalibration | None, overrides: Overrides, num_la
                   precision: Quantization | str = "none") -> dict[Mode, Resolved]:
     """Approximate and exact mode's settings for these overrides, each as a request in that mode runs
     it: what ``/v1/models/{id}``, ``onejump bench`` and ``onejump agreement`` report."""
-    modes: tuple[Mode, ...] = ("approximate", "exact")
-    return {m: resolve(stored, overrides, num_layers, precision, default_mode=m) for m in modes}
+    return {m: resolve(stored, overrides, num_layers, precision, default_mode=m) for m in STORED_MODES}

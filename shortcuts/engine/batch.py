@@ -150,7 +150,8 @@ class BatchDecoder:
         seq = SequenceRun(row, len(ids), settings, self.num_layers, self.runner.context_length, dec.eos_ids,
                           dec.lm.device, forced, prompt=ids, costs=costs, draft_stats=dec.draft_stats)
         self.cache.reset_row(row)
-        logits = self._prefill(row, ids, stop, chunk)
+        with self.runner.scope():
+            logits = self._prefill(row, ids, stop, chunk)
         if not seq.emit(seq.pick_full(logits, to_host(*confidence_and_top(logits[None]))[0])):
             self.slots[row] = seq
         self._added.append(seq)
@@ -178,8 +179,8 @@ class BatchDecoder:
             return []
         plans = [s.begin_step() for s in seqs]
         self._cap_drafts(seqs, plans)
-        exits = self._climb(self._start(seqs))
-        self._fill_copies(exits)
+        with self.runner.scope():
+            self._fill_copies(self._climb(self._start(seqs)))
         for s in seqs:
             if s.done:
                 self._release(s)

@@ -47,14 +47,14 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Literal, Protocol
+from typing import Protocol
 
 import torch
 
 from shortcuts.adapter import CausalLM
 from shortcuts.engine.exit_head import ExitHead, confidence_and_top
 from shortcuts.engine.runner import LayerRunner
-from shortcuts.engine.settings import ExitSettings
+from shortcuts.engine.settings import DRAFT_SOURCES, DraftSource, ExitSettings
 
 
 class Timed(Protocol):
@@ -65,8 +65,8 @@ class Timed(Protocol):
     num_layers: int
     exit_head: ExitHead
 
-Source = Literal["ngram", "exit"]
-SOURCES: tuple[Source, ...] = ("ngram", "exit")
+Source = DraftSource
+SOURCES = DRAFT_SOURCES
 MARGIN = 1.02  # a draft must predict at least 2% more tokens per second than a plain step
 PRIOR = {1: 0.25, 2: 0.4, 3: 0.5}  # n-gram acceptance before anything is measured (n >= 4: 0.6)
 PRIOR_WEIGHT = 2.0  # pseudo-tokens of the prior (decoder-wide) and of the decoder-wide rate (per row)
@@ -228,22 +228,26 @@ def _sync(device: torch.device) -> None:
 def _time_pass(decoder: Timed, cache: object, ids: torch.Tensor, start: int,
                level: int) -> tuple[float, float, float]:
     """Seconds of every block on a chunk (as decoding runs them: through CUDA graphs when the runner uses
-    them), of the full head on its positions, of one exit check."""
+    them), of the full head on its positions, of one exit check (at ``level``, on the state there, as decoding
+    checks it: on the device of the block before it)."""
     runner = decoder.runner
     chunk = runner.embed(ids, start)
     call, h = chunk.call(), chunk.h
     dev = decoder.lm.device
     _sync(dev)
     t0 = time.perf_counter()
-    h = runner.segment(0, runner.num_layers, h, call, cache)  # type: ignore[arg-type]
+    h = runner.segment(0, level, h, call, cache)  # type: ignore[arg-type]
     _sync(dev)
     t1 = time.perf_counter()
-    logits = runner.full_logits(h[0])
-    float(logits[-1, 0])
-    t2 = time.perf_counter()
     conf, _ = confidence_and_top(decoder.exit_head(h[0, -1:], level))
     float(conf[0])
-    return t1 - t0, t2 - t1, time.perf_counter() - t2
+    t2 = time.perf_counter()
+    h = runner.segment(level, runner.num_layers, h, call, cache)  # type: ignore[arg-type]
+    _sync(dev)
+    t3 = time.perf_counter()
+    logits = runner.full_logits(h[0])
+    float(logits[-1, 0])
+    return (t1 - t0) + (t3 - t2), time.perf_counter() - t3, t2 - t1
 
 
 @dataclass

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -27,6 +29,7 @@ import torch
 from torch import Tensor
 
 from shortcuts.adapter import CausalLM, soft_cap
+from shortcuts.assets import cache_root
 from shortcuts.engine.blocks import (
     Blocks,
     Format,
@@ -44,6 +47,7 @@ from shortcuts.engine.settings import Quantization
 from shortcuts.engine.weights import Dense, Int8, Linear, head_format, prepare_linear
 from shortcuts.errors import UnsupportedModelError
 
+INDUCTOR_CACHE = "TORCHINDUCTOR_CACHE_DIR"
 log = logging.getLogger("onejump.engine")
 
 
@@ -148,6 +152,7 @@ class LayerRunner:
         # a copy of the rotary tables on every block's device: a block never reads another device's
         self.rope = {dev: {kind: (cos.to(dev, self.dtype, copy=True), sin.to(dev, self.dtype, copy=True))
                            for kind, (cos, sin) in tables.items()} for dev in dict.fromkeys(self.blocks.devices)}
+        self.compiled = compile
         head = lm.lm_head
         self.final_norm: Norm = norm_of(lm.norm, lm.spec.norm_kind, lm.spec.norm_offset, self.dtype)
         self.head: Linear = prepare_linear(head.weight, getattr(head, "bias", None), head_format(quantization),
@@ -290,15 +295,26 @@ class LayerRunner:
         chunk = self.embed(ids, cache.length(0) if start is None else start)
         call = chunk.call()
         h = chunk.h
-        for i in range(self.num_layers):
-            h = self.block(i, h, call, cache)
-        return self.full_logits(h)
+        with self.scope():
+            for i in range(self.num_layers):
+                h = self.block(i, h, call, cache)
+            return self.full_logits(h)
 
     @torch.inference_mode()
     def warm_up(self, rows: int = 2) -> float:
         """Seconds to run once each kind of call the decoder makes (prefill; one row, one token; several
-        rows at equal and at different lengths; rows carrying catch-up chunks): with ``compile`` this is
-        the compile time (sizes 1 are specialised, larger sizes and lengths are dynamic)."""
+        rows at equal and at different lengths; rows carrying catch-up chunks), on ``rows`` rows (at least
+        3): with ``compile`` this is the compile time (sizes 1 are specialised, larger sizes and lengths
+        are dynamic)."""
+        with self.scope():
+            return self._warm_up(rows)
+
+    def scope(self) -> AbstractContextManager[None]:
+        """Where compiled blocks run (a step, a prefill, a forward pass): ``compiling``'s settings, held
+        for that call only (nothing when the blocks are not compiled)."""
+        return compiling() if self.compiled else nullcontext()
+
+    def _warm_up(self, rows: int) -> float:
         t0 = time.perf_counter()
         dev = self.lm.device
         n = max(rows, 3)
@@ -307,7 +323,8 @@ class LayerRunner:
         calls = [RowCall([0], [0], [6], 6, dev), RowCall([0], [6], [3], 3, dev),  # prefill, catch-up chunks
                  RowCall([0], [9], [1], 1, dev), RowCall([0], [10], [1], 1, dev),  # single decode
                  RowCall(every[1:], [0] * (n - 1), [11] * (n - 1), 11, dev),  # prefill other rows
-                 RowCall(every[:2], [11, 11], [1, 1], 1, dev), RowCall(every, [12, 12, 11], [1, 1, 2], 2, dev),
+                 RowCall(every[:2], [11, 11], [1, 1], 1, dev),  # rows at different lengths, one with a chunk:
+                 RowCall(every, [12, 12] + [11] * (n - 2), [1, 1] + [2] * (n - 2), 2, dev),
                  RowCall(every, [13] * n, [1] * n, 1, dev), RowCall(every, [14] * n, [1] * n, 1, dev),
                  RowCall(every[:2], [15, 15], [2, 2], 2, dev), RowCall(every[:2], [17, 17], [3, 3], 3, dev)]
         for call in calls:
@@ -438,25 +455,33 @@ def head_forward(norm: Norm | None, head: Linear, h: Tensor) -> Tensor:
 
 def compiled_head() -> Callable[..., Tensor]:
     """``head_forward`` under ``torch.compile`` (with ``compiled_block``: the quantized formats' compiled
-    products keep float32 activations, and the head decides the token)."""
-    import torch._dynamo
-
+    products keep float32 activations, and the head decides the token). It runs within ``LayerRunner.scope``."""
     return torch.compile(head_forward, dynamic=None, fullgraph=True)
 
 
 def compiled_block() -> Callable[..., Tensor]:
     """``block_forward`` under ``torch.compile``: the weights are inputs, so one graph serves every
     layer. Sizes start static and turn dynamic once they change (torch's automatic dynamic shapes),
-    so after ``LayerRunner.warm_up`` batch sizes, catch-up chunks and growing sequences reuse a
-    handful of graphs (sizes 1 are specialised; with or without a mask). Inductor's artifacts are
-    cached on disk ($TORCHINDUCTOR_CACHE_DIR, default ``<onejump cache>/inductor``), so a restart
-    compiles from the cache."""
-    import os
-
-    import torch._dynamo
-
-    from shortcuts.assets import cache_root
-
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    so after ``LayerRunner.warm_up`` batch sizes, catch-up chunks and growing sequences reuse a handful
+    of graphs (sizes 1 are specialised; with or without a mask). They run within ``LayerRunner.scope``."""
     return torch.compile(block_forward, dynamic=None, fullgraph=True)
+
+
+@contextmanager
+def compiling() -> Iterator[None]:
+    """Where the compiled blocks run, and may compile (``LayerRunner.scope``: a step, a prefill): room in
+    dynamo's cache for the graphs the engine's shapes need (its default, 8 per function, is too few), and
+    inductor's artifacts cached on disk ($TORCHINDUCTOR_CACHE_DIR, default ``<onejump cache>/inductor``)
+    so that a restart compiles from the cache. Both are restored on leaving, so the process's other
+    compiles are not touched (a scope per step, not per block: entering costs ~0.1 ms)."""
+    import torch._dynamo  # only when compiling: dynamo is slow to import
+
+    limit = max(torch._dynamo.config.cache_size_limit, 64)
+    given = os.environ.get(INDUCTOR_CACHE)
+    os.environ[INDUCTOR_CACHE] = given or str(cache_root() / "inductor")
+    try:
+        with torch._dynamo.config.patch(cache_size_limit=limit):
+            yield
+    finally:
+        if given is None:
+            del os.environ[INDUCTOR_CACHE]

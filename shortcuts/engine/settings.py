@@ -10,12 +10,14 @@ Mode = Literal["off", "approximate", "exact"]
 Gate = Literal["confidence", "entropy", "patience", "learned"]
 KVPolicy = Literal["catchup", "copy"]
 DraftPolicy = Literal["auto", "ngram", "exit", "none"]
+DraftSource = Literal["ngram", "exit"]  # where a draft came from (the policies that draft by themselves)
 Quantization = Literal["none", "int8", "int4", "bnb-8bit", "bnb-4bit"]
 
 MODES = ("off", "approximate", "exact")
 GATES = ("confidence", "entropy", "patience", "learned")
 KV_POLICIES = ("catchup", "copy")
 DRAFT_POLICIES = ("auto", "ngram", "exit", "none")
+DRAFT_SOURCES: tuple[DraftSource, ...] = ("ngram", "exit")
 # weight formats of the engine's block math: dense (the model's dtype), torch's CPU weight-only int8 (per output
 # channel) and int4 (groupwise), bitsandbytes LLM.int8 and 4-bit (nf4)
 QUANTIZATIONS = ("none", "int8", "int4", "bnb-8bit", "bnb-4bit")
@@ -63,7 +65,7 @@ class ExitSettings:
     ngram_min, ngram_max: the suffix lengths the n-gram lookup matches, longest first.
     """
 
-    mode: Mode = "exact"
+    mode: Mode = DEFAULT_MODE
     gate: Gate = "confidence"
     threshold: float = 0.9
     patience: int = 2

@@ -9,8 +9,10 @@ model's own states by least squares, so exits are a mix of right and wrong."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
+import pytest
 import torch
 
 from shortcuts.adapter import CausalLM
@@ -107,8 +109,20 @@ def level_states(lm: CausalLM, ids: torch.Tensor) -> list[torch.Tensor]:
     return states
 
 
+_FITTED: dict[tuple[object, ...], LowRankJumps] = {}
+
+
 def fitted_jump(lm: CausalLM, rank: int = 24, seed: int = 0) -> LowRankJumps:
-    """One pure jump for all levels, fitted by least squares (h_l -> h_L) and cut to ``rank``."""
+    """One pure jump for all levels, fitted by least squares (h_l -> h_L) and cut to ``rank``; fitted once
+    per model weights (keyed by the model and a checksum of its parameters) and handed out as a copy."""
+    with torch.no_grad():
+        key = (lm.name, rank, seed, float(sum(p.double().sum() for p in lm.model.parameters())))
+    if key not in _FITTED:
+        _FITTED[key] = _fit_jump(lm, rank, seed)
+    return copy.deepcopy(_FITTED[key])
+
+
+def _fit_jump(lm: CausalLM, rank: int, seed: int) -> LowRankJumps:
     g = torch.Generator().manual_seed(seed)
     xs, ys = [], []
     for _ in range(24):
@@ -193,3 +207,10 @@ def decode_alone(dec: EarlyExitDecoder, ids: list[int],
     while not seq.done:
         batch.step()
     return seq.generation, batch.cache, seq
+
+
+def arch_params(fast: tuple[str, ...] = ("llama", "gpt2")) -> list[object]:
+    """Every architecture as a test parameter: ``fast`` ones (rotary + RMSNorm, and learned positions +
+    LayerNorm) in every tier, the others marked slow, so ``make test-fast`` stays short and ``make test``
+    runs all four."""
+    return [a if a in fast else pytest.param(a, marks=pytest.mark.slow) for a in ARCHS]

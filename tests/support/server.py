@@ -12,11 +12,14 @@ from pathlib import Path
 
 import httpx
 import openai
+import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
 from service.config import Settings
+from shortcuts.engine.batch import BatchDecoder
+from shortcuts.engine.sequence import SequenceOutput
 
 
 @contextmanager
@@ -86,3 +89,30 @@ def post(url: str, body: object, path: str = "/v1/completions", headers: dict | 
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     return httpx.post(f"{url}{path}", content=content, headers={"content-type": "application/json"} | (headers or {}),
                       timeout=60)
+
+
+class StepGate:
+    """Holds the in-process servers' token steps until ``open``: a generation that has started holds its
+    batch slot for as long as a test needs, with no sleeps to order things. ``entered`` is set once a
+    step is waiting (a sequence is in the batch)."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.go = threading.Event()
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        step = BatchDecoder.step
+
+        def gated(batch: BatchDecoder) -> list[SequenceOutput]:
+            self.entered.set()
+            if not self.go.wait(120):
+                raise RuntimeError("the test never opened the step gate")
+            return step(batch)
+
+        monkeypatch.setattr(BatchDecoder, "step", gated)
+
+    def wait_entered(self) -> None:
+        assert self.entered.wait(60), "no generation reached a step"
+
+    def open(self) -> None:
+        self.go.set()
