@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from shortcuts.engine.weights import prepare_linear
+from shortcuts.engine.weights import head_format, prepare_linear
 
 
 def matrices(folder: str) -> list[torch.Tensor]:
@@ -53,10 +53,10 @@ def fbgemm(w: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def methods(mats: list[torch.Tensor]) -> dict[str, list[Callable[[torch.Tensor], torch.Tensor]]]:
     out: dict[str, list[Callable[[torch.Tensor], torch.Tensor]]] = {}
-    for q in ("none", "int8", "int4"):
-        eager = [prepare_linear(m, None, q) for m in mats]  # type: ignore[arg-type]
-        out[q] = list(eager)
-        dense = [prepare_linear(m, None, q, pack=False) for m in mats]  # type: ignore[arg-type]
+    for q in ("none", "int8", "int4"):  # the head (last) in the engine's head format: int4's is int8
+        fmts = [q] * (len(mats) - 1) + [head_format(q)]  # type: ignore[list-item]
+        out[q] = [prepare_linear(m, None, f) for m, f in zip(mats, fmts, strict=True)]
+        dense = [prepare_linear(m, None, f, pack=False) for m, f in zip(mats, fmts, strict=True)]
         fn = torch.compile(lambda x, lin: lin(x), dynamic=False)
         out[f"{q}_compiled"] = [lambda x, lin=lin, fn=fn: fn(x, lin) for lin in dense]  # type: ignore[misc]
     out["fbgemm_dynamic_int8"] = [fbgemm(m) for m in mats]
