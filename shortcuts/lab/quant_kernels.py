@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from shortcuts.engine.settings import Quantization
 from shortcuts.engine.weights import head_format, prepare_linear
 
 
@@ -53,8 +54,9 @@ def fbgemm(w: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def methods(mats: list[torch.Tensor]) -> dict[str, list[Callable[[torch.Tensor], torch.Tensor]]]:
     out: dict[str, list[Callable[[torch.Tensor], torch.Tensor]]] = {}
-    for q in ("none", "int8", "int4"):  # the head (last) in the engine's head format: int4's is int8
-        fmts = [q] * (len(mats) - 1) + [head_format(q)]  # type: ignore[list-item]
+    formats: tuple[Quantization, ...] = ("none", "int8", "int4")
+    for q in formats:  # the head (last) in the engine's head format: int4's is int8
+        fmts = [q] * (len(mats) - 1) + [head_format(q)]
         out[q] = [prepare_linear(m, None, f) for m, f in zip(mats, fmts, strict=True)]
         dense = [prepare_linear(m, None, f, pack=False) for m, f in zip(mats, fmts, strict=True)]
         fn = torch.compile(lambda x, lin: lin(x), dynamic=False)
