@@ -5,8 +5,9 @@
         --out docs/quantization/rss-smollm2.json
 
 ``weights_mb``: the model's parameters at float32 (what "the weights' size" means in the goal); the ratio
-is VmRSS over it. ``baseline_mb``: a Python process that imported what the server imports (torch,
-transformers, the serving stack) and loaded nothing: what no format can go below.
+is VmRSS over it, and the same without ``kv_cache_mb``, the static KV caches the server allocates (zeroed,
+so resident) for ``--batch`` rows of ``--positions``. ``baseline_mb``: a Python process that imported what
+the server imports (torch, transformers, the serving stack) and loaded nothing: what no format can go below.
 """
 
 from __future__ import annotations
@@ -36,10 +37,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def measure(quantization: str, model: str, jump: str, timeout: float = 900) -> dict[str, Any]:
+def kv_cache_mb(model: str, rows: int, positions: int) -> float:
+    """The static KV caches' megabytes the server allocates (float32): the batch's (``rows`` rows) and the
+    single sequence's (one row), ``positions`` each (``max_prompt_tokens + max_new_tokens``)."""
+    config = json.loads((Path(model) / "config.json").read_text())
+    layers, kv_heads = config["num_hidden_layers"], config.get("num_key_value_heads", config["num_attention_heads"])
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    return layers * (rows + 1) * positions * kv_heads * head_dim * 2 * 4 / 2**20
+
+
+def measure(quantization: str, model: str, jump: str, extra: dict[str, str], timeout: float = 900) -> dict[str, Any]:
     port = free_port()
     env = {**os.environ, "ONEJUMP_MODEL": model, "ONEJUMP_JUMP": jump, "ONEJUMP_QUANTIZATION": quantization,
-           "ONEJUMP_DEVICE": "cpu", "ONEJUMP_PORT": str(port), "OMP_NUM_THREADS": "1", "ONEJUMP_LOG_LEVEL": "warning"}
+           "ONEJUMP_DEVICE": "cpu", "ONEJUMP_PORT": str(port), "OMP_NUM_THREADS": "1", "ONEJUMP_LOG_LEVEL": "warning",
+           **extra}
     proc = subprocess.Popen([sys.executable, "-m", "service"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -86,19 +97,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--jump", default="docs/results/smollm2-135m/jump.safetensors")
     p.add_argument("--quantization", default="none,int8,int4,bnb-8bit,bnb-4bit")
     p.add_argument("--out", required=True)
+    p.add_argument("--batch", type=int, default=8, help="ONEJUMP_MAX_BATCH_SIZE (the batch's KV cache rows)")
+    p.add_argument("--positions", type=int, default=2560,
+                   help="ONEJUMP_MAX_PROMPT_TOKENS + ONEJUMP_MAX_NEW_TOKENS (the KV cache's length; new tokens 512)")
     a = p.parse_args(argv)
+    extra = {"ONEJUMP_MAX_BATCH_SIZE": str(a.batch), "ONEJUMP_MAX_NEW_TOKENS": "64" if a.positions < 600 else "512",
+             "ONEJUMP_MAX_PROMPT_TOKENS": str(a.positions - (64 if a.positions < 600 else 512)),
+             "ONEJUMP_DEFAULT_MAX_TOKENS": "16"}
     from safetensors import safe_open
 
     with safe_open(str(Path(a.model) / "model.safetensors"), "pt") as f:
         params = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
     weights_mb = params * 4 / 2**20
+    kv = kv_cache_mb(a.model, a.batch, a.positions)
     rows = []
     for q in a.quantization.split(","):
-        row = measure(q, a.model, a.jump)
+        row = measure(q, a.model, a.jump, extra)
         row["rss_over_weights"] = row["VmRSS"] / weights_mb
+        row["rss_without_kv_over_weights"] = (row["VmRSS"] - kv) / weights_mb
         print(json.dumps(row), flush=True)
         rows.append(row)
-    out = {"model": a.model, "weights_mb": weights_mb, "baseline_mb": baseline(), "servers": rows}
+    out = {"model": a.model, "weights_mb": weights_mb, "kv_cache_mb": kv, "server_env": extra,
+           "baseline_mb": baseline(), "servers": rows}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1))
 
