@@ -34,7 +34,7 @@ from shortcuts.calibration.setting import ModeSetting
 from shortcuts.calibration.table import LevelTable
 from shortcuts.engine.decoder import EarlyExitDecoder
 from shortcuts.engine.learned_gate import LearnedGate
-from shortcuts.engine.settings import ExitSettings, GenerationSettings
+from shortcuts.engine.settings import ExitSettings, GenerationSettings, Quantization
 from shortcuts.jump import LowRankJumps
 from shortcuts.timing import Arm, time_arms
 
@@ -122,12 +122,14 @@ def search_exact(table: LevelTable, cost: CostModel, skip: float, gate: str = "c
 
 
 def timed_choice(lm: CausalLM, jump: LowRankJumps, prompts: list[list[int]], candidates: list[ExactCalibration],
-                 new_tokens: int, margin: float = 1.03) -> tuple[ExactCalibration, dict[str, float]]:
+                 new_tokens: int, margin: float = 1.03,
+                 quantization: Quantization = "none") -> tuple[ExactCalibration, dict[str, float]]:
     """Time exact mode under each candidate and under ``NEVER`` (full depth, no checks) with the engine,
     interleaved prompt by prompt; the fastest candidate if it beats ``NEVER`` by ``margin``, else
     ``NEVER``. The predicted ranking leaves out the engine's per-step work (a draft step is a
-    forward pass of its own), so the choice is made on time, not on the prediction."""
-    dec = EarlyExitDecoder(lm, jump)
+    forward pass of its own), so the choice is made on time, not on the prediction. ``quantization``:
+    the engine's weight format timed."""
+    dec = EarlyExitDecoder(lm, jump, quantization=quantization)
     arms: dict[str, Arm] = {}
     for c in [NEVER, *candidates]:
         g = GenerationSettings(max_new_tokens=new_tokens, stop_token_ids=(), exit=c.exit_settings())

@@ -38,6 +38,9 @@ class RowCall:
         self.kv_len = max(starts) + q
         self.device = device
         self.rows_t = torch.tensor(self.rows, device=device)
+        # rows a, a+1, ..., b-1 in order: a block reads a view of the buffers instead of gathering them
+        first = self.rows[0]
+        self.span = (first, first + len(self.rows)) if self.rows == list(range(first, first + len(self.rows))) else None
         self.positions = torch.tensor(self.starts, device=device).unsqueeze(1) + torch.arange(q, device=device)
         if limit is not None and self.kv_len > limit:
             if max(s + c for s, c in zip(self.starts, self.counts, strict=True)) >= limit:

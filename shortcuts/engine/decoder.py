@@ -125,7 +125,7 @@ class EarlyExitDecoder:
     def weights_report(self) -> dict[str, Any]:
         """The weight format, the megabytes of the engine's matrices (blocks and head) and the self-check's
         figures (``runner.SelfCheck``; None when it did not run)."""
-        return {"quantization": self.quantization, "weights_mb": round(self.runner.weights_bytes / 2**20, 1),
+        return {"quantization": self.quantization, "weights_mb": round(self.runner.weights_bytes / 2**20, 3),
                 "self_check": None if self.self_check is None else self.self_check.to_dict()}
 
     # --- public API ------------------------------------------------------------------------------

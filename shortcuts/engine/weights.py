@@ -8,7 +8,8 @@ into the format ``quantization`` names (``settings.QUANTIZATIONS``):
 - ``int8``: weight-only int8, one scale per output channel (symmetric), torch's ``_weight_int8pack_mm``;
 - ``int4``: weight-only int4 in groups of ``INT4_GROUP`` input channels (asymmetric: scale and zero per
   group), torch's ``_weight_int4pack_mm_for_cpu`` (``_weight_int4pack_mm`` on CUDA);
-- ``bnb-8bit``: bitsandbytes' LLM.int8 (``Linear8bitLt``, outlier threshold ``BNB_THRESHOLD``);
+- ``bnb-8bit``: bitsandbytes' LLM.int8 (``Linear8bitLt``; activations int8 by row, no outlier columns:
+  ``BNB_THRESHOLD``);
 - ``bnb-4bit``: bitsandbytes' 4-bit (``Linear4bit``), nf4 unless ``bnb_4bit_type="fp4"``.
 
 torch's int8/int4 CPU kernels are fast only with bf16 activations (docs/quantization.md), so those formats
@@ -35,7 +36,10 @@ from shortcuts.engine.settings import QUANTIZATIONS, Quantization
 
 INT4_GROUP = 32  # measured on SmolLM2 and Gemma-3 (docs/quantization.md): g32 is as fast as g64/g128, and exact
 # on weights that came from a 32-wide GGUF block format
-BNB_THRESHOLD = 6.0  # LLM.int8's outlier threshold (bitsandbytes' default)
+# LLM.int8's outlier threshold: 0, no outlier columns. With HF's 6.0 the columns taken apart in fp16 are those
+# where any row of a product exceeds it, so a row's result depends on the other rows of the batch (or of
+# a verified chunk): exact mode would not reproduce full depth. 0 keeps every row to itself (int8 by row).
+BNB_THRESHOLD = 0.0
 _KERNEL_MULTIPLE = 16  # torch's int8/int4 CPU kernels need in (int4: out as well) to be a multiple of 16
 
 
@@ -270,13 +274,26 @@ def _int8(w: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Int8:
     return Int8(q.contiguous(), scale, bias)
 
 
+def _grid_steps(groups: Tensor, low: Tensor, high: Tensor, fit: float = 0.15) -> Tensor:
+    """The levels each group spans: the fewest k in 1..15 such that every value sits within ``fit`` of a
+    step of (high - low) / k from ``low`` (a group of weights that came from a 4-bit GGUF block lies on such
+    a grid, up to the bf16 rounding of its dequantized values); 15 where none fits (ordinary weights)."""
+    span = (high - low).clamp_min(1e-12)[..., None]
+    steps = torch.full(low.shape, 15, dtype=torch.long, device=low.device)
+    for k in range(14, 0, -1):  # a grid of k levels also fits every multiple of k: keep the fewest
+        r = (groups - low[..., None]) * (k / span)
+        steps = torch.where((r - r.round()).abs().amax(-1) < fit, k, steps)
+    return steps
+
+
 def _int4(w: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Int4:
-    """Groups of ``INT4_GROUP``: scale from the group's range, rounded to ``dtype`` (the kernel's); the zero
-    refitted by least squares to the rounded scale (half the error of min + 8·scale on GGUF-born weights)."""
+    """Groups of ``INT4_GROUP``: the scale from the group's range over its levels (15, or fewer when the
+    group lies on a coarser grid: GGUF-born weights come back exactly), rounded to ``dtype`` (the kernel's);
+    the zero refitted by least squares to the rounded scale."""
     out, inn = w.shape
     groups = w.reshape(out, inn // INT4_GROUP, INT4_GROUP)
     low, high = groups.amin(-1), groups.amax(-1)
-    scale = ((high - low) / 15).clamp_min(1e-12).to(dtype)  # (out, G)
+    scale = ((high - low) / _grid_steps(groups, low, high)).clamp_min(1e-12).to(dtype)  # (out, G)
     s = scale.float()[..., None]
     zero = (low + 8 * scale.float()).to(dtype)  # torch's convention: W = (q - 8)·scale + zero
     for _ in range(2):

@@ -16,13 +16,14 @@ from pathlib import Path
 from shortcuts.adapter import CausalLM
 from shortcuts.artifact import JumpArtifact
 from shortcuts.calibration.agreement import resolve_model
-from shortcuts.calibration.calibrate import store, store_exact
+from shortcuts.calibration.calibrate import precision_engine, store, store_exact
 from shortcuts.calibration.costs import cost_models, measure, predicted_speedup
 from shortcuts.calibration.exact import NEVER, replay_exact, search_exact, timed_choice
 from shortcuts.calibration.replay import bootstrap_lower_bound, replay
 from shortcuts.calibration.search import SearchSpace, calibrate
 from shortcuts.calibration.table import continued_table
 from shortcuts.engine.exit_head import ExitHead
+from shortcuts.engine.settings import QUANTIZATIONS
 from shortcuts.lab.traces import parse_study, split_args, val_test_prompts
 
 
@@ -35,14 +36,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--timed", type=int, default=12, help="validation prompts the exact candidates are timed on")
     p.add_argument("--candidates", type=int, default=4)
     p.add_argument("--write", action="store_true", help="store both calibrations in a copy of the artifact")
+    p.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
+                   help="the engine's weight format both modes are calibrated (and stored) for")
     a, out = parse_study(p, argv)
     art = JumpArtifact.load(a.jump)
     lm = CausalLM.load(resolve_model(a.model, art))
     art.check_model(lm)
-    head = ExitHead(lm, art.jump.to(lm.device))
+    engine = precision_engine(lm, art, a.quantization)
+    head = engine.exit_head if engine is not None else ExitHead(lm, art.jump.to(lm.device))
     prompts = val_test_prompts(lm, a.val, a.test)
-    tables = {k: continued_table(lm, head, v, a.new_tokens, with_entropy=False) for k, v in prompts.items()}
-    ms = measure(lm, art.jump, None, repeats=20)
+    tables = {k: continued_table(lm, head, v, a.new_tokens, with_entropy=False, engine=engine)
+              for k, v in prompts.items()}
+    ms = measure(lm, art.jump, None, repeats=20, quantization=a.quantization)
     models, skip = cost_models(ms)
     cost, L = models["confidence"], lm.num_layers
     space = SearchSpace(gates=("confidence",))
@@ -53,9 +58,10 @@ def main(argv: list[str] | None = None) -> None:
     ranked = search_exact(tables["val"], cost, skip, min_layers=space.first_levels(L), strides=space.strides,
                           keep=a.candidates)
     exact, timed = timed_choice(lm, art.jump, prompts["val"][: a.timed], [c for c in ranked if c != NEVER],
-                                a.new_tokens)
+                                a.new_tokens, quantization=a.quantization)
     exact_test = replay_exact(tables["test"], exact.exit_settings(), cost, skip)
-    result = {"jump": a.jump, "costs_ms": ms, "cost_blocks": {"check": cost.check, "head": cost.head, "skip": skip},
+    result = {"jump": a.jump, "quantization": a.quantization, "costs_ms": ms,
+              "cost_blocks": {"check": cost.check, "head": cost.head, "skip": skip},
               "approximate": {"calibration": found.best.as_dict(),
                               "test": {"agreement": float(agree.float().mean()),
                                        "agreement_lower": bootstrap_lower_bound(agree, tables["test"].prompt),
@@ -67,9 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({k: result[k] for k in ("cost_blocks", "approximate", "exact")}, indent=1))
     if a.write:
         provenance = {"corpus": "validation articles of wiki/train.jsonl", "new_tokens": a.new_tokens}
-        store(art, found, None, ms, provenance)
-        store_exact(art, exact, provenance)
-        art.extra["exits_test"] = {"confidence": result["approximate"]["test"], "exact": result["exact"]["test"]}
+        store(art, found, None, ms, provenance, precision=a.quantization)
+        store_exact(art, exact, {**provenance, "timed_speedup_vs_never": timed}, precision=a.quantization)
+        if a.quantization == "none":
+            art.extra["exits_test"] = {"confidence": result["approximate"]["test"], "exact": result["exact"]["test"]}
         art.save(out / Path(a.jump).name)
 
 
