@@ -246,9 +246,12 @@ class ExitHead:
 
 def confidence_and_top(logits: Tensor) -> tuple[Tensor, Tensor]:
     """Max softmax probability and top-1 of each row of (n, V) logits, on their device:
-    1 / sum exp(l - max l), no normalised copy (the one place the engine computes a max probability)."""
+    1 / sum exp(l - max l), no normalised copy (the one place the engine computes a max probability).
+    A tie goes to the lowest token id, as in ``sampling.pick`` (``max(-1)`` may name another one of the
+    tied tokens: a bf16 head's logits tie often, and exact mode would then differ from full depth)."""
     logits = logits.float()
-    top_logit, top = logits.max(-1)
+    top = logits.argmax(-1)
+    top_logit = logits.gather(-1, top[:, None])[:, 0]
     return 1.0 / torch.exp(logits - top_logit[:, None]).sum(-1), top
 
 
