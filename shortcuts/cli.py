@@ -204,7 +204,7 @@ states, every level); one rank-r jump is trained on all levels at once on per-le
 then KL; then it is calibrated on --val-prompts other sentences (other articles when the corpus rows have a
 "title"): the exit head is the jump, or the logit lens at the levels where that predicts better, whichever
 calibrates faster; gate kind x threshold x first level x stride, with a block, the head and each check timed
-on this machine, at --target agreement (95%% lower bound over prompts). --out-dir gets jump.safetensors (the
+on this machine, at --target agreement (95% lower bound over prompts). --out-dir gets jump.safetensors (the
 stored setting the server, bench and agreement run), results.json, summary.md, precision.png. An estimate of
 the time is printed first (a 0.5B model takes about 20-30 min on 2 CPU cores; SmolLM2-135M about 10).
 --study runs the paper's comparison instead (per-level jumps, the OJFA choice, variants; sentence data).

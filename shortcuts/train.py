@@ -124,22 +124,26 @@ def train_bank(jumps: LowRankJumps, inputs: Tensor, final: Tensor, objective: Ob
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     joint = jumps.n == 1 and inputs.shape[0] > 1
     n_samples, history = inputs.shape[1], []
+    starts = range(0, n_samples, cfg.batch_size)
     jumps.train()
-    for _ in (bar := tqdm(range(cfg.epochs), desc=desc, unit="epoch")):
-        order, total, steps = torch.randperm(n_samples, generator=gen), 0.0, 0
-        for start in range(0, n_samples, cfg.batch_size):
-            idx = order[start : start + cfg.batch_size]
-            if len(idx) < 2:
-                continue  # BatchNorm needs two samples
-            x, y = inputs[:, idx], final[idx]
-            if joint:
-                x = x.reshape(1, -1, x.shape[-1])
-            opt.zero_grad(set_to_none=True)
-            total += _step(jumps, objective, x, y, None if joint else chunk, inputs.shape[0] if joint else 1)
-            opt.step()
-            steps += 1
-        history.append(total / max(steps, 1))
-        bar.set_postfix(loss=f"{history[-1]:.4g}")
+    # one bar over every step of every epoch: a long KL epoch shows its progress (and its time left)
+    with tqdm(total=cfg.epochs * len(starts), desc=desc, unit="step") as bar:
+        for epoch in range(cfg.epochs):
+            order, total, steps = torch.randperm(n_samples, generator=gen), 0.0, 0
+            for start in starts:
+                bar.update(1)
+                idx = order[start : start + cfg.batch_size]
+                if len(idx) < 2:
+                    continue  # BatchNorm needs two samples
+                x, y = inputs[:, idx], final[idx]
+                if joint:
+                    x = x.reshape(1, -1, x.shape[-1])
+                opt.zero_grad(set_to_none=True)
+                total += _step(jumps, objective, x, y, None if joint else chunk, inputs.shape[0] if joint else 1)
+                opt.step()
+                steps += 1
+            history.append(total / max(steps, 1))
+            bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{history[-1]:.4g}")
     jumps.eval()
     return history
 

@@ -7,11 +7,14 @@ scored against full depth on the same prompts.
 
 Arms, interleaved prompt by prompt (the order rotates): full depth (``off``), then approximate mode at the
 artifact's stored setting (``calibration.resolve``) and at the same gate with lower thresholds (``--scales``
-of the stored threshold; patience: fewer checks in a row). For each setting: speed against full depth
+of the stored threshold; patience: fewer checks in a row), at explicit settings of the same jump
+(``--setting gate:threshold:min_layer:stride``), and at the stored setting of other artifacts of the same model
+(``--also-jump``: each its own exit head, named ``stored@<file stem>``). For each setting: speed against full depth
 (sum of full depth's seconds over the setting's, one thread), the free-running tokens equal to full
 depth's position by position (``same_as_off``), ROUGE-L F1 of the generated tokens against full depth's
 (longest common subsequence), exit rate and mean exit layer. ``--chat`` wraps each prompt as a user message
-of the model's chat template (chat requests), else prompts are plain text to continue. A plot of quality
+of the model's chat template (chat requests); a ``{"messages": ...}`` line is a chat request anyway
+(``shortcuts.prompts``), any other line plain text to continue (its last 64 tokens). A plot of quality
 against speed is written beside the JSON. Task scores (lm-eval) come from ``evals/report.py``.
 """
 
@@ -30,10 +33,10 @@ from shortcuts.adapter import CausalLM
 from shortcuts.artifact import JumpArtifact
 from shortcuts.calibration.agreement import resolve_model
 from shortcuts.calibration.setting import Overrides, StoredCalibration, resolve
-from shortcuts.collect import read_corpus
 from shortcuts.engine import EarlyExitDecoder
 from shortcuts.engine.learned_gate import LearnedGate
 from shortcuts.engine.settings import ExitSettings, GenerationSettings
+from shortcuts.prompts import encode, read_prompt_file
 
 
 def rouge_l(a: list[int], b: list[int]) -> float:
@@ -67,12 +70,48 @@ def settings_of(stored: ExitSettings, scales: list[float]) -> dict[str, ExitSett
     return out
 
 
+def parse_setting(spec: str) -> ExitSettings:
+    """``gate:threshold:min_layer:stride`` (patience: the threshold field is the checks in a row)."""
+    try:
+        gate, knob, first, stride = spec.split(":")
+        if gate == "patience":
+            return ExitSettings(mode="approximate", gate="patience", patience=int(knob), min_layer=int(first),
+                                stride=int(stride))
+        return ExitSettings(mode="approximate", gate=gate, threshold=float(knob),  # type: ignore[arg-type]
+                            min_layer=int(first), stride=int(stride))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--setting {spec!r}: gate:threshold:min_layer:stride ({e})") from e
+
+
+def name_of(s: ExitSettings) -> str:
+    knob = s.patience if s.gate == "patience" else f"{s.threshold:.3g}"
+    return f"{s.gate} {knob} @{s.min_layer}/{s.stride}"
+
+
 def prompts_of(lm: CausalLM, path: str, n: int, chat: bool) -> list[list[int]]:
-    texts = read_corpus(path)[:n]
-    if not chat:
-        return [lm.tokenizer(t)["input_ids"][-64:] for t in texts]
-    return [list(lm.tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True))
-            for t in texts]
+    """Token ids of the first ``n`` prompts; ``chat``: a text line becomes a user message."""
+    prompts = read_prompt_file(path)[:n]
+    if chat:
+        prompts = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
+    return [ids if not isinstance(p, str) else ids[-64:] for p in prompts for ids in [encode(lm.tokenizer, p)]]
+
+
+def arms_of(args: argparse.Namespace, lm: CausalLM,
+            art: JumpArtifact) -> tuple[dict[str, ExitSettings], dict[str, EarlyExitDecoder]]:
+    """Every arm's setting and the decoder (exit head) it runs with."""
+    stored = resolve(StoredCalibration.from_extra(art.extra), Overrides(), lm.num_layers).settings
+    arms = {"off": ExitSettings(mode="off"), **settings_of(stored, args.scales),
+            **{name_of(s): s for s in args.setting}}
+    dec = EarlyExitDecoder(lm, art.jump.to(lm.device), learned_gate=LearnedGate.from_extra(art.extra))
+    decoders = dict.fromkeys(arms, dec)
+    for path in args.also_jump:
+        other = JumpArtifact.load(path)
+        other.check_model(lm)
+        name = f"stored@{Path(path).stem}"
+        arms[name] = resolve(StoredCalibration.from_extra(other.extra), Overrides(), lm.num_layers).settings
+        decoders[name] = EarlyExitDecoder(lm, other.jump.to(lm.device),
+                                          learned_gate=LearnedGate.from_extra(other.extra))
+    return arms, decoders
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -80,28 +119,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     art = JumpArtifact.load(args.jump)
     lm = CausalLM.load(resolve_model(args.model, art))
     art.check_model(lm)
-    stored = resolve(StoredCalibration.from_extra(art.extra), Overrides(), lm.num_layers).settings
-    arms = {"off": ExitSettings(mode="off"), **settings_of(stored, args.scales)}
-    dec = EarlyExitDecoder(lm, art.jump.to(lm.device), learned_gate=LearnedGate.from_extra(art.extra))
+    arms, decoders = arms_of(args, lm, art)
     prompts = prompts_of(lm, args.prompts, args.max_prompts, args.chat)
     seconds = dict.fromkeys(arms, 0.0)
     tokens: dict[str, list[list[int]]] = {k: [] for k in arms}
     levels: dict[str, list[int]] = {k: [] for k in arms}
+    work = {k: [0, 0, 0] for k in arms}  # fed tokens, (token, block) evaluations, gate checks
     names = list(arms)
     for i, ids in enumerate(prompts):
         for name in names[i % len(names):] + names[: i % len(names)]:
             gs = GenerationSettings(max_new_tokens=args.new_tokens, stop_token_ids=(), exit=arms[name])
             t0 = time.perf_counter()
-            g = dec.generate(ids, gs)
+            g = decoders[name].generate(ids, gs)
             seconds[name] += time.perf_counter() - t0
             tokens[name].append(g.tokens)
             levels[name] += [t.exit_layer for t in g.trace]
+            w = work[name]
+            w[0], w[1], w[2] = w[0] + g.stats.steps, w[1] + g.stats.layers_computed, w[2] + g.stats.exit_checks
         print(f"prompt {i + 1}/{len(prompts)}", flush=True)
-    return report(lm, arms, seconds, tokens, levels, args)
+    return report(lm, arms, seconds, tokens, levels, work, args)
 
 
 def report(lm: CausalLM, arms: dict[str, ExitSettings], seconds: dict[str, float], tokens: dict[str, list[list[int]]],
-           levels: dict[str, list[int]], args: argparse.Namespace) -> dict[str, Any]:
+           levels: dict[str, list[int]], work: dict[str, list[int]], args: argparse.Namespace) -> dict[str, Any]:
+    """Per arm: timed speed against ``off``, quality against ``off``'s tokens, exits, and the blocks actually
+    run per fed token (catch-up included: a skipped block that catch-up runs later is not saved)."""
     L, off = lm.num_layers, tokens["off"]
     out: dict[str, Any] = {"model": lm.name, "jump": args.jump, "prompts": len(off), "new_tokens": args.new_tokens,
                            "chat": args.chat, "threads": args.threads, "settings": {}}
@@ -114,7 +156,9 @@ def report(lm: CausalLM, arms: dict[str, ExitSettings], seconds: dict[str, float
             "tok_s": round(sum(map(len, tokens[name])) / seconds[name], 2),
             "same_as_off": round(same / sum(map(len, off)), 4),
             "rouge_l": round(sum(rouge_l(x, y) for x, y in zip(tokens[name], off, strict=True)) / len(off), 4),
-            "exit_rate": round(float((lv < L).float().mean()), 4), "mean_exit": round(float(lv.mean()), 3)}
+            "exit_rate": round(float((lv < L).float().mean()), 4), "mean_exit": round(float(lv.mean()), 3),
+            "blocks_per_step": round(work[name][1] / max(work[name][0], 1), 3),
+            "checks_per_step": round(work[name][2] / max(work[name][0], 1), 3)}
     return out
 
 
@@ -148,7 +192,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-prompts", type=int, default=20)
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--scales", type=float, nargs="+", default=[0.85, 0.7, 0.55, 0.4])
-    p.add_argument("--chat", action="store_true")
+    p.add_argument("--setting", type=parse_setting, action="append", default=[],
+                   help="one more setting of the same jump, gate:threshold:min_layer:stride (repeatable)")
+    p.add_argument("--also-jump", action="append", default=[],
+                   help="another artifact of the same model: its stored setting is one more arm (repeatable)")
+    p.add_argument("--chat", action="store_true", help="a text line becomes a user message (chat request)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True, help="writes <out>.json and <out>.png")
     a = p.parse_args(argv)
@@ -159,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     plot(r, out.with_suffix(".png"))
     for name, v in r["settings"].items():
         print(f"{name:18s} {v['speedup']:.3f}x  same_as_off {v['same_as_off']:.3f}  ROUGE-L {v['rouge_l']:.3f}  "
-              f"exit rate {v['exit_rate']:.3f}  mean exit {v['mean_exit']:.2f}")
+              f"exit rate {v['exit_rate']:.3f}  mean exit {v['mean_exit']:.2f}  blocks/step {v['blocks_per_step']:.2f}")
 
 
 if __name__ == "__main__":
