@@ -46,7 +46,7 @@ test-fast: setup
 	$(PY) -m pytest -m "$(FAST)"
 
 lint: setup
-	$(VENV)/bin/ruff check shortcuts service loadtest tests deploy evals
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy service shortcuts
 
 # prometheus + promtool for tests/test_deploy.py (Debian's package; needs root). Does nothing when both are

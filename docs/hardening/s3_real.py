@@ -1,6 +1,14 @@
 """Issue 22's S3 on the real SmolLM2 (default settings: chunks of 256 prompt tokens): a client that leaves during
 the scoring of 16 x 2,000-token prompts, then a SIGTERM during the same scoring (grace period 5 s)."""
-import os, subprocess, sys, threading, time, httpx
+import contextlib
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+
 ROOT = "/work/wt-harden"
 PORT = 18801
 URL = f"http://127.0.0.1:{PORT}"
@@ -16,17 +24,15 @@ def serve(*flags):
             pass
         time.sleep(0.5)
 def cancelled():
-    return sum(float(l.split()[-1]) for l in httpx.get(URL + "/metrics").text.splitlines()
-               if l.startswith("onejump_request_failure_total") and 'reason="cancelled"' in l)
+    return sum(float(line.split()[-1]) for line in httpx.get(URL + "/metrics").text.splitlines()
+               if line.startswith("onejump_request_failure_total") and 'reason="cancelled"' in line)
 BODY = {"prompt": [[(7 * i + k) % 40000 + 100 for i in range(2000)] for k in range(16)], "echo": True,
         "logprobs": 5, "max_tokens": 0}
 p = serve("--shutdown-timeout-s", "5")
 try:
     t0 = time.monotonic()
-    try:
+    with contextlib.suppress(httpx.ReadTimeout):
         httpx.post(URL + "/v1/completions", json=BODY, timeout=httpx.Timeout(60, read=5))
-    except httpx.ReadTimeout:
-        pass
     left = time.monotonic()
     while cancelled() < 1:
         time.sleep(0.02)
@@ -37,8 +43,13 @@ try:
           f"a 1-token request sent then was answered {served - stopped:.2f}s later ({r.status_code})")
     out = []
     th = threading.Thread(target=lambda: out.append(httpx.post(URL + "/v1/completions", json=BODY, timeout=300)))
-    th.start(); time.sleep(3)
-    t1 = time.monotonic(); p.terminate(); p.wait(120); t2 = time.monotonic(); th.join()
+    th.start()
+    time.sleep(3)
+    t1 = time.monotonic()
+    p.terminate()
+    p.wait(120)
+    t2 = time.monotonic()
+    th.join()
     print(f"SIGTERM during scoring (grace period 5 s): exited {t2 - t1:.2f}s later; the client got "
           f"{out[0].status_code} {out[0].text[:160]}")
 finally:
