@@ -21,7 +21,7 @@ DRAFT_SOURCES: tuple[DraftSource, ...] = ("ngram", "exit")
 # weight formats of the engine's block math: dense (the model's dtype), torch's CPU weight-only int8 (per output
 # channel) and int4 (groupwise), bitsandbytes LLM.int8 and 4-bit (nf4)
 QUANTIZATIONS = ("none", "int8", "int4", "bnb-8bit", "bnb-4bit")
-DEFAULT_MODE: Mode = "approximate"  # what a request (and ``ExitSettings()``) runs when it names no mode
+DEFAULT_MODE: Mode = "exact"  # what a request (and ``ExitSettings()``) runs when it names no mode (docs/drafts.md)
 
 
 def _check_int(name: str, value: object, low: int) -> None:
