@@ -416,7 +416,8 @@ def test_a_sequence_has_one_generator_per_device() -> None:
     from shortcuts.engine.sequence import SequenceRun
 
     def run(seed: int | None) -> SequenceRun:
-        return SequenceRun(0, 3, GenerationSettings(seed=seed, temperature=1.0), 4, 64, (3,), device="cpu")
+        return SequenceRun(0, 3, GenerationSettings(seed=seed, temperature=1.0, exit=ExitSettings(mode="off")), 4, 64,
+                           (3,), device="cpu")
 
     seq = run(7)
     assert seq.generator_on(torch.device("cpu")) is seq.generator
