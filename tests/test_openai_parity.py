@@ -19,7 +19,7 @@ from support.server import client, running_server, tiny_settings
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PROMPT = "the king of the north"
-EXACT = {"early_exit": {"mode": "exact", "threshold": 0.0}}
+EXACT = {"early_exit": {"mode": "exact", "threshold": 0.0, "draft": "exit"}}  # "auto" decides by timed costs: not fixed
 
 # OpenAI's request fields (the API reference, 2025), each with a value that asks for something:
 # "ok" fields are honoured, "refused" ones get a 400 whose param names them.
